@@ -1,0 +1,21 @@
+"""graphprune: structured channel pruning that finds coupled layers automatically.
+
+>>> import torch, torchvision, graphprune
+>>> model = torchvision.models.resnet18()
+>>> report = graphprune.analyze(model, torch.randn(1, 3, 224, 224))
+>>> graphprune.prune(model, 0.5, torch.randn(1, 3, 224, 224))  # doctest: +SKIP
+"""
+from tracer import InputError, TraceError
+
+from .api import analyze, plan_removal, prune
+from .groups import Group, Member
+from .inputs import InferredInputWarning, infer_example_inputs
+from .report import Report
+from .surgery import PruningError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "analyze", "prune", "plan_removal", "Report", "Group", "Member", "PruningError", "TraceError", "InputError",
+    "InferredInputWarning", "infer_example_inputs", "__version__",
+]

@@ -1,0 +1,122 @@
+"""Coupled channel groups, built from a finished propagation."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .propagate import ParamDim, Propagation
+
+
+@dataclass(eq=False)
+class Member:
+    """One parameter dimension that shrinks when the group is pruned.
+
+    ``index_map[i]`` is the group channel that position ``i`` along ``dim`` belongs to
+    (several positions map to one channel after a flatten or a grouped conv).
+    """
+
+    module: str
+    param: str
+    dim: int
+    index_map: np.ndarray
+    role: str
+    tensor: torch.Tensor = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}.{self.param}" if self.module else self.param
+
+
+@dataclass(eq=False)
+class Group:
+    """A set of channels that must be removed together from every member."""
+
+    id: int
+    size: int
+    members: list
+    blocked: list  # reasons; empty when prunable
+    notes: list  # why pruning is approximate rather than exact; empty when exact
+    param_share: float = 0.0
+    units: np.ndarray = field(repr=False, default=None)  # root id of each channel
+    _surgery: Optional[object] = field(repr=False, default=None)
+
+    @property
+    def prunable(self) -> bool:
+        return not self.blocked and self.size >= 2
+
+    @property
+    def exact(self) -> bool:
+        return not self.notes
+
+    @property
+    def root(self) -> str:
+        """The first producing layer of the group (its name in the report)."""
+        producers = [m for m in self.members if m.role == "out"] or self.members
+        return producers[0].module or producers[0].name
+
+    @property
+    def status(self) -> str:
+        if self.blocked:
+            return "blocked: " + "; ".join(self.blocked)
+        if self.size < 2:
+            return "blocked: a single channel"
+        return "prunable" if self.exact else "prunable (approximate: " + "; ".join(self.notes) + ")"
+
+    def layers(self) -> list:
+        """Names of the modules with a member in this group, in graph order, without repeats."""
+        return list(dict.fromkeys(m.module for m in self.members))
+
+    def prune(self, indices: Sequence[int]) -> None:
+        """Remove the channels ``indices`` (0 <= i < size) from every member, atomically."""
+        if self._surgery is None:
+            raise RuntimeError("this group is not attached to a model")
+        self._surgery.prune_groups({self: indices})
+
+
+def build_groups(state: Propagation, roots: np.ndarray) -> list[Group]:
+    """Cut the channel space into groups; keep those with at least one member.
+
+    ``roots`` is the union-find root of every id (``state.space.all_roots()``).
+    """
+    space = state.space
+    component = space.set_components(roots)
+    set_starts = np.array([s.start for s in space.sets], dtype=np.int64)
+    set_sizes = np.array([s.size for s in space.sets], dtype=np.int64)
+
+    by_component: dict[int, list[ParamDim]] = {}
+    for member in state.param_dims.values():
+        if member.ids[0] >= 0:
+            by_component.setdefault(int(component[space.set_of(member.ids[:1])[0]]), []).append(member)
+    sets_by_component: dict[int, list[int]] = {}
+    for set_index, comp in enumerate(component):
+        if int(comp) in by_component:
+            sets_by_component.setdefault(int(comp), []).append(set_index)
+
+    total = sum(p.numel() for p in state.model.parameters()) or 1
+    groups = []
+    for comp, param_dims in by_component.items():
+        set_indices = sets_by_component[comp]
+        ids = np.concatenate([np.arange(set_starts[s], set_starts[s] + set_sizes[s]) for s in set_indices])
+        units = np.unique(roots[ids])
+        blocked = list(dict.fromkeys(space.sets[s].blocked for s in set_indices if space.sets[s].blocked))
+        notes = list(dict.fromkeys(state.notes[s] for s in set_indices if s in state.notes))
+        members = [
+            Member(pd.owners[0][0], pd.owners[0][1], pd.dim, np.searchsorted(units, roots[pd.ids]), pd.role, pd.tensor)
+            for pd in param_dims
+        ]
+        distinct = {id(m.tensor): m.tensor.numel() for m in members if isinstance(m.tensor, torch.nn.Parameter)}
+        groups.append(
+            Group(
+                id=len(groups),
+                size=int(units.size),
+                members=members,
+                blocked=blocked,
+                notes=notes,
+                param_share=sum(distinct.values()) / total,
+                units=units,
+            )
+        )
+    return groups

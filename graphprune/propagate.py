@@ -1,0 +1,163 @@
+"""Propagate channel identity through the traced graph, one rule per node.
+
+A tensor's *labels* are a tuple with one id array per dimension (``[-1]`` for size-1 dims);
+a multi-output node carries a tuple of labels, a non-tensor value carries ``None``.
+Rules (see :mod:`graphprune.rules`) read their inputs' labels, unify ids and return the
+output labels. Parameters take part through their own ids: a module rule unifies tensor
+labels with its parameters' dimensions, which makes those dimensions group *members*.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import networkx as nx
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from tracer import TensorSpec
+
+from .channels import NO_ID, ChannelSpace
+
+Labels = tuple  # tuple[np.ndarray, ...], one id array per tensor dimension
+
+
+@dataclass
+class ParamDim:
+    """One dimension of one parameter or buffer, with the ids of its positions."""
+
+    tensor: torch.Tensor
+    dim: int
+    ids: np.ndarray
+    role: str  # "out" (producer rows), "in" (consumer columns), "scale", "shift", "stat", "param"
+    owners: list = field(default_factory=list)  # [(module name, attribute name)]
+
+    @property
+    def name(self) -> str:
+        module, attr = self.owners[0]
+        return f"{module}.{attr}" if module else attr
+
+
+@dataclass
+class AttrMember:
+    """A module attribute (``out_channels``, ``groups``...) that follows the kept count of ``ids``.
+
+    ``update(current_value, kept_count)`` returns the attribute's new value.
+    """
+
+    module: str
+    attr: str
+    ids: np.ndarray
+    update: Callable[[Any, int], Any]
+
+
+class Propagation:
+    """State shared by the rules while walking the graph."""
+
+    def __init__(self, graph: nx.DiGraph):
+        self.graph = graph
+        self.model: nn.Module = graph.graph["model"]
+        self.space = ChannelSpace()
+        self.labels: dict[str, Any] = {}
+        self.param_dims: dict[tuple[int, int], ParamDim] = {}
+        self.attr_members: list[AttrMember] = []
+        self.notes: dict[int, str] = {}  # set index -> why pruning it is approximate
+        self._owner_names = _tensor_owners(self.model)
+
+    # ----- reading the node being processed
+    def value(self, arg: Any) -> Any:
+        """The recorded value (TensorSpec, tuple, int...) of an fx argument."""
+        if isinstance(arg, fx.Node):
+            return self.graph.nodes[arg.name]["value"]
+        return arg
+
+    def labels_of(self, arg: Any) -> Any:
+        if isinstance(arg, fx.Node):
+            return self.labels.get(arg.name)
+        return None
+
+    def module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    # ----- creating ids
+    def fresh(self, value: Any, description: str, blocked: Optional[str]) -> Any:
+        """Fresh labels for every tensor in ``value`` (blocked with ``blocked`` if given)."""
+        if isinstance(value, TensorSpec):
+            return tuple(
+                np.array([NO_ID]) if size == 1 else self.space.new_set(size, f"{description} dim {d}", blocked)
+                for d, size in enumerate(value.shape)
+            )
+        if isinstance(value, (tuple, list)):
+            return tuple(self.fresh(v, description, blocked) for v in value)
+        return None
+
+    def param_ids(self, tensor: torch.Tensor, dim: int, role: str) -> np.ndarray:
+        """Ids of ``tensor``'s dimension ``dim``; the same ids every time (shared and tied weights)."""
+        dim = dim % tensor.dim()
+        key = (id(tensor), dim)
+        member = self.param_dims.get(key)
+        if member is None:
+            owners = self._owner_names.get(id(tensor), [("", "<tensor>")])
+            size = tensor.shape[dim]
+            ids = self.space.new_set(size, f"{owners[0][0]}.{owners[0][1]} dim {dim}") if size > 1 else np.array([NO_ID])
+            member = ParamDim(tensor, dim, ids, role, owners)
+            self.param_dims[key] = member
+        return member.ids
+
+    def attr(self, module: str, attr: str, ids: np.ndarray, update: Callable[[Any, int], Any]) -> None:
+        self.attr_members.append(AttrMember(module, attr, ids, update))
+
+    # ----- relations
+    def unify(self, a: np.ndarray, b: np.ndarray) -> None:
+        self.space.union(a, b)
+
+    def block(self, labels: Any, reason: str) -> None:
+        """Block every id found in (nested) ``labels``."""
+        for ids in _iter_arrays(labels):
+            self.space.block(ids, reason)
+
+    def note(self, ids: np.ndarray, why: str) -> None:
+        """Record that pruning ``ids`` is not exact (e.g. it changes normalisation statistics)."""
+        ids = ids[ids >= 0]
+        for set_index in np.unique(self.space.set_of(ids)) if ids.size else ():
+            self.notes.setdefault(int(set_index), why)
+
+
+def _iter_arrays(labels: Any):
+    if isinstance(labels, np.ndarray):
+        yield labels
+    elif isinstance(labels, (tuple, list)):
+        for item in labels:
+            yield from _iter_arrays(item)
+
+
+def _tensor_owners(model: nn.Module) -> dict[int, list]:
+    """Every (module name, attribute) under which each parameter or buffer is registered."""
+    owners: dict[int, list] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attr, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            if tensor is not None:
+                entry = (module_name, attr)
+                if entry not in owners.setdefault(id(tensor), []):
+                    owners[id(tensor)].append(entry)
+    return owners
+
+
+def propagate(graph: nx.DiGraph) -> Propagation:
+    """Apply the rule of every node in execution order; annotate nodes with ``channel_dims``."""
+    from .rules import rule_for
+
+    state = Propagation(graph)
+    for name, attrs in sorted(graph.nodes(data=True), key=lambda item: item[1]["index"]):
+        rule, why = rule_for(state, attrs)
+        state.labels[name] = rule(state, attrs["fx"]) if why is None else _block_unknown(state, attrs, why)
+    return state
+
+
+def _block_unknown(state: Propagation, attrs: dict, why: str) -> Any:
+    node: fx.Node = attrs["fx"]
+    for source in node.all_input_nodes:
+        state.block(state.labels.get(source.name), why)
+    return state.fresh(attrs["value"], f"{node.name} (opaque)", why)

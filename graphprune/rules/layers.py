@@ -1,0 +1,177 @@
+"""Rules for parametrised layers: they create channel sets or consume / pass them."""
+from __future__ import annotations
+
+import numpy as np
+import torch.fx as fx
+from torch import nn
+
+from ..propagate import Propagation
+from .shape import merge_dims
+
+
+def _input(state: Propagation, node: fx.Node):
+    return state.labels_of(node.args[0]), state.value(node.args[0]), state.value(node)
+
+
+def tie_blocks(state: Propagation, groups: int, *labels: np.ndarray) -> np.ndarray:
+    """Tie each of ``groups`` equal blocks of every label array into one unit; return the block ids."""
+    anchors = labels[0][:: labels[0].size // groups]
+    for ids in labels:
+        state.unify(ids, np.repeat(anchors, ids.size // groups))
+    return anchors
+
+
+def _spatial_out(state: Propagation, node: fx.Node, x: tuple, n_spatial: int) -> tuple:
+    """Copy leading dims, give the last ``n_spatial`` dims fresh blocked ids."""
+    out = state.value(node)
+    fresh = state.fresh(out, f"{node.name} spatial", "spatial dimension")
+    return tuple(x[: len(x) - n_spatial]) + tuple(fresh[len(x) - n_spatial :])
+
+
+def conv(state: Propagation, node: fx.Node):
+    m: nn.modules.conv._ConvNd = state.module(node.target)
+    x, _, _ = _input(state, node)
+    n_spatial = len(m.kernel_size)
+    c = len(x) - n_spatial - 1
+    in_ids = x[c]
+    g = m.groups
+    in_dim, out_dim = (0, 1) if m.transposed else (1, 0)
+    if g == 1:
+        state.unify(in_ids, state.param_ids(m.weight, in_dim, "in"))
+        out_ids = state.param_ids(m.weight, out_dim, "out")
+    else:
+        # Grouped conv: a conv group is one unit, so its in and out blocks go together.
+        if m.transposed:
+            state.unify(in_ids, state.param_ids(m.weight, 0, "in"))
+            out_ids = state.space.new_set(m.out_channels, f"{node.target} out")
+        else:
+            out_ids = state.param_ids(m.weight, 0, "out")
+        tie_blocks(state, g, out_ids, in_ids)
+        old_out, old_in = m.out_channels, m.in_channels
+        state.attr(node.target, "groups", out_ids, lambda _, kept, g=g, n=old_out: g * kept // n)
+        state.attr(node.target, "in_channels", out_ids, lambda _, kept, n=old_out, c=old_in: c * kept // n)
+    if m.bias is not None:
+        state.unify(out_ids, state.param_ids(m.bias, 0, "out"))
+    state.attr(node.target, "out_channels", out_ids, lambda _, kept: kept)
+    if g == 1:
+        state.attr(node.target, "in_channels", in_ids, lambda _, kept: kept)
+    spatial = _spatial_out(state, node, x, n_spatial)
+    return spatial[:c] + (out_ids,) + spatial[c + 1 :]
+
+
+def linear(state: Propagation, node: fx.Node):
+    m: nn.Linear = state.module(node.target)
+    x, _, _ = _input(state, node)
+    state.unify(x[-1], state.param_ids(m.weight, 1, "in"))
+    out_ids = state.param_ids(m.weight, 0, "out")
+    if m.bias is not None:
+        state.unify(out_ids, state.param_ids(m.bias, 0, "out"))
+    state.attr(node.target, "in_features", x[-1], lambda _, kept: kept)
+    state.attr(node.target, "out_features", out_ids, lambda _, kept: kept)
+    return tuple(x[:-1]) + (out_ids,)
+
+
+def _per_channel(state: Propagation, node: fx.Node, m: nn.Module, ids: np.ndarray, count_attr: str) -> None:
+    for attr, role in (("weight", "scale"), ("bias", "shift"), ("running_mean", "stat"), ("running_var", "stat")):
+        tensor = getattr(m, attr, None)
+        if tensor is not None and tensor.dim() == 1:
+            state.unify(ids, state.param_ids(tensor, 0, role))
+    state.attr(node.target, count_attr, ids, lambda _, kept: kept)
+
+
+def batch_norm(state: Propagation, node: fx.Node):
+    m = state.module(node.target)
+    x, _, _ = _input(state, node)
+    _per_channel(state, node, m, x[1], "num_features")
+    return x
+
+
+def instance_norm(state: Propagation, node: fx.Node):
+    m: nn.modules.instancenorm._InstanceNorm = state.module(node.target)
+    x, _, _ = _input(state, node)
+    c = 0 if len(x) == m._get_no_batch_dim() else 1
+    _per_channel(state, node, m, x[c], "num_features")
+    return x
+
+
+def group_norm(state: Propagation, node: fx.Node):
+    m: nn.GroupNorm = state.module(node.target)
+    x, _, _ = _input(state, node)
+    ids = x[1]
+    # Removing a whole norm group leaves the statistics of the other groups unchanged.
+    tie_blocks(state, m.num_groups, ids)
+    _per_channel(state, node, m, ids, "num_channels")
+    state.attr(node.target, "num_groups", ids, lambda _, kept, g=m.num_groups, n=m.num_channels: g * kept // n)
+    return x
+
+
+def layer_norm(state: Propagation, node: fx.Node):
+    m: nn.LayerNorm = state.module(node.target)
+    x, _, _ = _input(state, node)
+    normalize_over(state, node.target, x, m.weight, m.bias, len(m.normalized_shape))
+    return x
+
+
+def normalize_over(state: Propagation, module: str, x: tuple, weight, bias, n_dims: int) -> None:
+    """Couple the last ``n_dims`` dims of ``x`` with a LayerNorm's affine parameters and shape."""
+    for k in range(n_dims):
+        d = len(x) - n_dims + k
+        for tensor, role in ((weight, "scale"), (bias, "shift")):
+            if tensor is not None:
+                state.unify(x[d], state.param_ids(tensor, k, role))
+        state.note(x[d], "LayerNorm statistics are recomputed over the remaining channels")
+        state.attr(module, "normalized_shape", x[d], lambda shape, kept, k=k: (*shape[:k], kept, *shape[k + 1 :]))
+
+
+def prelu(state: Propagation, node: fx.Node):
+    m: nn.PReLU = state.module(node.target)
+    x, _, _ = _input(state, node)
+    if m.num_parameters > 1:
+        c = 1 if len(x) >= 2 else 0
+        state.unify(x[c], state.param_ids(m.weight, 0, "scale"))
+        state.attr(node.target, "num_parameters", x[c], lambda _, kept: kept)
+    return x
+
+
+def embedding(state: Propagation, node: fx.Node):
+    m: nn.Embedding = state.module(node.target)
+    x, _, _ = _input(state, node)
+    out_ids = state.param_ids(m.weight, 1, "out")
+    state.attr(node.target, "embedding_dim", out_ids, lambda _, kept: kept)
+    return tuple(x) + (out_ids,)
+
+
+def pooling(state: Propagation, node: fx.Node):
+    m = state.module(node.target)
+    x, _, _ = _input(state, node)
+    if getattr(m, "return_indices", False):
+        state.block(x, f"{type(m).__name__} with return_indices")
+        return state.fresh(state.value(node), node.name, f"{type(m).__name__} with return_indices")
+    n_spatial = int(type(m).__name__[-2])  # MaxPool2d -> 2
+    return _spatial_out(state, node, x, min(n_spatial, len(x) - 1))
+
+
+def resample(state: Propagation, node: fx.Node):
+    """Upsampling and padding layers: channels pass, the trailing spatial dims are new."""
+    x, _, _ = _input(state, node)
+    return _spatial_out(state, node, x, len(x) - 2)
+
+
+def softmax(state: Propagation, node: fx.Node):
+    m = state.module(node.target)
+    x, _, _ = _input(state, node)
+    dim = m.dim if m.dim is not None else (0 if len(x) in (0, 1, 3) else 1)
+    state.block(x[dim], f"{type(m).__name__} normalises over this dimension")
+    return x
+
+
+def flatten_module(state: Propagation, node: fx.Node):
+    m: nn.Flatten = state.module(node.target)
+    x, _, _ = _input(state, node)
+    return merge_dims(state, node, x, m.start_dim, m.end_dim)
+
+
+def passthrough(state: Propagation, node: fx.Node):
+    """Elementwise layers (activations, dropout, identity): labels pass unchanged."""
+    x, _, _ = _input(state, node)
+    return x

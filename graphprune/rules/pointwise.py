@@ -1,0 +1,109 @@
+"""Rules for elementwise ops, reductions, functional pooling and graph boundaries."""
+from __future__ import annotations
+
+import numpy as np
+import torch.fx as fx
+
+from tracer import TensorSpec
+
+from ..channels import NO_ID
+from ..propagate import Propagation
+from .layers import normalize_over
+
+
+def elementwise(state: Propagation, node: fx.Node):
+    """Broadcasting n-ary op: dims of equal size unify; a size-1 dim couples nothing."""
+    out_shape = state.value(node).shape
+    operands = [
+        (state.labels_of(a), state.value(a).shape)
+        for a in list(node.args) + list(node.kwargs.values())
+        if isinstance(a, fx.Node) and isinstance(state.value(a), TensorSpec)
+    ]
+    out = []
+    for d, size in enumerate(out_shape):
+        lead = len(out_shape) - d
+        aligned = [x[len(x) - lead] for x, shape in operands if len(shape) >= lead and shape[len(shape) - lead] == size]
+        for other in aligned[1:]:
+            state.unify(aligned[0], other)
+        out.append(aligned[0] if aligned else np.array([NO_ID]))
+    return tuple(out)
+
+
+def unary(state: Propagation, node: fx.Node):
+    """Ops applied value by value to their first argument (activations, casts, clones)."""
+    return state.labels_of(node.args[0])
+
+
+def reduction(state: Propagation, node: fx.Node):
+    """sum/mean/amax...: reduced dims vanish (or become size 1) and are blocked."""
+    x = state.labels_of(node.args[0])
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis"))
+    if isinstance(dims, fx.Node):  # torch.max(a, b) is elementwise
+        return elementwise(state, node)
+    keepdim = node.args[2] if len(node.args) > 2 and isinstance(node.args[2], bool) else node.kwargs.get("keepdim", False)
+    if dims is None:
+        dims = range(len(x))
+    dims = {d % len(x) for d in (dims if isinstance(dims, (tuple, list, range)) else [dims])}
+    for d in dims:
+        state.block(x[d], f"{node.name} reduces over this dimension")
+    out = tuple(np.array([NO_ID]) if d in dims else ids for d, ids in enumerate(x) if keepdim or d not in dims)
+    value = state.value(node)
+    if isinstance(value, tuple):  # max/min with a dim also return indices
+        return (out, out)
+    return out
+
+
+def spatial(state: Propagation, node: fx.Node):
+    """Functional pooling, interpolation and padding: channels pass, trailing dims are new."""
+    x = state.labels_of(node.args[0])
+    fresh = state.fresh(state.value(node), f"{node.name} spatial", "spatial dimension")
+    return tuple(x[:2]) + tuple(fresh[2:])
+
+
+def softmax(state: Propagation, node: fx.Node):
+    x = state.labels_of(node.args[0])
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    state.block(x[dim] if dim is not None else x, f"{node.name} normalises over this dimension")
+    return x
+
+
+def layer_norm(state: Propagation, node: fx.Node):
+    """F.layer_norm: the shape literal must come from a module attribute we can update."""
+    x = state.labels_of(node.args[0])
+    shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
+    weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+    bias = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+    owner = state.graph.nodes[node.name]["module"]
+    module = state.module(owner) if owner is not None else None
+    if module is None or tuple(getattr(module, "normalized_shape", ())) != tuple(shape):
+        state.block(x[-len(shape) :], f"{node.name}: layer_norm shape is not a module attribute")
+        return x
+    for param in (weight, bias):
+        if isinstance(param, fx.Node):
+            for d in range(len(shape)):
+                state.unify(x[len(x) - len(shape) + d], state.labels_of(param)[d])
+    normalize_over(state, owner, x, None, None, len(shape))
+    return x
+
+
+def metadata(state: Propagation, node: fx.Node):
+    """size(), dim(), .shape...: read shapes only, which stay consistent after pruning."""
+    return None
+
+
+def placeholder(state: Propagation, node: fx.Node):
+    return state.fresh(state.value(node), f"input {node.name}", "model input")
+
+
+def get_attr(state: Propagation, node: fx.Node):
+    """A parameter read directly (layer scale, class token...): each dim is a member."""
+    tensor = state.graph.nodes[node.name].get("tensor")
+    if tensor is None:
+        return state.fresh(state.value(node), node.name, "constant created by the tracer")
+    return tuple(state.param_ids(tensor, d, "param") for d in range(tensor.dim()))
+
+
+def output(state: Propagation, node: fx.Node):
+    for source in node.all_input_nodes:
+        state.block(state.labels_of(source), "reaches output")
+    return None

@@ -1,0 +1,130 @@
+"""Remove channels from every member of their groups, atomically."""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .groups import Group
+from .propagate import Propagation
+
+
+class PruningError(RuntimeError):
+    """Surgery failed; the model was restored to its state before the call."""
+
+
+class _Transaction:
+    """Records every tensor and attribute it changes so that they can be put back bit for bit."""
+
+    def __init__(self) -> None:
+        self._tensors: dict[int, tuple] = {}
+        self._attrs: dict[tuple[int, str], tuple] = {}
+
+    def shrink(self, tensor: torch.Tensor, dim: int, keep: np.ndarray) -> None:
+        if id(tensor) not in self._tensors:
+            self._tensors[id(tensor)] = (tensor, tensor.data, tensor.grad)
+        index = torch.as_tensor(keep, dtype=torch.long, device=tensor.device)
+        grad = tensor.grad
+        tensor.data = tensor.data.index_select(dim, index)
+        if grad is not None:
+            tensor.grad = grad.index_select(dim, index)
+
+    def set_attr(self, module: nn.Module, name: str, value) -> None:
+        key = (id(module), name)
+        if key not in self._attrs:
+            self._attrs[key] = (module, name, getattr(module, name))
+        setattr(module, name, value)
+
+    def rollback(self) -> None:
+        for tensor, data, grad in self._tensors.values():
+            tensor.data = data
+            tensor.grad = grad
+        for module, name, value in self._attrs.values():
+            setattr(module, name, value)
+
+
+class ChannelSurgery:
+    """Applies pruning plans to the model that ``state`` was propagated from.
+
+    Removed channels accumulate across calls, so groups may be pruned one after another;
+    each group only once.
+    """
+
+    def __init__(self, state: Propagation, roots: np.ndarray, groups: list[Group]):
+        self.state = state
+        self.roots = roots
+        self.groups = groups
+        self._removed = np.zeros(roots.size, dtype=bool)  # by root id
+        self._pruned: set[int] = set()
+        for group in groups:
+            group._surgery = self
+
+    def _validate(self, plan: Mapping[Group, Sequence[int]]) -> dict[Group, np.ndarray]:
+        checked = {}
+        for group, indices in plan.items():
+            if group._surgery is not self:
+                raise ValueError(f"group {group.id} belongs to another analysis")
+            if group.blocked:
+                raise ValueError(f"group {group.id} ({group.root}) is blocked: {'; '.join(group.blocked)}")
+            index = np.asarray(indices, dtype=np.int64).ravel()
+            if index.size == 0:
+                continue
+            if group.id in self._pruned:
+                raise ValueError(f"group {group.id} was already pruned; run analyze() again on the pruned model")
+            if index.min() < 0 or index.max() >= group.size:
+                raise ValueError(f"channel indices for group {group.id} must lie in [0, {group.size}); got {index.min()}..{index.max()}")
+            if np.unique(index).size != index.size:
+                raise ValueError(f"channel indices for group {group.id} contain duplicates")
+            if index.size >= group.size:
+                raise ValueError(f"cannot remove all {group.size} channels of group {group.id} ({group.root})")
+            emptied = [m for m in group.members if np.isin(m.index_map, index).all()]
+            if emptied:
+                raise ValueError(f"removing these channels of group {group.id} would empty {emptied[0].name} (dim {emptied[0].dim})")
+            checked[group] = index
+        return checked
+
+    def prune_groups(self, plan: Mapping[Group, Sequence[int]], verify: Optional[Callable[[], None]] = None) -> None:
+        """Remove ``plan[group]`` channels from each group; roll everything back on any error.
+
+        ``verify`` runs after the surgery, inside the transaction: if it raises, the model
+        is restored and the error is re-raised as :class:`PruningError`.
+        """
+        checked = self._validate(plan)
+        if not checked:
+            return
+        removed = self._removed.copy()
+        for group, index in checked.items():
+            removed[group.units[index]] = True
+        transaction = _Transaction()
+        try:
+            self._apply(transaction, removed)
+            if verify is not None:
+                verify()
+        except Exception as exc:
+            transaction.rollback()
+            raise PruningError(f"pruning failed and the model was restored: {type(exc).__name__}: {exc}") from exc
+        self._removed = removed
+        self._pruned.update(group.id for group in checked)
+
+    def _apply(self, transaction: _Transaction, removed: np.ndarray) -> None:
+        roots = self.roots
+        for member in self.state.param_dims.values():
+            if member.ids[0] < 0:
+                continue
+            member_roots = roots[member.ids]
+            alive_before = ~self._removed[member_roots]
+            alive_after = ~removed[member_roots]
+            if np.array_equal(alive_before, alive_after):
+                continue
+            keep = np.flatnonzero(alive_after[alive_before])
+            transaction.shrink(member.tensor, member.dim, keep)
+        model = self.state.model
+        for attr in self.state.attr_members:
+            valid = attr.ids[attr.ids >= 0]
+            kept = int((~removed[roots[valid]]).sum()) + (attr.ids.size - valid.size)
+            before = int((~self._removed[roots[valid]]).sum()) + (attr.ids.size - valid.size)
+            if kept != before:
+                module = model.get_submodule(attr.module)
+                transaction.set_attr(module, attr.attr, attr.update(getattr(module, attr.attr), kept))

@@ -1,0 +1,97 @@
+"""Capture a model's forward as a torch.fx graph that refers to the user's own modules."""
+from __future__ import annotations
+
+import os
+import traceback
+from typing import Iterable, Optional, Union
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+LeafSpec = Union[str, type, nn.Module]
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+class TraceError(RuntimeError):
+    """torch.fx could not capture the model; the message names where and what to do."""
+
+    def __init__(self, message: str, module_name: Optional[str] = None, location: Optional[str] = None):
+        super().__init__(message)
+        self.module_name = module_name
+        self.location = location
+
+
+class _LeafAwareTracer(fx.Tracer):
+    """fx tracer that keeps user-chosen modules as leaves and remembers where tracing failed."""
+
+    def __init__(self, leaf_modules: Iterable[LeafSpec]):
+        super().__init__()
+        leaves = list(leaf_modules)
+        self._leaf_types = tuple(x for x in leaves if isinstance(x, type))
+        self._leaf_names = {x for x in leaves if isinstance(x, str)}
+        self._leaf_ids = {id(x) for x in leaves if isinstance(x, nn.Module)}
+        self.failed_module: Optional[str] = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if (
+            module_qualified_name in self._leaf_names
+            or id(m) in self._leaf_ids
+            or (self._leaf_types and isinstance(m, self._leaf_types))
+        ):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:
+                self.failed_module = self.path_of_module(m)
+            raise
+
+
+def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
+    """The innermost traceback frame that lies outside torch itself."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
+    return frames[-1] if frames else None
+
+
+def check_leaf_names(model: nn.Module, leaf_modules: Iterable[LeafSpec]) -> None:
+    """Raise ``ValueError`` for leaf names that are not submodules of ``model``."""
+    names = {name for name, _ in model.named_modules()}
+    unknown = [x for x in leaf_modules if isinstance(x, str) and x not in names]
+    if unknown:
+        raise ValueError(f"leaf_modules names {unknown} are not submodules of {type(model).__name__}")
+    bad = [x for x in leaf_modules if not isinstance(x, (str, type, nn.Module))]
+    if bad:
+        raise TypeError(f"leaf_modules entries must be module names, module classes or modules; got {bad!r}")
+
+
+def capture(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.GraphModule:
+    """Symbolically trace ``model``; the GraphModule shares the model's modules and parameters."""
+    leaf_modules = list(leaf_modules)
+    check_leaf_names(model, leaf_modules)
+    tracer = _LeafAwareTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # fx raises many types; all mean "not traceable as written"
+        frame = _user_frame(exc)
+        where = f"{frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`" if frame else "unknown line"
+        module = tracer.failed_module
+        owner = f"in module '{module}' ({type(model.get_submodule(module)).__name__})" if module else "in the model's own forward"
+        hint = (
+            f"Pass leaf_modules=['{module}'] to treat it as an opaque layer (its channels are then blocked), "
+            "or make that forward traceable by torch.fx."
+            if module
+            else "Make that line traceable by torch.fx (no Python control flow on tensor values or shapes), "
+            "or mark the offending submodules with leaf_modules=[...]."
+        )
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__} {owner}, at {where}: "
+            f"{type(exc).__name__}: {exc}. {hint}",
+            module_name=module,
+            location=where,
+        ) from exc
+    return fx.GraphModule(model, graph, class_name=type(model).__name__)

@@ -1,0 +1,162 @@
+"""Run the captured graph once on example inputs and turn it into a networkx graph.
+
+Each graph node is one fx node and carries:
+
+* ``op`` / ``target`` / ``target_name``: what the fx node does;
+* ``module``: the qualified name of the called module (``call_module``) or of the innermost
+  module whose forward issued the op; ``module_type`` for module calls;
+* ``value``: the node's output with every tensor replaced by a :class:`TensorSpec`
+  (a tuple of them for multi-output ops, plain values for ints and sizes);
+* ``tensor``: for ``get_attr`` nodes, the user's own Parameter or buffer;
+* ``fx``: the fx node itself.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, NamedTuple, Optional
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .capture import LeafSpec, capture
+
+
+class TensorSpec(NamedTuple):
+    """Shape and dtype of one tensor seen while running the graph."""
+
+    shape: tuple
+    dtype: torch.dtype
+
+
+class InputError(ValueError):
+    """The model rejected the example inputs."""
+
+
+def describe(value: Any) -> Any:
+    """Replace tensors by TensorSpecs, recursively through tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        return TensorSpec(tuple(value.shape), value.dtype)
+    if isinstance(value, (tuple, list)):
+        return tuple(describe(v) for v in value)
+    if isinstance(value, dict):
+        return {k: describe(v) for k, v in value.items()}
+    return value
+
+
+class _Recorder(fx.Interpreter):
+    """Interpreter that stores a shape description of every node's output."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        self.values[n.name] = describe(result)
+        return result
+
+
+def positional_inputs(gm: fx.GraphModule, example_inputs: Any) -> tuple:
+    """Order ``example_inputs`` (tensor, tuple or kwargs dict) as the graph's placeholders."""
+    if isinstance(example_inputs, Mapping):
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        unknown = set(example_inputs) - {p.target.lstrip("*") for p in placeholders}
+        if unknown:
+            raise InputError(f"example_inputs has keys {sorted(unknown)} that forward() does not take")
+        args = []
+        for p in placeholders:
+            name = p.target.lstrip("*")
+            if name in example_inputs:
+                args.append(example_inputs[name])
+            elif p.args:
+                args.append(p.args[0])
+            else:
+                raise InputError(f"example_inputs has no value for forward() argument '{name}'")
+        return tuple(args)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+def call_model(model: nn.Module, example_inputs: Any) -> Any:
+    """Call ``model`` with ``example_inputs`` in the tensor / tuple / kwargs-dict convention."""
+    if isinstance(example_inputs, Mapping):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def _scope(node: fx.Node) -> Optional[str]:
+    """Qualified name of the innermost module whose forward issued ``node``."""
+    stack = node.meta.get("nn_module_stack")
+    return next(reversed(stack)) if stack else None
+
+
+def _target_name(node: fx.Node) -> str:
+    if isinstance(node.target, str):
+        return node.target
+    return getattr(node.target, "__qualname__", None) or getattr(node.target, "__name__", repr(node.target))
+
+
+def build_graph(model: nn.Module, gm: fx.GraphModule, example_inputs: Any) -> nx.DiGraph:
+    """Run ``gm`` on ``example_inputs`` (no grad) and return the annotated networkx graph."""
+    recorder = _Recorder(gm)
+    args = positional_inputs(gm, example_inputs)
+    try:
+        with torch.no_grad():
+            recorder.run(*args)
+    except Exception as exc:
+        try:
+            with torch.no_grad():
+                call_model(model, example_inputs)
+        except Exception as model_exc:
+            raise InputError(
+                f"{type(model).__name__} raised {type(model_exc).__name__} on the example inputs: {model_exc}. "
+                "Pass example_inputs that the model accepts."
+            ) from model_exc
+        raise RuntimeError(
+            f"the traced graph of {type(model).__name__} fails where the model itself runs "
+            f"({type(exc).__name__}: {exc}); mark the submodule involved with leaf_modules=[...]"
+        ) from exc
+
+    graph = nx.DiGraph(model=model, graph_module=gm)
+    for index, node in enumerate(gm.graph.nodes):
+        attrs = dict(
+            index=index,
+            op=node.op,
+            target=node.target,
+            target_name=_target_name(node),
+            module=node.target if node.op == "call_module" else _scope(node),
+            value=recorder.values.get(node.name),
+            fx=node,
+        )
+        if node.op == "call_module":
+            attrs["module_type"] = type(gm.get_submodule(node.target)).__name__
+        elif node.op == "get_attr":
+            attrs["tensor"] = _resolve_attr(model, node.target)
+        graph.add_node(node.name, **attrs)
+        for source in node.all_input_nodes:
+            graph.add_edge(source.name, node.name)
+    return graph
+
+
+def _resolve_attr(model: nn.Module, target: str) -> Optional[torch.Tensor]:
+    """The user's own tensor behind a ``get_attr`` target, or None if fx made it up."""
+    obj: Any = model
+    for part in target.split("."):
+        if not hasattr(obj, part):
+            return None
+        obj = getattr(obj, part)
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def trace(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[LeafSpec] = ()) -> nx.DiGraph:
+    """Capture ``model`` with torch.fx and return its annotated networkx graph.
+
+    ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of keyword inputs.
+    ``leaf_modules`` lists module names, classes or instances not to trace into.
+    """
+    gm = capture(model, leaf_modules)
+    return build_graph(model, gm, example_inputs)
