@@ -21,6 +21,10 @@ class Criterion(ABC):
     name: str = "criterion"
     requires_data: bool = False
 
+    def prepare(self, model, report) -> None:
+        """Called once with the model and its analysis :class:`~graphprune.Report` before any
+        ``scores`` call; data-driven criteria collect their statistics here."""
+
     @abstractmethod
     def scores(self, group) -> np.ndarray:
         """Importance of each of ``group.size`` channels (1-D float array)."""

@@ -7,7 +7,8 @@
 """
 from tracer import InputError, TraceError
 
-from .api import analyze, plan_removal, prune
+from .api import analyze, prune
+from .planner import plan_removal
 from .groups import Group, Member
 from .inputs import InferredInputWarning, infer_example_inputs
 from .report import Report

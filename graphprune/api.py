@@ -6,7 +6,7 @@ import math
 import numbers
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Union
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from criteria import Criterion, get_criterion
 
 from .groups import Group, build_groups
 from .inputs import resolve_example_inputs
+from .planner import plan_removal
 from .propagate import Propagation, propagate
 from .report import Report
 from .surgery import ChannelSurgery
@@ -80,20 +81,30 @@ def _ignore(groups: list[Group], names: set[str]) -> None:
 
 
 def _annotate_channels(state: Propagation, roots: np.ndarray, groups: list[Group]) -> None:
-    """Store on each graph node the group id held by each of its tensor dims (or None)."""
-    group_of_root = {}
+    """Store on each graph node, per tensor dim, ``(group id, index map)`` or None.
+
+    The index map gives the group channel of every position along that dim, as in
+    :class:`Member`; multi-output nodes get a tuple of such tuples.
+    """
+    group_of_root = np.full(roots.size, -1, dtype=np.int64)
     for group in groups:
-        group_of_root.update(dict.fromkeys(group.units.tolist(), group.id))
+        group_of_root[group.units] = group.id
 
     def dims(labels):
         if labels is None:
             return None
         if labels and isinstance(labels[0], np.ndarray):
-            return tuple(group_of_root.get(int(roots[ids[0]])) if ids[0] >= 0 else None for ids in labels)
+            return tuple(_dim_channels(ids) for ids in labels)
         return tuple(dims(item) for item in labels)
 
+    def _dim_channels(ids):
+        if ids[0] < 0 or group_of_root[roots[ids[0]]] < 0 or (ids < 0).any():
+            return None
+        group = groups[group_of_root[roots[ids[0]]]]
+        return group.id, np.searchsorted(group.units, roots[ids])
+
     for name, labels in state.labels.items():
-        state.graph.nodes[name]["channel_groups"] = dims(labels)
+        state.graph.nodes[name]["channels"] = dims(labels)
 
 
 class _Analysis:
@@ -155,32 +166,6 @@ def analyze(
     return analysis.report
 
 
-def lowest_channels(group: Group, scores: np.ndarray, count: int) -> np.ndarray:
-    """The ``count`` lowest-scoring channels, sparing the best channel of every member.
-
-    A group may span several layers (e.g. the inputs of a concat); sparing one channel per
-    member keeps every layer at least one channel wide.
-    """
-    spared = {int(m.index_map[np.argmax(scores[m.index_map])]) for m in group.members}
-    order = [int(i) for i in np.argsort(scores, kind="stable") if int(i) not in spared]
-    return np.sort(np.array(order[:count], dtype=np.int64))
-
-
-def plan_removal(groups: Iterable[Group], ratio: float, criterion: Criterion) -> dict[Group, np.ndarray]:
-    """For every prunable group of ``n`` channels, the ``floor(ratio * n)`` lowest-scoring ones."""
-    plan = {}
-    for group in groups:
-        if not group.prunable:
-            continue
-        count = int(math.floor(ratio * group.size))
-        if count > 0:
-            scores = np.asarray(criterion.scores(group), dtype=np.float64)
-            if scores.shape != (group.size,):
-                raise ValueError(f"{criterion!r} returned {scores.shape} scores for a group of {group.size} channels")
-            plan[group] = lowest_channels(group, scores, count)
-    return plan
-
-
 def prune(
     model: nn.Module,
     ratio: float,
@@ -211,6 +196,7 @@ def prune(
         if not report.prunable_groups:
             warnings.warn(f"{report.model_name} has no prunable channel group; the model is unchanged", stacklevel=2)
             return model
+        criterion.prepare(model, report)
         plan = plan_removal(report.groups, ratio, criterion)
 
         def check_outputs() -> None:

@@ -16,7 +16,7 @@ class Report:
     """Result of :func:`graphprune.analyze`.
 
     ``groups`` lists every coupled channel group; ``graph`` is the traced networkx graph,
-    whose nodes carry ``channel_groups``: the group id held by each tensor dimension.
+    whose nodes carry ``channels``: per tensor dim, ``(group id, index map)`` or None.
     ``str(report)`` is a table with one row per group.
     """
 
