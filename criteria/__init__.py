@@ -1,12 +1,34 @@
-"""Channel importance criteria. ``get_criterion("l1")`` returns a ready criterion."""
+"""Channel importance criteria. ``get_criterion("l1")`` returns a ready criterion.
+
+Names in :data:`CRITERIA`: ``l1``, ``l2`` (weight magnitude), ``fpgm`` (distance to the
+geometric median), ``bn_scale`` (``|gamma|`` of norm layers), ``random`` (seeded),
+``taylor`` (first-order Taylor, needs data), ``k_l1``, ``k_taylor`` (needs data),
+``k_distance`` (K-means family). Criteria that need data cannot be built from a name:
+pass an instance, e.g. ``criterion=Taylor(data_loader)``.
+"""
 from __future__ import annotations
 
 from typing import Union
 
 from .base import Criterion
+from .geometric import FPGM
+from .kmeans import KDistance, KL1, KMeansCriterion, KTaylor
 from .magnitude import L1, L2
+from .norm import BNScale
+from .randomized import Random
+from .taylor import Taylor
 
-CRITERIA: dict = {"l1": L1, "l2": L2}
+CRITERIA: dict = {
+    "l1": L1,
+    "l2": L2,
+    "fpgm": FPGM,
+    "bn_scale": BNScale,
+    "random": Random,
+    "taylor": Taylor,
+    "k_l1": KL1,
+    "k_taylor": KTaylor,
+    "k_distance": KDistance,
+}
 
 
 def get_criterion(criterion: Union[str, Criterion]) -> Criterion:
@@ -18,7 +40,16 @@ def get_criterion(criterion: Union[str, Criterion]) -> Criterion:
     key = criterion.lower()
     if key not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {sorted(CRITERIA)}")
-    return CRITERIA[key]()
+    cls = CRITERIA[key]
+    if cls.requires_data:
+        raise ValueError(
+            f"criterion {criterion!r} needs training data and cannot be built from its name; "
+            f"pass a {cls.__name__} instance instead, e.g. criterion=criteria.{cls.__name__}(data_loader)"
+        )
+    return cls()
 
 
-__all__ = ["Criterion", "L1", "L2", "CRITERIA", "get_criterion"]
+__all__ = [
+    "Criterion", "L1", "L2", "FPGM", "BNScale", "Random", "Taylor", "KMeansCriterion", "KL1", "KTaylor",
+    "KDistance", "CRITERIA", "get_criterion",
+]

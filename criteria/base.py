@@ -1,7 +1,19 @@
-"""The criterion interface: one importance score per channel of a group."""
+"""The criterion interface: one importance score per channel of a group.
+
+How members are combined
+------------------------
+A group spans several parameter dimensions (its *members*: producer rows, consumer columns,
+norm scales...). Unless a criterion says otherwise, each member's per-channel scores are
+divided by their maximum over the group, and a channel's score is the mean of these
+normalised scores over the members that *cover* it (a member covers the channels that its
+``index_map`` reaches; e.g. each input of a concat covers only its own slice). See
+:func:`combine`.
+"""
 from __future__ import annotations
 
+import fnmatch
 from abc import ABC, abstractmethod
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -13,9 +25,10 @@ class Criterion(ABC):
     """Scores the channels of a group; higher means more important (pruned last).
 
     ``scores(group)`` reads every member of the group (producer rows, consumer columns,
-    norm scales, parameters read directly) and returns ``group.size`` scores. Unless a
-    criterion says otherwise, each member's per-channel scores are divided by their
-    maximum and the members are averaged with equal weight.
+    norm scales, parameters read directly) and returns ``group.size`` scores. The planner
+    removes the lowest-scoring channels, so a criterion that defines a removal *order*
+    (e.g. the K-means family) returns rank-based scores. Unless a criterion says otherwise,
+    members are combined with :func:`combine` (mean of per-member max-normalised scores).
     """
 
     name: str = "criterion"
@@ -52,11 +65,97 @@ def per_channel(member, position_scores: np.ndarray, size: int) -> np.ndarray:
     return np.bincount(member.index_map, weights=position_scores, minlength=size)
 
 
-def combine(per_member: list[np.ndarray], size: int) -> np.ndarray:
-    """Average of the members' scores, each divided by its maximum."""
-    normalised = [s / s.max() if s.max() > 0 else s for s in per_member]
-    return np.mean(normalised, axis=0) if normalised else np.zeros(size)
+def coverage(member, size: int) -> np.ndarray:
+    """Boolean mask of the group channels that ``member`` has at least one position of."""
+    mask = np.zeros(size, dtype=bool)
+    mask[np.asarray(member.index_map, dtype=np.int64)] = True
+    return mask
+
+
+def combine(per_member: list, size: int, covered: Optional[list] = None) -> np.ndarray:
+    """Mean of the members' scores, each divided by its maximum.
+
+    With ``covered`` (one boolean mask per member, see :func:`coverage`) a channel is
+    averaged only over the members that cover it; without it, over all members.
+    """
+    if not per_member:
+        return np.zeros(size)
+    normalised = []
+    for s in per_member:
+        s = np.asarray(s, dtype=np.float64)
+        top = np.max(s) if s.size else 0.0
+        normalised.append(s / top if top > 0 else s)
+    if covered is None:
+        return np.mean(normalised, axis=0)
+    stacked = np.stack(normalised)
+    mask = np.stack(covered).astype(np.float64)
+    counts = mask.sum(axis=0)
+    total = (stacked * mask).sum(axis=0)
+    return np.divide(total, counts, out=np.zeros(size), where=counts > 0)
 
 
 def scored_members(group) -> list:
     return [m for m in group.members if m.role in SCORED_ROLES]
+
+
+def producer_members(group) -> list:
+    """The members that hold the group's *filters*: producer weights (role ``"out"``, at least
+    2-D), else any producer (biases), else parameters read directly, else every scored member."""
+    out = [m for m in group.members if m.role == "out"]
+    filters = [m for m in out if m.tensor.dim() >= 2]
+    if filters:
+        return filters
+    if out:
+        return out
+    params = [m for m in group.members if m.role == "param"]
+    return params or scored_members(group)
+
+
+def channel_matrix(member, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(matrix, covered)``: a ``(size, features)`` float64 matrix with one row per group
+    channel holding the member's positions of that channel, and the coverage mask.
+
+    When every covered channel owns the same number of positions (the usual case; several
+    after a flatten or a grouped conv) their rows are concatenated in position order;
+    otherwise they are summed. Uncovered channels get zero rows.
+    """
+    rows = channel_rows(member).double().cpu().numpy()
+    index = np.asarray(member.index_map, dtype=np.int64)
+    covered = coverage(member, size)
+    counts = np.bincount(index, minlength=size)[covered]
+    if counts.size and (counts == counts[0]).all():
+        order = np.argsort(index, kind="stable")
+        per = int(counts[0])
+        block = rows[order].reshape(int(covered.sum()), per * rows.shape[1])
+        matrix = np.zeros((size, block.shape[1]))
+        matrix[covered] = block
+    else:
+        matrix = np.zeros((size, rows.shape[1]))
+        np.add.at(matrix, index, rows)
+    return matrix, covered
+
+
+def group_layer_names(group) -> list:
+    """Names a per-layer option is matched against: the group's producer layers (role
+    ``"out"``) in graph order, else every layer with a member."""
+    producers = list(dict.fromkeys(m.module for m in group.members if m.role == "out"))
+    return producers or group.layers()
+
+
+def match_group(group, options: Mapping, default: Any = None) -> Any:
+    """The value of the first key of ``options`` that names this group.
+
+    Keys are group ids (``int``) or module names / ``fnmatch`` globs matched against
+    :func:`group_layer_names`. Precedence: a group id, then an exact name, then the first
+    matching glob in the mapping's order; ``default`` when nothing matches.
+    """
+    if group.id in options and isinstance(group.id, int):
+        return options[group.id]
+    names = group_layer_names(group)
+    for key, value in options.items():
+        if isinstance(key, str) and key in names:
+            return value
+    for key, value in options.items():
+        if isinstance(key, str) and any(fnmatch.fnmatchcase(n, key) for n in names):
+            return value
+    return default

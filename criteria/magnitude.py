@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Criterion, combine, per_channel, position_norms, scored_members
+from .base import Criterion, combine, coverage, per_channel, position_norms, scored_members
 
 
 class LpNorm(Criterion):
-    """Sum over members of the normalised p-norm of each channel's weights."""
+    """Mean over members of the max-normalised p-norm of each channel's weights.
+
+    Every scored member counts (producer rows, consumer columns, norm scale and shift):
+    a channel that feeds nothing downstream scores low even if its filter is large.
+    """
 
     def __init__(self, p: int):
         if p not in (1, 2):
@@ -16,11 +20,12 @@ class LpNorm(Criterion):
         self.name = f"l{p}"
 
     def scores(self, group) -> np.ndarray:
-        per_member = []
+        per_member, covered = [], []
         for member in scored_members(group):
             channel = per_channel(member, position_norms(member, self.p), group.size)
             per_member.append(channel if self.p == 1 else np.sqrt(channel))
-        return combine(per_member, group.size)
+            covered.append(coverage(member, group.size))
+        return combine(per_member, group.size, covered)
 
     def __repr__(self) -> str:
         return f"LpNorm(p={self.p})"

@@ -11,12 +11,17 @@ from .api import analyze, prune
 from .planner import plan_removal
 from .groups import Group, Member
 from .inputs import InferredInputWarning, infer_example_inputs
+from .measure import count_flops, count_parameters, measure_latency
 from .report import Report
+from .engine import PruningEngine
+from .persist import load, save
+from . import models
 from .surgery import PruningError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "analyze", "prune", "plan_removal", "Report", "Group", "Member", "PruningError", "TraceError", "InputError",
-    "InferredInputWarning", "infer_example_inputs", "__version__",
+    "InferredInputWarning", "infer_example_inputs", "count_parameters", "count_flops", "measure_latency",
+    "PruningEngine", "save", "load", "models", "__version__",
 ]

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
 import math
 import numbers
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterable, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -15,12 +16,15 @@ from torch import nn
 import tracer
 from criteria import Criterion, get_criterion
 
+from .budget import PlanOptions, PruneResult, run_pruning
+from .audit import AuditError, audit
 from .groups import Group, build_groups
 from .inputs import resolve_example_inputs
-from .planner import plan_removal
 from .propagate import Propagation, propagate
 from .report import Report
-from .surgery import ChannelSurgery
+from .surgery import ChannelSurgery, PruningError
+
+_AUDIT_RETRIES = 3
 
 LayerRef = Union[str, nn.Module]
 
@@ -166,9 +170,103 @@ def analyze(
     return analysis.report
 
 
+def apply_audited(model, inputs, leaf_modules, surgery: ChannelSurgery, plan: dict, verify: bool) -> None:
+    """Apply ``plan``; with ``verify``, audit the shapes and retry without the groups blamed."""
+
+    def check(removed: np.ndarray) -> None:
+        audit(model, inputs, leaf_modules, surgery.state, surgery.roots, removed)
+
+    for _ in range(_AUDIT_RETRIES):
+        try:
+            surgery.prune_groups(plan, verify=check if verify else None)
+            return
+        except PruningError as exc:
+            cause = exc.__cause__
+            blamed = [g for g in plan if isinstance(cause, AuditError) and np.isin(g.units, cause.suspects).any()]
+            if not blamed:
+                raise
+            for group in blamed:
+                group.blocked.append(f"shape audit: {cause}")
+            plan = {g: index for g, index in plan.items() if g not in blamed}
+    raise PruningError("pruning kept failing the shape audit; the model was restored")
+
+
+def _check_ratio_spec(model: nn.Module, ratio: Any) -> Union[float, dict, None]:
+    """None, a float in [0, 1), or a mapping from module names / fnmatch globs to such floats."""
+    if ratio is None:
+        return None
+    if not isinstance(ratio, Mapping):
+        return _check_ratio(ratio)
+    if not ratio:
+        raise ValueError("ratio mapping is empty; give at least one module name or glob")
+    names = [name for name, _ in model.named_modules() if name]
+    checked, unmatched = {}, []
+    for key, value in ratio.items():
+        if not isinstance(key, str):
+            raise TypeError(f"ratio mapping keys must be module names or globs, got {type(key).__name__}")
+        try:
+            checked[key] = _check_ratio(value)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"ratio[{key!r}]: {exc}") from None
+        if key not in names and not fnmatch.filter(names, key):
+            unmatched.append(key)
+    if unmatched:
+        raise ValueError(f"ratio has keys that name no submodule of {type(model).__name__}: {unmatched}")
+    return checked
+
+
+def _check_fraction(value: Any, name: str, low_open: bool = True, high_closed: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    ok = (value > 0.0 if low_open else value >= 0.0) and (value <= 1.0 if high_closed else value < 1.0)
+    if math.isnan(value) or not ok:
+        interval = ("(" if low_open else "[") + "0, 1" + ("]" if high_closed else ")")
+        raise ValueError(f"{name} must lie in {interval}, got {value}")
+    return value
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def _check_planning(model, ratio, global_ranking, max_ratio, round_to, steps, schedule, targets, tolerance, return_result):
+    ratio = _check_ratio_spec(model, ratio)
+    given = {name: value for name, value in targets.items() if value is not None}
+    if len(given) > 1:
+        raise ValueError(f"give at most one budget, got {', '.join('target_' + n for n in given)}")
+    target = None
+    if given:
+        (metric, value), = given.items()
+        target = (metric, _check_fraction(value, f"target_{metric}"))
+        if ratio is not None:
+            raise ValueError(f"give either ratio or target_{metric}, not both: the budget search chooses the ratio")
+    elif ratio is None:
+        raise ValueError("prune needs a ratio or a budget (target_flops, target_params or target_latency)")
+    for flag, name in ((global_ranking, "global_ranking"), (return_result, "return_result")):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")
+    if global_ranking and isinstance(ratio, dict):
+        raise ValueError("global_ranking needs a single float ratio, not a per-layer mapping")
+    if max_ratio is not None:
+        max_ratio = _check_fraction(max_ratio, "max_ratio", high_closed=False)
+    if round_to is not None:
+        round_to = _check_int(round_to, "round_to", 1)
+    steps = _check_int(steps, "steps", 1)
+    if not (schedule in ("linear", "geometric") or callable(schedule)):
+        raise ValueError(f"schedule must be 'linear', 'geometric' or a callable(step, steps), got {schedule!r}")
+    tolerance = _check_fraction(tolerance, "tolerance", high_closed=False)
+    options = PlanOptions(global_ranking, max_ratio, round_to, steps, schedule, tolerance)
+    return ratio, target, options
+
+
 def prune(
     model: nn.Module,
-    ratio: float,
+    ratio: Union[float, Mapping[str, float], None] = None,
     example_inputs: Any = None,
     *,
     criterion: Union[str, Criterion] = "l1",
@@ -176,17 +274,57 @@ def prune(
     inplace: bool = True,
     leaf_modules: Iterable[tracer.LeafSpec] = (),
     verify: bool = True,
-) -> nn.Module:
+    global_ranking: bool = False,
+    max_ratio: Optional[float] = None,
+    round_to: Optional[int] = None,
+    steps: int = 1,
+    schedule: Union[str, Callable[[int, int], float]] = "linear",
+    target_flops: Optional[float] = None,
+    target_params: Optional[float] = None,
+    target_latency: Optional[float] = None,
+    tolerance: float = 0.02,
+    return_result: bool = False,
+) -> Union[nn.Module, PruneResult]:
     """Remove ``floor(ratio * n)`` channels from every prunable group of ``n`` channels.
 
     Channels are ranked by ``criterion`` (a name such as ``"l1"`` or a Criterion). With
     ``inplace=False`` a deep copy is pruned and the original is left alone. With
-    ``verify=True`` the pruned model is run once on ``example_inputs`` and must produce
-    outputs of the original shapes. On any failure the model is restored bit for bit and
-    :class:`PruningError` is raised. Returns the pruned model.
+    ``verify=True`` (default) the pruned model is traced again and every tensor must have
+    the shape the analysis predicts, outputs unchanged; groups that fail this audit are
+    blocked (with the reason) and dropped from the plan. On any other failure the model is
+    restored bit for bit and :class:`PruningError` is raised. Returns the pruned model.
+
+    Planning options (see :mod:`graphprune.planner` and :mod:`graphprune.budget`):
+
+    * ``ratio`` may be a mapping ``{module name or fnmatch glob: ratio}``; a group takes the
+      ratio of the first key naming one of its producer layers (exact names first), and
+      groups that no key names are left alone (use ``"*"`` for a default);
+    * ``global_ranking=True``: scores normalised per group (divided by their mean) are
+      ranked across groups and ``floor(ratio * total channels)`` go, each group losing at
+      most ``max_ratio`` (default 0.9) of its channels and never all of them;
+    * ``round_to=N``: every pruned group keeps a multiple of ``N`` channels;
+    * ``steps=n``: prune in ``n`` steps, re-analysing and re-scoring the pruned model before
+      each; ``schedule`` is ``"linear"`` (equal shares), ``"geometric"`` (the same fraction
+      of what is left each step) or ``schedule(step, steps) -> share of the total done``;
+    * ``target_flops`` / ``target_params`` / ``target_latency`` (instead of ``ratio``): the
+      fraction of the original FLOPs (``FlopCounterMode``), parameters, or latency (on the
+      model's device with ``example_inputs``) to keep. The uniform ratio (or the global one
+      with ``global_ranking``, at most ``max_ratio``) is searched until the pruned model
+      lands within ``tolerance`` (relative, default 2%) of the target; otherwise the closest
+      model is kept and a :class:`BudgetWarning` is issued. The achieved value is logged on
+      the ``"graphprune"`` logger.
+
+    With ``return_result=True`` a :class:`PruneResult` is returned instead of the model: its
+    ``model`` is the pruned model, ``achieved`` the budget metric reached as a fraction of
+    the original, ``before`` / ``after`` the FLOPs and parameter counts, ``steps`` one
+    :class:`StepResult` per step. If a step of a multi-step prune fails, the model is
+    restored to its state before the first step.
     """
     _check_model(model)
-    ratio = _check_ratio(ratio)
+    ratio, target, options = _check_planning(
+        model, ratio, global_ranking, max_ratio, round_to, steps, schedule,
+        {"flops": target_flops, "params": target_params, "latency": target_latency}, tolerance, return_result,
+    )
     criterion = get_criterion(criterion)
     if not inplace:
         model = copy.deepcopy(model)
@@ -195,15 +333,18 @@ def prune(
         report = analysis.report
         if not report.prunable_groups:
             warnings.warn(f"{report.model_name} has no prunable channel group; the model is unchanged", stacklevel=2)
+            if return_result:
+                return PruneResult(model, target and target[0], target and target[1], None, target is None, {}, {}, [])
             return model
-        criterion.prepare(model, report)
-        plan = plan_removal(report.groups, ratio, criterion)
 
-        def check_outputs() -> None:
-            with torch.no_grad():
-                produced = tracer.describe(tracer.call_model(model, inputs))
-            if produced != analysis.expected_output:
-                raise RuntimeError(f"outputs changed shape: expected {analysis.expected_output}, got {produced}")
+        def apply(current: _Analysis, plan: dict) -> None:
+            apply_audited(model, inputs, leaf_modules, current.surgery, plan, verify)
 
-        analysis.surgery.prune_groups(plan, verify=check_outputs if verify else None)
-    return model
+        def analyse(current_model: nn.Module) -> _Analysis:
+            return _run_analysis(current_model, inputs, leaf_modules, ignored_layers)[0]
+
+        result = run_pruning(
+            model, analysis, inputs, criterion, ratio=ratio, target=target, options=options,
+            analyse=analyse, apply=apply, measure=return_result,
+        )
+    return result if return_result else model

@@ -1,14 +1,44 @@
-"""Planning: how many and which channels each group loses."""
+"""Planning: how many and which channels each group loses.
+
+:func:`plan_removal` turns a ratio (one float, or a mapping from module names / globs to
+floats) and a criterion's scores into ``{group: channel indices}``. Two modes:
+
+* per group (default): a group of ``n`` channels whose ratio is ``r`` loses the
+  ``floor(r * n)`` lowest-scoring channels;
+* ``global_ranking=True``: each group's scores are divided by their mean absolute value,
+  all prunable groups' channels are ranked together and the globally lowest
+  ``floor(ratio * total)`` go, no group losing more than ``floor(max_ratio * n)``.
+
+In both modes every member keeps its best channel (so no layer is emptied), and with
+``round_to=N`` each pruned group keeps a multiple of ``N`` channels (the nearest one to
+the plan that respects ``max_ratio``; groups with fewer than ``N`` channels are left alone).
+"""
 from __future__ import annotations
 
 import math
-from typing import Iterable
+import numbers
+from typing import Iterable, Mapping, Optional, Union
 
 import numpy as np
 
 from criteria import Criterion
+from criteria.base import match_group
 
 from .groups import Group
+
+RatioSpec = Union[float, Mapping[str, float]]
+DEFAULT_MAX_RATIO = 0.9
+
+
+def _spared(group: Group, scores: np.ndarray) -> set:
+    return {int(m.index_map[np.argmax(scores[m.index_map])]) for m in group.members}
+
+
+def removal_order(group: Group, scores: np.ndarray) -> np.ndarray:
+    """Channels in the order they are removed (lowest score first), without the spared best
+    channel of every member."""
+    spared = _spared(group, scores)
+    return np.array([int(i) for i in np.argsort(scores, kind="stable") if int(i) not in spared], dtype=np.int64)
 
 
 def lowest_channels(group: Group, scores: np.ndarray, count: int) -> np.ndarray:
@@ -17,21 +47,137 @@ def lowest_channels(group: Group, scores: np.ndarray, count: int) -> np.ndarray:
     A group may span several layers (e.g. the inputs of a concat); sparing one channel per
     member keeps every layer at least one channel wide.
     """
-    spared = {int(m.index_map[np.argmax(scores[m.index_map])]) for m in group.members}
-    order = [int(i) for i in np.argsort(scores, kind="stable") if int(i) not in spared]
-    return np.sort(np.array(order[:count], dtype=np.int64))
+    return np.sort(removal_order(group, scores)[: max(int(count), 0)])
 
 
-def plan_removal(groups: Iterable[Group], ratio: float, criterion: Criterion) -> dict[Group, np.ndarray]:
-    """For every prunable group of ``n`` channels, the ``floor(ratio * n)`` lowest-scoring ones."""
-    plan = {}
+def score_groups(groups: Iterable[Group], criterion: Criterion) -> dict:
+    """``{group: scores}`` for every prunable group, checked for shape and finiteness."""
+    scores = {}
     for group in groups:
         if not group.prunable:
             continue
-        count = int(math.floor(ratio * group.size))
-        if count > 0:
-            scores = np.asarray(criterion.scores(group), dtype=np.float64)
-            if scores.shape != (group.size,):
-                raise ValueError(f"{criterion!r} returned {scores.shape} scores for a group of {group.size} channels")
-            plan[group] = lowest_channels(group, scores, count)
-    return plan
+        values = np.asarray(criterion.scores(group), dtype=np.float64)
+        if values.shape != (group.size,):
+            raise ValueError(f"{criterion!r} returned {values.shape} scores for a group of {group.size} channels")
+        if not np.isfinite(values).all():
+            raise ValueError(f"{criterion!r} returned non-finite scores for group {group.id} ({group.root})")
+        scores[group] = values
+    return scores
+
+
+def group_ratio(group: Group, ratio: RatioSpec) -> float:
+    """The ratio that applies to ``group``: ``ratio`` itself, or the value of the first key of
+    the mapping that names one of its producer layers (exact names before globs, see
+    :func:`criteria.base.match_group`); 0 when no key matches."""
+    if isinstance(ratio, Mapping):
+        return float(match_group(group, ratio, 0.0))
+    return float(ratio)
+
+
+def round_count(size: int, count: int, round_to: Optional[int], cap: int) -> int:
+    """Adjust ``count`` so that ``size - count`` is the multiple of ``round_to`` nearest to it,
+    removing at most ``cap`` channels (0 when no multiple fits)."""
+    if not round_to or round_to == 1:
+        return min(count, cap)
+    if size < round_to:
+        return 0
+    kept = int(math.floor((size - count) / round_to + 0.5)) * round_to
+    kept = max(kept, round_to, int(math.ceil((size - cap) / round_to)) * round_to)
+    if kept > size:
+        kept = (size // round_to) * round_to
+        if size - kept > cap:
+            return 0
+    return size - kept
+
+
+def _cap(group: Group, scores: np.ndarray, max_ratio: Optional[float]) -> int:
+    cap = group.size - len(_spared(group, scores))
+    if max_ratio is not None:
+        cap = min(cap, int(math.floor(max_ratio * group.size)))
+    return max(cap, 0)
+
+
+def removal_counts(
+    scores: Mapping,
+    ratio: RatioSpec,
+    *,
+    global_ranking: bool = False,
+    max_ratio: Optional[float] = None,
+    round_to: Optional[int] = None,
+) -> dict:
+    """``{group: number of channels to remove}`` for the groups in ``scores`` (see module doc)."""
+    counts = {}
+    if not global_ranking:
+        for group, values in scores.items():
+            r = group_ratio(group, ratio)
+            if r <= 0:
+                continue
+            cap = _cap(group, values, max_ratio)
+            counts[group] = round_count(group.size, min(int(math.floor(r * group.size)), cap), round_to, cap)
+        return {g: c for g, c in counts.items() if c > 0}
+    if isinstance(ratio, Mapping):
+        raise ValueError("global_ranking needs a single float ratio, not a per-layer mapping")
+    max_ratio = DEFAULT_MAX_RATIO if max_ratio is None else max_ratio
+    groups = list(scores)
+    total = sum(g.size for g in groups)
+    target = int(math.floor(float(ratio) * total))
+    if target <= 0:
+        return {}
+    caps, pooled, owners = {}, [], []
+    for index, group in enumerate(groups):
+        values = scores[group]
+        caps[group] = _cap(group, values, max_ratio)
+        scale = float(np.mean(np.abs(values)))
+        normalised = values / scale if scale > 0 else np.zeros_like(values)
+        candidates = removal_order(group, values)[: caps[group]]
+        pooled.append(normalised[candidates])
+        owners.append(np.full(candidates.size, index))
+    if not pooled:
+        return {}
+    pooled_scores, pooled_owner = np.concatenate(pooled), np.concatenate(owners)
+    taken = pooled_owner[np.argsort(pooled_scores, kind="stable")[:target]]
+    taken_counts = np.bincount(taken, minlength=len(groups))
+    for index, group in enumerate(groups):
+        if taken_counts[index] > 0:
+            counts[group] = round_count(group.size, int(taken_counts[index]), round_to, caps[group])
+    return {g: c for g, c in counts.items() if c > 0}
+
+
+def plan_removal(
+    groups: Iterable[Group],
+    ratio: RatioSpec,
+    criterion: Optional[Criterion] = None,
+    *,
+    scores: Optional[Mapping] = None,
+    global_ranking: bool = False,
+    max_ratio: Optional[float] = None,
+    round_to: Optional[int] = None,
+) -> dict:
+    """``{group: sorted channel indices to remove}`` for the prunable ``groups``.
+
+    ``ratio`` is a float in [0, 1) or a mapping from module names / ``fnmatch`` globs to
+    floats (groups that no key names are left alone). Scores come from ``scores`` (as made
+    by :func:`score_groups`, reused across calls) or from ``criterion``. ``global_ranking``,
+    ``max_ratio`` and ``round_to`` are described in the module docstring; ``max_ratio``
+    defaults to 0.9 with global ranking and to no limit otherwise.
+    """
+    groups = [g for g in groups if g.prunable]
+    if scores is None:
+        if criterion is None:
+            raise TypeError("plan_removal needs a criterion or precomputed scores")
+        if not global_ranking:  # score only the groups that lose channels
+            groups = [g for g in groups if group_ratio(g, ratio) > 0]
+        scores = score_groups(groups, criterion)
+    else:
+        scores = {g: scores[g] for g in groups if g in scores}
+    counts = removal_counts(scores, ratio, global_ranking=global_ranking, max_ratio=max_ratio, round_to=round_to)
+    return {group: lowest_channels(group, scores[group], count) for group, count in counts.items()}
+
+
+def check_ratio_value(value, what: str = "ratio") -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a real number in [0, 1), got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{what} must lie in [0, 1), got {value}")
+    return value

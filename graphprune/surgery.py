@@ -85,11 +85,14 @@ class ChannelSurgery:
             checked[group] = index
         return checked
 
-    def prune_groups(self, plan: Mapping[Group, Sequence[int]], verify: Optional[Callable[[], None]] = None) -> None:
+    def prune_groups(
+        self, plan: Mapping[Group, Sequence[int]], verify: Optional[Callable[[np.ndarray], None]] = None
+    ) -> None:
         """Remove ``plan[group]`` channels from each group; roll everything back on any error.
 
-        ``verify`` runs after the surgery, inside the transaction: if it raises, the model
-        is restored and the error is re-raised as :class:`PruningError`.
+        ``verify(removed)`` runs after the surgery, inside the transaction, with the removed
+        flag of every root id: if it raises, the model is restored and the error is
+        re-raised as :class:`PruningError` (the original error is its ``__cause__``).
         """
         checked = self._validate(plan)
         if not checked:
@@ -101,7 +104,7 @@ class ChannelSurgery:
         try:
             self._apply(transaction, removed)
             if verify is not None:
-                verify()
+                verify(removed)
         except Exception as exc:
             transaction.rollback()
             raise PruningError(f"pruning failed and the model was restored: {type(exc).__name__}: {exc}") from exc

@@ -16,7 +16,7 @@ from torch import nn
 from tracer import TensorSpec
 
 from ..propagate import Propagation
-from . import layers, pointwise, shape
+from . import attention, layers, pointwise, shape
 
 Rule = Callable
 
@@ -71,6 +71,7 @@ RULES: dict = {
     nn.InstanceNorm3d: layers.instance_norm,
     nn.GroupNorm: layers.group_norm, nn.LayerNorm: layers.layer_norm, nn.PReLU: layers.prelu,
     nn.Embedding: layers.embedding, nn.Flatten: layers.flatten_module,
+    nn.MultiheadAttention: attention.multihead_attention,
     nn.Softmax: layers.softmax, nn.LogSoftmax: layers.softmax,
     **{cls: layers.passthrough for cls in _ACTIVATIONS},
     **{cls: layers.pooling for cls in _POOLS},

@@ -47,8 +47,7 @@ def reduction(state: Propagation, node: fx.Node):
     for d in dims:
         state.block(x[d], f"{node.name} reduces over this dimension")
     out = tuple(np.array([NO_ID]) if d in dims else ids for d, ids in enumerate(x) if keepdim or d not in dims)
-    value = state.value(node)
-    if isinstance(value, tuple):  # max/min with a dim also return indices
+    if not isinstance(state.value(node), TensorSpec):  # max/min with a dim also return indices
         return (out, out)
     return out
 

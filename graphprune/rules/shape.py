@@ -113,8 +113,20 @@ def reshape_labels(state: Propagation, node: fx.Node, x: tuple, in_shape: tuple,
     if size_args is not None:
         for d, arg in enumerate(size_args):
             if isinstance(arg, int) and arg != -1 and out_shape[d] > 1:
-                state.block(out[d], f"{node.name} has a fixed size {arg} in its target shape")
+                literal_size(state, node, out[d], arg, "in its target shape")
     return tuple(out)
+
+
+def literal_size(state: Propagation, node: fx.Node, ids: np.ndarray, size: int, where: str) -> None:
+    """A literal size on a dim carrying ids: follow it if it is the one int attribute of that
+    value on the calling module (updated by surgery), otherwise block the dim."""
+    scope = state.graph.nodes[node.name]["module"]
+    module = state.module(scope or "")
+    matches = [k for k, v in vars(module).items() if type(v) is int and v == size and not k.startswith("_")]
+    if len(matches) == 1 and _carries_ids(state, ids):
+        state.attr(scope or "", matches[0], ids, lambda _, kept: kept)
+    else:
+        state.block(ids, f"{node.name} has a fixed size {size} {where}")
 
 
 def _shape_args(node: fx.Node, first: int) -> list:
@@ -182,7 +194,7 @@ def expand(state: Propagation, node: fx.Node):
         src = d - lead
         if src >= 0 and in_shape[src] == size:
             if isinstance(sizes[d], int) and sizes[d] != -1 and size > 1:
-                state.block(x[src], f"{node.name} expands to a fixed size {sizes[d]}")
+                literal_size(state, node, x[src], sizes[d], "in expand")
             out.append(x[src])
         else:
             out.append(fresh[d])

@@ -1,0 +1,24 @@
+"""Random scores: the baseline every criterion should beat."""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Criterion
+
+
+class Random(Criterion):
+    """Uniform random scores, reproducible: a group's scores depend only on ``seed``, the
+    group's id and its size, so repeated calls (budget searches) agree."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.seed = int(seed)
+
+    def scores(self, group) -> np.ndarray:
+        return np.random.default_rng([self.seed, int(group.id), int(group.size)]).random(group.size)
+
+    def __repr__(self) -> str:
+        return f"Random(seed={self.seed})"

@@ -1,0 +1,258 @@
+"""First-order Taylor importance from activations and gradients (Molchanov et al., CVPR 2019)."""
+from __future__ import annotations
+
+import numbers
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from tracer import call_model
+
+from .base import Criterion, combine
+from .magnitude import L1
+
+
+def _is_dim_entry(entry: Any) -> bool:
+    return isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], np.ndarray)
+
+
+def activation_sites(report) -> dict:
+    """For every group, the module calls whose output tensor carries its channels.
+
+    Returns ``{group id: [(module name, call index, dim, index_map), ...]}`` where ``call
+    index`` counts the calls of that module in graph order (a module may be called more
+    than once) and ``dim`` (never the batch dim 0) is the output dim holding the channels.
+    For each group the sites are, by preference: the outputs of its normalisation layers
+    (members with role ``"scale"``), else of its producer layers (role ``"out"``), else of
+    every module whose output carries the group.
+    """
+    graph = report.graph
+    calls: dict = defaultdict(int)
+    found: dict = defaultdict(list)
+    for _, attrs in sorted(graph.nodes(data=True), key=lambda item: item[1]["index"]):
+        if attrs["op"] != "call_module":
+            continue
+        name = attrs["target"]
+        index = calls[name]
+        calls[name] += 1
+        channels = attrs.get("channels")
+        if not isinstance(channels, tuple) or not all(e is None or _is_dim_entry(e) for e in channels):
+            continue  # no tensor output, or several outputs
+        for dim, entry in enumerate(channels):
+            if dim > 0 and entry is not None:
+                found[int(entry[0])].append((name, index, dim, np.asarray(entry[1], dtype=np.int64)))
+    sites = {}
+    for group in report.groups:
+        candidates = found.get(group.id, [])
+        for role in ("scale", "out"):
+            modules = {m.module for m in group.members if m.role == role}
+            preferred = [s for s in candidates if s[0] in modules]
+            if preferred:
+                candidates = preferred
+                break
+        if candidates:
+            sites[group.id] = candidates
+    return sites
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def _model_device(model) -> torch.device:
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+class Taylor(Criterion):
+    """First-order Taylor importance of each channel's activation.
+
+    For every sample ``n`` and channel ``c`` of an activation ``a`` with gradient ``g =
+    dL/da``, the importance is ``|sum over the other (spatial) dims of a * g|``, averaged
+    over all samples of ``data_loader`` (Molchanov et al., "Importance Estimation for Neural
+    Network Pruning", CVPR 2019, on feature maps).
+
+    ``data_loader`` yields ``(inputs, targets)`` pairs; ``inputs`` is a tensor, a tuple of
+    positional inputs or a dict of keyword inputs, moved to ``device`` (default: the model's
+    device; the model is never moved). ``loss_fn(output, targets)`` defaults to
+    cross-entropy. At most ``max_batches`` batches are used. Statistics are gathered in
+    :meth:`prepare` (``graphprune.prune`` calls it), in eval mode, without touching the
+    parameters' ``.grad`` or ``requires_grad``.
+
+    The activations measured for a group are those of :func:`activation_sites` (its norm
+    layers' outputs when it has any); several sites are combined with
+    :func:`~criteria.base.combine`. A group with no such activation falls back to
+    :class:`~criteria.L1`; its id is listed in ``fallback_groups``.
+    """
+
+    name = "taylor"
+    requires_data = True
+
+    def __init__(
+        self,
+        data_loader: Iterable,
+        loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None,
+        max_batches: Optional[int] = None,
+        device: Union[str, torch.device, None] = None,
+        *,
+        progress: bool = True,
+    ):
+        if data_loader is None or not hasattr(data_loader, "__iter__"):
+            raise TypeError(f"data_loader must be an iterable of (inputs, targets) batches, got {type(data_loader).__name__}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable(output, targets), got {type(loss_fn).__name__}")
+        if max_batches is not None:
+            if isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral):
+                raise TypeError(f"max_batches must be a positive integer or None, got {type(max_batches).__name__}")
+            if max_batches < 1:
+                raise ValueError(f"max_batches must be at least 1, got {max_batches}")
+        self.data_loader = data_loader
+        self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
+        self.max_batches = None if max_batches is None else int(max_batches)
+        self.device = None if device is None else torch.device(device)
+        self.progress = progress
+        self.fallback_groups: list = []
+        self.samples = 0
+        self._scores: Optional[dict] = None
+        self._l1 = L1()
+
+    def __repr__(self) -> str:
+        return f"Taylor(max_batches={self.max_batches}, device={self.device})"
+
+    # ----- statistics
+    def prepare(self, model, report) -> None:
+        device = _model_device(model)
+        if self.device is not None and not _same_device(self.device, device):
+            raise ValueError(f"Taylor was given device={self.device} but the model is on {device}; move the model first")
+        device = self.device or device
+        sites = activation_sites(report)
+        sums, counts = self._collect(model, sites, device)
+        self.fallback_groups = []
+        self._scores = {}
+        for group in report.groups:
+            if group.id not in sites:
+                continue
+            per_site, covered = [], []
+            for name, index, dim, index_map in sites[group.id]:
+                total = sums.get((name, index), {}).get(dim)  # None: never reached, or no gradient
+                mean = np.zeros(index_map.size) if total is None else total / max(counts[(name, index)], 1)
+                per_site.append(np.bincount(index_map, weights=mean, minlength=group.size))
+                mask = np.zeros(group.size, dtype=bool)
+                mask[index_map] = True
+                covered.append(mask)
+            self._scores[group.id] = combine(per_site, group.size, covered)
+
+    def _collect(self, model, sites: dict, device: torch.device):
+        wanted: dict = defaultdict(dict)  # module -> call index -> dims
+        for group_sites in sites.values():
+            for name, index, dim, _ in group_sites:
+                wanted[name].setdefault(index, set()).add(dim)
+        calls: dict = defaultdict(int)
+        captured: dict = {}
+
+        def hook_for(name):
+            def hook(module, args, output):
+                index = calls[name]
+                calls[name] += 1
+                if index in wanted[name] and isinstance(output, torch.Tensor) and output.requires_grad:
+                    captured[(name, index)] = output
+                    return output.clone()  # a following in-place op must not overwrite the saved activation
+                return None
+            return hook
+
+        sums: dict = {}
+        counts: dict = defaultdict(int)
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        modes = [(m, m.training) for m in model.modules()]
+        handles = [model.get_submodule(name).register_forward_hook(hook_for(name)) for name in wanted]
+        total = self._total_batches()
+        batches = 0
+        try:
+            model.eval()
+            for p, _ in flags:
+                p.requires_grad_(True)
+            with tqdm(total=total, desc="Taylor importance", unit="batch", disable=not self.progress, leave=False) as bar:
+                for batch in self.data_loader:
+                    if self.max_batches is not None and batches >= self.max_batches:
+                        break
+                    inputs, targets = _split_batch(batch)
+                    inputs, targets = _to_device(inputs, device), _to_device(targets, device)
+                    calls.clear()
+                    captured.clear()
+                    with torch.enable_grad():
+                        loss = self.loss_fn(call_model(model, inputs), targets)
+                        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                            raise ValueError("loss_fn must return a scalar tensor")
+                        keys = list(captured)
+                        grads = torch.autograd.grad(loss, [captured[k] for k in keys], allow_unused=True) if keys else []
+                    for key, grad in zip(keys, grads):
+                        activation = captured[key].detach()
+                        samples = activation.shape[0]
+                        counts[key] += samples
+                        for dim in wanted[key[0]][key[1]]:
+                            if grad is None:
+                                contribution = torch.zeros(activation.shape[dim], dtype=torch.float64)
+                            else:
+                                product = (activation * grad).movedim(dim, -1)
+                                per_sample = product.reshape(samples, -1, product.shape[-1]).sum(1).abs()
+                                contribution = per_sample.sum(0).double().cpu()
+                            store = sums.setdefault(key, {})
+                            store[dim] = store[dim] + contribution if dim in store else contribution
+                    captured.clear()
+                    batches += 1
+                    bar.update(1)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            for m, flag in modes:
+                m.training = flag
+        if batches == 0:
+            raise ValueError("Taylor's data_loader yielded no batches")
+        self.samples = max(counts.values(), default=0)
+        return {k: {d: v.numpy() for d, v in dims.items()} for k, dims in sums.items()}, counts
+
+    def _total_batches(self) -> Optional[int]:
+        try:
+            total = len(self.data_loader)
+        except TypeError:
+            total = None
+        if self.max_batches is not None:
+            total = self.max_batches if total is None else min(total, self.max_batches)
+        return total
+
+    # ----- scores
+    def scores(self, group) -> np.ndarray:
+        if self._scores is None:
+            raise RuntimeError("Taylor needs prepare(model, report) before scores(); graphprune.prune calls it for you")
+        if group.id in self._scores and self._scores[group.id].shape == (group.size,):
+            return self._scores[group.id].copy()
+        if group.id not in self.fallback_groups:
+            self.fallback_groups.append(group.id)
+        return self._l1.scores(group)
+
+
+def _split_batch(batch: Any) -> tuple:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        f"each batch of Taylor's data_loader must be an (inputs, targets) pair, got {type(batch).__name__}"
+        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    )

@@ -1,0 +1,67 @@
+"""Shape audit: re-trace a pruned model and check every tensor against the shape the
+channel labels predict. A mismatch means a rule or a size attribute did not follow the
+pruning; the audit names the groups involved so that the caller can block them."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+from torch import nn
+
+import tracer
+from tracer import TensorSpec
+
+from .propagate import Propagation
+
+
+class AuditError(RuntimeError):
+    """The pruned model's shapes differ from the prediction; ``suspects`` are root ids involved."""
+
+    def __init__(self, message: str, suspects: np.ndarray):
+        super().__init__(message)
+        self.suspects = suspects
+
+
+def _dims(labels: Any, value: Any) -> list:
+    """Flatten a (possibly nested) value into ``(ids or None, size)`` per tensor dim."""
+    if isinstance(value, TensorSpec):
+        if labels is None or len(labels) != len(value.shape):
+            return [(None, size) for size in value.shape]
+        return [(ids[ids >= 0], size) for ids, size in zip(labels, value.shape)]
+    if isinstance(value, (tuple, list)):
+        nested = isinstance(labels, (tuple, list)) and len(labels) == len(value) and not (labels and isinstance(labels[0], np.ndarray))
+        return [d for i, v in enumerate(value) for d in _dims(labels[i] if nested else None, v)]
+    return []
+
+
+def audit(
+    model: nn.Module,
+    example_inputs: Any,
+    leaf_modules: Iterable,
+    state: Propagation,
+    roots: np.ndarray,
+    removed: np.ndarray,
+) -> None:
+    """Raise :class:`AuditError` unless every node of the re-traced ``model`` has the predicted shape."""
+    graph = tracer.trace(model, example_inputs, leaf_modules)
+    mismatches, suspects = [], []
+    for name, attrs in state.graph.nodes(data=True):
+        dims = _dims(state.labels.get(name), attrs["value"])
+        if name not in graph.nodes:
+            mismatches.append(f"{name}: missing after pruning")
+            suspects.extend(ids for ids, _ in dims if ids is not None)
+            continue
+        actual = [size for _, size in _dims(None, graph.nodes[name]["value"])]
+        predicted = [size - int(removed[roots[ids]].sum()) if ids is not None and ids.size else size for ids, size in dims]
+        if len(actual) != len(predicted):
+            mismatches.append(f"{name}: expected dims {predicted}, got {actual}")
+            suspects.extend(ids for ids, _ in dims if ids is not None)
+            continue
+        bad = [d for d, (p, a) in enumerate(zip(predicted, actual)) if p != a]
+        if bad:
+            mismatches.append(f"{name}: expected sizes {predicted}, got {actual}")
+            suspects.extend(dims[d][0] for d in bad if dims[d][0] is not None)
+    if mismatches:
+        blamed = np.unique(roots[np.concatenate(suspects)]) if suspects else np.zeros(0, dtype=np.int64)
+        shown = "; ".join(mismatches[:3]) + (f" (+{len(mismatches) - 3} more)" if len(mismatches) > 3 else "")
+        raise AuditError(f"shape audit failed: {shown}", blamed)

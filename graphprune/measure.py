@@ -1,0 +1,111 @@
+"""Size and speed of a model: parameter count, FLOPs and latency.
+
+``example_inputs`` follows the same convention as :func:`graphprune.analyze`: a tensor,
+a tuple of positional inputs, or a dict of keyword inputs.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from tracer import call_model
+
+from .api import eval_mode
+
+__all__ = ["count_flops", "count_parameters", "measure_latency"]
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of scalar parameters in ``model``; a parameter shared by several modules counts once."""
+    _check_model(model)
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, example_inputs: Any) -> int:
+    """FLOPs of one forward pass on ``example_inputs``, counted by ``torch.utils.flop_counter``.
+
+    The count follows :class:`~torch.utils.flop_counter.FlopCounterMode`: a multiply-add
+    is 2 FLOPs, and only the operators it knows (matmuls, convolutions, attention) are
+    counted; element-wise ops, normalisation and pooling are free. The model runs in eval
+    mode under ``torch.no_grad()``; every submodule's training flag is restored.
+    """
+    _check_model(model)
+    with eval_mode(model), torch.no_grad():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            call_model(model, example_inputs)
+    return int(counter.get_total_flops())
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def measure_latency(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    repeats: int = 20,
+    warmup: int = 3,
+    device: Optional[Union[str, torch.device]] = None,
+    num_threads: Optional[int] = None,
+) -> float:
+    """Median wall time in seconds of one forward pass, timed with ``torch.utils.benchmark.Timer``.
+
+    ``warmup`` untimed calls come first, then ``repeats`` timed calls of one forward pass
+    each. The timer synchronises CUDA itself, so the result is the real latency on any
+    device. ``device=None`` runs where the model's parameters are; otherwise the model
+    is moved to ``device`` for the measurement and moved back afterwards. Inputs are
+    moved to the device of the run. ``num_threads`` (default: ``torch.get_num_threads()``)
+    is the CPU thread count during timing. The model runs in eval mode under
+    ``torch.no_grad()``; every submodule's training flag is restored.
+    """
+    _check_model(model)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
+    # imported here, not at the top: importing it logs a CUDA_HOME notice on CPU-only machines
+    from torch.utils import benchmark
+
+    original_device = _model_device(model)
+    run_device = torch.device(device) if device is not None else original_device
+    if run_device != original_device:
+        model.to(run_device)
+    try:
+        inputs = _to_device(example_inputs, run_device)
+        timer = benchmark.Timer(
+            stmt="call_model(model, inputs)",
+            globals={"call_model": call_model, "model": model, "inputs": inputs},
+            num_threads=num_threads if num_threads is not None else torch.get_num_threads(),
+            label=type(model).__name__,
+        )
+        with eval_mode(model), torch.no_grad():
+            if warmup:
+                timer.timeit(warmup)
+            runs = [timer.timeit(1) for _ in range(repeats)]
+        return float(benchmark.Measurement.merge(runs)[0].median)
+    finally:
+        if run_device != original_device:
+            model.to(original_device)

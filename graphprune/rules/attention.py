@@ -1,0 +1,49 @@
+"""Rule for nn.MultiheadAttention: the embedding width, tied across q, k, v, heads and output."""
+from __future__ import annotations
+
+import numpy as np
+import torch.fx as fx
+from torch import nn
+
+from tracer import TensorSpec
+
+from ..propagate import Propagation
+
+
+def _arg(node: fx.Node, index: int, name: str):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
+
+
+def multihead_attention(state: Propagation, node: fx.Node):
+    """``embed_dim`` is both the stream width and the q/k/v width, so stream channel ``c`` is
+    internal channel ``c`` of q, k and v. Each head must keep the same ``head_dim``, so the
+    ``d``-th channel of every head is one unit (removing it removes ``num_heads`` channels)."""
+    m: nn.MultiheadAttention = state.module(node.target)
+    q, k, v = (state.labels_of(_arg(node, i, name)) for i, name in enumerate(("query", "key", "value")))
+    value = state.value(node)
+    weights = state.fresh(value[1], f"{node.name} attention weights", "attention weights") if isinstance(value[1], TensorSpec) else None
+    if not m._qkv_same_embed_dim or m.bias_k is not None:
+        state.block((q, k, v), f"{node.name}: MultiheadAttention with separate kdim/vdim or bias_k")
+        return state.fresh(value[0], node.name, "MultiheadAttention variant without a rule"), weights
+    stream = q[-1]
+    for other in (k, v):
+        state.unify(stream, other[-1])
+    state.unify(stream, state.param_ids(m.in_proj_weight, 1, "in"))
+    rows = state.param_ids(m.in_proj_weight, 0, "out")
+    if m.in_proj_bias is not None:
+        state.unify(rows, state.param_ids(m.in_proj_bias, 0, "out"))
+    grid = rows.reshape(3, m.num_heads, m.head_dim)
+    for part in grid:
+        state.unify(part.ravel(), stream)
+    state.unify(grid, np.broadcast_to(grid[:, :1, :], grid.shape))
+    state.unify(stream, state.param_ids(m.out_proj.weight, 1, "in"))
+    out_ids = state.param_ids(m.out_proj.weight, 0, "out")
+    if m.out_proj.bias is not None:
+        state.unify(out_ids, state.param_ids(m.out_proj.bias, 0, "out"))
+    name, heads = node.target, m.num_heads
+    for attr in ("embed_dim", "kdim", "vdim"):
+        state.attr(name, attr, stream, lambda _, kept: kept)
+    state.attr(name, "head_dim", stream, lambda _, kept, h=heads: kept // h)
+    state.attr(f"{name}.out_proj", "in_features", stream, lambda _, kept: kept)
+    state.attr(f"{name}.out_proj", "out_features", out_ids, lambda _, kept: kept)
+    return tuple(q[:-1]) + (out_ids,), weights

@@ -1,0 +1,173 @@
+"""The command line: ``graphprune analyze`` / ``graphprune prune`` on a small torchvision model."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from graphprune import count_parameters
+from graphprune.cli import main
+
+SMALL = ["resnet18", "--input-shape", "1,3,64,64"]
+
+
+def _number(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def _stderr_lines(err: str) -> list:
+    return [line for line in err.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def pruned_json(tmp_path_factory):
+    """One ``prune --json --output`` run shared by the tests that inspect its result."""
+    path = tmp_path_factory.mktemp("cli") / "pruned.pt"
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["prune", *SMALL, "--ratio", "0.5", "--json", "--output", str(path)])
+    return code, out.getvalue(), err.getvalue(), path
+
+
+def test_prune_prints_parameters_and_flops_before_and_after(capsys):
+    assert main(["prune", *SMALL, "--ratio", "0.5"]) == 0
+    out = capsys.readouterr().out
+    params = re.search(r"^parameters\s+([\d,]+) \(.*?\)\s+([\d,]+) \(.*?\)\s+([\d.]+) \(", out, re.MULTILINE)
+    flops = re.search(r"^FLOPs\s+([\d,]+) \(.*?\)\s+([\d,]+) \(.*?\)\s+([\d.]+) \(", out, re.MULTILINE)
+    assert params and flops, out
+    before, after, ratio = _number(params[1]), _number(params[2]), float(params[3])
+    assert before == 11_689_512  # resnet18
+    assert 0 < after < before
+    assert ratio == pytest.approx(after / before, abs=1e-3)
+    assert 0 < _number(flops[2]) < _number(flops[1])
+    seconds = re.search(r"time \(analysis \+ pruning\): ([\d.]+) s", out)
+    assert seconds and float(seconds[1]) > 0
+
+
+def test_prune_json_has_numbers(pruned_json):
+    code, out, _, _ = pruned_json
+    assert code == 0
+    result = json.loads(out)  # stdout is JSON only; progress went to stderr
+    for key in ("model", "ratio", "criterion", "input", "params_before", "params_after", "params_ratio",
+                "flops_before", "flops_after", "flops_ratio", "seconds", "output"):
+        assert key in result, key
+    assert result["model"] == "resnet18" and result["ratio"] == 0.5 and result["criterion"] == "l1"
+    assert 0 < result["params_after"] < result["params_before"] == 11_689_512
+    assert 0 < result["flops_after"] < result["flops_before"]
+    assert result["params_ratio"] == pytest.approx(result["params_after"] / result["params_before"])
+    assert result["flops_ratio"] == pytest.approx(result["flops_after"] / result["flops_before"])
+    assert result["seconds"] > 0
+
+
+def test_prune_shows_progress_on_stderr(pruned_json):
+    _, _, err, _ = pruned_json
+    assert "pruning" in err and "Traceback" not in err
+
+
+def test_prune_output_is_a_loadable_pruned_model(pruned_json):
+    _, out, _, path = pruned_json
+    result = json.loads(out)
+    assert result["output"] == str(path) and path.is_file()
+    model = torch.load(path, weights_only=False)
+    assert isinstance(model, torch.nn.Module)
+    assert count_parameters(model) == result["params_after"]
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
+
+
+def test_analyze_prints_report_and_counts(capsys):
+    assert main(["analyze", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("graphprune analysis of ResNet:")
+    assert "prunable" in out and "blocked: reaches output" in out
+    counts = re.search(r"parameters: ([\d,]+) .*FLOPs: ([\d,]+)", out)
+    assert counts and _number(counts[1]) == 11_689_512 and _number(counts[2]) > 0
+
+
+def test_analyze_json(capsys):
+    assert main(["analyze", *SMALL, "--json", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    result = json.loads(captured.out)
+    assert result["model"] == "resnet18" and result["parameters"] == 11_689_512 and result["flops"] > 0
+    assert result["groups"] == len(result["rows"]) == result["prunable_groups"] + result["blocked_groups"]
+    assert result["prunable_groups"] > 0
+    assert {"group", "root", "channels", "members", "layers", "status", "param_share"} <= set(result["rows"][0])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["prune", "resnet1800", "--ratio", "0.5"], "unknown model 'resnet1800'"),
+        (["analyze", "not_a_model"], "unknown model"),
+        (["prune", *SMALL, "--ratio", "1.5"], "ratio must lie in [0, 1)"),
+        (["prune", *SMALL, "--ratio", "-0.1"], "ratio must lie in [0, 1)"),
+        (["prune", *SMALL, "--ratio", "half"], "ratio must be a number"),
+        (["prune", *SMALL], "--ratio"),
+        (["prune", *SMALL, "--ratio", "0.5", "--criterion", "nope"], "--criterion"),
+        (["analyze", "resnet18", "--input-shape", "1,3,x"], "input shape"),
+        (["analyze", "resnet18", "--input-shape", "1,0,64,64"], "input shape"),
+        (["analyze", "resnet18", "--input-shape", "1,1,64,64", "--quiet"], "does not accept"),
+        (["prune", *SMALL, "--ratio", "0.5", "--output", "/nonexistent-dir/m.pt"], "does not exist"),
+        ([], "COMMAND"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(capsys, argv, message):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = _stderr_lines(captured.err)
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("graphprune") and "error: " in lines[0] and message in lines[0]
+
+
+def test_rejected_input_shape_ends_with_one_error_line_after_progress(capsys):
+    assert main(["prune", "resnet18", "--ratio", "0.5", "--input-shape", "1,1,64,64"]) == 2
+    lines = _stderr_lines(capsys.readouterr().err)
+    assert [line for line in lines if "error" in line] == lines[-1:]
+    assert "expected input[1, 1, 64, 64] to have 3 channels" in lines[-1]
+    assert not any("Traceback" in line for line in lines)
+
+
+def test_help_explains_the_saved_format(capsys):
+    assert main(["prune", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "torch.save(model)" in out and "weights_only=False" in out and "safetensors" in out
+
+
+def _script(name: str) -> str:
+    found = shutil.which(name) or str(Path(sys.executable).with_name(name))
+    if not os.access(found, os.X_OK):
+        pytest.skip(f"the {name!r} console script is not installed (pip install -e .)")
+    return found
+
+
+def test_console_script_analyze():
+    result = subprocess.run(
+        [_script("graphprune"), "analyze", *SMALL],
+        check=False, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("graphprune analysis of ResNet:")
+    assert re.search(r"parameters: 11,689,512 ", result.stdout)
+
+
+def test_python_dash_m_reports_usage_errors():
+    result = subprocess.run(
+        [sys.executable, "-m", "graphprune", "prune", "resnet18", "--ratio", "2"],
+        check=False, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert _stderr_lines(result.stderr) == [
+        "graphprune prune: error: argument --ratio: ratio must lie in [0, 1), got 2 (see 'graphprune prune --help')"
+    ]
