@@ -22,6 +22,7 @@ from .groups import Group, build_groups
 from .inputs import resolve_example_inputs
 from .propagate import Propagation, propagate
 from .report import Report
+from .rules import has_module_rule
 from .surgery import ChannelSurgery, PruningError
 
 _AUDIT_RETRIES = 3
@@ -115,7 +116,7 @@ class _Analysis:
     """Everything one analysis produced: report, surgery and the expected output shapes."""
 
     def __init__(self, model: nn.Module, example_inputs: Any, description: str, leaf_modules, ignored: set[str]):
-        graph = tracer.trace(model, example_inputs, leaf_modules)
+        graph = tracer.trace(model, example_inputs, traced_leaves(leaf_modules))
         state = propagate(graph)
         roots = state.space.all_roots()
         groups = build_groups(state, roots)
@@ -170,11 +171,16 @@ def analyze(
     return analysis.report
 
 
+def traced_leaves(leaf_modules: Iterable[tracer.LeafSpec]) -> list:
+    """The user's leaf modules plus every module the rule table knows (never traced into)."""
+    return [*leaf_modules, has_module_rule]
+
+
 def apply_audited(model, inputs, leaf_modules, surgery: ChannelSurgery, plan: dict, verify: bool) -> None:
     """Apply ``plan``; with ``verify``, audit the shapes and retry without the groups blamed."""
 
     def check(removed: np.ndarray) -> None:
-        audit(model, inputs, leaf_modules, surgery.state, surgery.roots, removed)
+        audit(model, inputs, traced_leaves(leaf_modules), surgery.state, surgery.roots, removed)
 
     for _ in range(_AUDIT_RETRIES):
         try:

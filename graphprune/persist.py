@@ -254,6 +254,8 @@ def _plan(model: nn.Module, spec: dict, stored: dict, path: str) -> tuple[dict, 
             raise ValueError(f"{path}: tensor {name!r} is {tensor.dtype} in the file but {current.dtype} in the model")
         values[name] = tensor
         shapes[name] = shape
+    for alias, target in spec["aliases"].items():
+        shapes[alias] = shapes[target]
 
     modules = dict(model.named_modules())
     changes = []
@@ -275,7 +277,7 @@ def _plan(model: nn.Module, spec: dict, stored: dict, path: str) -> tuple[dict, 
                     raise ValueError(f"{path}: attribute {name}.{attr} = {value!r} does not fit its current value {current!r}")
                 value = type(current)(value)
             attrs[attr] = value
-        _check_attributes(module, name, attrs, {k: v for k, v in shapes.items()})
+        _check_attributes(module, name, attrs, shapes)
         changes += [(module, attr, value) for attr, value in attrs.items() if value != getattr(module, attr)]
     return values, changes
 

@@ -64,22 +64,31 @@ class Propagation:
         self.param_dims: dict[tuple[int, int], ParamDim] = {}
         self.attr_members: list[AttrMember] = []
         self.notes: dict[int, str] = {}  # set index -> why pruning it is approximate
+        self.part = ""  # graph-key prefix of the traced part being processed (see tracer.fallback)
         self._owner_names = _tensor_owners(self.model)
 
     # ----- reading the node being processed
+    def node_attrs(self, node: fx.Node) -> dict:
+        """The graph attributes of an fx node of the part being processed."""
+        return self.graph.nodes[self.part + node.name]
+
     def value(self, arg: Any) -> Any:
         """The recorded value (TensorSpec, tuple, int...) of an fx argument."""
         if isinstance(arg, fx.Node):
-            return self.graph.nodes[arg.name]["value"]
+            return self.node_attrs(arg)["value"]
         return arg
 
     def labels_of(self, arg: Any) -> Any:
         if isinstance(arg, fx.Node):
-            return self.labels.get(arg.name)
+            return self.labels.get(self.part + arg.name)
         return None
 
+    def qualname(self, node: fx.Node) -> str:
+        """Qualified name (from the model's root) of the module a node calls or runs in."""
+        return self.node_attrs(node)["module"] or ""
+
     def module(self, name: str) -> nn.Module:
-        return self.model.get_submodule(name)
+        return self.model.get_submodule(name or "")
 
     # ----- creating ids
     def fresh(self, value: Any, description: str, blocked: Optional[str]) -> Any:
@@ -151,6 +160,7 @@ def propagate(graph: nx.DiGraph) -> Propagation:
 
     state = Propagation(graph)
     for name, attrs in sorted(graph.nodes(data=True), key=lambda item: item[1]["index"]):
+        state.part = attrs["part"]
         rule, why = rule_for(state, attrs)
         state.labels[name] = rule(state, attrs["fx"]) if why is None else _block_unknown(state, attrs, why)
     return state
@@ -159,5 +169,5 @@ def propagate(graph: nx.DiGraph) -> Propagation:
 def _block_unknown(state: Propagation, attrs: dict, why: str) -> Any:
     node: fx.Node = attrs["fx"]
     for source in node.all_input_nodes:
-        state.block(state.labels.get(source.name), why)
+        state.block(state.labels_of(source), why)
     return state.fresh(attrs["value"], f"{node.name} (opaque)", why)

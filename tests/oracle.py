@@ -2,7 +2,9 @@
 
 A channel that no consumer reads is dead: removing it (from its producers, norms, scales and
 consumers alike) must leave every output unchanged. The oracle makes random channels dead in a
-copy of the model by zeroing the consumer ("in") weights that read them, prunes exactly those
+copy of the model by zeroing the consumer ("in") weights that read them and the producer
+("out") rows that write them (so that a weightless consumer such as the q·k product of
+attention also sees zeros), prunes exactly those
 channels from the model itself through the engine's surgery, and compares both in float64.
 A wrong group (a missing member, a wrong index map, a wrong offset in a concat, a member that
 should not have been coupled) shows up as a mismatch or as a forward error.
@@ -87,7 +89,7 @@ def dead_channel_oracle(
             continue
         plan[group] = chosen
         for member in group.members:
-            if member.role != "in":
+            if member.role not in ("in", "out"):
                 continue
             tensor = getattr(zeroed.get_submodule(member.module), member.param)
             positions = np.flatnonzero(np.isin(member.index_map, chosen))

@@ -92,15 +92,19 @@ class ProducerL1(criteria.Criterion):
 
 
 def test_old_calls_match_graphprune_prune(vgg16_bn):
-    """Comparison chosen: the engine prunes every conv of vgg16_bn (filters, BN, next layer's kernels;
-    the last conv's consumer is classifier.0 behind a 7x7 avgpool + flatten) layer by layer; the same
-    chain is pruned by ``graphprune.prune`` one group at a time, restricted to that group with
-    ``ignored_layers`` (every other conv / BN / linear) and scored with the producer's own L1 (the
-    engine's one-member scoring). Same ratio, same filters: every tensor ends up bit-identical."""
+    """Comparison chosen: the engine prunes convs of vgg16_bn (filters, BN, the next layer's kernels)
+    layer by layer: features.0 and features.3 (the second is ranked after its inputs were pruned) and
+    the last two (features.40 feeds classifier.0 through a 7x7 avgpool + flatten, 49 columns per
+    channel). The same layers are pruned by ``graphprune.prune``, one call per layer in the same
+    order, each restricted to that layer's group with ``ignored_layers`` (every other conv / BN /
+    linear) and scored with the producer's own L1 (the engine's one-member scoring; the default "l1"
+    also averages in the BN and consumer weights, so it ranks differently). Same ratio: the same
+    filters go, and every tensor of the two models ends up bit-identical."""
     ratio = 0.3
     old, new = copy.deepcopy(vgg16_bn), copy.deepcopy(vgg16_bn)
     chain = _chain(old)
     assert len(chain) == 13
+    chain = chain[:2] + chain[-2:]  # consecutive convs, and the last one feeding classifier.0 (CPU time)
     x = torch.randn(1, 3, 32, 32)
     parametrised = [n for n, m in new.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear))]
 
@@ -121,12 +125,10 @@ def test_old_calls_match_graphprune_prune(vgg16_bn):
     for conv, bn, consumer in chain:
         before = new.get_submodule(conv).weight.detach().clone()
         ignored = [n for n in parametrised if n not in (conv, bn, consumer)]
-        report = graphprune.analyze(new, x, ignored_layers=ignored)
-        assert len(report.prunable_groups) == 1 and report.prunable_groups[0].root == conv
         graphprune.prune(new, ratio, x, criterion=ProducerL1(), ignored_layers=ignored)
         after = new.get_submodule(conv).weight.detach()
-        kept = [i for i in range(before.shape[0]) if any(torch.equal(before[i], row) for row in after)]
-        removed_new[conv] = sorted(set(range(before.shape[0])) - set(kept))
+        surviving = {row.numpy().tobytes() for row in after}
+        removed_new[conv] = [i for i in range(before.shape[0]) if before[i].numpy().tobytes() not in surviving]
 
     assert removed_old == removed_new
     for conv, _, _ in chain:

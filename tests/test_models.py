@@ -1,7 +1,7 @@
 """The engine on real architectures: the dead-channel oracle, then pruning at 0.3 and 0.5.
 
 Each model is built once (weights=None, seeded) and deep-copied per test; inputs are
-1x3x64x64 to keep the file fast on a small CPU.
+1x3x64x64 to keep the file fast on a small CPU (every model here accepts them).
 """
 from __future__ import annotations
 
@@ -28,9 +28,6 @@ MODELS = {
     "regnet_y_400mf": {},
     "convnext_tiny": {},
 }
-# Input sizes: 64x64 everywhere except ConvNeXt, whose float64 7x7 depthwise convs are slow;
-# at 32x32 its last stage still runs at 1x1.
-SIDE = {"convnext_tiny": 32}
 # Groups that must be exact: everywhere all of them, except ConvNeXt whose stage widths pass
 # through LayerNorm (approximate); its MLP hidden groups (one per block) must be exact.
 MIN_EXACT = {"convnext_tiny": 18}
@@ -41,8 +38,7 @@ def prototype(request):
     name = request.param
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None, **MODELS[name]).eval()
-    side = SIDE.get(name, 64)
-    inputs = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(1))
+    inputs = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     yield name, model, inputs
 
 

@@ -1,5 +1,6 @@
 """Capture a PyTorch model as an annotated networkx graph (torch.fx front-end)."""
 from .capture import LeafSpec, TraceError, capture
-from .graph import InputError, TensorSpec, build_graph, call_model, describe, trace
+from .fallback import trace
+from .graph import InputError, TensorSpec, build_graph, call_model, describe
 
 __all__ = ["LeafSpec", "TraceError", "InputError", "TensorSpec", "capture", "build_graph", "call_model", "describe", "trace"]

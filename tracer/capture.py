@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import os
 import traceback
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-LeafSpec = Union[str, type, nn.Module]
+LeafSpec = Union[str, type, nn.Module, Callable[[nn.Module, str], bool]]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -32,6 +32,7 @@ class _LeafAwareTracer(fx.Tracer):
         self._leaf_types = tuple(x for x in leaves if isinstance(x, type))
         self._leaf_names = {x for x in leaves if isinstance(x, str)}
         self._leaf_ids = {id(x) for x in leaves if isinstance(x, nn.Module)}
+        self._leaf_tests = [x for x in leaves if callable(x) and not isinstance(x, (type, nn.Module))]
         self.failed_module: Optional[str] = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -39,6 +40,7 @@ class _LeafAwareTracer(fx.Tracer):
             module_qualified_name in self._leaf_names
             or id(m) in self._leaf_ids
             or (self._leaf_types and isinstance(m, self._leaf_types))
+            or any(test(m, module_qualified_name) for test in self._leaf_tests)
         ):
             return True
         return super().is_leaf_module(m, module_qualified_name)
@@ -64,9 +66,9 @@ def check_leaf_names(model: nn.Module, leaf_modules: Iterable[LeafSpec]) -> None
     unknown = [x for x in leaf_modules if isinstance(x, str) and x not in names]
     if unknown:
         raise ValueError(f"leaf_modules names {unknown} are not submodules of {type(model).__name__}")
-    bad = [x for x in leaf_modules if not isinstance(x, (str, type, nn.Module))]
+    bad = [x for x in leaf_modules if not (isinstance(x, (str, type, nn.Module)) or callable(x))]
     if bad:
-        raise TypeError(f"leaf_modules entries must be module names, module classes or modules; got {bad!r}")
+        raise TypeError(f"leaf_modules entries must be module names, classes, modules or predicates; got {bad!r}")
 
 
 def capture(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.GraphModule:

@@ -12,14 +12,14 @@ Each graph node is one fx node and carries:
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import networkx as nx
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture import LeafSpec, capture
+from .capture import TraceError
 
 
 class TensorSpec(NamedTuple):
@@ -50,15 +50,21 @@ class _Recorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
         self.values: dict[str, Any] = {}
+        self.failed: Optional[fx.Node] = None
 
     def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
+        try:
+            result = super().run_node(n)
+        except Exception:
+            self.failed = self.failed or n
+            raise
         self.values[n.name] = describe(result)
         return result
 
 
 def positional_inputs(gm: fx.GraphModule, example_inputs: Any) -> tuple:
-    """Order ``example_inputs`` (tensor, tuple or kwargs dict) as the graph's placeholders."""
+    """Order ``example_inputs`` as the graph's placeholders: a tuple holds positional inputs,
+    a dict keyword inputs, anything else (a tensor, a list of images) is the one input."""
     if isinstance(example_inputs, Mapping):
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         unknown = set(example_inputs) - {p.target.lstrip("*") for p in placeholders}
@@ -74,8 +80,8 @@ def positional_inputs(gm: fx.GraphModule, example_inputs: Any) -> tuple:
             else:
                 raise InputError(f"example_inputs has no value for forward() argument '{name}'")
         return tuple(args)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
+    if isinstance(example_inputs, tuple):
+        return example_inputs
     return (example_inputs,)
 
 
@@ -83,7 +89,7 @@ def call_model(model: nn.Module, example_inputs: Any) -> Any:
     """Call ``model`` with ``example_inputs`` in the tensor / tuple / kwargs-dict convention."""
     if isinstance(example_inputs, Mapping):
         return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
+    if isinstance(example_inputs, tuple):
         return model(*example_inputs)
     return model(example_inputs)
 
@@ -101,7 +107,10 @@ def _target_name(node: fx.Node) -> str:
 
 
 def build_graph(model: nn.Module, gm: fx.GraphModule, example_inputs: Any) -> nx.DiGraph:
-    """Run ``gm`` on ``example_inputs`` (no grad) and return the annotated networkx graph."""
+    """Run ``gm`` on ``example_inputs`` (no grad) and return the annotated networkx graph.
+
+    Node keys are fx node names; every node has ``part == ""`` (see :mod:`tracer.fallback`).
+    """
     recorder = _Recorder(gm)
     args = positional_inputs(gm, example_inputs)
     try:
@@ -116,15 +125,21 @@ def build_graph(model: nn.Module, gm: fx.GraphModule, example_inputs: Any) -> nx
                 f"{type(model).__name__} raised {type(model_exc).__name__} on the example inputs: {model_exc}. "
                 "Pass example_inputs that the model accepts."
             ) from model_exc
-        raise RuntimeError(
-            f"the traced graph of {type(model).__name__} fails where the model itself runs "
-            f"({type(exc).__name__}: {exc}); mark the submodule involved with leaf_modules=[...]"
+        node = recorder.failed
+        module = (node.target if node.op == "call_module" else _scope(node)) if node is not None else None
+        where = f"node '{node.name}'" if node is not None else "unknown node"
+        raise TraceError(
+            f"the traced graph of {type(model).__name__} fails at {where} where the model itself runs "
+            f"({type(exc).__name__}: {exc}); mark the submodule involved with leaf_modules=[...]",
+            module_name=module or None,
+            location=where,
         ) from exc
 
-    graph = nx.DiGraph(model=model, graph_module=gm)
+    graph = nx.DiGraph(model=model, graph_module=gm, opaque={})
     for index, node in enumerate(gm.graph.nodes):
         attrs = dict(
             index=index,
+            part="",
             op=node.op,
             target=node.target,
             target_name=_target_name(node),
@@ -150,13 +165,3 @@ def _resolve_attr(model: nn.Module, target: str) -> Optional[torch.Tensor]:
             return None
         obj = getattr(obj, part)
     return obj if isinstance(obj, torch.Tensor) else None
-
-
-def trace(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[LeafSpec] = ()) -> nx.DiGraph:
-    """Capture ``model`` with torch.fx and return its annotated networkx graph.
-
-    ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of keyword inputs.
-    ``leaf_modules`` lists module names, classes or instances not to trace into.
-    """
-    gm = capture(model, leaf_modules)
-    return build_graph(model, gm, example_inputs)

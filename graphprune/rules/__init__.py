@@ -16,7 +16,7 @@ from torch import nn
 from tracer import TensorSpec
 
 from ..propagate import Propagation
-from . import attention, layers, pointwise, shape
+from . import attention, contraction, layers, pointwise, shape
 
 Rule = Callable
 
@@ -93,9 +93,18 @@ RULES: dict = {
     torch.cat: shape.cat, torch.concat: shape.cat, torch.concatenate: shape.cat, torch.stack: shape.stack,
     torch.split: shape.split, "split": shape.split, torch.chunk: shape.chunk, "chunk": shape.chunk,
     operator.getitem: shape.getitem,
+    operator.matmul: contraction.matmul, torch.matmul: contraction.matmul, torch.bmm: contraction.matmul,
+    "matmul": contraction.matmul, "bmm": contraction.matmul,
+    F.scaled_dot_product_attention: contraction.scaled_dot_product_attention,
+    torch.unbind: contraction.unbind, "unbind": contraction.unbind,
 }
 
 _BOUNDARIES = {"placeholder": pointwise.placeholder, "get_attr": pointwise.get_attr, "output": pointwise.output}
+
+
+def has_module_rule(module: nn.Module, qualname: str = "") -> bool:
+    """True for modules the table knows: graphprune keeps them as leaves when tracing."""
+    return _module_rule(module) is not None
 
 
 def _module_rule(module: nn.Module) -> Optional[Rule]:
@@ -119,12 +128,15 @@ def rule_for(state: Propagation, attrs: dict) -> tuple[Optional[Rule], Optional[
     if op in _BOUNDARIES:
         return _BOUNDARIES[op], None
     tensor_out = _has_tensor(attrs["value"])
-    if not tensor_out and not any(state.labels.get(n.name) is not None for n in node.all_input_nodes):
+    if not tensor_out and not any(state.labels_of(n) is not None for n in node.all_input_nodes):
         return pointwise.metadata, None
     if op == "call_module":
-        module = state.module(node.target)
+        module = state.module(attrs["module"])
         rule = _module_rule(module)
-        return (rule, None) if rule else (None, f"no rule for module {type(module).__name__} ('{node.target}')")
+        if rule:
+            return rule, None
+        why = state.graph.graph["opaque"].get(attrs["module"])
+        return None, f"'{attrs['module']}' ({type(module).__name__}) {why or 'has no rule'}"
     rule = RULES.get(node.target) if op == "call_method" or callable(node.target) else None
     if rule is pointwise.metadata and tensor_out:
         rule = None

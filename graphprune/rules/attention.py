@@ -18,7 +18,7 @@ def multihead_attention(state: Propagation, node: fx.Node):
     """``embed_dim`` is both the stream width and the q/k/v width, so stream channel ``c`` is
     internal channel ``c`` of q, k and v. Each head must keep the same ``head_dim``, so the
     ``d``-th channel of every head is one unit (removing it removes ``num_heads`` channels)."""
-    m: nn.MultiheadAttention = state.module(node.target)
+    m: nn.MultiheadAttention = state.module(state.qualname(node))
     q, k, v = (state.labels_of(_arg(node, i, name)) for i, name in enumerate(("query", "key", "value")))
     value = state.value(node)
     weights = state.fresh(value[1], f"{node.name} attention weights", "attention weights") if isinstance(value[1], TensorSpec) else None
@@ -40,7 +40,7 @@ def multihead_attention(state: Propagation, node: fx.Node):
     out_ids = state.param_ids(m.out_proj.weight, 0, "out")
     if m.out_proj.bias is not None:
         state.unify(out_ids, state.param_ids(m.out_proj.bias, 0, "out"))
-    name, heads = node.target, m.num_heads
+    name, heads = state.qualname(node), m.num_heads
     for attr in ("embed_dim", "kdim", "vdim"):
         state.attr(name, attr, stream, lambda _, kept: kept)
     state.attr(name, "head_dim", stream, lambda _, kept, h=heads: kept // h)

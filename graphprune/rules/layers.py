@@ -29,7 +29,7 @@ def _spatial_out(state: Propagation, node: fx.Node, x: tuple, n_spatial: int) ->
 
 
 def conv(state: Propagation, node: fx.Node):
-    m: nn.modules.conv._ConvNd = state.module(node.target)
+    m: nn.modules.conv._ConvNd = state.module(state.qualname(node))
     x, _, _ = _input(state, node)
     n_spatial = len(m.kernel_size)
     c = len(x) - n_spatial - 1
@@ -43,31 +43,31 @@ def conv(state: Propagation, node: fx.Node):
         # Grouped conv: a conv group is one unit, so its in and out blocks go together.
         if m.transposed:
             state.unify(in_ids, state.param_ids(m.weight, 0, "in"))
-            out_ids = state.space.new_set(m.out_channels, f"{node.target} out")
+            out_ids = state.space.new_set(m.out_channels, f"{state.qualname(node)} out")
         else:
             out_ids = state.param_ids(m.weight, 0, "out")
         tie_blocks(state, g, out_ids, in_ids)
         old_out, old_in = m.out_channels, m.in_channels
-        state.attr(node.target, "groups", out_ids, lambda _, kept, g=g, n=old_out: g * kept // n)
-        state.attr(node.target, "in_channels", out_ids, lambda _, kept, n=old_out, c=old_in: c * kept // n)
+        state.attr(state.qualname(node), "groups", out_ids, lambda _, kept, g=g, n=old_out: g * kept // n)
+        state.attr(state.qualname(node), "in_channels", out_ids, lambda _, kept, n=old_out, c=old_in: c * kept // n)
     if m.bias is not None:
         state.unify(out_ids, state.param_ids(m.bias, 0, "out"))
-    state.attr(node.target, "out_channels", out_ids, lambda _, kept: kept)
+    state.attr(state.qualname(node), "out_channels", out_ids, lambda _, kept: kept)
     if g == 1:
-        state.attr(node.target, "in_channels", in_ids, lambda _, kept: kept)
+        state.attr(state.qualname(node), "in_channels", in_ids, lambda _, kept: kept)
     spatial = _spatial_out(state, node, x, n_spatial)
     return spatial[:c] + (out_ids,) + spatial[c + 1 :]
 
 
 def linear(state: Propagation, node: fx.Node):
-    m: nn.Linear = state.module(node.target)
+    m: nn.Linear = state.module(state.qualname(node))
     x, _, _ = _input(state, node)
     state.unify(x[-1], state.param_ids(m.weight, 1, "in"))
     out_ids = state.param_ids(m.weight, 0, "out")
     if m.bias is not None:
         state.unify(out_ids, state.param_ids(m.bias, 0, "out"))
-    state.attr(node.target, "in_features", x[-1], lambda _, kept: kept)
-    state.attr(node.target, "out_features", out_ids, lambda _, kept: kept)
+    state.attr(state.qualname(node), "in_features", x[-1], lambda _, kept: kept)
+    state.attr(state.qualname(node), "out_features", out_ids, lambda _, kept: kept)
     return tuple(x[:-1]) + (out_ids,)
 
 
@@ -76,18 +76,18 @@ def _per_channel(state: Propagation, node: fx.Node, m: nn.Module, ids: np.ndarra
         tensor = getattr(m, attr, None)
         if tensor is not None and tensor.dim() == 1:
             state.unify(ids, state.param_ids(tensor, 0, role))
-    state.attr(node.target, count_attr, ids, lambda _, kept: kept)
+    state.attr(state.qualname(node), count_attr, ids, lambda _, kept: kept)
 
 
 def batch_norm(state: Propagation, node: fx.Node):
-    m = state.module(node.target)
+    m = state.module(state.qualname(node))
     x, _, _ = _input(state, node)
     _per_channel(state, node, m, x[1], "num_features")
     return x
 
 
 def instance_norm(state: Propagation, node: fx.Node):
-    m: nn.modules.instancenorm._InstanceNorm = state.module(node.target)
+    m: nn.modules.instancenorm._InstanceNorm = state.module(state.qualname(node))
     x, _, _ = _input(state, node)
     c = 0 if len(x) == m._get_no_batch_dim() else 1
     _per_channel(state, node, m, x[c], "num_features")
@@ -95,20 +95,20 @@ def instance_norm(state: Propagation, node: fx.Node):
 
 
 def group_norm(state: Propagation, node: fx.Node):
-    m: nn.GroupNorm = state.module(node.target)
+    m: nn.GroupNorm = state.module(state.qualname(node))
     x, _, _ = _input(state, node)
     ids = x[1]
     # Removing a whole norm group leaves the statistics of the other groups unchanged.
     tie_blocks(state, m.num_groups, ids)
     _per_channel(state, node, m, ids, "num_channels")
-    state.attr(node.target, "num_groups", ids, lambda _, kept, g=m.num_groups, n=m.num_channels: g * kept // n)
+    state.attr(state.qualname(node), "num_groups", ids, lambda _, kept, g=m.num_groups, n=m.num_channels: g * kept // n)
     return x
 
 
 def layer_norm(state: Propagation, node: fx.Node):
-    m: nn.LayerNorm = state.module(node.target)
+    m: nn.LayerNorm = state.module(state.qualname(node))
     x, _, _ = _input(state, node)
-    normalize_over(state, node.target, x, m.weight, m.bias, len(m.normalized_shape))
+    normalize_over(state, state.qualname(node), x, m.weight, m.bias, len(m.normalized_shape))
     return x
 
 
@@ -124,25 +124,25 @@ def normalize_over(state: Propagation, module: str, x: tuple, weight, bias, n_di
 
 
 def prelu(state: Propagation, node: fx.Node):
-    m: nn.PReLU = state.module(node.target)
+    m: nn.PReLU = state.module(state.qualname(node))
     x, _, _ = _input(state, node)
     if m.num_parameters > 1:
         c = 1 if len(x) >= 2 else 0
         state.unify(x[c], state.param_ids(m.weight, 0, "scale"))
-        state.attr(node.target, "num_parameters", x[c], lambda _, kept: kept)
+        state.attr(state.qualname(node), "num_parameters", x[c], lambda _, kept: kept)
     return x
 
 
 def embedding(state: Propagation, node: fx.Node):
-    m: nn.Embedding = state.module(node.target)
+    m: nn.Embedding = state.module(state.qualname(node))
     x, _, _ = _input(state, node)
     out_ids = state.param_ids(m.weight, 1, "out")
-    state.attr(node.target, "embedding_dim", out_ids, lambda _, kept: kept)
+    state.attr(state.qualname(node), "embedding_dim", out_ids, lambda _, kept: kept)
     return tuple(x) + (out_ids,)
 
 
 def pooling(state: Propagation, node: fx.Node):
-    m = state.module(node.target)
+    m = state.module(state.qualname(node))
     x, _, _ = _input(state, node)
     if getattr(m, "return_indices", False):
         state.block(x, f"{type(m).__name__} with return_indices")
@@ -158,7 +158,7 @@ def resample(state: Propagation, node: fx.Node):
 
 
 def softmax(state: Propagation, node: fx.Node):
-    m = state.module(node.target)
+    m = state.module(state.qualname(node))
     x, _, _ = _input(state, node)
     dim = m.dim if m.dim is not None else (0 if len(x) in (0, 1, 3) else 1)
     state.block(x[dim], f"{type(m).__name__} normalises over this dimension")
@@ -166,7 +166,7 @@ def softmax(state: Propagation, node: fx.Node):
 
 
 def flatten_module(state: Propagation, node: fx.Node):
-    m: nn.Flatten = state.module(node.target)
+    m: nn.Flatten = state.module(state.qualname(node))
     x, _, _ = _input(state, node)
     return merge_dims(state, node, x, m.start_dim, m.end_dim)
 

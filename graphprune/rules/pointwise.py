@@ -72,9 +72,9 @@ def layer_norm(state: Propagation, node: fx.Node):
     shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
     weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
     bias = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
-    owner = state.graph.nodes[node.name]["module"]
-    module = state.module(owner) if owner is not None else None
-    if module is None or tuple(getattr(module, "normalized_shape", ())) != tuple(shape):
+    owner = state.qualname(node)
+    module = state.module(owner)
+    if tuple(getattr(module, "normalized_shape", ())) != tuple(shape):
         state.block(x[-len(shape) :], f"{node.name}: layer_norm shape is not a module attribute")
         return x
     for param in (weight, bias):
@@ -91,18 +91,20 @@ def metadata(state: Propagation, node: fx.Node):
 
 
 def placeholder(state: Propagation, node: fx.Node):
-    return state.fresh(state.value(node), f"input {node.name}", "model input")
+    where = f"input of traced part '{state.part[:-1]}'" if state.part else "model input"
+    return state.fresh(state.value(node), f"input {node.name}", where)
 
 
 def get_attr(state: Propagation, node: fx.Node):
     """A parameter read directly (layer scale, class token...): each dim is a member."""
-    tensor = state.graph.nodes[node.name].get("tensor")
+    tensor = state.node_attrs(node).get("tensor")
     if tensor is None:
         return state.fresh(state.value(node), node.name, "constant created by the tracer")
     return tuple(state.param_ids(tensor, d, "param") for d in range(tensor.dim()))
 
 
 def output(state: Propagation, node: fx.Node):
+    where = f"leaves traced part '{state.part[:-1]}'" if state.part else "reaches output"
     for source in node.all_input_nodes:
-        state.block(state.labels_of(source), "reaches output")
+        state.block(state.labels_of(source), where)
     return None

@@ -120,11 +120,11 @@ def reshape_labels(state: Propagation, node: fx.Node, x: tuple, in_shape: tuple,
 def literal_size(state: Propagation, node: fx.Node, ids: np.ndarray, size: int, where: str) -> None:
     """A literal size on a dim carrying ids: follow it if it is the one int attribute of that
     value on the calling module (updated by surgery), otherwise block the dim."""
-    scope = state.graph.nodes[node.name]["module"]
-    module = state.module(scope or "")
+    scope = state.qualname(node)
+    module = state.module(scope)
     matches = [k for k, v in vars(module).items() if type(v) is int and v == size and not k.startswith("_")]
     if len(matches) == 1 and _carries_ids(state, ids):
-        state.attr(scope or "", matches[0], ids, lambda _, kept: kept)
+        state.attr(scope, matches[0], ids, lambda _, kept: kept)
     else:
         state.block(ids, f"{node.name} has a fixed size {size} {where}")
 

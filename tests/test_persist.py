@@ -1,0 +1,240 @@
+"""graphprune.save / graphprune.load: safetensors weights + a JSON pruning spec, no pickle."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import graphprune
+from graphprune import persist
+from graphprune.models import get_model
+
+safetensors_torch = pytest.importorskip("safetensors.torch")
+from safetensors import safe_open  # noqa: E402
+
+X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _snapshot(model: nn.Module) -> tuple:
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    attrs = {(n, a): getattr(m, a) for n, m in model.named_modules() for a in persist.ATTRIBUTES if hasattr(m, a)}
+    return state, attrs
+
+
+def _assert_unchanged(model: nn.Module, snapshot: tuple) -> None:
+    state, attrs = snapshot
+    now = model.state_dict()
+    assert list(now) == list(state)
+    for key, value in state.items():
+        assert now[key].shape == value.shape and torch.equal(now[key], value), key
+    assert {(n, a): getattr(m, a) for n, m in model.named_modules() for a in persist.ATTRIBUTES if hasattr(m, a)} == attrs
+
+
+def _pruned(name: str, ratio: float = 0.5) -> nn.Module:
+    torch.manual_seed(0)
+    model = get_model(name)
+    graphprune.prune(model, ratio, X[:1])
+    with torch.no_grad():  # non-trivial buffers, so that they are checked too
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model = _pruned("resnet20")
+    path = tmp_path_factory.mktemp("persist") / "resnet20.safetensors"
+    graphprune.save(model, path)
+    return model, path
+
+
+def _rewrite(src, dst, *, spec=None, text=None, digest=None, tensors=None):
+    """Copy a saved file with an edited spec (and, unless given, a matching checksum)."""
+    with safe_open(str(src), framework="pt") as f:
+        metadata = f.metadata()
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    if spec is not None:
+        text = json.dumps(spec)
+    text = metadata[persist.SPEC_KEY] if text is None else text
+    import hashlib
+
+    metadata = {persist.SPEC_KEY: text, persist.DIGEST_KEY: digest or hashlib.sha256(text.encode()).hexdigest()}
+    safetensors_torch.save_file(tensors if tensors is not None else stored, str(dst), metadata=metadata)
+    return dst
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vgg11_bn", "mobilenet_v2"])
+def test_round_trip_is_exact(tmp_path, name):
+    model = _pruned(name)
+    path = tmp_path / f"{name}.safetensors"
+    graphprune.save(model, path)
+    assert os.listdir(tmp_path) == [path.name]  # no temporary file left behind
+    fresh = get_model(name).eval()
+    assert graphprune.load(fresh, path) is fresh
+    with torch.no_grad():
+        assert torch.equal(fresh(X), model(X))
+    for (key, a), (_, b) in zip(fresh.state_dict().items(), model.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), key
+    for (name_a, a), (_, b) in zip(fresh.named_modules(), model.named_modules()):
+        for attr in persist.ATTRIBUTES:
+            assert getattr(a, attr, None) == getattr(b, attr, None), (name_a, attr)
+    assert all(isinstance(p, nn.Parameter) for p in fresh.parameters())
+
+
+def test_file_layout(saved):
+    model, path = saved
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        keys = set(f.keys())
+    spec = json.loads(metadata[persist.SPEC_KEY])
+    assert spec["format"] == persist.FORMAT and spec["version"] == persist.VERSION and spec["model"] == "CifarResNet"
+    assert keys == set(model.state_dict()) == set(spec["tensors"])
+    assert spec["tensors"]["conv1.weight"]["shape"] == list(model.conv1.weight.shape)
+    assert spec["modules"]["conv1"] == {"type": "Conv2d", "attributes": {"in_channels": 3, "out_channels": model.conv1.out_channels, "groups": 1}}
+    assert spec["modules"]["bn1"]["attributes"]["num_features"] == model.bn1.num_features < 16
+
+
+def test_load_does_not_unpickle(saved, monkeypatch):
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load must not unpickle")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    model, path = saved
+    fresh = graphprune.load(get_model("resnet20").eval(), path)
+    with torch.no_grad():
+        assert torch.equal(fresh(X), model(X))
+
+
+def _rejects(path, model=None, match=None):
+    model = model if model is not None else get_model("resnet20")
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        graphprune.load(model, path)
+    _assert_unchanged(model, snapshot)
+
+
+def test_wrong_model(saved):
+    _rejects(saved[1], get_model("resnet56"), match="does not fit")
+    _rejects(saved[1], get_model("vgg11_bn"), match="does not fit")
+
+
+def test_smaller_fresh_model_is_rejected(saved, tmp_path):
+    """A file whose tensors are larger than the fresh model's cannot come from pruning it."""
+    path = tmp_path / "big.safetensors"
+    graphprune.save(get_model("resnet20", num_classes=100), path)
+    _rejects(path, get_model("resnet20", num_classes=10), match="never larger")
+
+
+def test_truncated_file(saved, tmp_path):
+    data = saved[1].read_bytes()
+    for cut in (4, 100, len(data) // 2, len(data) - 1):
+        path = tmp_path / f"cut{cut}.safetensors"
+        path.write_bytes(data[:cut])
+        _rejects(path, match="truncated or corrupted")
+
+
+def test_garbage_and_foreign_files(tmp_path):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(os.urandom(1000))
+    _rejects(garbage)
+    foreign = tmp_path / "foreign.safetensors"
+    safetensors_torch.save_file(get_model("resnet20").state_dict(), str(foreign))
+    _rejects(foreign, match="no graphprune pruning spec")
+    with pytest.raises(FileNotFoundError):
+        graphprune.load(get_model("resnet20"), tmp_path / "missing.safetensors")
+
+
+def test_tampered_spec_bytes(saved, tmp_path):
+    """Editing the JSON in place (same length, still valid JSON) breaks its checksum."""
+    data = bytearray(saved[1].read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + header_len].decode()
+    needle = '\\"num_features\\":'
+    at = header.index(needle) + len(needle)
+    digit = header[at]
+    header = header[:at] + ("7" if digit != "7" else "6") + header[at + 1 :]
+    data[8 : 8 + header_len] = header.encode()
+    path = tmp_path / "tampered.safetensors"
+    path.write_bytes(bytes(data))
+    _rejects(path, match="checksum")
+
+
+def test_tampered_spec_with_matching_checksum(saved, tmp_path):
+    model, src = saved
+    with safe_open(str(src), framework="pt") as f:
+        spec = json.loads(f.metadata()[persist.SPEC_KEY])
+
+    bad_attr = json.loads(json.dumps(spec))
+    bad_attr["modules"]["layer1.0.conv1"]["attributes"]["out_channels"] += 1
+    _rejects(_rewrite(src, tmp_path / "attr.safetensors", spec=bad_attr), match="layer1.0.conv1")
+
+    bad_shape = json.loads(json.dumps(spec))
+    bad_shape["tensors"]["fc.weight"]["shape"][1] -= 1
+    _rejects(_rewrite(src, tmp_path / "shape.safetensors", spec=bad_shape), match="fc.weight")
+
+    bad_type = json.loads(json.dumps(spec))
+    bad_type["modules"]["bn1"]["type"] = "LayerNorm"
+    _rejects(_rewrite(src, tmp_path / "type.safetensors", spec=bad_type), match="bn1")
+
+    bad_value = json.loads(json.dumps(spec))
+    bad_value["modules"]["bn1"]["attributes"]["num_features"] = "12"
+    _rejects(_rewrite(src, tmp_path / "value.safetensors", spec=bad_value), match="bn1")
+
+    _rejects(_rewrite(src, tmp_path / "json.safetensors", text="{not json"), match="JSON")
+    _rejects(_rewrite(src, tmp_path / "version.safetensors", spec={**spec, "version": 99}), match="version")
+
+    missing = {k: v for k, v in model.state_dict().items() if k != "fc.bias"}
+    _rejects(_rewrite(src, tmp_path / "missing.safetensors", tensors=missing), match="stored tensors")
+
+
+def test_failure_while_applying_rolls_back(saved, monkeypatch):
+    real_plan = persist._plan
+
+    def plan_then_break(model, spec, stored, path):
+        values, changes = real_plan(model, spec, stored, path)
+        return values, changes + [(model.fc, "weight", "not a tensor")]  # setattr raises TypeError last
+
+    monkeypatch.setattr(persist, "_plan", plan_then_break)
+    _rejects(saved[1], match="restored")
+
+
+def test_tied_weights_and_other_layers(tmp_path):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 8)
+            self.norm = nn.LayerNorm(8)
+            self.group = nn.GroupNorm(2, 8)
+            self.head = nn.Linear(8, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, tokens):
+            h = self.norm(self.embed(tokens))
+            h = self.group(h.transpose(1, 2)).transpose(1, 2)
+            return self.head(h)
+
+    torch.manual_seed(0)
+    model = Tied().eval()
+    tokens = torch.randint(0, 10, (2, 5))
+    report = graphprune.analyze(model, tokens)
+    group = next(g for g in report.prunable_groups if "embed" in g.layers())
+    group.prune([0, 1, 4, 5] if group.size == 8 else [0])
+    assert model.embed.embedding_dim < 8
+    path = tmp_path / "tied.safetensors"
+    graphprune.save(model, path)
+    fresh = Tied().eval()
+    graphprune.load(fresh, path)
+    assert fresh.head.weight is fresh.embed.weight
+    assert fresh.norm.normalized_shape == model.norm.normalized_shape and isinstance(fresh.norm.normalized_shape, tuple)
+    assert (fresh.group.num_channels, fresh.group.num_groups) == (model.group.num_channels, model.group.num_groups)
+    with torch.no_grad():
+        assert torch.equal(fresh(tokens), model(tokens))

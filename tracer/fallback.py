@@ -1,0 +1,121 @@
+"""Fallback tracing for models that torch.fx cannot capture whole.
+
+1. A submodule whose forward cannot be traced becomes an opaque leaf, with every module of
+   its class, and tracing is retried.
+2. If the root's own forward cannot be traced (data-dependent control flow, as in detection
+   models), the model is run once to record what each child receives, and each child is
+   traced on its own inputs (recursively). The children's graphs are merged into one graph
+   whose node keys are prefixed with ``"<child name>/"``; that prefix is each node's ``part``.
+   Whatever flows into or out of a traced part crosses untraced code, so it is blocked.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Iterable
+
+import networkx as nx
+import torch
+from torch import nn
+
+from .capture import LeafSpec, TraceError, capture
+from .graph import build_graph, call_model
+
+_MAX_OPAQUE = 64
+
+
+def _trace_with_opaque_leaves(model: nn.Module, example_inputs: Any, leaf_modules: list) -> nx.DiGraph:
+    """Trace and run, turning each failing submodule into a leaf (listed in ``graph.graph["opaque"]``)."""
+    opaque: dict[str, str] = {}
+    while True:
+        try:
+            graph = build_graph(model, capture(model, leaf_modules + list(opaque)), example_inputs)
+            graph.graph["opaque"] = opaque
+            return graph
+        except TraceError as exc:
+            if exc.module_name is None or exc.module_name in opaque or len(opaque) >= _MAX_OPAQUE:
+                raise
+            # Modules of the failing class usually fail alike: make them all opaque at once.
+            failing = type(model.get_submodule(exc.module_name))
+            for name, module in model.named_modules():
+                if type(module) is failing and not any(name.startswith(o + ".") for o in opaque):
+                    opaque[name] = f"could not be traced ({exc.location})"
+
+
+def _child_inputs(model: nn.Module, example_inputs: Any) -> dict[str, list]:
+    """The (args, kwargs) every direct child was called with during one forward pass."""
+    calls: dict[str, list] = {}
+    handles = []
+    for name, child in model.named_children():
+        def record(module, args, kwargs, name=name):
+            calls.setdefault(name, []).append((args, kwargs))
+        handles.append(child.register_forward_pre_hook(record, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            call_model(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def _as_inputs(child: nn.Module, args: tuple, kwargs: dict) -> Any:
+    if not kwargs:
+        return args
+    return dict(inspect.signature(child.forward).bind(*args, **kwargs).arguments)
+
+
+def _merge(parts: list[tuple[str, nx.DiGraph]], model: nn.Module, opaque: dict) -> nx.DiGraph:
+    merged = nx.DiGraph(model=model, graph_module=None, opaque=opaque)
+    offset = 0
+    for prefix, graph in parts:
+        owner = prefix[:-1]
+        for key, attrs in graph.nodes(data=True):
+            attrs = dict(attrs)
+            attrs["index"] += offset
+            attrs["part"] = prefix + attrs["part"]
+            attrs["module"] = owner + "." + attrs["module"] if attrs["module"] else owner
+            merged.add_node(prefix + key, **attrs)
+        merged.add_edges_from((prefix + u, prefix + v) for u, v in graph.edges)
+        offset += graph.number_of_nodes()
+    return merged
+
+
+def trace(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[LeafSpec] = ()) -> nx.DiGraph:
+    """Capture ``model`` with torch.fx and return its annotated networkx graph, falling back
+    to opaque leaves and to per-child tracing where fx fails (see the module docstring).
+
+    ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of keyword inputs.
+    ``leaf_modules`` lists module names, classes, instances or predicates not to trace into.
+    The graph's ``opaque`` attribute maps every module treated as opaque to the reason.
+    """
+    leaf_modules = list(leaf_modules)
+    try:
+        return _trace_with_opaque_leaves(model, example_inputs, leaf_modules)
+    except TraceError as exc:
+        if exc.module_name is not None or not dict(model.named_children()):
+            raise
+        return _trace_children(model, example_inputs, leaf_modules, exc)
+
+
+def _trace_children(model: nn.Module, example_inputs: Any, leaf_modules: list, root_error: TraceError) -> nx.DiGraph:
+    parts, opaque = [], {"": f"its forward could not be traced ({root_error.location})"}
+    names = [x for x in leaf_modules if isinstance(x, str)]
+    others = [x for x in leaf_modules if not isinstance(x, str)]
+    for name, calls in _child_inputs(model, example_inputs).items():
+        child = model.get_submodule(name)
+        if len(calls) > 1:
+            opaque[name] = "called more than once by untraceable code"
+            continue
+        child_leaves = others + [n[len(name) + 1 :] for n in names if n.startswith(name + ".")]
+        if name in names:
+            continue
+        try:
+            graph = trace(child, _as_inputs(child, *calls[0]), child_leaves)
+        except Exception as exc:  # a child that cannot be captured stays opaque
+            opaque[name] = f"could not be traced ({type(exc).__name__})"
+            continue
+        opaque.update({f"{name}.{k}" if k else name: v for k, v in graph.graph["opaque"].items()})
+        parts.append((name + "/", graph))
+    if not parts:
+        raise root_error
+    return _merge(parts, model, opaque)
