@@ -22,6 +22,9 @@ an ``int`` or ``None``; unmatched groups are automatic. Automatic ``k`` is the v
 ``k_range`` (inclusive, default 2..10, capped at ``n - 1``) with the highest silhouette
 score; it is 1 when the group has fewer than 3 channels or all its filters coincide. The
 ``k`` used for each group id is kept in ``chosen_k``.
+
+PCA and KMeans run with ``threads`` BLAS/OpenMP threads (default 1: the problems are
+small, and extra threads mostly add contention).
 """
 from __future__ import annotations
 
@@ -92,7 +95,7 @@ class KMeansCriterion(Criterion):
     """Base of the K-means family; subclasses define the within-cluster :meth:`importance`."""
 
     def __init__(self, k: KSpec = None, *, seed: int = 0, variance: float = 0.8,
-                 k_range: tuple = (2, 10), n_init: int = 10):
+                 k_range: tuple = (2, 10), n_init: int = 10, threads: Optional[int] = 1):
         if isinstance(k, Mapping):
             for key, value in k.items():
                 if isinstance(key, bool) or not isinstance(key, (str, numbers.Integral)):
@@ -113,6 +116,7 @@ class KMeansCriterion(Criterion):
         self.variance = float(variance) if variance < 1 else None
         self.k_range = (int(k_range[0]), int(k_range[1]))
         self.n_init = int(n_init)
+        self.threads = threads
         self.chosen_k: dict = {}
 
     def __repr__(self) -> str:
@@ -169,7 +173,10 @@ class KMeansCriterion(Criterion):
         raise NotImplementedError
 
     def scores(self, group) -> np.ndarray:
-        labels, centroids, points = self.cluster(group)
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=self.threads):
+            labels, centroids, points = self.cluster(group)
         importance = np.asarray(self.importance(group, labels, centroids, points), dtype=np.float64)
         return removal_ranks(labels, importance)
 
@@ -201,8 +208,8 @@ class KTaylor(KMeansCriterion):
 
     def __init__(self, data_loader, loss_fn=None, max_batches: Optional[int] = None, device=None, *,
                  k: KSpec = None, seed: int = 0, variance: float = 0.8, k_range: tuple = (2, 10),
-                 n_init: int = 10, progress: bool = True):
-        super().__init__(k, seed=seed, variance=variance, k_range=k_range, n_init=n_init)
+                 n_init: int = 10, threads: Optional[int] = 1, progress: bool = True):
+        super().__init__(k, seed=seed, variance=variance, k_range=k_range, n_init=n_init, threads=threads)
         self.taylor = Taylor(data_loader, loss_fn, max_batches, device, progress=progress)
 
     def prepare(self, model, report) -> None:

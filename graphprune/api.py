@@ -132,6 +132,7 @@ def _run_analysis(model, example_inputs, leaf_modules, ignored_layers) -> tuple[
     _check_model(model)
     ignored = _layer_names(model, ignored_layers, "ignored_layers")
     inputs, inferred = resolve_example_inputs(model, example_inputs)
+    _check_devices(model, inputs)
     description = "inferred " + _describe_inputs(inputs) if inferred else _describe_inputs(inputs)
     try:
         return _Analysis(model, inputs, description, leaf_modules, ignored), inputs
@@ -139,6 +140,29 @@ def _run_analysis(model, example_inputs, leaf_modules, ignored_layers) -> tuple[
         if inferred:
             raise ValueError(f"{exc} The inferred input was {_describe_inputs(inputs)}; pass example_inputs.") from exc
         raise ValueError(str(exc)) from exc
+
+
+def _input_tensors(inputs: Any) -> list:
+    if isinstance(inputs, torch.Tensor):
+        return [inputs]
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, (tuple, list)) else []
+    return [t for v in values for t in _input_tensors(v)]
+
+
+def _check_devices(model: nn.Module, inputs: Any) -> None:
+    """Meta-device models hold no values to rank; inputs must live on the model's device."""
+    devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
+    if any(d.type == "meta" for d in devices):
+        raise ValueError(
+            f"{type(model).__name__} has parameters on the meta device, which hold no values; "
+            "materialise it first (model.to_empty(device=...) and load its weights)"
+        )
+    input_devices = {t.device for t in _input_tensors(inputs)}
+    if len(devices) == 1 and input_devices and input_devices != devices:
+        raise ValueError(
+            f"example_inputs are on {', '.join(sorted(map(str, input_devices)))} but the model is on "
+            f"{next(iter(devices))}; move them to the model's device"
+        )
 
 
 def _describe_inputs(inputs: Any) -> str:

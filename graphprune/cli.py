@@ -94,9 +94,31 @@ def _shape(text: str) -> tuple:
 
 
 def _criteria() -> list:
+    """Criteria that can be built from a name alone (those that need training data cannot)."""
     from criteria import CRITERIA
 
-    return sorted(CRITERIA)
+    return sorted(name for name, cls in CRITERIA.items() if not getattr(cls, "requires_data", False))
+
+
+def _data_criteria_note() -> str:
+    from criteria import CRITERIA
+
+    needing = sorted(set(CRITERIA) - set(_criteria()))
+    return f"{', '.join(needing)} need training data and are only available from Python" if needing else ""
+
+
+def _criterion(text: str) -> str:
+    from criteria import CRITERIA
+
+    name = text.lower()
+    if name in CRITERIA and name not in _criteria():
+        raise argparse.ArgumentTypeError(
+            f"criterion {text!r} needs training data, which the command line cannot supply; "
+            f"choose one of {', '.join(_criteria())}"
+        )
+    if name not in CRITERIA:
+        raise argparse.ArgumentTypeError(f"unknown criterion {text!r}; choose one of {', '.join(_criteria())}")
+    return name
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -136,8 +158,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument("--ratio", type=_ratio, required=True, help="fraction of each group's channels to remove, in [0, 1)")
     prune.add_argument(
-        "--criterion", type=str.lower, default="l1", choices=_criteria(),
-        help="channel importance criterion (default: l1)",
+        "--criterion", type=_criterion, default="l1", metavar="{" + ",".join(_criteria()) + "}",
+        help="channel importance criterion (default: l1); " + _data_criteria_note(),
     )
     prune.add_argument(
         "--output", "-o", metavar="FILE",

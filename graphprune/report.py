@@ -56,7 +56,7 @@ class Report:
         header = ("id", "root layer", "channels", "members", "status", "params")
         lines = [
             (str(r["group"]), _shorten(r["root"], 32), str(r["channels"]),
-             _shorten(f"{r['members']}: " + ", ".join(r["layers"]), 48), _shorten(r["status"], 60), f"{100 * r['param_share']:.1f}%")
+             _shorten(f"{r['members']}: " + ", ".join(name or "<root>" for name in r["layers"]), 48), _shorten(r["status"], 60), f"{100 * r['param_share']:.1f}%")
             for r in self.rows()
         ]
         widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]

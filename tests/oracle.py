@@ -2,12 +2,16 @@
 
 A channel that no consumer reads is dead: removing it (from its producers, norms, scales and
 consumers alike) must leave every output unchanged. The oracle makes random channels dead in a
-copy of the model by zeroing the consumer ("in") weights that read them and the producer
-("out") rows that write them (so that a weightless consumer such as the q·k product of
-attention also sees zeros), prunes exactly those
-channels from the model itself through the engine's surgery, and compares both in float64.
-A wrong group (a missing member, a wrong index map, a wrong offset in a concat, a member that
-should not have been coupled) shows up as a mismatch or as a forward error.
+copy of the model by zeroing the consumer ("in") weights that read them and, by default, the
+producer ("out") rows that write them (so that a weightless consumer such as the q·k product
+of attention also sees zeros), prunes exactly those channels from the model itself through the
+engine's surgery, and compares both in float64. A wrong group (a wrong index map, a wrong
+offset in a concat, a member that should not have been coupled) shows up as a mismatch or as
+a forward error.
+
+With ``zero_producers=False`` only consumers are zeroed. That stricter form also catches a
+consumer missing from its group (its columns stay live in the copy but are cut from the model);
+use it on models whose channels are only read by weighted layers (no attention products).
 """
 from __future__ import annotations
 
@@ -67,11 +71,13 @@ def dead_channel_oracle(
     max_groups: Optional[int] = None,
     rtol: float = 1e-4,
     atol: float = 1e-5,
+    zero_producers: bool = True,
 ) -> dict:
     """Run the oracle on ``model`` (converted to float64 and eval mode, then pruned in place).
 
-    Zeroes the consumers of random channels of random exact groups in a deep copy, prunes
-    exactly those channels from ``model`` and compares outputs. Returns a summary dict and
+    Zeroes the consumers (and with ``zero_producers`` the producers) of random channels of
+    random exact groups in a deep copy, prunes exactly those channels from ``model`` and
+    compares outputs. Returns a summary dict and
     raises AssertionError on a mismatch (or whatever the pruned model raises in forward).
     """
     rng = np.random.default_rng(seed)
@@ -89,7 +95,7 @@ def dead_channel_oracle(
             continue
         plan[group] = chosen
         for member in group.members:
-            if member.role not in ("in", "out"):
+            if member.role != "in" and not (zero_producers and member.role == "out"):
                 continue
             tensor = getattr(zeroed.get_submodule(member.module), member.param)
             positions = np.flatnonzero(np.isin(member.index_map, chosen))

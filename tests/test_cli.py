@@ -114,6 +114,7 @@ def test_analyze_json(capsys):
         (["prune", *SMALL, "--ratio", "half"], "ratio must be a number"),
         (["prune", *SMALL], "--ratio"),
         (["prune", *SMALL, "--ratio", "0.5", "--criterion", "nope"], "--criterion"),
+        (["prune", *SMALL, "--ratio", "0.5", "--criterion", "taylor"], "needs training data"),
         (["analyze", "resnet18", "--input-shape", "1,3,x"], "input shape"),
         (["analyze", "resnet18", "--input-shape", "1,0,64,64"], "input shape"),
         (["analyze", "resnet18", "--input-shape", "1,1,64,64", "--quiet"], "does not accept"),
@@ -137,6 +138,22 @@ def test_rejected_input_shape_ends_with_one_error_line_after_progress(capsys):
     assert [line for line in lines if "error" in line] == lines[-1:]
     assert "expected input[1, 1, 64, 64] to have 3 channels" in lines[-1]
     assert not any("Traceback" in line for line in lines)
+
+
+def test_pruning_failure_exits_1_with_one_line(capsys, monkeypatch):
+    import graphprune.api
+
+    def failing_prune(*args, **kwargs):
+        raise graphprune.PruningError("pruning failed and the model was restored:\n  details on a second line")
+
+    monkeypatch.setattr(graphprune.api, "prune", failing_prune)
+    assert main(["prune", *SMALL, "--ratio", "0.5", "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert _stderr_lines(captured.err) == [
+        "graphprune prune: error: PruningError: pruning failed and the model was restored: details on a second line "
+        "(--traceback for details)"
+    ]
 
 
 def test_help_explains_the_saved_format(capsys):

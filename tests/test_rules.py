@@ -41,7 +41,9 @@ def maps(group: graphprune.Group) -> dict:
 
 
 def run_oracle(model: nn.Module, inputs, groups: int) -> dict:
-    summary = dead_channel_oracle(model, inputs, seed=0)
+    # Consumers only: also catches a consumer missing from its group (none of these models
+    # has a weightless consumer such as an attention product).
+    summary = dead_channel_oracle(model, inputs, seed=0, zero_producers=False)
     assert summary["groups_tested"] == groups
     assert summary["params_after"] < summary["params_before"]
     return summary
@@ -98,10 +100,10 @@ def test_concat_explicit_channels_land_in_the_right_producer():
     model = Concat().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     report = graphprune.analyze(model, X16)
-    group_of(report, "c.weight", 1).prune([1, 5, 9])  # one of a's, two of b's
+    group_of(report, "c.weight", 1).prune([1, 5, 9])  # a's channel 1, b's channels 1 and 5
     assert torch.equal(model.a.weight, before["a.weight"][[0, 2, 3]])
-    assert torch.equal(model.b.weight, before["b.weight"][[1, 2, 3, 4]])
-    assert torch.equal(model.b.bias, before["b.bias"][[1, 2, 3, 4]])
+    assert torch.equal(model.b.weight, before["b.weight"][[0, 2, 3, 4]])
+    assert torch.equal(model.b.bias, before["b.bias"][[0, 2, 3, 4]])
     assert torch.equal(model.c.weight, before["c.weight"][:, [0, 2, 3, 4, 6, 7, 8]])
     assert (model.a.out_channels, model.b.out_channels, model.c.in_channels) == (3, 4, 7)
     assert model(X16).shape == (1, 2, 16, 16)
@@ -563,8 +565,9 @@ def test_oracle_catches_surgery_that_keeps_the_wrong_channels(monkeypatch):
         shrink(self, tensor, dim, np.arange(len(keep)))
 
     monkeypatch.setattr(graphprune.surgery._Transaction, "shrink", keep_leading)
-    with pytest.raises(AssertionError, match="dead-channel oracle failed"):
-        dead_channel_oracle(Residual().eval(), X16, seed=0)
+    for zero_producers in (True, False):
+        with pytest.raises(AssertionError, match="dead-channel oracle failed"):
+            dead_channel_oracle(Residual().eval(), X16, seed=0, zero_producers=zero_producers)
 
 
 def test_oracle_catches_a_consumer_missing_from_its_group(monkeypatch):
@@ -578,4 +581,4 @@ def test_oracle_catches_a_consumer_missing_from_its_group(monkeypatch):
 
     monkeypatch.setattr(graphprune.api, "build_groups", drop_head)
     with pytest.raises(AssertionError, match="dead-channel oracle failed"):
-        dead_channel_oracle(Residual().eval(), X16, seed=0)
+        dead_channel_oracle(Residual().eval(), X16, seed=0, zero_producers=False)

@@ -1,0 +1,261 @@
+"""Planning: per-layer ratios, global ranking, rounding, iterative steps and budgets."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import criteria
+import graphprune
+from graphprune.budget import BudgetWarning, PruneResult, kept_fraction, step_ratio
+from graphprune.measure import count_flops, count_parameters
+from graphprune.planner import plan_removal, removal_counts, round_count, score_groups
+
+X64 = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+class Net(nn.Module):
+    """A small CNN with a residual add, so that one group spans several layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.block1 = nn.Conv2d(16, 32, 3, padding=1)
+        self.block2 = nn.Conv2d(32, 16, 3, padding=1)
+        self.head = nn.Conv2d(16, 24, 1)
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = x + self.block2(torch.relu(self.block1(x)))
+        return self.fc(torch.relu(self.head(x)).mean((2, 3)))
+
+
+def sizes_by_root(model, inputs):
+    return {g.root: g.size for g in graphprune.analyze(model, inputs).prunable_groups}
+
+
+X8 = torch.randn(1, 3, 8, 8)
+
+
+# ----- per-layer ratios
+def test_ratio_mapping_by_name_and_glob():
+    model = Net()
+    before = sizes_by_root(model, X8)
+    assert before == {"stem": 16, "block1": 32, "head": 24}
+    graphprune.prune(model, {"block1": 0.5, "stem": 0.25, "b*": 0.75}, X8)
+    assert sizes_by_root(model, X8) == {"stem": 12, "block1": 16, "head": 24}  # exact names beat the glob
+    model = Net()
+    graphprune.prune(model, {"block*": 0.5}, X8)  # block2 is a producer of the stem group
+    assert sizes_by_root(model, X8) == {"stem": 8, "block1": 16, "head": 24}
+
+
+def test_ratio_mapping_validation():
+    with pytest.raises(ValueError, match=r"name no submodule of Net: \['nope\*'\]"):
+        graphprune.prune(Net(), {"stem": 0.5, "nope*": 0.5}, X8)
+    with pytest.raises(ValueError, match=r"ratio\['stem'\]: ratio must lie in \[0, 1\)"):
+        graphprune.prune(Net(), {"stem": 1.0}, X8)
+    with pytest.raises(TypeError, match="keys must be module names"):
+        graphprune.prune(Net(), {3: 0.5}, X8)
+    with pytest.raises(ValueError, match="mapping is empty"):
+        graphprune.prune(Net(), {}, X8)
+    with pytest.raises(ValueError, match="global_ranking needs a single float"):
+        graphprune.prune(Net(), {"stem": 0.5}, X8, global_ranking=True)
+
+
+def test_planning_argument_validation():
+    with pytest.raises(ValueError, match="needs a ratio or a budget"):
+        graphprune.prune(Net(), example_inputs=X8)
+    with pytest.raises(ValueError, match="either ratio or target_flops"):
+        graphprune.prune(Net(), 0.5, X8, target_flops=0.5)
+    with pytest.raises(ValueError, match="at most one budget"):
+        graphprune.prune(Net(), None, X8, target_flops=0.5, target_params=0.5)
+    with pytest.raises(ValueError, match=r"target_params must lie in \(0, 1\]"):
+        graphprune.prune(Net(), None, X8, target_params=0.0)
+    with pytest.raises(TypeError, match="round_to must be an integer"):
+        graphprune.prune(Net(), 0.5, X8, round_to=2.0)
+    with pytest.raises(ValueError, match="round_to must be at least 1"):
+        graphprune.prune(Net(), 0.5, X8, round_to=0)
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        graphprune.prune(Net(), 0.5, X8, steps=0)
+    with pytest.raises(ValueError, match=r"max_ratio must lie in \(0, 1\)"):
+        graphprune.prune(Net(), 0.5, X8, global_ranking=True, max_ratio=1.0)
+    with pytest.raises(ValueError, match="schedule must be"):
+        graphprune.prune(Net(), 0.5, X8, steps=2, schedule="cosine")
+    with pytest.raises(TypeError, match="global_ranking must be True or False"):
+        graphprune.prune(Net(), 0.5, X8, global_ranking=1)
+
+
+# ----- round_to
+def test_round_count():
+    assert round_count(64, 20, 8, 63) == 24  # keeps 40
+    assert round_count(64, 19, 8, 63) == 16  # 45 kept rounds to 48
+    assert round_count(10, 3, 8, 9) == 2  # keeps 8
+    assert round_count(6, 3, 8, 5) == 0  # smaller than round_to: left alone
+    assert round_count(64, 63, 8, 63) == 56  # keeps at least one multiple
+    assert round_count(64, 40, 8, 20) == 16  # never past the cap (keep 48, not 24)
+
+
+@pytest.mark.parametrize("global_ranking", [False, True])
+def test_round_to_gives_multiples(global_ranking):
+    model = torchvision.models.resnet18()
+    graphprune.prune(model, 0.37, X64, round_to=8, global_ranking=global_ranking)
+    sizes = sizes_by_root(model, X64)
+    assert all(size % 8 == 0 for size in sizes.values()), sizes
+    assert sum(sizes.values()) < 0.75 * 2 * (64 * 3 + 128 * 3 + 256 * 3 + 512 * 3) / 2
+
+
+# ----- global ranking
+def test_global_ranking_respects_max_ratio_and_never_empties_a_group():
+    report = graphprune.analyze(torchvision.models.resnet18(), X64)
+    scores = score_groups(report.groups, criteria.L1())
+    unlucky = report.prunable_groups[3]
+    scores[unlucky] = np.full(unlucky.size, 1e-9)  # every channel of one group looks useless
+    scores[unlucky][0] = 1.0
+    plan = plan_removal(report.groups, 0.5, scores=scores, global_ranking=True, max_ratio=0.6)
+    assert len(plan[unlucky]) == math.floor(0.6 * unlucky.size)
+    total = sum(g.size for g in report.prunable_groups)
+    assert sum(len(v) for v in plan.values()) == math.floor(0.5 * total)
+    for group, removed in plan.items():
+        assert len(removed) <= math.floor(0.6 * group.size) and len(removed) < group.size
+    # the highest ratio allowed: still no group emptied, every member keeps a channel
+    plan = plan_removal(report.groups, 0.99, scores=scores, global_ranking=True, max_ratio=0.99)
+    for group, removed in plan.items():
+        assert len(removed) < group.size
+        for m in group.members:
+            assert not np.isin(m.index_map, removed).all()
+
+
+def test_global_ranking_differs_from_uniform_and_prunes():
+    model = torchvision.models.resnet18()
+    before = sizes_by_root(model, X64)
+    result = graphprune.prune(model, 0.4, X64, global_ranking=True, max_ratio=0.7, return_result=True)
+    after = sizes_by_root(model, X64)
+    removed = {root: before[root] - after[root] for root in before}
+    assert sum(removed.values()) == math.floor(0.4 * sum(before.values()))
+    assert all(removed[r] <= math.floor(0.7 * before[r]) for r in before)
+    assert len({round(removed[r] / before[r], 2) for r in before}) > 1  # not uniform
+    assert result.after["params"] < result.before["params"]
+
+
+def test_removal_counts_uniform_and_mapping():
+    report = graphprune.analyze(Net(), X8)
+    scores = score_groups(report.groups, criteria.L1())
+    counts = {g.root: c for g, c in removal_counts(scores, 0.3).items()}
+    assert counts == {"stem": 4, "block1": 9, "head": 7}
+    counts = {g.root: c for g, c in removal_counts(scores, {"head": 0.5}).items()}
+    assert counts == {"head": 12}
+
+
+# ----- iterative pruning
+class CountingL1(criteria.L1):
+    def __init__(self):
+        super().__init__()
+        self.prepared = []
+
+    def prepare(self, model, report):
+        self.prepared.append(sum(g.size for g in report.prunable_groups))
+
+
+def test_schedules():
+    assert kept_fraction(0.4, 1, 3, "linear") == pytest.approx(0.8)
+    assert kept_fraction(0.4, 2, 3, "geometric") == pytest.approx(0.4 ** (2 / 3))
+    assert kept_fraction(0.4, 1, 2, lambda step, steps: 0.25) == pytest.approx(0.85)
+    ratios = [step_ratio(0.5, s, 4, "linear") for s in range(1, 5)]
+    assert np.prod([1 - r for r in ratios]) == pytest.approx(0.5)
+    assert len({round(step_ratio(0.5, s, 3, "geometric"), 9) for s in range(1, 4)}) == 1
+
+
+def test_iterative_steps_reanalyse_and_rescore():
+    model = Net()
+    criterion = CountingL1()
+    result = graphprune.prune(model, 0.5, X8, criterion=criterion, steps=3, return_result=True)
+    assert len(criterion.prepared) == 3
+    assert criterion.prepared[0] > criterion.prepared[1] > criterion.prepared[2]  # re-analysed pruned model
+    assert [s.step for s in result.steps] == [1, 2, 3]
+    sizes = sizes_by_root(model, X8)
+    # close to one-shot 50% (per-step flooring keeps a few more channels)
+    assert sizes["stem"] in (8, 9, 10) and sizes["block1"] in (16, 17, 18) and sizes["head"] in (12, 13, 14)
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 5)
+
+
+def test_failed_step_restores_the_model():
+    model = Net()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    class FailSecond(criteria.L1):
+        calls = 0
+
+        def prepare(self, model, report):
+            FailSecond.calls += 1
+            if FailSecond.calls == 2:
+                raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        graphprune.prune(model, 0.5, X8, criterion=FailSecond(), steps=2)
+    assert model.stem.out_channels == 16 and model.block1.out_channels == 32
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+# ----- budgets
+def within(achieved, target, tolerance=0.02):
+    return abs(achieved - target) <= tolerance * target
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+@pytest.mark.parametrize("metric", ["flops", "params"])
+def test_budget_reached_within_two_percent(arch, metric):
+    model = getattr(torchvision.models, arch)()
+    flops, params = count_flops(model, X64), count_parameters(model)
+    result = graphprune.prune(model, example_inputs=X64, return_result=True, **{f"target_{metric}": 0.5})
+    assert isinstance(result, PruneResult) and result.model is model
+    measured = count_flops(model, X64) / flops if metric == "flops" else count_parameters(model) / params
+    assert within(measured, 0.5), measured
+    assert result.achieved == pytest.approx(measured) and result.within_tolerance
+    assert result.metric == metric and result.target == 0.5
+    assert result.before == {"flops": flops, "params": params}
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_latency_budget_reached_within_two_percent(arch):
+    model = getattr(torchvision.models, arch)()
+    reference = getattr(torchvision.models, arch)()
+    reference.load_state_dict(model.state_dict())
+    result = graphprune.prune(model, example_inputs=X64, target_latency=0.6, return_result=True)
+    assert within(result.achieved, 0.6), result.achieved
+    assert result.within_tolerance and result.steps[0].ratio > 0
+    assert result.after["flops"] < result.before["flops"]
+    # an independent (noisy: the machine is shared) check that the model did get faster
+    fresh = graphprune.budget.latency_ratio(reference.eval(), model.eval(), X64, repeats=10)
+    assert fresh < 0.85
+
+
+def test_budget_with_global_ranking_and_steps():
+    model = torchvision.models.resnet18()
+    flops = count_flops(model, X64)
+    result = graphprune.prune(model, example_inputs=X64, target_flops=0.4, global_ranking=True, max_ratio=0.8,
+                              steps=2, return_result=True)
+    assert within(count_flops(model, X64) / flops, 0.4)
+    assert len(result.steps) == 2 and result.steps[0].achieved == pytest.approx(0.7, rel=0.02)
+
+
+def test_unreachable_budget_warns_and_keeps_the_closest():
+    model = Net()
+    with pytest.warns(BudgetWarning, match="outside the 2% tolerance"):
+        result = graphprune.prune(model, example_inputs=X8, target_params=0.01, max_ratio=0.5, return_result=True)
+    assert not result.within_tolerance and result.achieved > 0.01
+    assert sizes_by_root(model, X8) == {"stem": 8, "block1": 16, "head": 12}
+
+
+def test_prune_returns_the_model_by_default():
+    model = Net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert graphprune.prune(model, example_inputs=X8, target_flops=0.7) is model
