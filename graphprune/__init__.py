@@ -17,6 +17,11 @@ from .engine import PruningEngine
 from .persist import load, save
 from . import models
 from .surgery import PruningError
+from . import data, distributed, visualize
+from .distributed import SyncedCriterion, all_reduce_scores, sync_criterion
+from .finetune import evaluate, finetune, prune_schedule
+from .sensitivity import SensitivityResult, sensitivity
+from .compare import Comparison, report  # after ``from .report import Report``: the name now means the function
 
 __version__ = "0.1.0"
 
@@ -24,4 +29,6 @@ __all__ = [
     "analyze", "prune", "plan_removal", "Report", "Group", "Member", "PruningError", "TraceError", "InputError",
     "InferredInputWarning", "infer_example_inputs", "count_parameters", "count_flops", "measure_latency",
     "PruningEngine", "save", "load", "models", "__version__",
+    "finetune", "evaluate", "prune_schedule", "sync_criterion", "SyncedCriterion", "all_reduce_scores",
+    "sensitivity", "SensitivityResult", "report", "Comparison", "data", "distributed", "visualize",
 ]

@@ -115,9 +115,9 @@ def _annotate_channels(state: Propagation, roots: np.ndarray, groups: list[Group
 class _Analysis:
     """Everything one analysis produced: report, surgery and the expected output shapes."""
 
-    def __init__(self, model: nn.Module, example_inputs: Any, description: str, leaf_modules, ignored: set[str]):
+    def __init__(self, model: nn.Module, example_inputs: Any, description: str, leaf_modules, ignored: set[str], prune_heads: bool):
         graph = tracer.trace(model, example_inputs, traced_leaves(leaf_modules))
-        state = propagate(graph)
+        state = propagate(graph, prune_heads)
         roots = state.space.all_roots()
         groups = build_groups(state, roots)
         _ignore(groups, ignored)
@@ -128,14 +128,16 @@ class _Analysis:
         self.report = Report(type(model).__name__, groups, graph, description)
 
 
-def _run_analysis(model, example_inputs, leaf_modules, ignored_layers) -> tuple[_Analysis, Any]:
+def _run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads=False) -> tuple[_Analysis, Any]:
     _check_model(model)
+    if not isinstance(prune_heads, bool):
+        raise TypeError(f"prune_heads must be True or False, got {type(prune_heads).__name__}")
     ignored = _layer_names(model, ignored_layers, "ignored_layers")
     inputs, inferred = resolve_example_inputs(model, example_inputs)
     _check_devices(model, inputs)
     description = "inferred " + _describe_inputs(inputs) if inferred else _describe_inputs(inputs)
     try:
-        return _Analysis(model, inputs, description, leaf_modules, ignored), inputs
+        return _Analysis(model, inputs, description, leaf_modules, ignored, prune_heads), inputs
     except tracer.InputError as exc:
         if inferred:
             raise ValueError(f"{exc} The inferred input was {_describe_inputs(inputs)}; pass example_inputs.") from exc
@@ -181,6 +183,7 @@ def analyze(
     *,
     leaf_modules: Iterable[tracer.LeafSpec] = (),
     ignored_layers: Iterable[LayerRef] = (),
+    prune_heads: bool = False,
 ) -> Report:
     """Trace ``model`` and report every coupled channel group.
 
@@ -188,10 +191,12 @@ def analyze(
     inputs; when omitted a plausible input is built (see :func:`infer_example_inputs`).
     ``leaf_modules`` (names, classes or modules) are not traced into; their channels are
     blocked unless a rule knows them. ``ignored_layers`` marks groups that touch those
-    modules as blocked. The model is not modified; its train/eval flags are restored.
+    modules as blocked. With ``prune_heads`` attention heads are whole channels (``num_heads``
+    shrinks); by default every head keeps the same width and ``head_dim`` shrinks. The model
+    is not modified; its train/eval flags are restored.
     """
     with eval_mode(model):
-        analysis, _ = _run_analysis(model, example_inputs, leaf_modules, ignored_layers)
+        analysis, _ = _run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads)
     return analysis.report
 
 
@@ -304,6 +309,7 @@ def prune(
     inplace: bool = True,
     leaf_modules: Iterable[tracer.LeafSpec] = (),
     verify: bool = True,
+    prune_heads: bool = False,
     global_ranking: bool = False,
     max_ratio: Optional[float] = None,
     round_to: Optional[int] = None,
@@ -359,7 +365,7 @@ def prune(
     if not inplace:
         model = copy.deepcopy(model)
     with eval_mode(model):
-        analysis, inputs = _run_analysis(model, example_inputs, leaf_modules, ignored_layers)
+        analysis, inputs = _run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads)
         report = analysis.report
         if not report.prunable_groups:
             warnings.warn(f"{report.model_name} has no prunable channel group; the model is unchanged", stacklevel=2)
@@ -371,7 +377,7 @@ def prune(
             apply_audited(model, inputs, leaf_modules, current.surgery, plan, verify)
 
         def analyse(current_model: nn.Module) -> _Analysis:
-            return _run_analysis(current_model, inputs, leaf_modules, ignored_layers)[0]
+            return _run_analysis(current_model, inputs, leaf_modules, ignored_layers, prune_heads)[0]
 
         result = run_pruning(
             model, analysis, inputs, criterion, ratio=ratio, target=target, options=options,

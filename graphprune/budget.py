@@ -5,8 +5,9 @@ Budget metrics, as fractions of the original model's:
 * FLOPs: :func:`graphprune.count_flops` (``torch.utils.flop_counter.FlopCounterMode``);
 * parameters: :func:`graphprune.count_parameters`;
 * latency: :func:`latency_ratio` times the original (a copy kept aside) and the pruned
-  model alternately on the example inputs, on the model's device, and compares their
-  fastest runs, so that load on the machine affects both alike.
+  model alternately on the example inputs, on the model's device, so that load on the
+  machine affects both alike. Single-threaded CPU inference is timed by the thread's CPU
+  time (immune to other processes), anything else by wall clock (:func:`latency_clock`).
 
 :func:`run_pruning` is the engine behind :func:`graphprune.prune`'s planning options;
 :class:`PruneResult` is what ``prune(..., return_result=True)`` returns.
@@ -53,16 +54,39 @@ def _params(model: nn.Module) -> float:
     return float(count_parameters(model))
 
 
+def _tensors(inputs: Any) -> list:
+    if isinstance(inputs, torch.Tensor):
+        return [inputs]
+    if isinstance(inputs, Mapping):
+        return [t for v in inputs.values() for t in _tensors(v)]
+    if isinstance(inputs, (tuple, list)):
+        return [t for v in inputs for t in _tensors(v)]
+    return []
+
+
 def _synchronize(inputs: Any) -> None:
-    tensors = [inputs] if isinstance(inputs, torch.Tensor) else (
-        list(inputs.values()) if isinstance(inputs, Mapping) else list(inputs) if isinstance(inputs, (tuple, list)) else [])
-    for tensor in tensors:
-        if isinstance(tensor, torch.Tensor) and tensor.device.type == "cuda":
+    for tensor in _tensors(inputs):
+        if tensor.device.type == "cuda":
             torch.cuda.synchronize(tensor.device)
             return
 
 
-def _time_once(model: nn.Module, inputs: Any) -> float:
+def latency_clock(example_inputs: Any) -> str:
+    """``"cpu"`` (the calling thread's CPU time) for single-threaded CPU inference, else ``"wall"``.
+
+    With one intra-op thread the whole forward runs in the calling thread, so its CPU time
+    is the latency the model would have on an idle machine and other processes do not
+    disturb it; otherwise (several threads, accelerators) wall time is the only measure.
+    """
+    on_cpu = all(t.device.type == "cpu" for t in _tensors(example_inputs))
+    return "cpu" if on_cpu and torch.get_num_threads() == 1 else "wall"
+
+
+def _time_once(model: nn.Module, inputs: Any, clock: str) -> float:
+    if clock == "cpu":
+        start = time.thread_time()
+        call_model(model, inputs)
+        return time.thread_time() - start
     _synchronize(inputs)
     start = time.perf_counter()
     call_model(model, inputs)
@@ -70,17 +94,25 @@ def _time_once(model: nn.Module, inputs: Any) -> float:
     return time.perf_counter() - start
 
 
-def latency_ratio(reference: nn.Module, model: nn.Module, example_inputs: Any, *, warmup: int = 3, repeats: int = 20) -> float:
-    """``latency(model) / latency(reference)``, timing the two alternately (fastest run of each)."""
+def latency_ratio(reference: nn.Module, model: nn.Module, example_inputs: Any, *, warmup: int = 3,
+                  repeats: int = 20, clock: Optional[str] = None) -> float:
+    """``latency(model) / latency(reference)`` on ``example_inputs``.
+
+    The two models run alternately so that load on the machine affects both alike; each
+    latency is the fastest run by wall clock, or the median run by CPU clock (see
+    :func:`latency_clock`, the default ``clock``).
+    """
+    clock = clock or latency_clock(example_inputs)
+    reduce = np.median if clock == "cpu" else np.min
     with torch.no_grad():
         for _ in range(warmup):
             call_model(reference, example_inputs)
             call_model(model, example_inputs)
-        best_ref = best = math.inf
+        ref_times, times = [], []
         for _ in range(max(repeats, 1)):
-            best_ref = min(best_ref, _time_once(reference, example_inputs))
-            best = min(best, _time_once(model, example_inputs))
-    return best / best_ref
+            ref_times.append(_time_once(reference, example_inputs, clock))
+            times.append(_time_once(model, example_inputs, clock))
+    return float(reduce(times) / reduce(ref_times))
 
 
 # ----- results
@@ -245,9 +277,12 @@ def run_pruning(
             else:
                 step_goal = kept_fraction(goal, step, options.steps, options.schedule)
                 scores = score_groups(groups, criterion)
-                step_value, plan, achieved = _search(analysis, scores, step_goal, base, evaluate, model, options)
+                step_value, plan, achieved = _search(analysis, scores, step_goal, base, evaluate, model, options,
+                                                      noisy=metric == "latency")
             if plan:
                 apply(analysis, plan)
+                if metric in ("flops", "params"):  # exact, and the audit may have dropped a group
+                    achieved = evaluate(model) / base
             step_results.append(StepResult(step, step_value, int(sum(len(v) for v in plan.values())), len(plan), achieved))
     except BaseException:
         if snapshot is not None:
@@ -265,55 +300,82 @@ def run_pruning(
     return PruneResult(model, metric, goal, achieved, within, before, after, step_results)
 
 
-def _search(analysis, scores: dict, goal: float, base: float, evaluate, model: nn.Module, options: PlanOptions):
+def _search(analysis, scores: dict, goal: float, base: float, evaluate, model: nn.Module, options: PlanOptions,
+            noisy: bool = False):
     """Bisect the uniform (or global) ratio whose pruned model's metric is ``goal * base``.
 
     Candidate plans are applied and measured inside the surgery's transaction (the probe
-    raises, so the model is rolled back); identical plans are measured once.
+    raises, so the model is rolled back). Exact metrics measure each distinct plan once.
+    A ``noisy`` metric (latency) keeps every measurement of a plan and uses their mean: a
+    plan that seems to land is measured twice more before it is accepted, and if the
+    bisection runs out the closest plans are measured again before choosing.
+    Returns ``(ratio, plan, achieved)``.
     """
     groups = analysis.report.groups
     upper = options.max_ratio if options.max_ratio is not None else 0.9
-    cache: dict = {}
+    tol = options.tolerance * goal
+    samples: dict = {}  # plan key -> measurements (fractions of the original)
+    tried: dict = {}  # plan key -> (ratio, plan)
 
     def plan_for(r: float) -> dict:
         return plan_removal(groups, r, scores=scores, global_ranking=options.global_ranking,
                             max_ratio=options.max_ratio, round_to=options.round_to)
 
+    def measure(key, plan) -> float:
+        samples.setdefault(key, []).append(_probe(analysis, plan, evaluate, model) / base)
+        return float(np.mean(samples[key]))
+
     def value(r: float) -> tuple:
         plan = plan_for(r)
         key = tuple(sorted((g.id, len(v)) for g, v in plan.items()))
-        if key not in cache:
-            cache[key] = _probe(analysis, plan, evaluate, model) / base
-        return cache[key], plan
+        tried.setdefault(key, (r, plan))
+        if key not in samples:
+            measure(key, plan)
+        return key, float(np.mean(samples[key]))
 
-    tol = options.tolerance * goal
-    candidates = []
+    def lands(key) -> bool:
+        mean = float(np.mean(samples[key]))
+        if abs(mean - goal) > tol:
+            return False
+        if noisy and len(samples[key]) < 3:
+            for _ in range(3 - len(samples[key])):
+                mean = measure(key, tried[key][1])
+            return abs(mean - goal) <= tol
+        return True
+
     lo, hi = 0.0, upper
-    f_lo, plan_lo = value(lo)
-    candidates.append((abs(f_lo - goal), lo, plan_lo, f_lo))
+    key_lo, f_lo = value(lo)
     if f_lo > goal + tol:
-        f_hi, plan_hi = value(hi)
-        candidates.append((abs(f_hi - goal), hi, plan_hi, f_hi))
-        if f_hi < goal - tol:
+        key_hi, f_hi = value(hi)
+        if f_hi < goal - tol or (noisy and not lands(key_hi)):
             for _ in range(40):
                 mid = 0.5 * (lo + hi)
-                f_mid, plan_mid = value(mid)
-                candidates.append((abs(f_mid - goal), mid, plan_mid, f_mid))
-                if abs(f_mid - goal) <= tol or hi - lo < 1e-5:
+                key, f_mid = value(mid)
+                if lands(key) or hi - lo < 1e-5:
                     break
+                f_mid = float(np.mean(samples[key]))
                 if f_mid > goal:
                     lo = mid
                 else:
                     hi = mid
-    _, r, plan, achieved = min(candidates, key=lambda c: (c[0], c[1]))
-    return float(r), plan, float(achieved)
+
+    def distance(key) -> float:
+        return abs(float(np.mean(samples[key])) - goal)
+
+    if noisy and min(distance(k) for k in samples) > tol:
+        for key in sorted(samples, key=distance)[:3]:  # a second opinion on the closest plans
+            while len(samples[key]) < 3:
+                measure(key, tried[key][1])
+    best = min(samples, key=lambda k: (distance(k), tried[k][0]))
+    r, plan = tried[best]
+    return float(r), plan, float(np.mean(samples[best]))
 
 
 def _probe(analysis, plan: dict, evaluate, model: nn.Module) -> float:
     if not plan:
         return evaluate(model)
 
-    def probe() -> None:
+    def probe(*_) -> None:  # the surgery passes verify the removed flags; not needed here
         raise _Probe(evaluate(model))
 
     try:

@@ -11,6 +11,7 @@ test set of 1,437 and 360 images over 10 classes. They fit the CIFAR models of
 """
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Optional
 
@@ -40,14 +41,20 @@ def digits_datasets(image_size: int = 32, seed: int = 0, channels: int = 3) -> t
     Images are ``(channels, image_size, image_size)`` float32, bilinearly upsampled from
     8x8, scaled to [0, 1] and standardised with the training set's mean and standard
     deviation (one value for all channels, as they are copies); labels are int64 in 0..9.
-    The split is stratified and fixed by ``seed``.
+    The split is stratified and fixed by ``seed``. Results are cached per arguments; the
+    tensors are shared between calls, so do not modify them in place.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     image_size = _positive_int(image_size, "image_size", 8)
     channels = _positive_int(channels, "channels")
     seed = _positive_int(seed, "seed", 0)
+    return _digits(image_size, seed, channels)
+
+
+@functools.lru_cache(maxsize=8)
+def _digits(image_size: int, seed: int, channels: int) -> tuple[TensorDataset, TensorDataset]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     digits = load_digits()
     images = digits.images.astype(np.float32) / 16.0  # (1797, 8, 8), values 0..16
     labels = digits.target.astype(np.int64)

@@ -24,6 +24,7 @@ class Member:
     index_map: np.ndarray
     role: str
     tensor: torch.Tensor = field(repr=False)
+    aliases: list = field(default_factory=list)  # other (module, param) owning the same tensor (tied weights)
 
     @property
     def name(self) -> str:
@@ -67,7 +68,7 @@ class Group:
 
     def layers(self) -> list:
         """Names of the modules with a member in this group, in graph order, without repeats."""
-        return list(dict.fromkeys(m.module for m in self.members))
+        return list(dict.fromkeys(name for m in self.members for name in [m.module] + [a[0] for a in m.aliases]))
 
     def prune(self, indices: Sequence[int]) -> None:
         """Remove the channels ``indices`` (0 <= i < size) from every member, atomically."""
@@ -104,7 +105,7 @@ def build_groups(state: Propagation, roots: np.ndarray) -> list[Group]:
         blocked = list(dict.fromkeys(space.sets[s].blocked for s in set_indices if space.sets[s].blocked))
         notes = list(dict.fromkeys(state.notes[s] for s in set_indices if s in state.notes))
         members = [
-            Member(pd.owners[0][0], pd.owners[0][1], pd.dim, np.searchsorted(units, roots[pd.ids]), pd.role, pd.tensor)
+            Member(pd.owners[0][0], pd.owners[0][1], pd.dim, np.searchsorted(units, roots[pd.ids]), pd.role, pd.tensor, pd.owners[1:])
             for pd in param_dims
         ]
         distinct = {id(m.tensor): m.tensor.numel() for m in members if isinstance(m.tensor, torch.nn.Parameter)}

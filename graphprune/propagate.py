@@ -56,8 +56,9 @@ class AttrMember:
 class Propagation:
     """State shared by the rules while walking the graph."""
 
-    def __init__(self, graph: nx.DiGraph):
+    def __init__(self, graph: nx.DiGraph, prune_heads: bool = False):
         self.graph = graph
+        self.prune_heads = prune_heads  # splits (…, heads, head_dim) keep whole heads as channels
         self.model: nn.Module = graph.graph["model"]
         self.space = ChannelSpace()
         self.labels: dict[str, Any] = {}
@@ -154,11 +155,15 @@ def _tensor_owners(model: nn.Module) -> dict[int, list]:
     return owners
 
 
-def propagate(graph: nx.DiGraph) -> Propagation:
-    """Apply the rule of every node in execution order; annotate nodes with ``channel_dims``."""
+def propagate(graph: nx.DiGraph, prune_heads: bool = False) -> Propagation:
+    """Apply the rule of every node in execution order.
+
+    With ``prune_heads``, a reshape that splits a channel dim carries the ids on its
+    second-innermost axis (the heads of ``(…, heads, head_dim)``) instead of the innermost.
+    """
     from .rules import rule_for
 
-    state = Propagation(graph)
+    state = Propagation(graph, prune_heads)
     for name, attrs in sorted(graph.nodes(data=True), key=lambda item: item[1]["index"]):
         state.part = attrs["part"]
         rule, why = rule_for(state, attrs)

@@ -72,6 +72,7 @@ def dead_channel_oracle(
     rtol: float = 1e-4,
     atol: float = 1e-5,
     zero_producers: bool = True,
+    **analyze_options: Any,
 ) -> dict:
     """Run the oracle on ``model`` (converted to float64 and eval mode, then pruned in place).
 
@@ -83,7 +84,7 @@ def dead_channel_oracle(
     rng = np.random.default_rng(seed)
     model = model.double().eval()
     inputs = to_double(example_inputs)
-    report = graphprune.analyze(model, inputs)
+    report = graphprune.analyze(model, inputs, **analyze_options)
     candidates = [g for g in report.prunable_groups if g.exact]
     if max_groups is not None and len(candidates) > max_groups:
         candidates = [candidates[i] for i in sorted(rng.choice(len(candidates), max_groups, replace=False))]

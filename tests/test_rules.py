@@ -557,6 +557,105 @@ def test_view_with_inferred_size_is_prunable():
     assert model.fc1.in_features == 64 * model.conv.out_channels
 
 
+# --------------------------------------------------------------------------- sizes computed in forward
+class DynamicSplit(nn.Module):
+    """split at a size read from the tensor: the halves must stay equal after pruning."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.left = nn.Conv2d(4, 6, 1)
+        self.right = nn.Conv2d(4, 6, 1)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        a, b = y.split(y.size(1) // 2, 1)
+        return self.head(self.left(a) + self.right(b))
+
+
+class DynamicSlice(DynamicSplit):
+    def forward(self, x):
+        y = self.stem(x)
+        c = y.size(1) // 2
+        return self.head(self.left(y[:, :c]) + self.right(y[:, c:]))
+
+
+class Unflatten(nn.Module):
+    """Linear -> unflatten to (C, 4, 4) with literal spatial sizes, as in a DCGAN generator."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 8 * 4 * 4)
+        self.conv = nn.Conv2d(8, 5, 3, padding=1)
+        self.head = nn.Conv2d(5, 2, 1)
+
+    def forward(self, z):
+        return self.head(F.relu(self.conv(self.fc(z).unflatten(1, (-1, 4, 4)))))
+
+
+def _safe_to_prune(cls, inputs):
+    """Whatever the analysis decides (tie, block), pruning must keep the model working."""
+    report = graphprune.analyze(cls().eval(), inputs)
+    model = cls().eval()
+    summary = dead_channel_oracle(model, inputs, seed=0, zero_producers=False)
+    model = cls().eval()
+    with torch.no_grad():
+        shape = model(inputs).shape
+    graphprune.prune(model, 0.5, inputs)
+    with torch.no_grad():
+        assert model(inputs).shape == shape
+    return report, summary
+
+
+def test_split_at_a_size_computed_from_the_tensor():
+    report, _ = _safe_to_prune(DynamicSplit, X16)
+    group = group_of(report, "stem.weight", 0)
+    # Sound answers: the j-th channel of both halves tied (as chunk does), or blocked.
+    if group.prunable:
+        assert member(group, "stem.weight", 0).index_map.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+
+
+def test_slice_at_a_bound_computed_from_the_tensor():
+    report, _ = _safe_to_prune(DynamicSlice, X16)
+    assert group_of(report, "left.weight", 0).prunable
+
+
+def test_unflatten_with_literal_sizes():
+    report, _ = _safe_to_prune(Unflatten, torch.randn(2, 6))
+    assert group_of(report, "conv.weight", 0).prunable
+
+
+# --------------------------------------------------------------------------- tied weights
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.fc = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 20, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.out(F.relu(self.fc(self.emb(tokens))))
+
+
+def test_tied_weights_couple_both_uses_and_stay_tied():
+    tokens = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(0))
+    model = Tied().eval()
+    report = graphprune.analyze(model, tokens)
+    hidden = group_of(report, "emb.weight", 1)
+    # The embedding's width is both fc's input and, through the tied weight, out's input:
+    # so fc's input and output widths are one group.
+    assert hidden.size == 16 and hidden.prunable
+    assert {(m.name, m.dim) for m in hidden.members} == {
+        ("emb.weight", 1), ("fc.weight", 0), ("fc.weight", 1), ("fc.bias", 0)}
+    assert group_of(report, "emb.weight", 0).blocked == ["reaches output"]
+    # The tied dim is a producer and a consumer at once: zero it as a producer too.
+    dead_channel_oracle(model, tokens, seed=0, zero_producers=True)
+    assert model.out.weight is model.emb.weight
+    assert model.emb.embedding_dim == model.out.in_features == model.fc.in_features == model.fc.out_features < 16
+
+
 # --------------------------------------------------------------------------- the oracle itself
 def test_oracle_catches_surgery_that_keeps_the_wrong_channels(monkeypatch):
     shrink = graphprune.surgery._Transaction.shrink

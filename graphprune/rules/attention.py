@@ -17,7 +17,8 @@ def _arg(node: fx.Node, index: int, name: str):
 def multihead_attention(state: Propagation, node: fx.Node):
     """``embed_dim`` is both the stream width and the q/k/v width, so stream channel ``c`` is
     internal channel ``c`` of q, k and v. Each head must keep the same ``head_dim``, so the
-    ``d``-th channel of every head is one unit (removing it removes ``num_heads`` channels)."""
+    ``d``-th channel of every head is one unit (removing it removes ``num_heads`` channels);
+    with ``prune_heads`` a whole head is one unit instead and ``num_heads`` shrinks."""
     m: nn.MultiheadAttention = state.module(state.qualname(node))
     q, k, v = (state.labels_of(_arg(node, i, name)) for i, name in enumerate(("query", "key", "value")))
     value = state.value(node)
@@ -35,7 +36,9 @@ def multihead_attention(state: Propagation, node: fx.Node):
     grid = rows.reshape(3, m.num_heads, m.head_dim)
     for part in grid:
         state.unify(part.ravel(), stream)
-    state.unify(grid, np.broadcast_to(grid[:, :1, :], grid.shape))
+    # A channel is either one head (prune_heads) or the d-th width channel of every head.
+    anchor = grid[:1, :, :1] if state.prune_heads else grid[:, :1, :]
+    state.unify(grid, np.broadcast_to(anchor, grid.shape))
     state.unify(stream, state.param_ids(m.out_proj.weight, 1, "in"))
     out_ids = state.param_ids(m.out_proj.weight, 0, "out")
     if m.out_proj.bias is not None:
@@ -43,7 +46,11 @@ def multihead_attention(state: Propagation, node: fx.Node):
     name, heads = state.qualname(node), m.num_heads
     for attr in ("embed_dim", "kdim", "vdim"):
         state.attr(name, attr, stream, lambda _, kept: kept)
-    state.attr(name, "head_dim", stream, lambda _, kept, h=heads: kept // h)
+    if state.prune_heads:
+        state.attr(name, "num_heads", stream, lambda _, kept, d=m.head_dim: kept // d)
+    else:
+        state.attr(name, "head_dim", stream, lambda _, kept, h=heads: kept // h)
+        state.note(stream, "attention scale 1/sqrt(head_dim) changes with head_dim")
     state.attr(f"{name}.out_proj", "in_features", stream, lambda _, kept: kept)
     state.attr(f"{name}.out_proj", "out_features", out_ids, lambda _, kept: kept)
     return tuple(q[:-1]) + (out_ids,), weights

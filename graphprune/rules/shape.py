@@ -59,11 +59,14 @@ def _merge(state: Propagation, node: fx.Node, parts: tuple) -> np.ndarray:
 
 
 def _split(state: Propagation, node: fx.Node, ids: np.ndarray, sizes: tuple) -> tuple:
-    """One dim becomes several: the innermost non-1 dim carries the ids, the others are tied."""
+    """One dim becomes several: one axis carries the ids and the positions along the others
+    are tied to it. The carrier is the innermost non-1 axis, or with ``prune_heads`` the one
+    before it (whole heads of a ``(…, heads, head_dim)`` split)."""
     if not _carries_ids(state, ids):
         return _fresh_dims(state, node, sizes, "reshape")
     grid = ids.reshape(sizes)
-    carrier = max(i for i, s in enumerate(sizes) if s > 1)
+    axes = [i for i, s in enumerate(sizes) if s > 1]
+    carrier = axes[-2] if state.prune_heads and len(axes) > 1 else axes[-1]
     index = [0] * len(sizes)
     index[carrier] = slice(None)
     anchor = grid[tuple(index)]

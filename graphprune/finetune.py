@@ -1,0 +1,456 @@
+"""Fine-tuning after pruning: :func:`finetune`, :func:`evaluate` and :func:`prune_schedule`.
+
+:func:`finetune` trains with SGD + momentum under a per-iteration learning-rate schedule
+made of PyTorch's own schedulers: :class:`~torch.optim.lr_scheduler.LinearLR` warm-up
+chained by :class:`~torch.optim.lr_scheduler.SequentialLR` to
+:class:`~torch.optim.lr_scheduler.CosineAnnealingLR` decay to zero. Options: MixUp / CutMix
+(``torchvision.transforms.v2``), knowledge distillation from an unpruned teacher, per-epoch
+test accuracy, and :class:`~torch.nn.parallel.DistributedDataParallel` when
+``torch.distributed`` is initialised (run the same script under ``torchrun``).
+
+Iterative pruning: :func:`prune_schedule` alternates :func:`graphprune.prune` and
+:func:`finetune` over a list of cumulative ratios, e.g. ``ratios=[0.2, 0.35, 0.5]``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import time
+import warnings
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+from tqdm.auto import tqdm
+
+from tracer import call_model
+
+from . import distributed as gdist
+
+__all__ = ["finetune", "evaluate", "prune_schedule", "distillation_loss"]
+
+Device = Union[str, torch.device, None]
+
+
+# ----------------------------------------------------------------------------- validation
+def _real(value: Any, name: str, *, low: float = None, high: float = None, low_open=False, high_open=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or math.isinf(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {value:g}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high:g}, got {value:g}")
+    return value
+
+
+def _int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def _check_model(model: Any, name: str = "model") -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _check_loader(loader: Any, name: str) -> int:
+    if loader is None or isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__"):
+        raise TypeError(f"{name} must be an iterable of (inputs, targets) batches, got {type(loader).__name__}")
+    try:
+        length = len(loader)
+    except TypeError:
+        raise TypeError(f"{name} must have a len() (batches per epoch) to build the learning-rate schedule") from None
+    if length < 1:
+        raise ValueError(f"{name} yields no batches")
+    return length
+
+
+def _split_batch(batch: Any, name: str) -> tuple:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        f"each batch of {name} must be an (inputs, targets) pair, got {type(batch).__name__}"
+        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    )
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, Mapping):
+        return {k: _to(v, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _resolve_device(model: nn.Module, device: Device) -> torch.device:
+    if device is not None:
+        if not isinstance(device, (str, torch.device)):
+            raise TypeError(f"device must be a string, a torch.device or None, got {type(device).__name__}")
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
+    if gdist.is_distributed() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return _model_device(model)
+
+
+def _sharded(loader: Any) -> bool:
+    sampler = getattr(loader, "sampler", None)
+    return isinstance(sampler, torch.utils.data.distributed.DistributedSampler)
+
+
+# ----------------------------------------------------------------------------- losses
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al.'s soft-target loss: ``T^2 * KL(softmax(teacher / T) || softmax(student / T))``,
+    averaged over the batch (the ``T^2`` keeps its gradients on the scale of cross-entropy)."""
+    t = float(temperature)
+    return F.kl_div(
+        F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1), reduction="batchmean", log_target=True
+    ) * (t * t)
+
+
+def _mixer(mixup: float, cutmix: float, num_classes: int):
+    if mixup <= 0 and cutmix <= 0:
+        return None
+    from torchvision.transforms import v2
+
+    choices = []
+    if mixup > 0:
+        choices.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
+    if cutmix > 0:
+        choices.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
+    return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+
+
+def _scheduler(optimizer, steps_per_epoch: int, epochs: int, warmup_epochs: float):
+    total = steps_per_epoch * epochs
+    warmup = min(int(round(warmup_epochs * steps_per_epoch)), total - 1)
+    if warmup <= 0:
+        return CosineAnnealingLR(optimizer, T_max=total)
+    return SequentialLR(
+        optimizer,
+        schedulers=[
+            LinearLR(optimizer, start_factor=1.0 / (warmup + 1), end_factor=1.0, total_iters=warmup),
+            CosineAnnealingLR(optimizer, T_max=total - warmup),
+        ],
+        milestones=[warmup],
+    )
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate(model: nn.Module, loader: Iterable, *, device: Device = None, distributed: Optional[bool] = None) -> float:
+    """Top-1 accuracy (in [0, 1]) of ``model`` over ``loader``'s ``(inputs, targets)`` batches.
+
+    Runs in eval mode under ``torch.no_grad()``; training flags are restored. ``distributed``
+    (default: when ``loader`` draws from a ``DistributedSampler``) sums the counts over all
+    ranks, so a sharded test set gives the global accuracy on every rank; every rank must
+    then call it. An unsharded loader needs no communication (it may run on one rank only).
+    """
+    _check_model(model)
+    _check_loader(loader, "loader")
+    device = _resolve_device(model, device)
+    if distributed is None:
+        distributed = _sharded(loader) and gdist.is_distributed()
+    flags = [(m, m.training) for m in model.modules()]
+    correct = total = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in loader:
+                inputs, targets = _split_batch(batch, "loader")
+                outputs = call_model(model, _to(inputs, device))
+                targets = _to(targets, device)
+                if targets.dim() > 1:  # one-hot or soft targets
+                    targets = targets.argmax(-1)
+                correct += int((outputs.argmax(-1) == targets).sum())
+                total += int(targets.numel())
+    finally:
+        for module, flag in flags:
+            module.training = flag
+    if distributed:
+        correct, total = gdist.all_reduce_sum([correct, total])
+    if total == 0:
+        raise ValueError("loader yielded no samples")
+    return correct / total
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+def finetune(
+    model: nn.Module,
+    train_loader: Iterable,
+    *,
+    epochs: int,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    warmup_epochs: float = 1,
+    teacher: Optional[nn.Module] = None,
+    temperature: float = 4.0,
+    alpha: float = 0.5,
+    mixup: float = 0.0,
+    cutmix: float = 0.0,
+    num_classes: Optional[int] = None,
+    eval_loader: Optional[Iterable] = None,
+    device: Device = None,
+    progress: bool = True,
+) -> list:
+    """Fine-tune ``model`` in place and return its history, one dict per epoch.
+
+    **Optimisation.** SGD with ``momentum`` and ``weight_decay`` (on every parameter). The
+    learning rate is stepped every iteration: ``LinearLR`` warm-up from ``lr / (w + 1)`` to
+    ``lr`` over the first ``w = round(warmup_epochs * len(train_loader))`` iterations, then
+    ``CosineAnnealingLR`` to 0 at the end of the last epoch (both chained by ``SequentialLR``;
+    ``warmup_epochs=0`` means cosine only). ``warmup_epochs`` may be fractional and must be
+    smaller than ``epochs``.
+
+    **Loss.** Cross-entropy on ``train_loader``'s ``(inputs, targets)`` batches (``targets``
+    class indices). With ``mixup`` / ``cutmix`` > 0 (the Beta distribution's ``alpha``; both:
+    one of the two at random per batch, ``v2.RandomChoice``) the batch is mixed by
+    ``torchvision.transforms.v2.MixUp`` / ``CutMix`` and the loss uses the mixed soft
+    targets; inputs must then be image tensors ``(N, C, H, W)``, and ``num_classes``
+    defaults to the width of the model's output. With a ``teacher`` (e.g. the unpruned
+    model; kept in eval mode, never updated, moved to the training device) the loss is
+    ``alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * CE`` with
+    ``T = temperature`` (:func:`distillation_loss`); the teacher sees the same (mixed) inputs.
+
+    **Devices.** ``device`` (default: the model's device; the current CUDA device under NCCL)
+    is where the model is moved and every batch is sent.
+
+    **Distributed.** When ``torch.distributed`` is initialised with several ranks the model is
+    wrapped in ``DistributedDataParallel`` (gradients averaged, so the ranks stay identical),
+    ``train_loader.sampler.set_epoch(epoch)`` is called when it has one (a
+    ``DistributedSampler``; without one every rank trains on the same batches and a warning
+    says so), BatchNorm running statistics are averaged over ranks after every epoch, and
+    the reported loss and accuracy are global. Every rank must call ``finetune`` with
+    loaders of the same length.
+
+    The history holds, per epoch: ``epoch`` (1-based), ``loss`` (mean training loss), ``lr``
+    (the rate of the epoch's last iteration), ``accuracy`` (top-1 on ``eval_loader`` after the
+    epoch, see :func:`evaluate`; None without one) and ``seconds``. A ``tqdm`` bar shows
+    progress on rank 0 when ``progress`` is true. The model's training flags are restored
+    at the end, and its gradients cleared.
+    """
+    _check_model(model)
+    steps_per_epoch = _check_loader(train_loader, "train_loader")
+    epochs = _int(epochs, "epochs", 1)
+    lr = _real(lr, "lr", low=0.0, low_open=True)
+    momentum = _real(momentum, "momentum", low=0.0, high=1.0, high_open=True)
+    weight_decay = _real(weight_decay, "weight_decay", low=0.0)
+    warmup_epochs = _real(warmup_epochs, "warmup_epochs", low=0.0)
+    if warmup_epochs >= epochs and warmup_epochs > 0:
+        raise ValueError(
+            f"warmup_epochs ({warmup_epochs:g}) must be smaller than epochs ({epochs}) so that the cosine phase "
+            "has iterations; pass warmup_epochs=0 or a fraction of an epoch such as 0.1"
+        )
+    if teacher is not None:
+        _check_model(teacher, "teacher")
+        if teacher is model:
+            raise ValueError("teacher must be a separate model (e.g. a copy of the unpruned model), not model itself")
+    temperature = _real(temperature, "temperature", low=0.0, low_open=True)
+    alpha = _real(alpha, "alpha", low=0.0, high=1.0)
+    mixup = _real(mixup, "mixup", low=0.0)
+    cutmix = _real(cutmix, "cutmix", low=0.0)
+    if num_classes is not None:
+        num_classes = _int(num_classes, "num_classes", 2)
+    if eval_loader is not None:
+        _check_loader(eval_loader, "eval_loader")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {type(progress).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"{type(model).__name__} has no trainable parameter (requires_grad=True)")
+
+    device = _resolve_device(model, device)
+    model.to(device)
+    teacher_flags = []
+    if teacher is not None:
+        teacher.to(device)
+        teacher_flags = [(m, m.training) for m in teacher.modules()]
+        teacher.eval()
+    distributed = gdist.is_distributed()
+    rank = gdist.rank()
+    net: nn.Module = model
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if not hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
+            warnings.warn(
+                "finetune runs distributed but train_loader has no DistributedSampler: every rank trains on "
+                "the same batches", stacklevel=2,
+            )
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scheduler = _scheduler(optimizer, steps_per_epoch, epochs, warmup_epochs)
+    mixer, mixer_classes = None, None
+    flags = [(m, m.training) for m in model.modules()]
+    history = []
+    try:
+        for epoch in range(epochs):
+            sampler = getattr(train_loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            model.train()
+            start = time.perf_counter()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            seen = 0
+            last_lr = optimizer.param_groups[0]["lr"]
+            bar = tqdm(
+                train_loader, total=steps_per_epoch, desc=f"fine-tune {epoch + 1}/{epochs}", unit="batch",
+                disable=not progress or rank != 0, leave=False,
+            )
+            for batch in bar:
+                inputs, targets = _split_batch(batch, "train_loader")
+                inputs, targets = _to(inputs, device), _to(targets, device)
+                if (mixup > 0 or cutmix > 0) and mixer is None:
+                    mixer_classes = num_classes or _output_width(model, inputs)
+                    mixer = _mixer(mixup, cutmix, mixer_classes)
+                if mixer is not None:
+                    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
+                        raise TypeError("mixup / cutmix need image batches: inputs must be one (N, C, H, W) tensor")
+                    inputs, targets = mixer(inputs, targets)
+                outputs = call_model(net, inputs)
+                loss = F.cross_entropy(outputs, targets)
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_outputs = call_model(teacher, inputs)
+                    loss = alpha * distillation_loss(outputs, teacher_outputs, temperature) + (1 - alpha) * loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"the training loss became {loss.item()} at epoch {epoch + 1}; lower lr (now {last_lr:g})"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                last_lr = optimizer.param_groups[0]["lr"]
+                scheduler.step()
+                count = outputs.shape[0]
+                loss_sum += loss.detach().double() * count
+                seen += count
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{last_lr:.2g}", refresh=False)
+            bar.close()
+            total_loss, total_seen = gdist.all_reduce_sum([loss_sum.item(), seen]) if distributed else (loss_sum.item(), seen)
+            if distributed:
+                gdist.average_buffers(model)
+            accuracy = evaluate(model, eval_loader, device=device) if eval_loader is not None else None
+            record = {
+                "epoch": epoch + 1,
+                "loss": total_loss / max(total_seen, 1),
+                "lr": last_lr,
+                "accuracy": accuracy,
+                "seconds": time.perf_counter() - start,
+            }
+            history.append(record)
+            if progress and rank == 0:
+                text = f"epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f}, lr {last_lr:.3g}"
+                tqdm.write(text + (f", accuracy {100 * accuracy:.2f}%" if accuracy is not None else ""))
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        for module, flag in flags:
+            module.training = flag
+        for module, flag in teacher_flags:
+            module.training = flag
+        del net
+    return history
+
+
+def _output_width(model: nn.Module, inputs: Any) -> int:
+    """The number of classes: the last dim of the model's output on one sample (eval, no grad)."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            sample = inputs[:1] if isinstance(inputs, torch.Tensor) else inputs
+            out = call_model(model, sample)
+    finally:
+        for module, flag in flags:
+            module.training = flag
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise ValueError("cannot infer num_classes for mixup / cutmix from the model's output; pass num_classes")
+    return int(out.shape[-1])
+
+
+# ----------------------------------------------------------------------------- iterative pruning
+_RESERVED = ("ratio", "example_inputs", "criterion", "inplace", "return_result", "target_flops", "target_params",
+             "target_latency")
+
+
+def prune_schedule(
+    model: nn.Module,
+    example_inputs: Any,
+    train_loader: Iterable,
+    *,
+    ratios: Sequence[float],
+    epochs_per_step: int,
+    criterion: Any = "l1",
+    prune_kwargs: Optional[Mapping[str, Any]] = None,
+    **finetune_kwargs: Any,
+) -> list:
+    """Iterative pruning: for each entry of ``ratios``, prune then fine-tune; the model is pruned in place.
+
+    ``ratios`` are *cumulative* fractions of each group's original channels, strictly
+    increasing in (0, 1): ``[0.2, 0.35, 0.5]`` removes 20% of every group, fine-tunes, goes
+    on to 35% of the original width, fine-tunes, and ends at 50%. Step ``i`` calls
+    ``graphprune.prune(model, 1 - (1 - r_i) / (1 - r_{i-1}), example_inputs, criterion=...,
+    **prune_kwargs)`` on the current model (re-analysed and re-scored each step), then
+    ``finetune(model, train_loader, epochs=epochs_per_step, **finetune_kwargs)``. Each step
+    floors its channel counts, so a group may end a channel or so wider than
+    ``floor(r * n)`` would give. ``criterion`` is a name or a Criterion (data-driven ones are
+    prepared again every step); under ``torch.distributed`` it is wrapped in
+    :func:`graphprune.sync_criterion` so that every rank removes the same channels.
+    ``prune_kwargs`` may not set ``ratio``, ``criterion``, ``inplace``, budgets or
+    ``return_result``.
+
+    Returns one dict per step: ``step`` (1-based), ``ratio`` (cumulative), ``step_ratio``
+    (passed to prune), ``parameters`` (after pruning) and ``finetune`` (its history).
+    """
+    from .api import prune
+    from .measure import count_parameters
+
+    _check_model(model)
+    if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Sequence) or not ratios:
+        raise TypeError(f"ratios must be a non-empty sequence of cumulative ratios, got {ratios!r}")
+    checked = [_real(r, f"ratios[{i}]", low=0.0, high=1.0, low_open=True, high_open=True) for i, r in enumerate(ratios)]
+    for i in range(1, len(checked)):
+        if checked[i] <= checked[i - 1]:
+            raise ValueError(f"ratios must increase strictly (they are cumulative), got {list(ratios)}")
+    epochs_per_step = _int(epochs_per_step, "epochs_per_step", 1)
+    prune_kwargs = dict(prune_kwargs or {})
+    clash = sorted(set(prune_kwargs) & set(_RESERVED))
+    if clash:
+        raise ValueError(f"prune_kwargs may not set {', '.join(clash)}: prune_schedule sets them")
+    if "epochs" in finetune_kwargs:
+        raise ValueError("pass epochs_per_step, not epochs: prune_schedule fine-tunes that many epochs per step")
+    from criteria import get_criterion
+
+    criterion = get_criterion(criterion)
+    if gdist.is_distributed():
+        criterion = gdist.sync_criterion(criterion)
+    history, previous = [], 0.0
+    for step, target in enumerate(checked, start=1):
+        # +1e-9: 1 - 0.5 / 0.75 must floor like 1/3 does
+        step_ratio = min(1.0 - (1.0 - target) / (1.0 - previous) + 1e-9, 1.0 - 1e-9)
+        prune(model, step_ratio, example_inputs, criterion=criterion, inplace=True, **prune_kwargs)
+        record = {"step": step, "ratio": target, "step_ratio": step_ratio, "parameters": count_parameters(model)}
+        record["finetune"] = finetune(model, train_loader, epochs=epochs_per_step, **finetune_kwargs)
+        history.append(record)
+        previous = target
+    return history

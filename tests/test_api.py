@@ -1,0 +1,640 @@
+"""The public API: analyze / prune arguments, atomicity, training after pruning, Group.prune."""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import graphprune
+import graphprune.api
+import graphprune.surgery
+import tracer
+from conftest import assert_same_state, count_params, size_attrs, state_snapshot, training_flags
+
+
+class SmallNet(nn.Module):
+    """stem -> residual block (inner width 12) -> conv3 -> pool -> fc.
+
+    Prunable groups: the residual stream (16), the block's inner width (12), conv3's width (24).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conva = nn.Conv2d(16, 12, 3, padding=1, bias=False)
+        self.bna = nn.BatchNorm2d(12)
+        self.convb = nn.Conv2d(12, 16, 3, padding=1, bias=False)
+        self.bnb = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 24, 3, stride=2, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(24)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        y = self.bnb(self.convb(F.relu(self.bna(self.conva(x)))))
+        x = F.relu(x + y)
+        x = F.relu(self.bn3(self.conv3(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def small_net() -> SmallNet:
+    model = SmallNet()
+    with torch.no_grad():  # non-trivial norm statistics and affine parameters
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def widths(model: SmallNet) -> tuple:
+    return model.conv1.out_channels, model.conva.out_channels, model.conv3.out_channels
+
+
+def group_of(report, name: str, dim: int):
+    found = [g for g in report.groups for m in g.members if m.name == name and m.dim == dim]
+    assert len(found) == 1
+    return found[0]
+
+
+def assert_consistent(model: SmallNet) -> None:
+    """Every size attribute agrees with the tensors it describes."""
+    s, inner, w = widths(model)
+    assert model.conv1.weight.shape == (s, 3, 3, 3)
+    assert model.bn1.num_features == model.bn1.weight.numel() == model.bn1.running_mean.numel() == s
+    assert model.conva.in_channels == s and model.conva.weight.shape == (inner, s, 3, 3)
+    assert model.bna.num_features == model.bna.running_var.numel() == inner
+    assert model.convb.in_channels == inner and model.convb.out_channels == s
+    assert model.convb.weight.shape == (s, inner, 3, 3)
+    assert model.bnb.num_features == s and model.conv3.in_channels == s
+    assert model.conv3.weight.shape == (w, s, 3, 3)
+    assert model.bn3.num_features == w and model.fc.in_features == w and model.fc.weight.shape == (10, w)
+
+
+# --------------------------------------------------------------------------- ratio
+def test_ratio_zero_leaves_model_bit_identical():
+    model = small_net()
+    with torch.no_grad():
+        reference = model(X)
+    snapshot, attrs = state_snapshot(model), size_attrs(model)
+    params = list(model.parameters())
+    assert graphprune.prune(model, 0.0, X) is model
+    assert_same_state(model, snapshot)
+    assert size_attrs(model) == attrs
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    with torch.no_grad():
+        assert torch.equal(model(X), reference)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_ratio_removes_floor_ratio_n_channels_of_every_group(ratio):
+    model = small_net()
+    with torch.no_grad():
+        shape = model(X).shape
+    params = count_params(model)
+    graphprune.prune(model, ratio, X)
+    assert widths(model) == tuple(n - math.floor(ratio * n) for n in (16, 12, 24))
+    assert_consistent(model)
+    assert count_params(model) < params
+    with torch.no_grad():
+        assert model(X).shape == shape == (2, 10)
+    # The classifier's outputs reach the model output: never pruned.
+    assert model.fc.out_features == 10
+
+
+def test_ratio_half_on_resnet18_keeps_output_shape_and_drops_parameters():
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    params = count_params(model)
+    graphprune.prune(model, 0.5, x)
+    assert count_params(model) < 0.35 * params  # most weights sit in convs pruned on both sides
+    assert model.conv1.out_channels == 32 and model.fc.in_features == 256 and model.fc.out_features == 1000
+    with torch.no_grad():
+        assert model(x).shape == (1, 1000)
+
+
+@pytest.mark.parametrize(
+    "ratio, error, message",
+    [
+        (-0.1, ValueError, "ratio must lie in [0, 1), got -0.1"),
+        (1.0, ValueError, "ratio must lie in [0, 1), got 1.0"),
+        (1.5, ValueError, "ratio must lie in [0, 1), got 1.5"),
+        (float("nan"), ValueError, "ratio must lie in [0, 1), got nan"),
+        (True, TypeError, "ratio must be a real number in [0, 1), got bool"),
+        ("0.5", TypeError, "ratio must be a real number in [0, 1), got str"),
+        (torch.tensor(0.5), TypeError, "ratio must be a real number in [0, 1), got Tensor"),
+    ],
+)
+def test_invalid_ratio_is_rejected_before_anything_changes(ratio, error, message):
+    model = small_net()
+    snapshot = state_snapshot(model)
+    with pytest.raises(error, match="^" + re.escape(message) + "$"):
+        graphprune.prune(model, ratio, X)
+    assert_same_state(model, snapshot)
+
+
+def test_numpy_ratio_is_accepted():
+    model = small_net()
+    graphprune.prune(model, np.float64(0.5), X)
+    assert widths(model) == (8, 6, 12)
+
+
+def test_criterion_names():
+    model = small_net()
+    graphprune.prune(model, 0.5, X, criterion="L2")
+    assert widths(model) == (8, 6, 12)
+    with pytest.raises(ValueError, match="unknown criterion 'nope'"):
+        graphprune.prune(small_net(), 0.5, X, criterion="nope")
+    with pytest.raises(TypeError, match="criterion must be a name or a Criterion instance, got int"):
+        graphprune.prune(small_net(), 0.5, X, criterion=3)
+
+
+@pytest.mark.parametrize("call", [graphprune.analyze, lambda m, x: graphprune.prune(m, 0.5, x)])
+@pytest.mark.parametrize("bad, kind", [([nn.Linear(2, 2)], "list"), ("model", "str"), (None, "NoneType")])
+def test_non_module_is_a_type_error(call, bad, kind):
+    with pytest.raises(TypeError, match=f"^model must be a torch.nn.Module, got {kind}$"):
+        call(bad, X)
+
+
+# --------------------------------------------------------------------------- atomicity
+def _prepare_for_atomicity():
+    model = small_net()
+    model.train()
+    F.cross_entropy(model(X), torch.tensor([1, 2])).backward()  # populate .grad
+    model.eval()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        reference = model(X)
+    return model, grads, reference
+
+
+def _assert_restored(model, snapshot, attrs, params, grads, reference):
+    assert_same_state(model, snapshot)
+    assert size_attrs(model) == attrs
+    assert all(a is b for a, b in zip(model.parameters(), params)), "parameters were replaced"
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[name]), f"{name}.grad changed"
+    with torch.no_grad():
+        assert torch.equal(model(X), reference)
+
+
+def _fail_after(monkeypatch, name: str, calls: int):
+    original = getattr(graphprune.surgery._Transaction, name)
+    seen = []
+
+    def failing(self, *args, **kwargs):
+        seen.append(args)
+        if len(seen) > calls:
+            raise RuntimeError(f"injected failure in {name}")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(graphprune.surgery._Transaction, name, failing)
+    return seen
+
+
+@pytest.mark.parametrize("name, calls", [("set_attr", 3), ("shrink", 5)])
+def test_failure_in_the_middle_of_surgery_restores_everything(monkeypatch, name, calls):
+    model, grads, reference = _prepare_for_atomicity()
+    snapshot, attrs, params = state_snapshot(model), size_attrs(model), list(model.parameters())
+    seen = _fail_after(monkeypatch, name, calls)
+    with pytest.raises(graphprune.PruningError, match=f"model was restored.*injected failure in {name}"):
+        graphprune.prune(model, 0.5, X)
+    assert len(seen) == calls + 1  # it really failed half-way
+    _assert_restored(model, snapshot, attrs, params, grads, reference)
+
+
+def test_failing_verify_restores_everything():
+    model, grads, reference = _prepare_for_atomicity()
+    snapshot, attrs, params = state_snapshot(model), size_attrs(model), list(model.parameters())
+    report = graphprune.analyze(model, X)
+    plan = {g: [0, 1] for g in report.prunable_groups}
+    surgery = report.prunable_groups[0]._surgery
+    shapes_seen = []
+
+    def verify(removed):
+        shapes_seen.append(tuple(model.conv1.weight.shape))
+        raise RuntimeError("verification says no")
+
+    with pytest.raises(graphprune.PruningError, match="verification says no") as info:
+        surgery.prune_groups(plan, verify=verify)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert shapes_seen == [(14, 3, 3, 3)]  # verify ran on the pruned model
+    _assert_restored(model, snapshot, attrs, params, grads, reference)
+
+    # The failed attempt left the surgery usable: the same plan now goes through.
+    surgery.prune_groups(plan)
+    assert widths(model) == (14, 10, 22)
+    assert_consistent(model)
+    for p in model.parameters():
+        assert p.grad is None or p.grad.shape == p.shape
+
+
+def test_failing_audit_in_prune_restores_everything(monkeypatch):
+    model, grads, reference = _prepare_for_atomicity()
+    snapshot, attrs, params = state_snapshot(model), size_attrs(model), list(model.parameters())
+
+    def broken_audit(*args, **kwargs):
+        raise RuntimeError("audit crashed")
+
+    monkeypatch.setattr(graphprune.api, "audit", broken_audit)
+    with pytest.raises(graphprune.PruningError, match="audit crashed"):
+        graphprune.prune(model, 0.5, X)
+    _assert_restored(model, snapshot, attrs, params, grads, reference)
+
+
+# --------------------------------------------------------------------------- training after pruning
+def test_training_works_after_pruning():
+    model = small_net().train()
+    images, labels = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    F.cross_entropy(model(images), labels).backward()  # stale grads of the old shapes
+    graphprune.prune(model, 0.5, X)
+    assert model.training and all(m.training for m in model.modules())
+    for name, p in model.named_parameters():
+        assert isinstance(p, nn.Parameter) and p.requires_grad, name
+        assert p.grad is None or p.grad.shape == p.shape, name
+    model.zero_grad(set_to_none=True)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        for name, p in model.named_parameters():
+            assert p.grad is not None and p.grad.shape == p.shape, name
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0]
+    # BatchNorm statistics kept the pruned width while training updated them.
+    assert model.bn1.running_mean.shape == (8,) and model.bn1.num_batches_tracked > 0
+
+
+# --------------------------------------------------------------------------- inplace / ignored_layers
+def test_inplace_false_leaves_the_original_untouched():
+    model = small_net()
+    snapshot, attrs = state_snapshot(model), size_attrs(model)
+    pruned = graphprune.prune(model, 0.5, X, inplace=False)
+    assert pruned is not model
+    assert widths(pruned) == (8, 6, 12) and widths(model) == (16, 12, 24)
+    assert_same_state(model, snapshot)
+    assert size_attrs(model) == attrs
+    assert not set(map(id, pruned.parameters())) & set(map(id, model.parameters()))
+    with torch.no_grad():
+        assert pruned(X).shape == model(X).shape
+
+
+@pytest.mark.parametrize("form", ["list", "str", "module"])
+def test_ignored_layers_keep_their_shapes(form):
+    model = small_net()
+    ignored = {"list": ["conv3"], "str": "conv3", "module": [model.conv3]}[form]
+    conv3 = model.conv3.weight.shape
+    report = graphprune.analyze(model, X, ignored_layers=ignored)
+    # conv3 reads the residual stream and writes its own width: both groups are blocked.
+    assert group_of(report, "conv3.weight", 0).blocked == ["ignored_layers: conv3"]
+    assert group_of(report, "conv3.weight", 1).blocked == ["ignored_layers: conv3"]
+    assert "ignored_layers: conv3" in str(report)
+    graphprune.prune(model, 0.5, X, ignored_layers=ignored)
+    assert model.conv3.weight.shape == conv3
+    assert widths(model) == (16, 6, 24)  # only the inner width was free to go
+    assert_consistent(model)
+
+
+def test_ignored_layers_prefix_covers_submodules():
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    layer4 = {n: p.shape for n, p in model.layer4.named_parameters()}
+    graphprune.prune(model, 0.5, x, ignored_layers=["layer4"])
+    assert {n: p.shape for n, p in model.layer4.named_parameters()} == layer4
+    assert model.layer1[0].conv1.out_channels == 32
+
+
+@pytest.mark.parametrize(
+    "ignored, shown",
+    [(["conv3", "nope"], "['nope']"), (["layer1"], "['layer1']"), ([nn.Conv2d(1, 1, 1)], "['Conv2d']")],
+)
+def test_unknown_ignored_layers_are_a_value_error(ignored, shown):
+    model = small_net()
+    snapshot = state_snapshot(model)
+    message = f"ignored_layers has entries that are not submodules of SmallNet: {shown}"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        graphprune.prune(model, 0.5, X, ignored_layers=ignored)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        graphprune.analyze(model, X, ignored_layers=ignored)
+    assert_same_state(model, snapshot)
+
+
+# --------------------------------------------------------------------------- example inputs
+def test_wrong_input_shape_is_a_value_error_and_changes_nothing():
+    model = small_net()
+    snapshot, attrs = state_snapshot(model), size_attrs(model)
+    bad = torch.randn(1, 4, 16, 16)
+    with pytest.raises(ValueError, match="SmallNet raised RuntimeError on the example inputs: .*Pass example_inputs"):
+        graphprune.prune(model, 0.5, bad)
+    with pytest.raises(ValueError, match="on the example inputs"):
+        graphprune.analyze(model, bad)
+    assert_same_state(model, snapshot)
+    assert size_attrs(model) == attrs
+    assert not model.training
+
+
+def test_inferred_inputs_warn_and_prune_works():
+    model = torchvision.models.resnet18(weights=None).eval()
+    params = count_params(model)
+    expected = re.escape("example_inputs not given; using a random tensor of shape (1, 3, 224, 224) (first layer Conv2d)")
+    with pytest.warns(graphprune.InferredInputWarning, match=expected):
+        report = graphprune.analyze(model)
+    assert report.input_description == "inferred tensor(1, 3, 224, 224)"
+    with pytest.warns(graphprune.InferredInputWarning, match=expected):
+        graphprune.prune(model, 0.3)
+    assert count_params(model) < params
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize("call", ["analyze", "prune"])
+def test_inferred_input_warning_points_at_the_caller(call):
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if call == "analyze":
+            graphprune.analyze(model)
+        else:
+            graphprune.prune(model, 0.5)
+    inferred = [w for w in caught if issubclass(w.category, graphprune.InferredInputWarning)]
+    assert len(inferred) == 1
+    assert "shape (1, 6) (first layer Linear)" in str(inferred[0].message)
+    assert inferred[0].filename == __file__, f"warning attributed to {inferred[0].filename}"
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(5, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, image, extra):
+        return self.head(F.relu(self.a(image) + self.b(extra)))
+
+
+IMAGE, EXTRA = torch.randn(1, 3, 8, 8), torch.randn(1, 5, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "inputs", [(IMAGE, EXTRA), {"image": IMAGE, "extra": EXTRA}, {"extra": EXTRA, "image": IMAGE}],
+    ids=["tuple", "dict", "dict-reordered"],
+)
+def test_tuple_and_dict_example_inputs(inputs):
+    model = TwoInputs().eval()
+    report = graphprune.analyze(model, inputs)
+    assert [g.size for g in report.prunable_groups] == [8]
+    assert group_of(report, "a.weight", 0) is group_of(report, "b.weight", 0)
+    assert group_of(report, "b.weight", 1).blocked == ["model input"]
+    graphprune.prune(model, 0.5, inputs)
+    assert model.a.out_channels == model.b.out_channels == model.head.in_channels == 4
+    with torch.no_grad():
+        assert model(IMAGE, EXTRA).shape == (1, 2, 8, 8)
+        assert model(image=IMAGE, extra=EXTRA).shape == (1, 2, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        ({"image": IMAGE, "mask": EXTRA}, "example_inputs has keys ['mask'] that forward() does not take"),
+        ({"image": IMAGE}, "example_inputs has no value for forward() argument 'extra'"),
+        ((EXTRA, IMAGE), "TwoInputs raised RuntimeError on the example inputs"),
+    ],
+)
+def test_bad_structured_inputs(inputs, message):
+    model = TwoInputs().eval()
+    snapshot = state_snapshot(model)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        graphprune.prune(model, 0.5, inputs)
+    assert_same_state(model, snapshot)
+
+
+# --------------------------------------------------------------------------- nothing to prune / modes
+def test_model_without_prunable_group_warns_and_is_returned_unchanged():
+    model = nn.Sequential(nn.Linear(4, 3)).eval()  # input and output channels only
+    snapshot = state_snapshot(model)
+    report = graphprune.analyze(model, torch.randn(2, 4))
+    assert report.groups and not report.prunable_groups
+    assert "no prunable group" in str(report)
+    with pytest.warns(UserWarning, match=r"^Sequential has no prunable channel group; the model is unchanged$") as record:
+        result = graphprune.prune(model, 0.5, torch.randn(2, 4))
+    assert result is model
+    assert record[0].filename == __file__
+    assert_same_state(model, snapshot)
+
+
+@pytest.mark.parametrize("call", ["analyze", "prune"])
+def test_training_flags_are_restored(call):
+    model = small_net().train()
+    model.bna.eval()  # a mixed state must come back exactly
+    flags = training_flags(model)
+    if call == "analyze":
+        graphprune.analyze(model, X)
+    else:
+        graphprune.prune(model, 0.5, X)
+    assert training_flags(model) == flags
+    # and eval models stay in eval mode
+    model = small_net().eval()
+    flags = training_flags(model)
+    getattr(graphprune, call)(model, X) if call == "analyze" else graphprune.prune(model, 0.5, X)
+    assert training_flags(model) == flags
+
+
+def test_analyze_does_not_modify_the_model():
+    model = small_net()
+    snapshot, attrs = state_snapshot(model), size_attrs(model)
+    report = graphprune.analyze(model, X)
+    assert_same_state(model, snapshot)
+    assert size_attrs(model) == attrs
+    assert sorted(g.size for g in report.prunable_groups) == [12, 16, 24]
+    text = str(report)
+    assert text.startswith(f"graphprune analysis of SmallNet: {len(report.groups)} groups, 3 prunable")
+    assert len(text.splitlines()) == 3 + len(report.groups)  # title, header, rule, one row per group
+
+
+# --------------------------------------------------------------------------- Group.prune
+def test_group_prune_with_explicit_indices():
+    model = small_net()
+    before = state_snapshot(model)
+    report = graphprune.analyze(model, X)
+    stream = group_of(report, "conv1.weight", 0)
+    inner = group_of(report, "conva.weight", 0)
+    assert (stream.size, inner.size) == (16, 12)
+
+    stream.prune([0, 5, 15])
+    keep = [i for i in range(16) if i not in (0, 5, 15)]
+    assert torch.equal(model.conv1.weight, before["conv1.weight"][keep])
+    for key in ("bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var", "bnb.running_mean"):
+        assert torch.equal(model.get_parameter(key) if "running" not in key else model.get_buffer(key), before[key][keep])
+    assert torch.equal(model.conva.weight, before["conva.weight"][:, keep])
+    assert torch.equal(model.convb.weight, before["convb.weight"][keep])
+    assert torch.equal(model.conv3.weight, before["conv3.weight"][:, keep])
+    assert widths(model) == (13, 12, 24)
+    assert_consistent(model)
+
+    # A second group of the same analysis: removals accumulate on shared tensors.
+    inner.prune(np.array([11, 2]))
+    keep_inner = [i for i in range(12) if i not in (2, 11)]
+    assert torch.equal(model.conva.weight, before["conva.weight"][keep_inner][:, keep])
+    assert torch.equal(model.convb.weight, before["convb.weight"][keep][:, keep_inner])
+    assert widths(model) == (13, 10, 24)
+    assert_consistent(model)
+    with torch.no_grad():
+        assert model(X).shape == (2, 10)
+
+    with pytest.raises(ValueError, match=r"group \d+ was already pruned; run analyze\(\) again"):
+        stream.prune([1])
+
+
+@pytest.mark.parametrize(
+    "indices, message",
+    [
+        ([12], r"channel indices for group \d+ must lie in \[0, 12\); got 12\.\.12"),
+        ([0, -1], r"must lie in \[0, 12\); got -1\.\.0"),
+        ([3, 4, 3], r"channel indices for group \d+ contain duplicates"),
+        (list(range(12)), r"cannot remove all 12 channels of group \d+ \(conva\)"),
+    ],
+)
+def test_group_prune_rejects_bad_indices(indices, message):
+    model = small_net()
+    snapshot = state_snapshot(model)
+    inner = group_of(graphprune.analyze(model, X), "conva.weight", 0)
+    with pytest.raises(ValueError, match=message):
+        inner.prune(indices)
+    assert_same_state(model, snapshot)
+    inner.prune([0])  # still usable afterwards
+    assert model.conva.out_channels == 11
+
+
+@pytest.mark.parametrize("indices", [[1.7], np.array([0.5, 3.2])], ids=["list", "array"])
+def test_group_prune_rejects_non_integer_indices(indices):
+    model = small_net()
+    snapshot = state_snapshot(model)
+    inner = group_of(graphprune.analyze(model, X), "conva.weight", 0)
+    with pytest.raises((TypeError, ValueError), match="integer"):
+        inner.prune(indices)  # silently truncating 1.7 to channel 1 would remove the wrong channel
+    assert_same_state(model, snapshot)
+
+
+def test_pruning_a_pruned_model_again():
+    model = small_net()
+    graphprune.prune(model, 0.5, X)
+    graphprune.prune(model, 0.5, X)
+    assert widths(model) == (4, 3, 6)
+    assert_consistent(model)
+    with torch.no_grad():
+        assert model(X).shape == (2, 10)
+
+
+def test_group_prune_refuses_blocked_groups_and_ignores_empty_plans():
+    model = small_net()
+    snapshot = state_snapshot(model)
+    report = graphprune.analyze(model, X)
+    head = group_of(report, "fc.weight", 0)
+    assert head.blocked == ["reaches output"]
+    with pytest.raises(ValueError, match=r"is blocked: reaches output"):
+        head.prune([0])
+    group_of(report, "conva.weight", 0).prune([])
+    assert_same_state(model, snapshot)
+
+
+# --------------------------------------------------------------------------- untraceable code
+class Gate(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on a tensor value: torch.fx cannot trace this
+            return self.conv(x)
+        return x
+
+
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.gate = Gate(8)
+        self.mid = nn.Conv2d(8, 6, 1)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.mid(self.gate(F.relu(self.stem(x))))))
+
+
+class RootControlFlow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3, 1, 1))
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * self.scale
+        return x
+
+
+X8 = torch.randn(1, 3, 8, 8)
+
+
+def test_untraceable_submodule_error_names_it_and_suggests_leaf_modules():
+    with pytest.raises(graphprune.TraceError) as info:
+        tracer.capture(Gated())
+    error = info.value
+    assert error.module_name == "gate"
+    message = str(error)
+    assert "in module 'gate' (Gate)" in message
+    assert "if x.sum() > 0:" in message and __file__ in message
+    assert "leaf_modules=['gate']" in message
+
+
+def test_untraceable_submodule_becomes_opaque_and_blocks_its_channels():
+    model = Gated().eval()
+    report = graphprune.analyze(model, X8)
+    assert list(report.graph.graph["opaque"]) == ["gate"]
+    for name, dim in (("stem.weight", 0), ("mid.weight", 1)):
+        blocked = group_of(report, name, dim).blocked
+        assert len(blocked) == 1 and "'gate'" in blocked[0] and "could not be traced" in blocked[0]
+    assert group_of(report, "mid.weight", 0).prunable
+    gate = model.gate.conv.weight.detach().clone()
+    graphprune.prune(model, 0.5, X8)
+    assert model.mid.out_channels == 3 and model.stem.out_channels == 8
+    assert torch.equal(model.gate.conv.weight, gate)
+
+
+def test_leaf_modules_makes_an_untraceable_submodule_analyzable():
+    model = Gated().eval()
+    report = graphprune.analyze(model, X8, leaf_modules=["gate"])
+    blocked = group_of(report, "stem.weight", 0).blocked
+    assert len(blocked) == 1 and "'gate'" in blocked[0]
+    assert group_of(report, "mid.weight", 0).prunable
+    graphprune.prune(model, 0.5, X8, leaf_modules=[Gate])
+    assert model.mid.out_channels == 3
+    with pytest.raises(ValueError, match=r"leaf_modules names \['nope'\] are not submodules of Gated"):
+        graphprune.analyze(model, X8, leaf_modules=["nope"])
+
+
+def test_untraceable_root_forward_raises_trace_error():
+    model = RootControlFlow()
+    snapshot = state_snapshot(model)
+    for call in (lambda: graphprune.analyze(model, X8), lambda: graphprune.prune(model, 0.5, X8)):
+        with pytest.raises(graphprune.TraceError, match=r"in the model's own forward.*leaf_modules"):
+            call()
+    assert_same_state(model, snapshot)

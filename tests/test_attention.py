@@ -1,0 +1,103 @@
+"""Attention: timm-style (manual and fused), nn.MultiheadAttention and ViT, in both head modes."""
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import graphprune
+from oracle import dead_channel_oracle
+
+
+class TimmAttention(nn.Module):
+    def __init__(self, dim=32, num_heads=4, fused=False):
+        super().__init__()
+        self.num_heads, self.head_dim, self.fused = num_heads, dim // num_heads, fused
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if self.fused:
+            x = nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            x = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Encoder(nn.Module):
+    """Residual attention without LayerNorm, so every group is exact."""
+
+    def __init__(self, attention):
+        super().__init__()
+        self.embed, self.attention, self.head = nn.Linear(12, 32), attention, nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        if isinstance(self.attention, nn.MultiheadAttention):
+            x = x + self.attention(x, x, x, need_weights=False)[0]
+        else:
+            x = x + self.attention(x)
+        return self.head(x.mean(1))
+
+
+def build(kind):
+    torch.manual_seed(0)
+    if kind == "mha":
+        return Encoder(nn.MultiheadAttention(32, 4, batch_first=True)).eval()
+    return Encoder(TimmAttention(fused=kind == "fused")).eval()
+
+
+def head_attrs(model):
+    attention = model.attention
+    return attention.num_heads, attention.head_dim
+
+
+@pytest.mark.parametrize("kind", ["manual", "fused", "mha"])
+@pytest.mark.parametrize("prune_heads", [False, True])
+def test_attention_oracle_and_attributes(kind, prune_heads):
+    x = torch.randn(2, 7, 12)
+    result = dead_channel_oracle(build(kind), x, fraction=0.5, prune_heads=prune_heads)
+    # nn.MultiheadAttention scales by 1/sqrt(head_dim): shrinking head_dim is approximate.
+    if kind == "mha" and not prune_heads:
+        assert result["groups_tested"] == 0 and result["prunable_groups"] == 1
+    else:
+        assert result["groups_tested"] >= 1
+
+    model = build(kind)
+    report = graphprune.analyze(model, x, prune_heads=prune_heads)
+    # nn.MultiheadAttention ties q/k/v to the stream, so its heads live in the stream's group.
+    qkv_group = next(g for g in report.prunable_groups if g.root == ("embed" if kind == "mha" else "attention.qkv"))
+    assert qkv_group.size == (4 if prune_heads else 8)  # 4 heads, or head_dim 8 shared by all heads
+    graphprune.prune(model, 0.5, x, prune_heads=prune_heads)
+    assert head_attrs(model) == ((2, 8) if prune_heads else (4, 4))
+    assert model(x).shape == (2, 5)
+
+
+def test_fused_attention_default_scale_is_approximate():
+    class Fused(TimmAttention):
+        def forward(self, x):
+            B, N, C = x.shape
+            q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            return self.proj(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+    report = graphprune.analyze(Encoder(Fused()).eval(), torch.randn(2, 7, 12))
+    group = next(g for g in report.groups if g.root == "attention.qkv")
+    assert group.prunable and not group.exact
+    assert "scale" in group.notes[0]
+
+
+@pytest.mark.parametrize("prune_heads", [False, True])
+def test_vit_prunes_stream_mlp_and_heads(prune_heads):
+    model = torchvision.models.vit_b_32(image_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    before = sum(p.numel() for p in model.parameters())
+    graphprune.prune(model, 0.5, x, prune_heads=prune_heads)
+    attention = model.encoder.layers[0].self_attention
+    assert (attention.num_heads, attention.head_dim) == ((6, 64) if prune_heads else (12, 32))
+    assert model.hidden_dim == attention.embed_dim == 384
+    assert model.encoder.layers[0].mlp[0].out_features == 1536
+    assert model(x).shape == (1, 1000)
+    assert sum(p.numel() for p in model.parameters()) < 0.4 * before
