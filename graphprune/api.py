@@ -195,6 +195,7 @@ def analyze(
     shrinks); by default every head keeps the same width and ``head_dim`` shrinks. The model
     is not modified; its train/eval flags are restored.
     """
+    _check_model(model)
     with eval_mode(model):
         analysis, _ = _run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads)
     return analysis.report

@@ -12,6 +12,7 @@ import tracer
 from tracer import TensorSpec
 
 from .propagate import Propagation
+from .rules.pointwise import PART_INPUT
 
 
 class AuditError(RuntimeError):
@@ -44,9 +45,11 @@ def audit(
 ) -> None:
     """Raise :class:`AuditError` unless every node of the re-traced ``model`` has the predicted shape."""
     graph = tracer.trace(model, example_inputs, leaf_modules)
+    # Sizes fed to a traced part by untraced code (e.g. a detector's proposals) may change.
+    data_dependent = np.array([(s.blocked or "").startswith(PART_INPUT) for s in state.space.sets] + [False])
     mismatches, suspects = [], []
     for name, attrs in state.graph.nodes(data=True):
-        if attrs["op"] == "get_attr":  # parameters are checked through their users; fx renames constants
+        if attrs["op"] in ("get_attr", "output"):  # checked through their users / producers; fx renames constants
             continue
         dims = _dims(state.labels.get(name), attrs["value"])
         if name not in graph.nodes:
@@ -59,7 +62,8 @@ def audit(
             mismatches.append(f"{name}: expected dims {predicted}, got {actual}")
             suspects.extend(ids for ids, _ in dims if ids is not None)
             continue
-        bad = [d for d, (p, a) in enumerate(zip(predicted, actual)) if p != a]
+        free = [ids is not None and ids.size > 0 and data_dependent[state.space.set_of(ids)].any() for ids, _ in dims]
+        bad = [d for d, (p, a) in enumerate(zip(predicted, actual)) if p != a and not free[d]]
         if bad:
             mismatches.append(f"{name}: expected sizes {predicted}, got {actual}")
             suspects.extend(dims[d][0] for d in bad if dims[d][0] is not None)

@@ -308,7 +308,8 @@ def _search(analysis, scores: dict, goal: float, base: float, evaluate, model: n
     raises, so the model is rolled back). Exact metrics measure each distinct plan once.
     A ``noisy`` metric (latency) keeps every measurement of a plan and uses their mean: a
     plan that seems to land is measured twice more before it is accepted, and if the
-    bisection runs out the closest plans are measured again before choosing.
+    bisection runs out, the closest plans are measured again and a second bisection runs
+    in the bracket given by the averaged measurements.
     Returns ``(ratio, plan, achieved)``.
     """
     groups = analysis.report.groups
@@ -343,29 +344,38 @@ def _search(analysis, scores: dict, goal: float, base: float, evaluate, model: n
             return abs(mean - goal) <= tol
         return True
 
-    lo, hi = 0.0, upper
-    key_lo, f_lo = value(lo)
-    if f_lo > goal + tol:
-        key_hi, f_hi = value(hi)
-        if f_hi < goal - tol or (noisy and not lands(key_hi)):
-            for _ in range(40):
-                mid = 0.5 * (lo + hi)
-                key, f_mid = value(mid)
-                if lands(key) or hi - lo < 1e-5:
-                    break
-                f_mid = float(np.mean(samples[key]))
-                if f_mid > goal:
-                    lo = mid
-                else:
-                    hi = mid
-
     def distance(key) -> float:
         return abs(float(np.mean(samples[key])) - goal)
 
-    if noisy and min(distance(k) for k in samples) > tol:
-        for key in sorted(samples, key=distance)[:3]:  # a second opinion on the closest plans
-            while len(samples[key]) < 3:
-                measure(key, tried[key][1])
+    def bisect(lo: float, hi: float) -> bool:
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            key, _ = value(mid)
+            if lands(key):
+                return True
+            if hi - lo < 1e-5:
+                return False
+            if float(np.mean(samples[key])) > goal:
+                lo = mid
+            else:
+                hi = mid
+        return False
+
+    key_lo, f_lo = value(0.0)
+    if f_lo > goal + tol:
+        key_hi, _ = value(upper)
+        if not lands(key_hi) and float(np.mean(samples[key_hi])) < goal and not bisect(0.0, upper) and noisy:
+            # noise may have sent the bisection astray: measure the closest plans again, then
+            # bisect once more inside the bracket that the averaged measurements give
+            for key in sorted(samples, key=distance)[:3]:
+                while len(samples[key]) < 3:
+                    measure(key, tried[key][1])
+            if min(distance(k) for k in samples) > tol:
+                points = sorted((tried[k][0], float(np.mean(v))) for k, v in samples.items())
+                lo = max((r for r, f in points if f > goal), default=0.0)
+                hi = min((r for r, f in points if f < goal and r > lo), default=upper)
+                bisect(lo, hi)
+
     best = min(samples, key=lambda k: (distance(k), tried[k][0]))
     r, plan = tried[best]
     return float(r), plan, float(np.mean(samples[best]))

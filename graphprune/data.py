@@ -38,8 +38,8 @@ def _positive_int(value, name: str, minimum: int = 1) -> int:
 def digits_datasets(image_size: int = 32, seed: int = 0, channels: int = 3) -> tuple[TensorDataset, TensorDataset]:
     """``(train, test)`` :class:`~torch.utils.data.TensorDataset` s of ``(image, label)``.
 
-    Images are ``(channels, image_size, image_size)`` float32, bilinearly upsampled from
-    8x8, scaled to [0, 1] and standardised with the training set's mean and standard
+    Images are ``(channels, image_size, image_size)`` float32, scaled to [0, 1], bilinearly
+    upsampled from 8x8 and standardised with the upsampled training set's mean and standard
     deviation (one value for all channels, as they are copies); labels are int64 in 0..9.
     The split is stratified and fixed by ``seed``. Results are cached per arguments; the
     tensors are shared between calls, so do not modify them in place.
@@ -61,11 +61,11 @@ def _digits(image_size: int, seed: int, channels: int) -> tuple[TensorDataset, T
     train_idx, test_idx = train_test_split(
         np.arange(labels.size), test_size=_TEST_FRACTION, random_state=seed, stratify=labels
     )
-    mean = float(images[train_idx].mean())
-    std = float(images[train_idx].std())
-    tensor = torch.from_numpy((images - mean) / std).unsqueeze(1)
+    tensor = torch.from_numpy(images).unsqueeze(1)
     if image_size != 8:
         tensor = F.interpolate(tensor, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    reference = tensor[torch.from_numpy(train_idx)]
+    tensor = (tensor - reference.mean()) / reference.std()
     tensor = tensor.expand(-1, channels, -1, -1).contiguous()
     targets = torch.from_numpy(labels)
     train_idx, test_idx = torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(test_idx))

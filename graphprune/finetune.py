@@ -345,7 +345,8 @@ def finetune(
                 count = outputs.shape[0]
                 loss_sum += loss.detach().double() * count
                 seen += count
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{last_lr:.2g}", refresh=False)
+                if not bar.disable:  # .item() waits for the device: only when the bar is shown
+                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{last_lr:.2g}", refresh=False)
             bar.close()
             total_loss, total_seen = gdist.all_reduce_sum([loss_sum.item(), seen]) if distributed else (loss_sum.item(), seen)
             if distributed:

@@ -55,5 +55,5 @@ def resolve_example_inputs(model: nn.Module, example_inputs: Any) -> tuple[Any, 
     if example_inputs is not None:
         return example_inputs, False
     inputs, description = infer_example_inputs(model)
-    warnings.warn(f"example_inputs not given; using {description}", InferredInputWarning, stacklevel=3)
+    warnings.warn(f"example_inputs not given; using {description}", InferredInputWarning, stacklevel=4)
     return inputs, True

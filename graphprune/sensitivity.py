@@ -268,7 +268,7 @@ def sensitivity(
             value = value.item()
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(float(value)):
             raise TypeError(f"eval_fn must return a real number, got {value!r} for {what}")
-        return float(value)
+        return float(value) + 0.0  # -0.0 -> 0.0
 
     with eval_mode(model):
         analysis, inputs = _run_analysis(model, example_inputs, leaf_modules, ())

@@ -68,7 +68,10 @@ class ChannelSurgery:
                 raise ValueError(f"group {group.id} belongs to another analysis")
             if group.blocked:
                 raise ValueError(f"group {group.id} ({group.root}) is blocked: {'; '.join(group.blocked)}")
-            index = np.asarray(indices, dtype=np.int64).ravel()
+            index = np.asarray(indices).ravel()
+            if index.size and not np.issubdtype(index.dtype, np.integer):
+                raise TypeError(f"channel indices for group {group.id} must be integers, got {index.dtype}")
+            index = index.astype(np.int64)
             if index.size == 0:
                 continue
             if group.id in self._pruned:

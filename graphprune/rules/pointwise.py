@@ -90,8 +90,11 @@ def metadata(state: Propagation, node: fx.Node):
     return None
 
 
+PART_INPUT = "input of traced part"
+
+
 def placeholder(state: Propagation, node: fx.Node):
-    where = f"input of traced part '{state.part[:-1]}'" if state.part else "model input"
+    where = f"{PART_INPUT} '{state.part[:-1]}'" if state.part else "model input"
     return state.fresh(state.value(node), f"input {node.name}", where)
 
 

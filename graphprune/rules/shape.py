@@ -153,7 +153,10 @@ def flatten(state: Propagation, node: fx.Node):
 def unflatten(state: Propagation, node: fx.Node):
     x = state.labels_of(node.args[0])
     in_spec, out_spec = state.value(node.args[0]), state.value(node)
-    return reshape_labels(state, node, x, in_spec.shape, out_spec.shape, None)
+    dim = _arg(node, 1, "dim") % len(x)
+    sizes = list(_arg(node, 2, "sizes"))
+    size_args = [None] * dim + sizes + [None] * (len(out_spec.shape) - dim - len(sizes))
+    return reshape_labels(state, node, x, in_spec.shape, out_spec.shape, size_args)
 
 
 def permute(state: Propagation, node: fx.Node):
@@ -242,14 +245,12 @@ def stack(state: Propagation, node: fx.Node):
 
 
 def split(state: Propagation, node: fx.Node):
-    """split with sizes: a literal size cannot follow pruning, so the dim is blocked."""
+    """split at given sizes: nothing says how those sizes would follow pruning (literal or
+    computed), so the split dim is blocked. ``chunk`` is the prunable way to halve."""
     x = state.labels_of(node.args[0])
-    sizes = _arg(node, 1, "split_size_or_sections", _arg(node, 1, "split_size"))
     dim = _arg(node, 2, "dim", 0) % len(x)
-    outs = state.value(node)
-    if isinstance(sizes, int) or any(isinstance(s, int) for s in (sizes if isinstance(sizes, (list, tuple)) else [])):
-        state.block(x[dim], f"{node.name} splits at fixed sizes")
-    return _pieces(x, dim, [o.shape[dim] for o in outs])
+    state.block(x[dim], f"{node.name} splits at sizes that cannot follow pruning")
+    return _pieces(x, dim, [o.shape[dim] for o in state.value(node)])
 
 
 def chunk(state: Propagation, node: fx.Node):
@@ -287,15 +288,17 @@ def getitem(state: Propagation, node: fx.Node):
         at = index.index(Ellipsis)
         used = sum(i is not None for i in index) - 1
         index = index[:at] + (slice(None),) * (len(x) - used) + index[at + 1 :]
+    fresh = state.fresh(state.value(node), f"{node.name} slice", f"{node.name} indexes a fixed position")
     out, d = [], 0
     for item in index:
         if item is None:
             out.append(np.array([NO_ID]))
             continue
-        if item != slice(None):
+        if item == slice(None):
+            out.append(x[d])
+        else:
             state.block(x[d], f"{node.name} indexes a fixed position")
-        if isinstance(item, slice):
-            sliced = x[d][item] if x[d].size > 1 else x[d]
-            out.append(sliced if sliced.size != 1 else np.array([NO_ID]))
+            if isinstance(item, slice):
+                out.append(fresh[len(out)])
         d += 1
     return tuple(out) + tuple(x[d:])
