@@ -71,7 +71,7 @@ def accuracy(model: nn.Module, data) -> float:
         return 100.0 * (model(data[0]).argmax(1) == data[1]).float().mean().item()
 
 
-def train(model: nn.Module, data, epochs: int, lr: float, seed: int, patience: int = 0) -> int:
+def train(model: nn.Module, data, epochs: int, lr: float, seed: int, patience: int = 0, label_smoothing: float = 0.0) -> int:
     """Adam with a cosine schedule; with ``patience``, stop once the epoch loss has not
     improved by 1% for that many epochs. Returns the number of epochs run."""
     torch.manual_seed(seed)
@@ -84,7 +84,7 @@ def train(model: nn.Module, data, epochs: int, lr: float, seed: int, patience: i
         total = 0.0
         for x, y in batches:
             optimiser.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
+            loss = nn.functional.cross_entropy(model(x), y, label_smoothing=label_smoothing)
             loss.backward()
             optimiser.step()
             total += loss.item() * len(y)

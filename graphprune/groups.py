@@ -54,9 +54,13 @@ class Group:
 
     @property
     def root(self) -> str:
-        """The first producing layer of the group (its name in the report)."""
-        producers = [m for m in self.members if m.role == "out"] or self.members
-        return producers[0].module or producers[0].name
+        """The first layer producing the group's channels (its name in the report). A group
+        no layer produces, such as the model input's channels, is named by its first reader
+        in angle brackets: ``"<input of conv1>"``."""
+        producers = [m for m in self.members if m.role in ("out", "param")]
+        if producers:
+            return producers[0].module or producers[0].name
+        return f"<input of {self.members[0].module or self.members[0].name}>"
 
     @property
     def status(self) -> str:
