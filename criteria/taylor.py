@@ -36,7 +36,7 @@ def activation_sites(report) -> dict:
     for _, attrs in sorted(graph.nodes(data=True), key=lambda item: item[1]["index"]):
         if attrs["op"] != "call_module":
             continue
-        name = attrs["target"]
+        name = attrs["module"]  # qualified (``target`` is relative inside a per-child part)
         index = calls[name]
         calls[name] += 1
         channels = attrs.get("channels")
@@ -99,6 +99,11 @@ class Taylor(Criterion):
     layers' outputs when it has any); several sites are combined with
     :func:`~criteria.base.combine`. A group with no such activation falls back to
     :class:`~criteria.L1`; its id is listed in ``fallback_groups``.
+
+    On a model trained to (almost) zero loss on ``data_loader`` the cross-entropy gradient
+    vanishes and the estimate degenerates to noise from the few samples still misfit; pass a
+    loss whose gradient stays informative there, e.g. ``loss_fn=lambda out, y:
+    F.cross_entropy(out, y, label_smoothing=0.1)`` (see ``benchmarks/criteria.py``).
     """
 
     name = "taylor"

@@ -243,7 +243,7 @@ class PruningEngine:
         graph = nx.DiGraph(model=self.model)
         rank = len(layer.kernel_size) + 2 if isinstance(layer, nn.modules.conv._ConvNd) else 2
         channels = tuple((group.id, np.arange(group.size)) if d == 1 else None for d in range(rank))
-        graph.add_node(name or "layer", op="call_module", target=name, index=0, channels=channels)
+        graph.add_node(name or "layer", op="call_module", target=name, module=name, part="", index=0, channels=channels)
         return Report(type(self.model).__name__ if self.model is not None else type(layer).__name__, [group], graph, "layer-level engine")
 
     # ----------------------------------------------------------------- removing
