@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     if random_runs:
         spread = ", ".join(f"{r['pruned']:.1f}/{r['recal']:.1f}/{r['ce']:.1f}" + (f"/{r['kd']:.1f}" if kd else "")
                            for r in random_runs)
-        print(f"\nrandom, per seed (pruned/recal./CE" + ("/KD" if kd else "") + f"): {spread}")
+        print("\nrandom, per seed (pruned/recal./CE" + ("/KD" if kd else "") + f"): {spread}")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "random_runs": random_runs}, indent=2))
     return 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numbers
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ from tracer import call_model
 
 from .base import Criterion, combine
 from .magnitude import L1
+from tracer.devices import model_device, to_device
 
 
 def _is_dim_entry(entry: Any) -> bool:
@@ -59,21 +60,8 @@ def activation_sites(report) -> dict:
     return sites
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
-    return value
 
 
-def _model_device(model) -> torch.device:
-    tensor = next(iter(model.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(model.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -142,7 +130,7 @@ class Taylor(Criterion):
 
     # ----- statistics
     def prepare(self, model, report) -> None:
-        device = _model_device(model)
+        device = model_device(model)
         if self.device is not None and not _same_device(self.device, device):
             raise ValueError(f"Taylor was given device={self.device} but the model is on {device}; move the model first")
         device = self.device or device
@@ -197,7 +185,7 @@ class Taylor(Criterion):
                     if self.max_batches is not None and batches >= self.max_batches:
                         break
                     inputs, targets = _split_batch(batch)
-                    inputs, targets = _to_device(inputs, device), _to_device(targets, device)
+                    inputs, targets = to_device(inputs, device), to_device(targets, device)
                     calls.clear()
                     captured.clear()
                     with torch.enable_grad():

@@ -7,28 +7,28 @@
 """
 from tracer import InputError, TraceError
 
+from . import data, distributed, models, visualize
 from .api import analyze, prune
-from .planner import plan_removal
+from .budget import BudgetWarning, PruneResult, StepResult
+from .distributed import SyncedCriterion, all_reduce_scores, sync_criterion
+from .engine import PruningEngine
+from .finetune import evaluate, finetune, prune_schedule
 from .groups import Group, Member
 from .inputs import InferredInputWarning, infer_example_inputs
 from .measure import count_flops, count_parameters, measure_latency
-from .report import Report
-from .engine import PruningEngine
 from .persist import load, save
-from . import models
-from .surgery import PruningError
-from . import data, distributed, visualize
-from .distributed import SyncedCriterion, all_reduce_scores, sync_criterion
-from .finetune import evaluate, finetune, prune_schedule
+from .planner import plan_removal
+from .report import Report
 from .sensitivity import SensitivityResult, sensitivity
-from .compare import Comparison, report  # after ``from .report import Report``: the name now means the function
+from .surgery import PruningError
+from .compare import Comparison, report  # noqa: E402  (last: the name ``report`` means the function)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "analyze", "prune", "plan_removal", "Report", "Group", "Member", "PruningError", "TraceError", "InputError",
-    "InferredInputWarning", "infer_example_inputs", "count_parameters", "count_flops", "measure_latency",
-    "PruningEngine", "save", "load", "models", "__version__",
+    "InferredInputWarning", "infer_example_inputs", "PruneResult", "StepResult", "BudgetWarning",
+    "count_parameters", "count_flops", "measure_latency", "PruningEngine", "save", "load", "models",
     "finetune", "evaluate", "prune_schedule", "sync_criterion", "SyncedCriterion", "all_reduce_scores",
-    "sensitivity", "SensitivityResult", "report", "Comparison", "data", "distributed", "visualize",
+    "sensitivity", "SensitivityResult", "report", "Comparison", "data", "distributed", "visualize", "__version__",
 ]

@@ -20,6 +20,7 @@ from .budget import PlanOptions, PruneResult, run_pruning
 from .audit import AuditError, audit
 from .groups import Group, build_groups
 from .inputs import resolve_example_inputs
+from .planner import check_ratio_value
 from .propagate import Propagation, propagate
 from .report import Report
 from .rules import has_module_rule
@@ -45,15 +46,6 @@ def eval_mode(model: nn.Module):
 def _check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-
-
-def _check_ratio(ratio: Any) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
-        raise TypeError(f"ratio must be a real number in [0, 1), got {type(ratio).__name__}")
-    ratio = float(ratio)
-    if math.isnan(ratio) or not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio must lie in [0, 1), got {ratio}")
-    return ratio
 
 
 def _layer_names(model: nn.Module, layers: Iterable[LayerRef], argument: str) -> set[str]:
@@ -232,7 +224,7 @@ def _check_ratio_spec(model: nn.Module, ratio: Any) -> Union[float, dict, None]:
     if ratio is None:
         return None
     if not isinstance(ratio, Mapping):
-        return _check_ratio(ratio)
+        return check_ratio_value(ratio)
     if not ratio:
         raise ValueError("ratio mapping is empty; give at least one module name or glob")
     names = [name for name, _ in model.named_modules() if name]
@@ -241,7 +233,7 @@ def _check_ratio_spec(model: nn.Module, ratio: Any) -> Union[float, dict, None]:
         if not isinstance(key, str):
             raise TypeError(f"ratio mapping keys must be module names or globs, got {type(key).__name__}")
         try:
-            checked[key] = _check_ratio(value)
+            checked[key] = check_ratio_value(value)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"ratio[{key!r}]: {exc}") from None
         if key not in names and not fnmatch.filter(names, key):
@@ -339,6 +331,8 @@ def prune(
     * ``global_ranking=True``: scores normalised per group (divided by their mean) are
       ranked across groups and ``floor(ratio * total channels)`` go, each group losing at
       most ``max_ratio`` (default 0.9) of its channels and never all of them;
+    * ``max_ratio``: the largest fraction of any group that may go (default: 0.9 with
+      ``global_ranking`` and as the top of a budget search, no limit otherwise);
     * ``round_to=N``: every pruned group keeps a multiple of ``N`` channels;
     * ``steps=n``: prune in ``n`` steps, re-analysing and re-scoring the pruned model before
       each; ``schedule`` is ``"linear"`` (equal shares), ``"geometric"`` (the same fraction

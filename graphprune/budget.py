@@ -361,7 +361,7 @@ def _search(analysis, scores: dict, goal: float, base: float, evaluate, model: n
                 hi = mid
         return False
 
-    key_lo, f_lo = value(0.0)
+    _, f_lo = value(0.0)
     if f_lo > goal + tol:
         key_hi, _ = value(upper)
         if not lands(key_hi) and float(np.mean(samples[key_hi])) < goal and not bisect(0.0, upper) and noisy:

@@ -29,8 +29,6 @@ returned modules stay on the layer's own device and dtype; an unknown method nam
 from __future__ import annotations
 
 import copy
-import math
-import numbers
 import warnings
 from typing import Any, Optional, Sequence, Union
 
@@ -42,7 +40,7 @@ from torch import nn
 import criteria
 
 from .groups import Group, Member
-from .planner import lowest_channels
+from .planner import check_ratio_value, floor_count, lowest_channels
 from .report import Report
 
 #: Old method names and the :data:`criteria.CRITERIA` key each one delegates to.
@@ -63,16 +61,7 @@ Indices = Union[torch.Tensor, np.ndarray, Sequence[int], None]
 
 def removal_count(ratio: float, n: int) -> int:
     """``floor(ratio * n)`` capped at ``n - 1``: at least one filter always survives."""
-    return max(0, min(int(math.floor(ratio * n)), n - 1))
-
-
-def _check_ratio(ratio: Any) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
-        raise TypeError(f"pruning ratio must be a real number in [0, 1], got {type(ratio).__name__}")
-    ratio = float(ratio)
-    if math.isnan(ratio) or not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"pruning ratio must lie in [0, 1], got {ratio}")
-    return ratio
+    return max(0, min(floor_count(ratio, n), n - 1))
 
 
 def _is_depthwise(conv: nn.modules.conv._ConvNd) -> bool:
@@ -159,7 +148,7 @@ class PruningEngine:
             raise TypeError(f"cannot build the {key!r} criterion for {pruning_method!r} from {sorted(criterion_kwargs)}: {exc}") from exc
 
         self.pruning_method = pruning_method
-        self.pruning_ratio = _check_ratio(pruning_ratio)
+        self.pruning_ratio = check_ratio_value(pruning_ratio, "pruning ratio", allow_one=True)
         self.individual = bool(individual)
         self.model = model
         self.sorted_idx_history: dict = {"previous_layer": None, "current_layer": None}
@@ -174,7 +163,7 @@ class PruningEngine:
     # ----------------------------------------------------------------- choosing
     def set_pruning_ratio(self, pruning_ratio: float) -> None:
         """Fraction of the next main layer's filters to remove (``floor(ratio * n)``, at most ``n - 1``)."""
-        self.pruning_ratio = _check_ratio(pruning_ratio)
+        self.pruning_ratio = check_ratio_value(pruning_ratio, "pruning ratio", allow_one=True)
 
     def set_layer(self, layer: nn.Module, main_layer: bool = False) -> bool:
         """Make ``layer`` the one the next ``remove_*`` call edits.

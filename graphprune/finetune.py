@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from tracer import call_model
 
 from . import distributed as gdist
+from tracer.devices import model_device, to_device
 
 __all__ = ["finetune", "evaluate", "prune_schedule", "distillation_loss"]
 
@@ -82,21 +83,8 @@ def _split_batch(batch: Any, name: str) -> tuple:
     )
 
 
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, Mapping):
-        return {k: _to(v, device) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
-    return value
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    tensor = next(iter(model.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(model.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _resolve_device(model: nn.Module, device: Device) -> torch.device:
@@ -109,7 +97,7 @@ def _resolve_device(model: nn.Module, device: Device) -> torch.device:
         return device
     if gdist.is_distributed() and torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
-    return _model_device(model)
+    return model_device(model)
 
 
 def _sharded(loader: Any) -> bool:
@@ -176,8 +164,8 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: Device = None, distr
         with torch.no_grad():
             for batch in loader:
                 inputs, targets = _split_batch(batch, "loader")
-                outputs = call_model(model, _to(inputs, device))
-                targets = _to(targets, device)
+                outputs = call_model(model, to_device(inputs, device))
+                targets = to_device(targets, device)
                 if targets.dim() > 1:  # one-hot or soft targets
                     targets = targets.argmax(-1)
                 correct += int((outputs.argmax(-1) == targets).sum())
@@ -319,7 +307,7 @@ def finetune(
             )
             for batch in bar:
                 inputs, targets = _split_batch(batch, "train_loader")
-                inputs, targets = _to(inputs, device), _to(targets, device)
+                inputs, targets = to_device(inputs, device), to_device(targets, device)
                 if (mixup > 0 or cutmix > 0) and mixer is None:
                     mixer_classes = num_classes or _output_width(model, inputs)
                     mixer = _mixer(mixup, cutmix, mixer_classes)

@@ -6,24 +6,20 @@ from typing import Any
 
 import torch
 from torch import nn
+from tracer.devices import model_device
 
 
 class InferredInputWarning(UserWarning):
     """``example_inputs`` was not given and graphprune built one itself."""
 
 
-def _device(model: nn.Module) -> torch.device:
-    tensor = next(iter(model.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(model.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def infer_example_inputs(model: nn.Module) -> tuple[Any, str]:
     """``(inputs, description)`` built from timm's ``pretrained_cfg``, torchvision's ``image_size``,
     or the first layer of the model. Raises ``ValueError`` when nothing fits."""
     generator = torch.Generator().manual_seed(0)
-    device = _device(model)
+    device = model_device(model)
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, dict) and "input_size" in cfg:
         shape = (1, *cfg["input_size"])

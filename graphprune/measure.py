@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tracer import call_model
 
 from .api import eval_mode
+from tracer.devices import model_device, to_device
 
 __all__ = ["count_flops", "count_parameters", "measure_latency"]
 
@@ -45,21 +46,8 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
     return int(counter.get_total_flops())
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
-    return value
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    tensor = next(iter(model.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(model.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def measure_latency(
@@ -89,12 +77,12 @@ def measure_latency(
     # imported here, not at the top: importing it logs a CUDA_HOME notice on CPU-only machines
     from torch.utils import benchmark
 
-    original_device = _model_device(model)
+    original_device = model_device(model)
     run_device = torch.device(device) if device is not None else original_device
     if run_device != original_device:
         model.to(run_device)
     try:
-        inputs = _to_device(example_inputs, run_device)
+        inputs = to_device(example_inputs, run_device)
         timer = benchmark.Timer(
             stmt="call_model(model, inputs)",
             globals={"call_model": call_model, "model": model, "inputs": inputs},

@@ -93,7 +93,7 @@ def round_count(size: int, count: int, round_to: Optional[int], cap: int) -> int
 def _cap(group: Group, scores: np.ndarray, max_ratio: Optional[float]) -> int:
     cap = group.size - len(_spared(group, scores))
     if max_ratio is not None:
-        cap = min(cap, int(math.floor(max_ratio * group.size)))
+        cap = min(cap, floor_count(max_ratio, group.size))
     return max(cap, 0)
 
 
@@ -113,14 +113,14 @@ def removal_counts(
             if r <= 0:
                 continue
             cap = _cap(group, values, max_ratio)
-            counts[group] = round_count(group.size, min(int(math.floor(r * group.size)), cap), round_to, cap)
+            counts[group] = round_count(group.size, min(floor_count(r, group.size), cap), round_to, cap)
         return {g: c for g, c in counts.items() if c > 0}
     if isinstance(ratio, Mapping):
         raise ValueError("global_ranking needs a single float ratio, not a per-layer mapping")
     max_ratio = DEFAULT_MAX_RATIO if max_ratio is None else max_ratio
     groups = list(scores)
     total = sum(g.size for g in groups)
-    target = int(math.floor(float(ratio) * total))
+    target = floor_count(float(ratio), total)
     if target <= 0:
         return {}
     caps, pooled, owners = {}, [], []
@@ -174,10 +174,17 @@ def plan_removal(
     return {group: lowest_channels(group, scores[group], count) for group, count in counts.items()}
 
 
-def check_ratio_value(value, what: str = "ratio") -> float:
+def floor_count(ratio: float, n: int) -> int:
+    """``floor(ratio * n)``, robust to float error (0.29 * 100 gives 29, not 28)."""
+    return int(math.floor(ratio * n + 1e-9))
+
+
+def check_ratio_value(value, what: str = "ratio", allow_one: bool = False) -> float:
+    """``value`` as a float in [0, 1) (or [0, 1] with ``allow_one``); precise errors otherwise."""
+    interval = "[0, 1]" if allow_one else "[0, 1)"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{what} must be a real number in [0, 1), got {type(value).__name__}")
+        raise TypeError(f"{what} must be a real number in {interval}, got {type(value).__name__}")
     value = float(value)
-    if math.isnan(value) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{what} must lie in [0, 1), got {value}")
+    if math.isnan(value) or not (0.0 <= value <= 1.0 if allow_one else 0.0 <= value < 1.0):
+        raise ValueError(f"{what} must lie in {interval}, got {value}")
     return value

@@ -91,7 +91,10 @@ def test_geometric_median_minimises_sum_of_distances():
     rng = np.random.default_rng(0)
     points = rng.normal(size=(9, 2))
     median = geometric_median(points)
-    cost = lambda p: np.linalg.norm(points - p, axis=1).sum()  # noqa: E731
+
+    def cost(p):
+        return np.linalg.norm(points - p, axis=1).sum()
+
     for _ in range(200):
         assert cost(median) <= cost(median + rng.normal(scale=0.05, size=2)) + 1e-9
 

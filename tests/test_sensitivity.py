@@ -1,7 +1,6 @@
 """graphprune.sensitivity: per-group pruning on copies, exact w.r.t. prune(), ratios_for, plot."""
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
