@@ -26,6 +26,11 @@ import time
 import warnings
 from typing import Any, Optional
 
+# When a script here runs, benchmarks/ is sys.path[0]: drop it, so that a module in benchmarks/ can never
+# shadow one of the project's top-level packages (benchmarks/criteria.py would hide the criteria package).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
 GP, TP = "graphprune", "torch_pruning"
 NUM_CLASSES = 1000  # torchvision classifiers; the peer leaves layers producing this many outputs alone
 WARMUP_MODEL, WARMUP_SHAPE = "resnet18", (1, 3, 32, 32)

@@ -12,6 +12,7 @@ oracle result and time. Usage:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -21,6 +22,10 @@ import torch
 import torchvision
 from torchvision.models import detection, segmentation, video
 
+# When a script here runs, benchmarks/ is sys.path[0]: drop it, so that a module in benchmarks/ can never
+# shadow one of the project's top-level packages (benchmarks/criteria.py would hide the criteria package).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import graphprune  # noqa: E402

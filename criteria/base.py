@@ -12,6 +12,7 @@ normalised scores over the members that *cover* it (a member covers the channels
 from __future__ import annotations
 
 import fnmatch
+import math
 from abc import ABC, abstractmethod
 from typing import Any, Mapping, Optional
 
@@ -52,12 +53,31 @@ def channel_rows(member) -> torch.Tensor:
     return tensor.movedim(member.dim, 0).reshape(tensor.shape[member.dim], -1)
 
 
+_CHUNK_ELEMENTS = 1 << 22  # bounds the temporaries of position_norms
+
+
 def position_norms(member, p: int) -> np.ndarray:
-    """p-th power of the p-norm of each position along the member's dim (float64 numpy)."""
+    """p-th power of the p-norm of each position along the member's dim (float64 numpy).
+
+    The tensor is viewed as (before, positions, after) and reduced in bounded chunks, so that
+    every reduction runs over contiguous memory: one strided reduction over the columns of a
+    large matrix (a Linear's input features) is several times slower.
+    """
     tensor = member.tensor.detach()
-    other = [d for d in range(tensor.dim()) if d != member.dim]
-    norms = torch.linalg.vector_norm(tensor.float(), ord=p, dim=other) if other else tensor.float().abs()
-    return norms.double().cpu().numpy() ** p
+    size = tensor.shape[member.dim]
+    after = math.prod(tensor.shape[member.dim + 1:])
+    blocks = tensor.reshape(math.prod(tensor.shape[:member.dim]), size, after)
+    step = max(1, min(size, _CHUNK_ELEMENTS // max(1, after)))
+    rows = max(1, _CHUNK_ELEMENTS // (step * max(1, after)))
+    total = torch.zeros(size, dtype=torch.float64, device=tensor.device)
+    buffer = torch.empty(min(tensor.numel(), rows * step * after), device=tensor.device)  # reused: no page faults
+    for start in range(0, size, step):
+        for chunk in blocks[:, start:start + step].split(rows):
+            powers = buffer[: chunk.numel()].view(chunk.shape).copy_(chunk).abs_()
+            if p != 1:
+                powers.pow_(p)
+            total[start:start + step] += powers.sum((0, 2))
+    return total.cpu().numpy()
 
 
 def per_channel(member, position_scores: np.ndarray, size: int) -> np.ndarray:

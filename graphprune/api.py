@@ -95,7 +95,7 @@ def _annotate_channels(state: Propagation, roots: np.ndarray, groups: list[Group
         return tuple(dims(item) for item in labels)
 
     def _dim_channels(ids):
-        if ids[0] < 0 or group_of_root[roots[ids[0]]] < 0 or (ids < 0).any():
+        if not ids.size or ids[0] < 0 or group_of_root[roots[ids[0]]] < 0 or (ids < 0).any():
             return None
         group = groups[group_of_root[roots[ids[0]]]]
         return group.id, np.searchsorted(group.units, roots[ids])

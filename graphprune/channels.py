@@ -102,8 +102,15 @@ class ChannelSpace:
         return self._set_of_id[ids]
 
     def all_roots(self) -> np.ndarray:
-        """Root of every allocated id (fully compressed)."""
-        return self.find(np.arange(self._n_ids, dtype=np.int64))
+        """Root of every allocated id (fully compressed by pointer jumping)."""
+        parent = self._parent[: self._n_ids]
+        while True:
+            jumped = parent[parent]
+            if np.array_equal(jumped, parent):
+                break
+            parent = jumped
+        self._parent[: self._n_ids] = parent
+        return parent.copy()
 
     def set_components(self, roots: np.ndarray) -> np.ndarray:
         """Component label of every set: sets sharing a unit are in one component."""

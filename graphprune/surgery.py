@@ -15,6 +15,16 @@ class PruningError(RuntimeError):
     """Surgery failed; the model was restored to its state before the call."""
 
 
+def _select(data: torch.Tensor, index: dict) -> torch.Tensor:
+    """``data`` restricted to ``index[dim]`` along each dim: one gather when dims 0 and 1 both
+    shrink (a conv or linear weight pruned on both sides), else one ``index_select`` per dim."""
+    if set(index) == {0, 1}:
+        return data[index[0][:, None], index[1]]
+    for dim, positions in index.items():
+        data = data.index_select(dim, positions)
+    return data
+
+
 class _Transaction:
     """Records every tensor and attribute it changes so that they can be put back bit for bit."""
 
@@ -22,14 +32,14 @@ class _Transaction:
         self._tensors: dict[int, tuple] = {}
         self._attrs: dict[tuple[int, str], tuple] = {}
 
-    def shrink(self, tensor: torch.Tensor, dim: int, keep: np.ndarray) -> None:
+    def shrink(self, tensor: torch.Tensor, keep: dict) -> None:
+        """Keep only the positions ``keep[dim]`` of ``tensor`` (and of its gradient) along each dim."""
         if id(tensor) not in self._tensors:
             self._tensors[id(tensor)] = (tensor, tensor.data, tensor.grad)
-        index = torch.as_tensor(keep, dtype=torch.long, device=tensor.device)
-        grad = tensor.grad
-        tensor.data = tensor.data.index_select(dim, index)
-        if grad is not None:
-            tensor.grad = grad.index_select(dim, index)
+        index = {dim: torch.as_tensor(k, dtype=torch.long, device=tensor.device) for dim, k in keep.items()}
+        tensor.data = _select(tensor.data, index)
+        if tensor.grad is not None:
+            tensor.grad = _select(tensor.grad, index)
 
     def set_attr(self, module: nn.Module, name: str, value) -> None:
         key = (id(module), name)
@@ -116,6 +126,7 @@ class ChannelSurgery:
 
     def _apply(self, transaction: _Transaction, removed: np.ndarray) -> None:
         roots = self.roots
+        shrinking: dict[int, tuple] = {}  # id(tensor) -> (tensor, {dim: kept positions})
         for member in self.state.param_dims.values():
             if member.ids[0] < 0:
                 continue
@@ -125,7 +136,9 @@ class ChannelSurgery:
             if np.array_equal(alive_before, alive_after):
                 continue
             keep = np.flatnonzero(alive_after[alive_before])
-            transaction.shrink(member.tensor, member.dim, keep)
+            shrinking.setdefault(id(member.tensor), (member.tensor, {}))[1][member.dim] = keep
+        for tensor, keep in shrinking.values():
+            transaction.shrink(tensor, keep)
         model = self.state.model
         for attr in self.state.attr_members:
             valid = attr.ids[attr.ids >= 0]

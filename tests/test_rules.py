@@ -660,8 +660,8 @@ def test_tied_weights_couple_both_uses_and_stay_tied():
 def test_oracle_catches_surgery_that_keeps_the_wrong_channels(monkeypatch):
     shrink = graphprune.surgery._Transaction.shrink
 
-    def keep_leading(self, tensor, dim, keep):  # right count, wrong positions
-        shrink(self, tensor, dim, np.arange(len(keep)))
+    def keep_leading(self, tensor, keep):  # right count, wrong positions
+        shrink(self, tensor, {dim: np.arange(len(kept)) for dim, kept in keep.items()})
 
     monkeypatch.setattr(graphprune.surgery._Transaction, "shrink", keep_leading)
     for zero_producers in (True, False):

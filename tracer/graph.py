@@ -12,12 +12,14 @@ Each graph node is one fx node and carries:
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Mapping, NamedTuple, Optional
 
 import networkx as nx
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from .capture import TraceError
 
@@ -106,34 +108,61 @@ def _target_name(node: fx.Node) -> str:
     return getattr(node.target, "__qualname__", None) or getattr(node.target, "__name__", repr(node.target))
 
 
+def _record_on_meta_tensors(gm: fx.GraphModule, args: tuple) -> Optional[_Recorder]:
+    """Run a meta-device copy of ``gm`` (shapes and dtypes only, no arithmetic); None if it cannot.
+
+    The copy shares no storage with the model: every parameter and buffer is replaced by an
+    empty meta tensor of the same shape, so copying costs nothing. Code that needs actual
+    values (``.item()``, data-dependent shapes such as ``nonzero``, numpy, tensors it creates
+    on the CPU) raises on meta tensors; the caller then runs ``gm`` on the real inputs.
+    """
+    memo: dict = {}
+    for tensor in [*gm.parameters(), *gm.buffers()]:
+        meta = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    recorder = _Recorder(copy.deepcopy(gm, memo))
+    try:
+        with torch.no_grad():
+            recorder.run(*tree_map_only(torch.Tensor, lambda t: t.to("meta"), args))
+    except Exception:
+        return None
+    return recorder
+
+
+def _explain_failure(model: nn.Module, example_inputs: Any, node: Optional[fx.Node], exc: Exception) -> None:
+    """Raise InputError if ``model`` itself rejects the inputs, else TraceError naming ``node``."""
+    try:
+        with torch.no_grad():
+            call_model(model, example_inputs)
+    except Exception as model_exc:
+        raise InputError(
+            f"{type(model).__name__} raised {type(model_exc).__name__} on the example inputs: {model_exc}. "
+            "Pass example_inputs that the model accepts."
+        ) from model_exc
+    module = (node.target if node.op == "call_module" else _scope(node)) if node is not None else None
+    where = f"node '{node.name}'" if node is not None else "unknown node"
+    raise TraceError(
+        f"the traced graph of {type(model).__name__} fails at {where} where the model itself runs "
+        f"({type(exc).__name__}: {exc}); mark the submodule involved with leaf_modules=[...]",
+        module_name=module or None,
+        location=where,
+    ) from exc
+
+
 def build_graph(model: nn.Module, gm: fx.GraphModule, example_inputs: Any) -> nx.DiGraph:
     """Run ``gm`` on ``example_inputs`` (no grad) and return the annotated networkx graph.
 
     Node keys are fx node names; every node has ``part == ""`` (see :mod:`tracer.fallback`).
     """
-    recorder = _Recorder(gm)
     args = positional_inputs(gm, example_inputs)
-    try:
-        with torch.no_grad():
-            recorder.run(*args)
-    except Exception as exc:
+    recorder = _record_on_meta_tensors(gm, args)
+    if recorder is None:
+        recorder = _Recorder(gm)
         try:
             with torch.no_grad():
-                call_model(model, example_inputs)
-        except Exception as model_exc:
-            raise InputError(
-                f"{type(model).__name__} raised {type(model_exc).__name__} on the example inputs: {model_exc}. "
-                "Pass example_inputs that the model accepts."
-            ) from model_exc
-        node = recorder.failed
-        module = (node.target if node.op == "call_module" else _scope(node)) if node is not None else None
-        where = f"node '{node.name}'" if node is not None else "unknown node"
-        raise TraceError(
-            f"the traced graph of {type(model).__name__} fails at {where} where the model itself runs "
-            f"({type(exc).__name__}: {exc}); mark the submodule involved with leaf_modules=[...]",
-            module_name=module or None,
-            location=where,
-        ) from exc
+                recorder.run(*args)
+        except Exception as exc:
+            _explain_failure(model, example_inputs, recorder.failed, exc)
 
     graph = nx.DiGraph(model=model, graph_module=gm, opaque={})
     for index, node in enumerate(gm.graph.nodes):
