@@ -12,7 +12,8 @@ from .api import analyze, prune
 from .budget import BudgetWarning, PruneResult, StepResult
 from .distributed import SyncedCriterion, all_reduce_scores, sync_criterion
 from .engine import PruningEngine
-from .finetune import evaluate, finetune, prune_schedule
+from .finetune import evaluate, finetune
+from .schedule import prune_schedule
 from .groups import Group, Member
 from .inputs import InferredInputWarning, infer_example_inputs
 from .measure import count_flops, count_parameters, measure_latency

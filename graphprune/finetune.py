@@ -1,4 +1,4 @@
-"""Fine-tuning after pruning: :func:`finetune`, :func:`evaluate` and :func:`prune_schedule`.
+"""Fine-tuning after pruning: :func:`finetune` and :func:`evaluate`.
 
 :func:`finetune` trains with SGD + momentum under a per-iteration learning-rate schedule
 made of PyTorch's own schedulers: :class:`~torch.optim.lr_scheduler.LinearLR` warm-up
@@ -7,9 +7,7 @@ chained by :class:`~torch.optim.lr_scheduler.SequentialLR` to
 (``torchvision.transforms.v2``), knowledge distillation from an unpruned teacher, per-epoch
 test accuracy, and :class:`~torch.nn.parallel.DistributedDataParallel` when
 ``torch.distributed`` is initialised (run the same script under ``torchrun``).
-
-Iterative pruning: :func:`prune_schedule` alternates :func:`graphprune.prune` and
-:func:`finetune` over a list of cumulative ratios, e.g. ``ratios=[0.2, 0.35, 0.5]``.
+Iterative pruning (prune, fine-tune, repeat) lives in :mod:`graphprune.schedule`.
 """
 from __future__ import annotations
 
@@ -17,7 +15,7 @@ import math
 import numbers
 import time
 import warnings
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +28,7 @@ from tracer import call_model
 from . import distributed as gdist
 from tracer.devices import model_device, to_device
 
-__all__ = ["finetune", "evaluate", "prune_schedule", "distillation_loss"]
+__all__ = ["finetune", "evaluate", "distillation_loss"]
 
 Device = Union[str, torch.device, None]
 
@@ -81,10 +79,6 @@ def _split_batch(batch: Any, name: str) -> tuple:
         f"each batch of {name} must be an (inputs, targets) pair, got {type(batch).__name__}"
         + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
     )
-
-
-
-
 
 
 def _resolve_device(model: nn.Module, device: Device) -> torch.device:
@@ -375,71 +369,3 @@ def _output_width(model: nn.Module, inputs: Any) -> int:
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise ValueError("cannot infer num_classes for mixup / cutmix from the model's output; pass num_classes")
     return int(out.shape[-1])
-
-
-# ----------------------------------------------------------------------------- iterative pruning
-_RESERVED = ("ratio", "example_inputs", "criterion", "inplace", "return_result", "target_flops", "target_params",
-             "target_latency")
-
-
-def prune_schedule(
-    model: nn.Module,
-    example_inputs: Any,
-    train_loader: Iterable,
-    *,
-    ratios: Sequence[float],
-    epochs_per_step: int,
-    criterion: Any = "l1",
-    prune_kwargs: Optional[Mapping[str, Any]] = None,
-    **finetune_kwargs: Any,
-) -> list:
-    """Iterative pruning: for each entry of ``ratios``, prune then fine-tune; the model is pruned in place.
-
-    ``ratios`` are *cumulative* fractions of each group's original channels, strictly
-    increasing in (0, 1): ``[0.2, 0.35, 0.5]`` removes 20% of every group, fine-tunes, goes
-    on to 35% of the original width, fine-tunes, and ends at 50%. Step ``i`` calls
-    ``graphprune.prune(model, 1 - (1 - r_i) / (1 - r_{i-1}), example_inputs, criterion=...,
-    **prune_kwargs)`` on the current model (re-analysed and re-scored each step), then
-    ``finetune(model, train_loader, epochs=epochs_per_step, **finetune_kwargs)``. Each step
-    floors its channel counts, so a group may end a channel or so wider than
-    ``floor(r * n)`` would give. ``criterion`` is a name or a Criterion (data-driven ones are
-    prepared again every step); under ``torch.distributed`` it is wrapped in
-    :func:`graphprune.sync_criterion` so that every rank removes the same channels.
-    ``prune_kwargs`` may not set ``ratio``, ``criterion``, ``inplace``, budgets or
-    ``return_result``.
-
-    Returns one dict per step: ``step`` (1-based), ``ratio`` (cumulative), ``step_ratio``
-    (passed to prune), ``parameters`` (after pruning) and ``finetune`` (its history).
-    """
-    from .api import prune
-    from .measure import count_parameters
-
-    _check_model(model)
-    if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Sequence) or not ratios:
-        raise TypeError(f"ratios must be a non-empty sequence of cumulative ratios, got {ratios!r}")
-    checked = [_real(r, f"ratios[{i}]", low=0.0, high=1.0, low_open=True, high_open=True) for i, r in enumerate(ratios)]
-    for i in range(1, len(checked)):
-        if checked[i] <= checked[i - 1]:
-            raise ValueError(f"ratios must increase strictly (they are cumulative), got {list(ratios)}")
-    epochs_per_step = _int(epochs_per_step, "epochs_per_step", 1)
-    prune_kwargs = dict(prune_kwargs or {})
-    clash = sorted(set(prune_kwargs) & set(_RESERVED))
-    if clash:
-        raise ValueError(f"prune_kwargs may not set {', '.join(clash)}: prune_schedule sets them")
-    if "epochs" in finetune_kwargs:
-        raise ValueError("pass epochs_per_step, not epochs: prune_schedule fine-tunes that many epochs per step")
-    from criteria import get_criterion
-
-    criterion = get_criterion(criterion)
-    if gdist.is_distributed():
-        criterion = gdist.sync_criterion(criterion)
-    history, previous = [], 0.0
-    for step, target in enumerate(checked, start=1):
-        # +1e-9: 1 - 0.5 / 0.75 must floor like 1/3 does
-        step_ratio = min(1.0 - (1.0 - target) / (1.0 - previous) + 1e-9, 1.0 - 1e-9)
-        prune(model, step_ratio, example_inputs, criterion=criterion, inplace=True, **prune_kwargs)
-        record = {"step": step, "ratio": target, "step_ratio": step_ratio, "parameters": count_parameters(model)}
-        record["finetune"] = finetune(model, train_loader, epochs=epochs_per_step, **finetune_kwargs)
-        history.append(record)
-        previous = target
-    return history
