@@ -291,7 +291,7 @@ def _parse_args(argv: Optional[list]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--criteria", default=",".join(ALL), help="comma-separated criterion names (default: all 9)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: all cores)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--taylor-batches", type=int, default=None,
                         help="batches read by taylor / k_taylor (default: the whole training set)")

@@ -205,8 +205,8 @@ def _parse_args(argv: Optional[list]) -> argparse.Namespace:
                         help="comma-separated round_to values, 'none' for no rounding (default none,8)")
     parser.add_argument("--batch", default="1", help="batch size(s) for timing, comma-separated (default 1)")
     parser.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help=f"CPU threads for timing (default: all cores, here {os.cpu_count()})")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help=f"CPU threads for timing (default: all cores, here {len(os.sched_getaffinity(0))})")
     parser.add_argument("--repeats", type=int, default=10, help="interleaved timing rounds (default 10)")
     parser.add_argument("--inner", type=int, default=3, help="forward passes per model per round (default 3)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed forward passes per model first (default 3)")

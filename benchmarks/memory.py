@@ -142,10 +142,10 @@ def _mb(value: Optional[float]) -> str:
 
 
 def _table(results: dict, models: list, modes: list) -> str:
-    header = ["model", "params (M)", "param MB", "forward peak MB", "analyze peak MB", "analyze Python peak MB",
-              "analyze / forward", "analyze / param MB", "analyze s"]
+    header = ["model", "params (M)", "param MiB", "forward peak MiB", "analyze peak MiB", "analyze Python peak MiB",
+              "analyze / forward", "analyze / param MiB", "analyze s"]
     if "prune" in modes:
-        header += ["prune peak MB", "prune / param MB", "prune s"]
+        header += ["prune peak MiB", "prune / param MiB", "prune s"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     notes = []
     for name in models:
@@ -172,7 +172,7 @@ def _parse_args(argv: Optional[list]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated torchvision models (default {DEFAULT_MODELS})")
     parser.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in the workers (default: all cores)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads in the workers (default: all cores)")
     parser.add_argument("--prune", action="store_true", help="also measure graphprune.prune (in its own worker)")
     parser.add_argument("--ratio", type=float, default=0.5, help="ratio for --prune (default 0.5)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measurement (default 1800)")
