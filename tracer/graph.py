@@ -1,4 +1,6 @@
-"""Run the captured graph once on example inputs and turn it into a networkx graph.
+"""Propagate the example inputs' shapes through the captured graph and turn it into a networkx graph.
+
+Shapes are propagated on meta tensors; a graph that needs real values runs on the real inputs.
 
 Each graph node is one fx node and carries:
 
