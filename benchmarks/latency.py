@@ -256,7 +256,7 @@ def main(argv: Optional[list] = None) -> int:
                 for batch in args.batch:
                     rows += bench_model(name, args, device, batch)
     except KeyboardInterrupt:
-        print(f"interrupted; partial results follow", file=sys.stderr)
+        print("interrupted; partial results follow", file=sys.stderr)
     print(f"latency before / after graphprune.prune ({args.criterion}); torch {torch.__version__}, "
           f"{args.threads} CPU thread(s), input {args.size}x{args.size}, {args.repeats} interleaved rounds x "
           f"{args.inner} passes; speed-up = median over rounds of before/after in the same round\n")
