@@ -25,6 +25,7 @@ from .propagate import Propagation, propagate
 from .report import Report
 from .rules import has_module_rule
 from .surgery import ChannelSurgery, PruningError
+from .validation import check_int, check_model
 
 _AUDIT_RETRIES = 3
 
@@ -41,11 +42,6 @@ def eval_mode(model: nn.Module):
     finally:
         for module, training in flags:
             module.training = training
-
-
-def _check_model(model: Any) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
 def _layer_names(model: nn.Module, layers: Iterable[LayerRef], argument: str) -> set[str]:
@@ -121,7 +117,7 @@ class _Analysis:
 
 
 def _run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads=False) -> tuple[_Analysis, Any]:
-    _check_model(model)
+    check_model(model)
     if not isinstance(prune_heads, bool):
         raise TypeError(f"prune_heads must be True or False, got {type(prune_heads).__name__}")
     ignored = _layer_names(model, ignored_layers, "ignored_layers")
@@ -187,7 +183,7 @@ def analyze(
     shrinks); by default every head keeps the same width and ``head_dim`` shrinks. The model
     is not modified; its train/eval flags are restored.
     """
-    _check_model(model)
+    check_model(model)
     with eval_mode(model):
         analysis, _ = _run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads)
     return analysis.report
@@ -254,14 +250,6 @@ def _check_fraction(value: Any, name: str, low_open: bool = True, high_closed: b
     return value
 
 
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
-    return int(value)
-
-
 def _check_planning(model, ratio, global_ranking, max_ratio, round_to, steps, schedule, targets, tolerance, return_result):
     ratio = _check_ratio_spec(model, ratio)
     given = {name: value for name, value in targets.items() if value is not None}
@@ -283,8 +271,8 @@ def _check_planning(model, ratio, global_ranking, max_ratio, round_to, steps, sc
     if max_ratio is not None:
         max_ratio = _check_fraction(max_ratio, "max_ratio", high_closed=False)
     if round_to is not None:
-        round_to = _check_int(round_to, "round_to", 1)
-    steps = _check_int(steps, "steps", 1)
+        round_to = check_int(round_to, "round_to", 1)
+    steps = check_int(steps, "steps", 1)
     if not (schedule in ("linear", "geometric") or callable(schedule)):
         raise ValueError(f"schedule must be 'linear', 'geometric' or a callable(step, steps), got {schedule!r}")
     tolerance = _check_fraction(tolerance, "tolerance", high_closed=False)
@@ -351,7 +339,7 @@ def prune(
     :class:`StepResult` per step. If a step of a multi-step prune fails, the model is
     restored to its state before the first step.
     """
-    _check_model(model)
+    check_model(model)
     ratio, target, options = _check_planning(
         model, ratio, global_ranking, max_ratio, round_to, steps, schedule,
         {"flops": target_flops, "params": target_params, "latency": target_latency}, tolerance, return_result,

@@ -17,6 +17,7 @@ from torch import nn
 from .api import analyze
 from .inputs import resolve_example_inputs
 from .measure import count_flops, count_parameters, measure_latency
+from .validation import check_model
 
 __all__ = ["report", "Comparison", "group_widths"]
 
@@ -155,9 +156,8 @@ def report(
     before and after (:func:`group_widths`). ``example_inputs`` follows
     :func:`graphprune.analyze` (inferred when omitted). Neither model is modified.
     """
-    for name, model in (("model_before", model_before), ("model_after", model_after)):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model_before, "model_before")
+    check_model(model_after, "model_after")
     for name, flag in (("latency", latency), ("groups", groups)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")

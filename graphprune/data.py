@@ -12,7 +12,6 @@ test set of 1,437 and 360 images over 10 classes. They fit the CIFAR models of
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import Optional
 
 import numpy as np
@@ -21,18 +20,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
+from .validation import check_int
+
 __all__ = ["digits_loaders", "digits_datasets", "DIGITS_CLASSES"]
 
 DIGITS_CLASSES = 10
 _TEST_FRACTION = 0.2
-
-
-def _positive_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
-    return int(value)
 
 
 def digits_datasets(image_size: int = 32, seed: int = 0, channels: int = 3) -> tuple[TensorDataset, TensorDataset]:
@@ -44,9 +37,9 @@ def digits_datasets(image_size: int = 32, seed: int = 0, channels: int = 3) -> t
     The split is stratified and fixed by ``seed``. Results are cached per arguments; the
     tensors are shared between calls, so do not modify them in place.
     """
-    image_size = _positive_int(image_size, "image_size", 8)
-    channels = _positive_int(channels, "channels")
-    seed = _positive_int(seed, "seed", 0)
+    image_size = check_int(image_size, "image_size", 8)
+    channels = check_int(channels, "channels", 1)
+    seed = check_int(seed, "seed", 0)
     return _digits(image_size, seed, channels)
 
 
@@ -96,8 +89,8 @@ def digits_loaders(
     evaluation gives the same number on every rank. A final training batch of a single
     image (which BatchNorm cannot train on) is dropped.
     """
-    batch_size = _positive_int(batch_size, "batch_size")
-    num_workers = _positive_int(num_workers, "num_workers", 0)
+    batch_size = check_int(batch_size, "batch_size", 1)
+    num_workers = check_int(num_workers, "num_workers", 0)
     if distributed is None:
         distributed = _distributed()
     elif not isinstance(distributed, bool):

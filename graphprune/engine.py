@@ -42,6 +42,7 @@ import criteria
 from .groups import Group, Member
 from .planner import check_ratio_value, floor_count, lowest_channels
 from .report import Report
+from .validation import check_model
 
 #: Old method names and the :data:`criteria.CRITERIA` key each one delegates to.
 METHODS: dict = {
@@ -121,8 +122,8 @@ class PruningEngine:
             warnings.warn(f"PruningEngine ignores the old arguments {obsolete}; they are no longer needed", DeprecationWarning, stacklevel=2)
             for key in obsolete:
                 criterion_kwargs.pop(key)
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if model is not None:
+            check_model(model)
 
         key = METHODS[pruning_method]
         cls = criteria.CRITERIA.get(key)
@@ -172,8 +173,7 @@ class PruningEngine:
         ``floor(ratio * n)`` become ``get_sorted_idx()["current_layer"]``; otherwise the
         indices of the last main layer are kept for this (following) layer. Returns True.
         """
-        if not isinstance(layer, nn.Module):
-            raise TypeError(f"layer must be a torch.nn.Module, got {type(layer).__name__}")
+        check_model(layer, "layer")
         if main_layer:
             removed = self._choose(layer)
             previous = None if self.individual else self.sorted_idx_history["current_layer"]

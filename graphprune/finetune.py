@@ -11,8 +11,6 @@ Iterative pruning (prune, fine-tune, repeat) lives in :mod:`graphprune.schedule`
 """
 from __future__ import annotations
 
-import math
-import numbers
 import time
 import warnings
 from typing import Any, Iterable, Optional, Union
@@ -24,9 +22,10 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from tqdm.auto import tqdm
 
 from tracer import call_model
+from tracer.devices import model_device, to_device
 
 from . import distributed as gdist
-from tracer.devices import model_device, to_device
+from .validation import check_int, check_model, check_real
 
 __all__ = ["finetune", "evaluate", "distillation_loss"]
 
@@ -34,32 +33,6 @@ Device = Union[str, torch.device, None]
 
 
 # ----------------------------------------------------------------------------- validation
-def _real(value: Any, name: str, *, low: float = None, high: float = None, low_open=False, high_open=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if math.isnan(value) or math.isinf(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if low is not None and (value < low or (low_open and value == low)):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {value:g}")
-    if high is not None and (value > high or (high_open and value == high)):
-        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high:g}, got {value:g}")
-    return value
-
-
-def _int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
-    return int(value)
-
-
-def _check_model(model: Any, name: str = "model") -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
-
-
 def _check_loader(loader: Any, name: str) -> int:
     if loader is None or isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__"):
         raise TypeError(f"{name} must be an iterable of (inputs, targets) batches, got {type(loader).__name__}")
@@ -146,7 +119,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: Device = None, distr
     ranks, so a sharded test set gives the global accuracy on every rank; every rank must
     then call it. An unsharded loader needs no communication (it may run on one rank only).
     """
-    _check_model(model)
+    check_model(model)
     _check_loader(loader, "loader")
     device = _resolve_device(model, device)
     if distributed is None:
@@ -230,28 +203,28 @@ def finetune(
     progress on rank 0 when ``progress`` is true. The model's training flags are restored
     at the end, and its gradients cleared.
     """
-    _check_model(model)
+    check_model(model)
     steps_per_epoch = _check_loader(train_loader, "train_loader")
-    epochs = _int(epochs, "epochs", 1)
-    lr = _real(lr, "lr", low=0.0, low_open=True)
-    momentum = _real(momentum, "momentum", low=0.0, high=1.0, high_open=True)
-    weight_decay = _real(weight_decay, "weight_decay", low=0.0)
-    warmup_epochs = _real(warmup_epochs, "warmup_epochs", low=0.0)
+    epochs = check_int(epochs, "epochs", 1)
+    lr = check_real(lr, "lr", low=0.0, low_open=True)
+    momentum = check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True)
+    weight_decay = check_real(weight_decay, "weight_decay", low=0.0)
+    warmup_epochs = check_real(warmup_epochs, "warmup_epochs", low=0.0)
     if warmup_epochs >= epochs and warmup_epochs > 0:
         raise ValueError(
             f"warmup_epochs ({warmup_epochs:g}) must be smaller than epochs ({epochs}) so that the cosine phase "
             "has iterations; pass warmup_epochs=0 or a fraction of an epoch such as 0.1"
         )
     if teacher is not None:
-        _check_model(teacher, "teacher")
+        check_model(teacher, "teacher")
         if teacher is model:
             raise ValueError("teacher must be a separate model (e.g. a copy of the unpruned model), not model itself")
-    temperature = _real(temperature, "temperature", low=0.0, low_open=True)
-    alpha = _real(alpha, "alpha", low=0.0, high=1.0)
-    mixup = _real(mixup, "mixup", low=0.0)
-    cutmix = _real(cutmix, "cutmix", low=0.0)
+    temperature = check_real(temperature, "temperature", low=0.0, low_open=True)
+    alpha = check_real(alpha, "alpha", low=0.0, high=1.0)
+    mixup = check_real(mixup, "mixup", low=0.0)
+    cutmix = check_real(cutmix, "cutmix", low=0.0)
     if num_classes is not None:
-        num_classes = _int(num_classes, "num_classes", 2)
+        num_classes = check_int(num_classes, "num_classes", 2)
     if eval_loader is not None:
         _check_loader(eval_loader, "eval_loader")
     if not isinstance(progress, bool):

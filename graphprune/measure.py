@@ -12,21 +12,17 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from tracer import call_model
+from tracer.devices import model_device, to_device
 
 from .api import eval_mode
-from tracer.devices import model_device, to_device
+from .validation import check_model
 
 __all__ = ["count_flops", "count_parameters", "measure_latency"]
 
 
-def _check_model(model: Any) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-
-
 def count_parameters(model: nn.Module) -> int:
     """Number of scalar parameters in ``model``; a parameter shared by several modules counts once."""
-    _check_model(model)
+    check_model(model)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -38,16 +34,12 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
     counted; element-wise ops, normalisation and pooling are free. The model runs in eval
     mode under ``torch.no_grad()``; every submodule's training flag is restored.
     """
-    _check_model(model)
+    check_model(model)
     with eval_mode(model), torch.no_grad():
         counter = FlopCounterMode(display=False)
         with counter:
             call_model(model, example_inputs)
     return int(counter.get_total_flops())
-
-
-
-
 
 
 def measure_latency(
@@ -69,7 +61,7 @@ def measure_latency(
     is the CPU thread count during timing. The model runs in eval mode under
     ``torch.no_grad()``; every submodule's training flag is restored.
     """
-    _check_model(model)
+    check_model(model)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:

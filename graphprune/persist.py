@@ -42,6 +42,8 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from .validation import check_model
+
 FORMAT = "graphprune.pruned-model"
 VERSION = 1
 SPEC_KEY = "graphprune.spec"
@@ -103,8 +105,7 @@ def save(model: nn.Module, path: PathLike) -> None:
     interrupted save never leaves a half-written file under ``path``. Load it with
     :func:`load` into a freshly built model of the same architecture.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     st, _ = _safetensors()
     spec = pruning_spec(model)
     state = model.state_dict(keep_vars=True)
@@ -290,8 +291,7 @@ def load(model: nn.Module, path: PathLike) -> nn.Module:
     set. Raises :class:`ValueError` for a damaged file or one saved from another architecture;
     the model is then left untouched. See the module docstring for the checks and the layout.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     path = os.fspath(path)
     spec, stored = _read(path)
     values, changes = _plan(model, spec, stored, path)

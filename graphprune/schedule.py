@@ -11,8 +11,9 @@ from criteria import get_criterion
 
 from . import distributed as gdist
 from .api import prune
-from .finetune import _check_model, _int, _real, finetune
+from .finetune import finetune
 from .measure import count_parameters
+from .validation import check_int, check_model, check_real
 
 __all__ = ["prune_schedule"]
 
@@ -49,14 +50,14 @@ def prune_schedule(
     Returns one dict per step: ``step`` (1-based), ``ratio`` (cumulative), ``step_ratio``
     (passed to prune), ``parameters`` (after pruning) and ``finetune`` (its history).
     """
-    _check_model(model)
+    check_model(model)
     if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Sequence) or not ratios:
         raise TypeError(f"ratios must be a non-empty sequence of cumulative ratios, got {ratios!r}")
-    checked = [_real(r, f"ratios[{i}]", low=0.0, high=1.0, low_open=True, high_open=True) for i, r in enumerate(ratios)]
+    checked = [check_real(r, f"ratios[{i}]", low=0.0, high=1.0, low_open=True, high_open=True) for i, r in enumerate(ratios)]
     for i in range(1, len(checked)):
         if checked[i] <= checked[i - 1]:
             raise ValueError(f"ratios must increase strictly (they are cumulative), got {list(ratios)}")
-    epochs_per_step = _int(epochs_per_step, "epochs_per_step", 1)
+    epochs_per_step = check_int(epochs_per_step, "epochs_per_step", 1)
     prune_kwargs = dict(prune_kwargs or {})
     clash = sorted(set(prune_kwargs) & set(_RESERVED))
     if clash:

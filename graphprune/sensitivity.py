@@ -30,6 +30,7 @@ from criteria.base import group_layer_names, match_group
 from .api import _run_analysis, apply_audited, eval_mode
 from .groups import Group
 from .planner import plan_removal, score_groups
+from .validation import check_model
 
 __all__ = ["sensitivity", "SensitivityResult", "group_keys"]
 
@@ -253,8 +254,7 @@ def sensitivity(
     evaluating. ``groups`` limits the run to some groups: ids, :class:`Group` s or module
     names / globs matched against their producer layers. ``model`` is not modified.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     if not callable(eval_fn):
         raise TypeError(f"eval_fn must be callable(model) -> float, got {type(eval_fn).__name__}")
     ratios = _check_ratios(ratios)

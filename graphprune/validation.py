@@ -1,0 +1,40 @@
+"""Argument checks shared by the public functions: precise TypeError / ValueError messages."""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Optional
+
+from torch import nn
+
+__all__ = ["check_model", "check_int", "check_real"]
+
+
+def check_model(model: Any, name: str = "model") -> None:
+    """Raise TypeError unless ``model`` is an ``nn.Module``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def check_int(value: Any, name: str, minimum: int) -> int:
+    """``value`` as an int, which must be at least ``minimum`` (bools are rejected)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def check_real(value: Any, name: str, *, low: Optional[float] = None, high: Optional[float] = None,
+               low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` as a finite float within the given bounds (open or closed)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or math.isinf(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {value:g}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high:g}, got {value:g}")
+    return value
