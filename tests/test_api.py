@@ -641,3 +641,53 @@ def test_untraceable_root_forward_raises_trace_error():
         with pytest.raises(graphprune.TraceError, match=r"in the model's own forward.*leaf_modules"):
             call()
     assert_same_state(model, snapshot)
+
+
+# --------------------------------------------------------------------------- shape propagation
+class _DeviceSpy(nn.Module):
+    """A leaf that records the device of every input it sees; ``needs_values`` reads one.
+
+    ``seen`` is a class attribute: the meta run calls a copy of the module, not the module."""
+
+    seen: list = []
+
+    def __init__(self, needs_values: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.needs_values = needs_values
+
+    def forward(self, x):
+        _DeviceSpy.seen.append(x.device.type)
+        scale = float(x.abs().max()) if self.needs_values else 1.0  # .item() raises on meta tensors
+        return self.conv(x) * scale
+
+
+@pytest.mark.parametrize("needs_values, devices", [(False, ["meta"]), (True, ["meta", "cpu"])])
+def test_shapes_are_propagated_on_meta_tensors_with_a_real_run_as_fallback(needs_values, devices, monkeypatch):
+    monkeypatch.setattr(_DeviceSpy, "seen", [])
+    spy = _DeviceSpy(needs_values)
+    model = nn.Sequential(spy, nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)).eval()
+    weight = model[2].weight.detach().clone()
+    report = graphprune.analyze(model, torch.randn(1, 3, 8, 8), leaf_modules=[spy])
+    assert _DeviceSpy.seen == devices  # no arithmetic unless the graph needs values
+    assert [g.size for g in report.groups if any(m.name == "2.weight" and m.dim == 0 for m in g.members)] == [4]
+    assert model[2].weight.device.type == "cpu" and torch.equal(model[2].weight, weight)
+
+
+class _EmptyBeside(nn.Module):
+    """Builds a zero-size tensor next to the channel path (its one dim has no channel to map)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.c(x)
+        return self.d(y) + y.new_zeros(0).sum()
+
+
+def test_zero_size_tensors_are_analysed():
+    report = graphprune.analyze(_EmptyBeside(), torch.randn(1, 3, 4, 4))
+    assert [g.blocked for g in report.groups if any(m.module == "c" and m.dim == 0 for m in g.members)] == [
+        ["no rule for method new_zeros ('new_zeros')"]
+    ]

@@ -15,7 +15,7 @@ Each graph node is one fx node and carries:
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, NoReturn, Optional
 
 import networkx as nx
 import torch
@@ -131,7 +131,7 @@ def _record_on_meta_tensors(gm: fx.GraphModule, args: tuple) -> Optional[_Record
     return recorder
 
 
-def _explain_failure(model: nn.Module, example_inputs: Any, node: Optional[fx.Node], exc: Exception) -> None:
+def _explain_failure(model: nn.Module, example_inputs: Any, node: Optional[fx.Node], exc: Exception) -> NoReturn:
     """Raise InputError if ``model`` itself rejects the inputs, else TraceError naming ``node``."""
     try:
         with torch.no_grad():
