@@ -53,7 +53,7 @@ def channel_rows(member) -> torch.Tensor:
     return tensor.movedim(member.dim, 0).reshape(tensor.shape[member.dim], -1)
 
 
-_CHUNK_ELEMENTS = 1 << 22  # bounds the temporaries of position_norms
+_CHUNK_ELEMENTS = 1 << 20  # bounds the temporaries of position_norms and row_and_column_norms
 
 
 def position_norms(member, p: int) -> np.ndarray:
@@ -78,6 +78,41 @@ def position_norms(member, p: int) -> np.ndarray:
                 powers.pow_(p)
             total[start:start + step] += powers.sum((0, 2))
     return total.cpu().numpy()
+
+
+def chunk_buffer(device: torch.device) -> torch.Tensor:
+    """Scratch space for :func:`row_and_column_norms`; reuse one for many tensors (a fresh
+    buffer per tensor costs page faults on every call)."""
+    return torch.empty(_CHUNK_ELEMENTS, device=device)
+
+
+def row_and_column_norms(
+    tensor: torch.Tensor, p: int, buffer: Optional[torch.Tensor] = None
+) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """:func:`position_norms` along dims 0 and 1 of ``tensor`` at once, reading it once (a
+    weight is usually a member of two groups: its rows produce one, its columns consume
+    another). ``buffer`` is a :func:`chunk_buffer` on the tensor's device. None when one slice
+    along dim 0 would not fit a chunk."""
+    tensor = tensor.detach()
+    if tensor.dim() < 2 or not tensor.numel():
+        return None
+    per_row = tensor[0].numel()
+    if per_row > _CHUNK_ELEMENTS:
+        return None
+    blocks = tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
+    step = max(1, _CHUNK_ELEMENTS // per_row)
+    rows = torch.zeros(tensor.shape[0], dtype=torch.float64, device=tensor.device)
+    columns = torch.zeros(tensor.shape[1], dtype=torch.float64, device=tensor.device)
+    if buffer is None or buffer.device != tensor.device or buffer.numel() < _CHUNK_ELEMENTS:
+        buffer = chunk_buffer(tensor.device)
+    for start in range(0, tensor.shape[0], step):
+        chunk = blocks[start:start + step]
+        powers = buffer[: chunk.numel()].view(chunk.shape).copy_(chunk).abs_()
+        if p != 1:
+            powers.pow_(p)
+        rows[start:start + step] = powers.sum((1, 2))
+        columns += powers.sum((0, 2))
+    return rows.cpu().numpy(), columns.cpu().numpy()
 
 
 def per_channel(member, position_scores: np.ndarray, size: int) -> np.ndarray:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import gc
 import math
 import numbers
 import warnings
@@ -42,6 +43,21 @@ def eval_mode(model: nn.Module):
     finally:
         for module, training in flags:
             module.training = training
+
+
+@contextmanager
+def gc_paused(pause: bool = True):
+    """Pause Python's cyclic garbage collector (if ``pause``), then restore it: tracing
+    allocates so many small objects that it triggers full collections, each of which
+    rescans every object the process holds (a large model's modules and tensors among them)."""
+    enabled = gc.isenabled()
+    if pause:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _layer_names(model: nn.Module, layers: Iterable[LayerRef], argument: str) -> set[str]:
@@ -184,7 +200,7 @@ def analyze(
     is not modified; its train/eval flags are restored.
     """
     check_model(model)
-    with eval_mode(model):
+    with eval_mode(model), gc_paused():
         analysis, _ = _run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads)
     return analysis.report
 
@@ -347,7 +363,7 @@ def prune(
     criterion = get_criterion(criterion)
     if not inplace:
         model = copy.deepcopy(model)
-    with eval_mode(model):
+    with eval_mode(model), gc_paused(pause=not criterion.requires_data):  # a data pass may run long
         analysis, inputs = _run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads)
         report = analysis.report
         if not report.prunable_groups:

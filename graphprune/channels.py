@@ -2,7 +2,8 @@
 
 Every position of every dimension that may carry channels gets an integer id. Ids are
 allocated in *sets* (one set per parameter dimension or per fresh tensor dimension) and
-unified position by position with a vectorised union-find. After propagation:
+unified position by position; the links are resolved into classes once, as the
+connected components of a sparse graph (scipy). After propagation:
 
 * a *unit* is an equivalence class of ids: positions that must be removed together;
 * a *group* is a connected component of sets: everything whose size changes together.
@@ -16,8 +17,17 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 NO_ID = -1
+
+
+def _grown(array: np.ndarray, used: int, capacity: int) -> np.ndarray:
+    """A ``capacity``-long array starting with the first ``used`` entries of ``array``."""
+    grown = np.empty(capacity, dtype=array.dtype)
+    grown[:used] = array[:used]
+    return grown
 
 
 @dataclass
@@ -31,12 +41,13 @@ class ChannelSet:
 
 
 class ChannelSpace:
-    """Allocator of channel ids plus a union-find over them."""
+    """Allocator of channel ids plus the links that unify them; :meth:`all_roots` resolves
+    the links into equivalence classes once, after propagation."""
 
     def __init__(self) -> None:
-        self._parent = np.zeros(1024, dtype=np.int64)
         self._set_of_id = np.zeros(1024, dtype=np.int64)
         self._n_ids = 0
+        self._links: list[tuple[np.ndarray, np.ndarray]] = []
         self.sets: list[ChannelSet] = []
 
     @property
@@ -47,27 +58,12 @@ class ChannelSpace:
         """Allocate ``size`` fresh ids; return them as an array."""
         start = self._n_ids
         end = start + size
-        if end > self._parent.size:
-            capacity = max(end, 2 * self._parent.size)
-            self._parent = np.resize(self._parent, capacity)
-            self._set_of_id = np.resize(self._set_of_id, capacity)
-        self._parent[start:end] = np.arange(start, end)
+        if end > self._set_of_id.size:
+            self._set_of_id = _grown(self._set_of_id, start, max(end, 2 * self._set_of_id.size))
         self._set_of_id[start:end] = len(self.sets)
         self._n_ids = end
         self.sets.append(ChannelSet(start, size, description, blocked))
         return np.arange(start, end, dtype=np.int64)
-
-    def find(self, ids: np.ndarray) -> np.ndarray:
-        """Roots of ``ids`` (all must be valid ids), compressing the queried paths."""
-        parent = self._parent
-        roots = parent[ids]
-        while True:
-            up = parent[roots]
-            if np.array_equal(up, roots):
-                break
-            roots = up
-        parent[ids] = roots
-        return roots
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
         """Unify ``a[i]`` with ``b[i]`` for every ``i`` where neither is ``NO_ID``."""
@@ -76,16 +72,8 @@ class ChannelSpace:
         if a.shape != b.shape:
             raise ValueError(f"cannot unify label arrays of sizes {a.size} and {b.size}")
         keep = (a >= 0) & (b >= 0)
-        a, b = a[keep], b[keep]
-        while a.size:
-            ra, rb = self.find(a), self.find(b)
-            differ = ra != rb
-            if not differ.any():
-                return
-            ra, rb = ra[differ], rb[differ]
-            # Conflicting writes to the same root lose some links; the loop retries those.
-            self._parent[np.maximum(ra, rb)] = np.minimum(ra, rb)
-            a, b = a[differ], b[differ]
+        if keep.any():
+            self._links.append((a[keep], b[keep]))
 
     def block(self, ids: np.ndarray, reason: str) -> None:
         """Mark every set that owns one of ``ids`` as blocked (first reason wins)."""
@@ -102,30 +90,18 @@ class ChannelSpace:
         return self._set_of_id[ids]
 
     def all_roots(self) -> np.ndarray:
-        """Root of every allocated id (fully compressed by pointer jumping)."""
-        parent = self._parent[: self._n_ids]
-        while True:
-            jumped = parent[parent]
-            if np.array_equal(jumped, parent):
-                break
-            parent = jumped
-        self._parent[: self._n_ids] = parent
-        return parent.copy()
+        """The root of every allocated id: the smallest id it is unified with."""
+        n = self._n_ids
+        a, b = (np.concatenate(side) for side in zip(*self._links)) if self._links else (np.zeros(0, np.int64),) * 2
+        links = coo_matrix((np.ones(a.size, dtype=np.int8), (a, b)), shape=(n, n))
+        count, label = connected_components(links, directed=False)
+        smallest = np.full(count, n, dtype=np.int64)
+        np.minimum.at(smallest, label, np.arange(n))
+        return smallest[label]
 
     def set_components(self, roots: np.ndarray) -> np.ndarray:
         """Component label of every set: sets sharing a unit are in one component."""
         n_sets = len(self.sets)
-        if n_sets == 0:
-            return np.zeros(0, dtype=np.int64)
         owner = self._set_of_id[: self._n_ids]
-        linked = self._set_of_id[roots]
-        comp = np.arange(n_sets, dtype=np.int64)
-        # Label propagation to a fixed point: each set takes the minimum label of its links.
-        while True:
-            before = comp.copy()
-            lo = np.minimum(comp[owner], comp[linked])
-            np.minimum.at(comp, owner, lo)
-            np.minimum.at(comp, linked, lo)
-            comp = comp[comp]
-            if np.array_equal(comp, before):
-                return comp
+        links = coo_matrix((np.ones(owner.size, dtype=np.int8), (owner, self._set_of_id[roots])), shape=(n_sets, n_sets))
+        return connected_components(links, directed=False)[1].astype(np.int64)

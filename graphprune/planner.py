@@ -30,15 +30,16 @@ RatioSpec = Union[float, Mapping[str, float]]
 DEFAULT_MAX_RATIO = 0.9
 
 
-def _spared(group: Group, scores: np.ndarray) -> set:
-    return {int(m.index_map[np.argmax(scores[m.index_map])]) for m in group.members}
+def _spared(group: Group, scores: np.ndarray) -> np.ndarray:
+    """The best channel of every member (the same channel may be spared by several)."""
+    return np.array([m.index_map[np.argmax(scores[m.index_map])] for m in group.members], dtype=np.int64)
 
 
 def removal_order(group: Group, scores: np.ndarray) -> np.ndarray:
     """Channels in the order they are removed (lowest score first), without the spared best
     channel of every member."""
-    spared = _spared(group, scores)
-    return np.array([int(i) for i in np.argsort(scores, kind="stable") if int(i) not in spared], dtype=np.int64)
+    order = np.argsort(scores, kind="stable")
+    return order[~np.isin(order, _spared(group, scores))].astype(np.int64)
 
 
 def lowest_channels(group: Group, scores: np.ndarray, count: int) -> np.ndarray:
@@ -91,7 +92,7 @@ def round_count(size: int, count: int, round_to: Optional[int], cap: int) -> int
 
 
 def _cap(group: Group, scores: np.ndarray, max_ratio: Optional[float]) -> int:
-    cap = group.size - len(_spared(group, scores))
+    cap = group.size - np.unique(_spared(group, scores)).size
     if max_ratio is not None:
         cap = min(cap, floor_count(max_ratio, group.size))
     return max(cap, 0)

@@ -16,12 +16,10 @@ class PruningError(RuntimeError):
 
 
 def _select(data: torch.Tensor, index: dict) -> torch.Tensor:
-    """``data`` restricted to ``index[dim]`` along each dim: one gather when dims 0 and 1 both
-    shrink (a conv or linear weight pruned on both sides), else one ``index_select`` per dim."""
-    if set(index) == {0, 1}:
-        return data[index[0][:, None], index[1]]
-    for dim, positions in index.items():
-        data = data.index_select(dim, positions)
+    """``data`` restricted to ``index[dim]`` along each dim: one ``index_select`` per dim, the
+    outermost first (it copies whole contiguous blocks, and leaves less for the next one)."""
+    for dim in sorted(index):
+        data = data.index_select(dim, index[dim])
     return data
 
 

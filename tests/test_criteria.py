@@ -347,3 +347,43 @@ def test_position_norms_in_small_chunks_match_vector_norm(monkeypatch, shape, di
     other = [d for d in range(tensor.dim()) if d != dim]
     expected = torch.linalg.vector_norm(tensor.double(), ord=p, dim=other) ** p
     np.testing.assert_allclose(criteria.base.position_norms(member, p), expected.numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (5, 4, 3, 3), (3, 8, 2)])
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("chunk", [40, 1 << 22])
+def test_row_and_column_norms_read_once_match_position_norms(monkeypatch, shape, p, chunk):
+    monkeypatch.setattr(criteria.base, "_CHUNK_ELEMENTS", chunk)
+    tensor = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).half()
+    rows, columns = criteria.base.row_and_column_norms(tensor, p)
+    for dim, got in ((0, rows), (1, columns)):
+        expected = torch.linalg.vector_norm(tensor.double(), ord=p, dim=[d for d in range(len(shape)) if d != dim]) ** p
+        np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5)
+
+
+def test_row_and_column_norms_decline_rows_larger_than_a_chunk(monkeypatch):
+    monkeypatch.setattr(criteria.base, "_CHUNK_ELEMENTS", 7)
+    assert criteria.base.row_and_column_norms(torch.ones(2, 4, 2), 1) is None  # one row: 8 elements
+    assert criteria.base.row_and_column_norms(torch.ones(5), 1) is None  # no columns
+
+
+@pytest.mark.parametrize("name", ["l1", "l2"])
+def test_prepared_lp_scores_equal_unprepared_and_follow_new_weights_after_prepare(name):
+    """prepare() reads shared weights once; the scores are those of scoring each member alone.
+    A later prepare() sees weights changed in between."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 1)).eval()
+    report = graphprune.analyze(model, torch.randn(1, 3, 9, 9))
+    plain = [get_criterion(name).scores(g) for g in report.prunable_groups]
+    prepared = get_criterion(name)
+    prepared.prepare(model, report)
+    assert len(prepared._norms) == 2  # the middle conv's rows and columns
+    for group, expected in zip(report.prunable_groups, plain):
+        np.testing.assert_allclose(prepared.scores(group), expected, rtol=1e-12)
+    with torch.no_grad():
+        model[2].weight[0].mul_(100.0)
+    prepared.prepare(model, report)
+    for group, before in zip(report.prunable_groups, plain):
+        now = get_criterion(name).scores(group)
+        np.testing.assert_allclose(prepared.scores(group), now, rtol=1e-12)
+        assert not np.allclose(now, before)  # both groups read the middle conv

@@ -1,6 +1,7 @@
 """Capture a PyTorch model as an annotated networkx graph (torch.fx front-end)."""
 from .capture import LeafSpec, TraceError, capture
 from .fallback import trace
-from .graph import InputError, TensorSpec, build_graph, call_model, describe
+from .graph import InputError, build_graph, call_model
+from .record import TensorSpec, describe
 
 __all__ = ["LeafSpec", "TraceError", "InputError", "TensorSpec", "capture", "build_graph", "call_model", "describe", "trace"]

@@ -71,8 +71,9 @@ def check_leaf_names(model: nn.Module, leaf_modules: Iterable[LeafSpec]) -> None
         raise TypeError(f"leaf_modules entries must be module names, classes, modules or predicates; got {bad!r}")
 
 
-def capture(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.GraphModule:
-    """Symbolically trace ``model``; the GraphModule shares the model's modules and parameters."""
+def capture(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.Graph:
+    """Symbolically trace ``model`` into an fx Graph whose module and attribute targets are
+    qualified names in ``model`` itself (run it with ``fx.Interpreter(model, graph=...)``)."""
     leaf_modules = list(leaf_modules)
     check_leaf_names(model, leaf_modules)
     tracer = _LeafAwareTracer(leaf_modules)
@@ -96,4 +97,4 @@ def capture(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.Graph
             module_name=module,
             location=where,
         ) from exc
-    return fx.GraphModule(model, graph, class_name=type(model).__name__)
+    return graph

@@ -14,63 +14,26 @@ Each graph node is one fx node and carries:
 """
 from __future__ import annotations
 
-import copy
-from typing import Any, Mapping, NamedTuple, NoReturn, Optional
+from typing import Any, Mapping, NoReturn, Optional
 
 import networkx as nx
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils._pytree import tree_map_only
 
 from .capture import TraceError
-
-
-class TensorSpec(NamedTuple):
-    """Shape and dtype of one tensor seen while running the graph."""
-
-    shape: tuple
-    dtype: torch.dtype
+from .record import Recorder, record_on_meta
 
 
 class InputError(ValueError):
     """The model rejected the example inputs."""
 
 
-def describe(value: Any) -> Any:
-    """Replace tensors by TensorSpecs, recursively through tuples, lists and dicts."""
-    if isinstance(value, torch.Tensor):
-        return TensorSpec(tuple(value.shape), value.dtype)
-    if isinstance(value, (tuple, list)):
-        return tuple(describe(v) for v in value)
-    if isinstance(value, dict):
-        return {k: describe(v) for k, v in value.items()}
-    return value
-
-
-class _Recorder(fx.Interpreter):
-    """Interpreter that stores a shape description of every node's output."""
-
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
-        self.values: dict[str, Any] = {}
-        self.failed: Optional[fx.Node] = None
-
-    def run_node(self, n: fx.Node) -> Any:
-        try:
-            result = super().run_node(n)
-        except Exception:
-            self.failed = self.failed or n
-            raise
-        self.values[n.name] = describe(result)
-        return result
-
-
-def positional_inputs(gm: fx.GraphModule, example_inputs: Any) -> tuple:
+def positional_inputs(graph: fx.Graph, example_inputs: Any) -> tuple:
     """Order ``example_inputs`` as the graph's placeholders: a tuple holds positional inputs,
     a dict keyword inputs, anything else (a tensor, a list of images) is the one input."""
     if isinstance(example_inputs, Mapping):
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         unknown = set(example_inputs) - {p.target.lstrip("*") for p in placeholders}
         if unknown:
             raise InputError(f"example_inputs has keys {sorted(unknown)} that forward() does not take")
@@ -110,27 +73,6 @@ def _target_name(node: fx.Node) -> str:
     return getattr(node.target, "__qualname__", None) or getattr(node.target, "__name__", repr(node.target))
 
 
-def _record_on_meta_tensors(gm: fx.GraphModule, args: tuple) -> Optional[_Recorder]:
-    """Run a meta-device copy of ``gm`` (shapes and dtypes only, no arithmetic); None if it cannot.
-
-    The copy shares no storage with the model: every parameter and buffer is replaced by an
-    empty meta tensor of the same shape, so copying costs nothing. Code that needs actual
-    values (``.item()``, data-dependent shapes such as ``nonzero``, numpy, tensors it creates
-    on the CPU) raises on meta tensors; the caller then runs ``gm`` on the real inputs.
-    """
-    memo: dict = {}
-    for tensor in [*gm.parameters(), *gm.buffers()]:
-        meta = torch.empty_like(tensor, device="meta")
-        memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
-    recorder = _Recorder(copy.deepcopy(gm, memo))
-    try:
-        with torch.no_grad():
-            recorder.run(*tree_map_only(torch.Tensor, lambda t: t.to("meta"), args))
-    except Exception:
-        return None
-    return recorder
-
-
 def _explain_failure(model: nn.Module, example_inputs: Any, node: Optional[fx.Node], exc: Exception) -> NoReturn:
     """Raise InputError if ``model`` itself rejects the inputs, else TraceError naming ``node``."""
     try:
@@ -151,23 +93,24 @@ def _explain_failure(model: nn.Module, example_inputs: Any, node: Optional[fx.No
     ) from exc
 
 
-def build_graph(model: nn.Module, gm: fx.GraphModule, example_inputs: Any) -> nx.DiGraph:
-    """Run ``gm`` on ``example_inputs`` (no grad) and return the annotated networkx graph.
+def build_graph(model: nn.Module, fx_graph: fx.Graph, example_inputs: Any) -> nx.DiGraph:
+    """Run ``fx_graph`` (captured from ``model``) on ``example_inputs`` and return the annotated
+    networkx graph: on meta tensors where it can, else once on the real inputs (no grad).
 
     Node keys are fx node names; every node has ``part == ""`` (see :mod:`tracer.fallback`).
     """
-    args = positional_inputs(gm, example_inputs)
-    recorder = _record_on_meta_tensors(gm, args)
+    args = positional_inputs(fx_graph, example_inputs)
+    recorder = record_on_meta(model, fx_graph, args)
     if recorder is None:
-        recorder = _Recorder(gm)
+        recorder = Recorder(model, fx_graph)
         try:
             with torch.no_grad():
                 recorder.run(*args)
         except Exception as exc:
             _explain_failure(model, example_inputs, recorder.failed, exc)
 
-    graph = nx.DiGraph(model=model, graph_module=gm, opaque={})
-    for index, node in enumerate(gm.graph.nodes):
+    graph = nx.DiGraph(model=model, opaque={})
+    for index, node in enumerate(fx_graph.nodes):
         attrs = dict(
             index=index,
             part="",
@@ -179,7 +122,7 @@ def build_graph(model: nn.Module, gm: fx.GraphModule, example_inputs: Any) -> nx
             fx=node,
         )
         if node.op == "call_module":
-            attrs["module_type"] = type(gm.get_submodule(node.target)).__name__
+            attrs["module_type"] = type(model.get_submodule(node.target)).__name__
         elif node.op == "get_attr":
             attrs["tensor"] = _resolve_attr(model, node.target)
         graph.add_node(node.name, **attrs)
