@@ -44,7 +44,8 @@ def test_roots_are_the_smallest_id_of_each_class_as_a_plain_union_find_says(seed
 
 def test_sets_sharing_a_unit_form_one_component():
     space = ChannelSpace()
-    a, b, c = space.new_set(3, "a"), space.new_set(3, "b"), space.new_set(2, "c")
+    a, b = space.new_set(3, "a"), space.new_set(3, "b")
+    space.new_set(2, "c")
     space.union(a[:1], b[2:])
     roots = space.all_roots()
     component = space.set_components(roots)
