@@ -3,9 +3,12 @@
     python benchmarks/speed.py                              # every torchvision classification model
     python benchmarks/speed.py --models resnet50,densenet201 --threads 1
     python benchmarks/speed.py --no-peer                    # graphprune only
+    python benchmarks/speed.py --device cpu                 # CPU only, even where CUDA is present
 
-Each tool runs in its own long-lived worker process (same thread count, same input, same
-freshly built model with seed 0). A worker warms itself up once (imports, first trace)
+graphprune's time is ``analyze()`` plus ``prune(..., report=report)`` (the pruning reuses the
+analysis the user looked at); Torch-Pruning's is its DependencyGraph build plus the pruner's
+step. Each tool runs in its own long-lived worker process (same thread count, same device,
+same input, same freshly built model with seed 0). A worker warms itself up once (imports, first trace)
 before it is timed; a model that runs past ``--timeout`` gets its worker killed and
 restarted, so a hang cannot stall the sweep. See benchmarks/README.md.
 """
@@ -45,18 +48,26 @@ def _input_shape(name: str, override: Optional[list]) -> tuple:
     return (1, 3, 299, 299) if name == "inception_v3" else (1, 3, 224, 224)
 
 
-def _build(name: str, shape: tuple):
+def _build(name: str, shape: tuple, device: str):
     import torch
     import torchvision
 
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = torchvision.models.get_model(name, weights=None).eval()
-    inputs = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        model = torchvision.models.get_model(name, weights=None).eval().to(device)
+    inputs = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         reference = model(inputs)  # untimed: the first forward pass at this shape, and the output to keep
+    _synchronize(device)
     return model, inputs, tuple(reference.shape)
+
+
+def _synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 def _params(model) -> int:
@@ -68,10 +79,10 @@ def _error(stage: str, exc: BaseException) -> str:
     return f"{stage}: {type(exc).__name__}: {text}"[:400]
 
 
-def _run_graphprune(name: str, shape: tuple, ratio: float) -> dict:
+def _run_graphprune(name: str, shape: tuple, ratio: float, device: str) -> dict:
     import graphprune
 
-    model, inputs, _ = _build(name, shape)
+    model, inputs, _ = _build(name, shape, device)
     result: dict[str, Any] = {"params_before": _params(model)}
     try:
         start = time.perf_counter()
@@ -80,12 +91,12 @@ def _run_graphprune(name: str, shape: tuple, ratio: float) -> dict:
         result["prunable_groups"] = len(report.prunable_groups)
     except Exception as exc:  # a per-model failure is a result, not a crash
         return {**result, "status": _error("analyze", exc)}
-    del report
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             start = time.perf_counter()
-            graphprune.prune(model, ratio, inputs, criterion="l1")
+            graphprune.prune(model, ratio, inputs, criterion="l1", report=report)
+            _synchronize(device)
             result["prune_s"] = time.perf_counter() - start
     except Exception as exc:
         return {**result, "status": _error("prune", exc)}
@@ -95,13 +106,13 @@ def _run_graphprune(name: str, shape: tuple, ratio: float) -> dict:
     return result
 
 
-def _run_torch_pruning(name: str, shape: tuple, ratio: float) -> dict:
+def _run_torch_pruning(name: str, shape: tuple, ratio: float, device: str) -> dict:
     import torch
     import torch_pruning as tp
     from torch import nn
     from torchvision.models.vision_transformer import VisionTransformer
 
-    model, inputs, out_shape = _build(name, shape)
+    model, inputs, out_shape = _build(name, shape, device)
     result: dict[str, Any] = {"params_before": _params(model)}
     # The final classifier: as in Torch-Pruning's own torchvision example, plus squeezenet's 1x1 conv head.
     ignored = [
@@ -120,6 +131,7 @@ def _run_torch_pruning(name: str, shape: tuple, ratio: float) -> dict:
         result["build_s"] = time.perf_counter() - start
         start = time.perf_counter()
         pruner.step()
+        _synchronize(device)
         result["step_s"] = time.perf_counter() - start
     except Exception as exc:
         return {**result, "status": _error("build" if "build_s" not in result else "step", exc)}
@@ -140,7 +152,7 @@ def _run_torch_pruning(name: str, shape: tuple, ratio: float) -> dict:
 RUNNERS = {GP: _run_graphprune, TP: _run_torch_pruning}
 
 
-def worker_main(tool: str, threads: int, ratio: float) -> int:
+def worker_main(tool: str, threads: int, ratio: float, device: str) -> int:
     """Serve requests (one JSON line each on stdin) with one JSON line each on the original stdout."""
     channel = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever the libraries print goes to stderr, never into the answers
@@ -151,7 +163,7 @@ def worker_main(tool: str, threads: int, ratio: float) -> int:
     torch.set_num_threads(threads)
     run = RUNNERS[tool]
     try:
-        run(WARMUP_MODEL, WARMUP_SHAPE, ratio)  # imports, lazy initialisation, first trace: not timed
+        run(WARMUP_MODEL, WARMUP_SHAPE, ratio, device)  # imports, lazy initialisation, first trace: not timed
     except Exception as exc:
         channel.write(json.dumps({"ready": False, "status": _error("warm-up", exc)}) + "\n")
         return 1
@@ -159,7 +171,7 @@ def worker_main(tool: str, threads: int, ratio: float) -> int:
     for line in sys.stdin:
         request = json.loads(line)
         try:
-            answer = run(request["model"], tuple(request["shape"]), ratio)
+            answer = run(request["model"], tuple(request["shape"]), ratio, device)
         except Exception as exc:  # building the model failed
             answer = {"status": _error("build model", exc)}
         gc.collect()
@@ -173,8 +185,8 @@ def worker_main(tool: str, threads: int, ratio: float) -> int:
 class Worker:
     """One tool's worker process; killed and restarted after a timeout or a crash."""
 
-    def __init__(self, tool: str, threads: int, ratio: float, verbose: bool):
-        self.tool, self.threads, self.ratio, self.verbose = tool, threads, ratio, verbose
+    def __init__(self, tool: str, threads: int, ratio: float, device: str, verbose: bool):
+        self.tool, self.threads, self.ratio, self.device, self.verbose = tool, threads, ratio, device, verbose
         self.proc: Optional[subprocess.Popen] = None
         self.answers: queue.Queue = queue.Queue()
 
@@ -182,7 +194,8 @@ class Worker:
         n = str(self.threads)
         env = dict(os.environ, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, PYTHONWARNINGS="ignore")
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--worker", self.tool, "--threads", n, "--ratio", str(self.ratio)],
+            [sys.executable, os.path.abspath(__file__), "--worker", self.tool, "--threads", n, "--ratio", str(self.ratio),
+             "--device", self.device],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None if self.verbose else subprocess.DEVNULL,
             text=True, bufsize=1, env=env, start_new_session=True,
         )
@@ -245,10 +258,13 @@ def _short(status: str, width: int = 70) -> str:
     return status if len(status) <= width else status[: width - 1] + "…"
 
 
+SLOW_S = 2.0  # the issue's per-model goal
+
+
 def _table(rows: list, peer: Optional[str]) -> str:
-    header = ["model", "graphprune analyze s", "graphprune prune s", "total s", "params left"]
+    header = ["model", "graphprune analyze s", "graphprune prune s", "graphprune total s", "params left"]
     if peer:
-        header += [f"Torch-Pruning {peer} s", "TP params left", "TP s / graphprune prune s"]
+        header += [f"Torch-Pruning {peer} s", "TP params left", "TP s / graphprune s"]
     header.append("status")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 or i == len(header) - 1 else "---:"
                                                              for i in range(len(header))) + "|"]
@@ -267,7 +283,7 @@ def _table(rows: list, peer: Optional[str]) -> str:
         statuses = [] if gp.get("status") == "ok" else [f"graphprune: {gp.get('status')}"]
         if peer:
             tp_s = tp.get("total_s")
-            ratio = tp_s / prune_s if tp_s is not None and prune_s else None
+            ratio = tp_s / total_s if tp_s is not None and total_s else None
             cells += [_seconds(tp_s), _left(tp), f"{ratio:.2f}×" if ratio is not None else "–"]
             if tp_s is not None:
                 counts["tp"] += 1
@@ -275,7 +291,7 @@ def _table(rows: list, peer: Optional[str]) -> str:
             if ratio is not None:
                 counts["pair"] += 1
                 sums["tp_pair"] += tp_s
-                sums["gp_pair"] += prune_s
+                sums["gp_pair"] += total_s
             if tp.get("status") != "ok":
                 statuses.append(f"TP: {tp.get('status')}")
         cells.append(_short("; ".join(statuses)) if statuses else "ok")
@@ -287,6 +303,9 @@ def _table(rows: list, peer: Optional[str]) -> str:
         total += [f"{_seconds(sums['tp'])} ({counts['tp']} ok)", "", pair]
     total.append("")
     lines.append("| " + " | ".join(total) + " |")
+    slow = [f"{row['model']} {row[GP]['analyze_s'] + row[GP]['prune_s']:.2f} s" for row in rows
+            if row[GP].get("prune_s") is not None and row[GP]["analyze_s"] + row[GP]["prune_s"] > SLOW_S]
+    lines.append(f"\ngraphprune models over {SLOW_S:g} s (analyze + prune): {len(slow)}" + (f" ({', '.join(slow)})" if slow else ""))
     return "\n".join(lines)
 
 
@@ -295,7 +314,7 @@ def _failures(rows: list) -> list:
     for row in rows:
         for tool in (GP, TP):
             status = row.get(tool, {}).get("status")
-            if status and status != "ok":
+            if status and not status.startswith("ok"):
                 out.append(f"- {row['model']} ({tool}): {status}")
     return out
 
@@ -311,6 +330,7 @@ def _parse_args(argv: Optional[list]) -> argparse.Namespace:
     parser.add_argument("--input-shape", type=lambda s: [int(d) for d in s.split(",")],
                         help="input shape for every model (default 1,3,224,224; 1,3,299,299 for inception_v3)")
     parser.add_argument("--no-peer", action="store_true", help="do not time Torch-Pruning even if it is installed")
+    parser.add_argument("--device", help="comma-separated devices (default: cpu, plus cuda when torch.cuda.is_available())")
     parser.add_argument("--json", metavar="FILE", help="also write the raw per-model results as JSON")
     parser.add_argument("--verbose", action="store_true", help="show the workers' stderr")
     parser.add_argument("--worker", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
@@ -327,7 +347,7 @@ def _parse_args(argv: Optional[list]) -> argparse.Namespace:
 def main(argv: Optional[list] = None) -> int:
     args = _parse_args(argv)
     if args.worker:
-        return worker_main(args.worker, args.threads, args.ratio)
+        return worker_main(args.worker, args.threads, args.ratio, args.device)
 
     import torchvision
 
@@ -341,21 +361,45 @@ def main(argv: Optional[list] = None) -> int:
     else:
         models = torchvision.models.list_models(module=torchvision.models)
 
+    import torch
+
+    devices = [d.strip() for d in args.device.split(",") if d.strip()] if args.device else (
+        ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     peer = None
     if not args.no_peer and importlib.util.find_spec("torch_pruning") is not None:
         peer = importlib.metadata.version("torch-pruning")
-    workers = {GP: Worker(GP, args.threads, args.ratio, args.verbose)}
-    if peer:
-        workers[TP] = Worker(TP, args.threads, args.ratio, args.verbose)
+    results = {}
+    for device in devices:
+        started = time.perf_counter()
+        rows = _sweep(models, args, device, peer)
+        results[device] = rows
+        print(f"graphprune analyze + prune (ratio {args.ratio:g}, L1) per model on {device}; torch {torch.__version__}, "
+              f"torchvision {torchvision.__version__}, {args.threads} thread(s)"
+              + (f"; Torch-Pruning {peer} (DependencyGraph build + BasePruner step)" if peer else "; Torch-Pruning not timed")
+              + "\n")
+        print(_table(rows, peer))
+        failures = _failures(rows)
+        if failures:
+            print("\nfailures:")
+            print("\n".join(failures))
+        print(f"\nsweep wall time on {device}: {time.perf_counter() - started:.0f} s\n")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"threads": args.threads, "ratio": args.ratio, "torch_pruning": peer, "rows": results}, fh, indent=2)
+    return 0
 
+
+def _sweep(models: list, args: argparse.Namespace, device: str, peer: Optional[str]) -> list:
+    workers = {GP: Worker(GP, args.threads, args.ratio, device, args.verbose)}
+    if peer:
+        workers[TP] = Worker(TP, args.threads, args.ratio, device, args.verbose)
     rows: list = []
-    started = time.perf_counter()
     try:
         for i, name in enumerate(models, 1):
             shape = _input_shape(name, args.input_shape)
             row = {"model": name, "input_shape": list(shape)}
             for tool, worker in workers.items():
-                print(f"[{i}/{len(models)}] {name}: {tool}...", file=sys.stderr, flush=True)
+                print(f"[{i}/{len(models)}] {name} on {device}: {tool}...", file=sys.stderr, flush=True)
                 row[tool] = worker.run(name, shape, args.timeout)
             rows.append(row)
     except KeyboardInterrupt:
@@ -363,23 +407,7 @@ def main(argv: Optional[list] = None) -> int:
     finally:
         for worker in workers.values():
             worker.stop()
-
-    import torch
-
-    print(f"graphprune analyze + prune (ratio {args.ratio:g}, L1) per model; torch {torch.__version__}, "
-          f"torchvision {torchvision.__version__}, {args.threads} thread(s), CPU"
-          + (f"; Torch-Pruning {peer} (DependencyGraph build + BasePruner step)" if peer else "; Torch-Pruning not timed")
-          + "\n")
-    print(_table(rows, peer))
-    failures = _failures(rows)
-    if failures:
-        print("\nfailures:")
-        print("\n".join(failures))
-    print(f"\nsweep wall time: {time.perf_counter() - started:.0f} s")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"threads": args.threads, "ratio": args.ratio, "torch_pruning": peer, "rows": rows}, fh, indent=2)
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

@@ -3,182 +3,21 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import gc
 import math
 import numbers
 import warnings
-from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
-import numpy as np
-import torch
 from torch import nn
 
 import tracer
 from criteria import Criterion, get_criterion
 
+from .analysis import Analysis, LayerRef, apply_audited, eval_mode, fingerprint, gc_paused, run_analysis
 from .budget import PlanOptions, PruneResult, run_pruning
-from .audit import AuditError, audit
-from .groups import Group, build_groups
-from .inputs import resolve_example_inputs
 from .planner import check_ratio_value
-from .propagate import Propagation, propagate
 from .report import Report
-from .rules import has_module_rule
-from .surgery import ChannelSurgery, PruningError
 from .validation import check_int, check_model
-
-_AUDIT_RETRIES = 3
-
-LayerRef = Union[str, nn.Module]
-
-
-@contextmanager
-def eval_mode(model: nn.Module):
-    """Run in eval mode, then restore every submodule's own training flag."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
-@contextmanager
-def gc_paused(pause: bool = True):
-    """Pause Python's cyclic garbage collector (if ``pause``), then restore it: tracing
-    allocates so many small objects that it triggers full collections, each of which
-    rescans every object the process holds (a large model's modules and tensors among them)."""
-    enabled = gc.isenabled()
-    if pause:
-        gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _layer_names(model: nn.Module, layers: Iterable[LayerRef], argument: str) -> set[str]:
-    if isinstance(layers, (str, nn.Module)):
-        layers = [layers]
-    by_id = {id(m): name for name, m in model.named_modules()}
-    names, unknown = set(), []
-    for layer in layers:
-        if isinstance(layer, nn.Module):
-            if id(layer) not in by_id:
-                unknown.append(type(layer).__name__)
-            else:
-                names.add(by_id[id(layer)])
-        elif isinstance(layer, str):
-            if layer not in by_id.values():
-                unknown.append(layer)
-            names.add(layer)
-        else:
-            raise TypeError(f"{argument} entries must be module names or modules, got {type(layer).__name__}")
-    if unknown:
-        raise ValueError(f"{argument} has entries that are not submodules of {type(model).__name__}: {unknown}")
-    return names
-
-
-def _ignore(groups: list[Group], names: set[str]) -> None:
-    for group in groups:
-        hits = sorted({n for n in names for layer in group.layers() if layer == n or layer.startswith(n + ".") or n == ""})
-        if hits:
-            group.blocked.append("ignored_layers: " + ", ".join(hits))
-
-
-def _annotate_channels(state: Propagation, roots: np.ndarray, groups: list[Group]) -> None:
-    """Store on each graph node, per tensor dim, ``(group id, index map)`` or None.
-
-    The index map gives the group channel of every position along that dim, as in
-    :class:`Member`; multi-output nodes get a tuple of such tuples.
-    """
-    group_of_root = np.full(roots.size, -1, dtype=np.int64)
-    for group in groups:
-        group_of_root[group.units] = group.id
-
-    def dims(labels):
-        if labels is None:
-            return None
-        if labels and isinstance(labels[0], np.ndarray):
-            return tuple(_dim_channels(ids) for ids in labels)
-        return tuple(dims(item) for item in labels)
-
-    def _dim_channels(ids):
-        if not ids.size or ids[0] < 0 or group_of_root[roots[ids[0]]] < 0 or (ids < 0).any():
-            return None
-        group = groups[group_of_root[roots[ids[0]]]]
-        return group.id, np.searchsorted(group.units, roots[ids])
-
-    for name, labels in state.labels.items():
-        state.graph.nodes[name]["channels"] = dims(labels)
-
-
-class _Analysis:
-    """Everything one analysis produced: report, surgery and the expected output shapes."""
-
-    def __init__(self, model: nn.Module, example_inputs: Any, description: str, leaf_modules, ignored: set[str], prune_heads: bool):
-        graph = tracer.trace(model, example_inputs, traced_leaves(leaf_modules))
-        state = propagate(graph, prune_heads)
-        roots = state.space.all_roots()
-        groups = build_groups(state, roots)
-        _ignore(groups, ignored)
-        _annotate_channels(state, roots, groups)
-        self.surgery = ChannelSurgery(state, roots, groups)
-        output = next(n for n, a in graph.nodes(data=True) if a["op"] == "output")
-        self.expected_output = graph.nodes[output]["value"]
-        self.report = Report(type(model).__name__, groups, graph, description)
-
-
-def _run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads=False) -> tuple[_Analysis, Any]:
-    check_model(model)
-    if not isinstance(prune_heads, bool):
-        raise TypeError(f"prune_heads must be True or False, got {type(prune_heads).__name__}")
-    ignored = _layer_names(model, ignored_layers, "ignored_layers")
-    inputs, inferred = resolve_example_inputs(model, example_inputs)
-    _check_devices(model, inputs)
-    description = "inferred " + _describe_inputs(inputs) if inferred else _describe_inputs(inputs)
-    try:
-        return _Analysis(model, inputs, description, leaf_modules, ignored, prune_heads), inputs
-    except tracer.InputError as exc:
-        if inferred:
-            raise ValueError(f"{exc} The inferred input was {_describe_inputs(inputs)}; pass example_inputs.") from exc
-        raise ValueError(str(exc)) from exc
-
-
-def _input_tensors(inputs: Any) -> list:
-    if isinstance(inputs, torch.Tensor):
-        return [inputs]
-    values = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, (tuple, list)) else []
-    return [t for v in values for t in _input_tensors(v)]
-
-
-def _check_devices(model: nn.Module, inputs: Any) -> None:
-    """Meta-device models hold no values to rank; inputs must live on the model's device."""
-    devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
-    if any(d.type == "meta" for d in devices):
-        raise ValueError(
-            f"{type(model).__name__} has parameters on the meta device, which hold no values; "
-            "materialise it first (model.to_empty(device=...) and load its weights)"
-        )
-    input_devices = {t.device for t in _input_tensors(inputs)}
-    if len(devices) == 1 and input_devices and input_devices != devices:
-        raise ValueError(
-            f"example_inputs are on {', '.join(sorted(map(str, input_devices)))} but the model is on "
-            f"{next(iter(devices))}; move them to the model's device"
-        )
-
-
-def _describe_inputs(inputs: Any) -> str:
-    if isinstance(inputs, torch.Tensor):
-        return f"tensor{tuple(inputs.shape)}"
-    if isinstance(inputs, dict):
-        return "{" + ", ".join(f"{k}: {_describe_inputs(v)}" for k, v in inputs.items()) + "}"
-    if isinstance(inputs, (tuple, list)):
-        return "(" + ", ".join(_describe_inputs(v) for v in inputs) + ")"
-    return type(inputs).__name__
 
 
 def analyze(
@@ -201,34 +40,8 @@ def analyze(
     """
     check_model(model)
     with eval_mode(model), gc_paused():
-        analysis, _ = _run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads)
+        analysis, _ = run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads)
     return analysis.report
-
-
-def traced_leaves(leaf_modules: Iterable[tracer.LeafSpec]) -> list:
-    """The user's leaf modules plus every module the rule table knows (never traced into)."""
-    return [*leaf_modules, has_module_rule]
-
-
-def apply_audited(model, inputs, leaf_modules, surgery: ChannelSurgery, plan: dict, verify: bool) -> None:
-    """Apply ``plan``; with ``verify``, audit the shapes and retry without the groups blamed."""
-
-    def check(removed: np.ndarray) -> None:
-        audit(model, inputs, traced_leaves(leaf_modules), surgery.state, surgery.roots, removed)
-
-    for _ in range(_AUDIT_RETRIES):
-        try:
-            surgery.prune_groups(plan, verify=check if verify else None)
-            return
-        except PruningError as exc:
-            cause = exc.__cause__
-            blamed = [g for g in plan if isinstance(cause, AuditError) and np.isin(g.units, cause.suspects).any()]
-            if not blamed:
-                raise
-            for group in blamed:
-                group.blocked.append(f"shape audit: {cause}")
-            plan = {g: index for g, index in plan.items() if g not in blamed}
-    raise PruningError("pruning kept failing the shape audit; the model was restored")
 
 
 def _check_ratio_spec(model: nn.Module, ratio: Any) -> Union[float, dict, None]:
@@ -317,6 +130,7 @@ def prune(
     target_latency: Optional[float] = None,
     tolerance: float = 0.02,
     return_result: bool = False,
+    report: Optional[Report] = None,
 ) -> Union[nn.Module, PruneResult]:
     """Remove ``floor(ratio * n)`` channels from every prunable group of ``n`` channels.
 
@@ -354,6 +168,13 @@ def prune(
     the original, ``before`` / ``after`` the FLOPs and parameter counts, ``steps`` one
     :class:`StepResult` per step. If a step of a multi-step prune fails, the model is
     restored to its state before the first step.
+
+    ``report`` (from :func:`analyze` on this ``model``) skips the analysis: the groups pruned
+    are those of the report, and ``leaf_modules``, ``ignored_layers`` and ``prune_heads`` are
+    the ones given to ``analyze``. The model must still be the one analysed (the same
+    modules, parameters and buffers, with the same shapes; weights may have been updated),
+    and ``example_inputs``, if given, must have the shapes the report was made with. The
+    shape audit still re-traces the pruned model.
     """
     check_model(model)
     ratio, target, options = _check_planning(
@@ -361,25 +182,57 @@ def prune(
         {"flops": target_flops, "params": target_params, "latency": target_latency}, tolerance, return_result,
     )
     criterion = get_criterion(criterion)
-    if not inplace:
+    if report is not None:
+        given = analysis_of(report, model, example_inputs, inplace, leaf_modules, ignored_layers, prune_heads)
+        example_inputs, leaf_modules, ignored_layers, prune_heads = (
+            given.inputs, given.leaf_modules, given.ignored_layers, given.prune_heads,
+        )
+    elif not inplace:
         model = copy.deepcopy(model)
     with eval_mode(model), gc_paused(pause=not criterion.requires_data):  # a data pass may run long
-        analysis, inputs = _run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads)
-        report = analysis.report
-        if not report.prunable_groups:
-            warnings.warn(f"{report.model_name} has no prunable channel group; the model is unchanged", stacklevel=2)
+        analysis, inputs = (given, given.inputs) if report is not None else run_analysis(
+            model, example_inputs, leaf_modules, ignored_layers, prune_heads
+        )
+        if not analysis.report.prunable_groups:
+            warnings.warn(f"{analysis.report.model_name} has no prunable channel group; the model is unchanged", stacklevel=2)
             if return_result:
                 return PruneResult(model, target and target[0], target and target[1], None, target is None, {}, {}, [])
             return model
 
-        def apply(current: _Analysis, plan: dict) -> None:
+        def apply(current: Analysis, plan: dict) -> None:
             apply_audited(model, inputs, leaf_modules, current.surgery, plan, verify)
 
-        def analyse(current_model: nn.Module) -> _Analysis:
-            return _run_analysis(current_model, inputs, leaf_modules, ignored_layers, prune_heads)[0]
+        def analyse(current_model: nn.Module) -> Analysis:
+            return run_analysis(current_model, inputs, leaf_modules, ignored_layers, prune_heads)[0]
 
         result = run_pruning(
             model, analysis, inputs, criterion, ratio=ratio, target=target, options=options,
             analyse=analyse, apply=apply, measure=return_result,
         )
     return result if return_result else model
+
+
+def analysis_of(report: Any, model: nn.Module, example_inputs: Any, inplace: bool, *analysis_options: Any) -> Analysis:
+    """The analysis behind ``report``, checked to still describe ``model``."""
+    if not isinstance(report, Report):
+        raise TypeError(f"report must be a Report from graphprune.analyze, got {type(report).__name__}")
+    analysis = report.analysis
+    if not isinstance(analysis, Analysis):
+        raise ValueError("this report was not made by graphprune.analyze; pass the one analyze() returned")
+    if analysis.model is not model:
+        raise ValueError(f"the report describes another {report.model_name} object than the model given")
+    if not inplace:
+        raise ValueError("a report prunes the analysed model itself; with inplace=False, deep-copy the model and analyze the copy")
+    if not all(option is False or (isinstance(option, (tuple, list, set)) and not option) for option in analysis_options):
+        raise ValueError("leaf_modules, ignored_layers and prune_heads were fixed by analyze(); pass them there, not with report")
+    if fingerprint(model) != analysis.fingerprint:
+        raise ValueError(
+            f"{report.model_name} changed since it was analysed (modules, parameters or buffers were replaced, "
+            "pruned or moved); analyze it again"
+        )
+    if example_inputs is not None and tracer.describe(example_inputs) != tracer.describe(analysis.inputs):
+        raise ValueError(
+            f"example_inputs differ from the ones the report was made with ({report.input_description}); "
+            "leave them out or analyze again"
+        )
+    return analysis

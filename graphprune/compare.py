@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .analysis import describe_inputs
 from .api import analyze
 from .inputs import resolve_example_inputs
 from .measure import count_flops, count_parameters, measure_latency
@@ -162,8 +163,6 @@ def report(
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")
     inputs, _ = resolve_example_inputs(model_before, example_inputs)
-    from .api import _describe_inputs
-
     parameters = (count_parameters(model_before), count_parameters(model_after))
     flops = (count_flops(model_before, inputs), count_flops(model_after, inputs))
     timing = None
@@ -181,4 +180,4 @@ def report(
                 "group": group.id, "root": group.root, "status": "prunable" if group.prunable else "blocked",
                 "before": group.size, "after": after, "kept": _ratio(after, group.size),
             })
-    return Comparison(type(model_before).__name__, _describe_inputs(inputs), parameters, flops, timing, rows)
+    return Comparison(type(model_before).__name__, describe_inputs(inputs), parameters, flops, timing, rows)

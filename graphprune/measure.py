@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tracer import call_model
 from tracer.devices import model_device, to_device
 
-from .api import eval_mode
+from .analysis import eval_mode
 from .validation import check_model
 
 __all__ = ["count_flops", "count_parameters", "measure_latency"]

@@ -17,14 +17,16 @@ class Report:
 
     ``groups`` lists every coupled channel group; ``graph`` is the traced networkx graph,
     whose nodes carry ``channels``: per tensor dim, ``(group id, index map)`` or None.
-    ``str(report)`` is a table with one row per group.
+    ``str(report)`` is a table with one row per group. ``analysis`` is what
+    ``prune(..., report=report)`` needs to skip analysing again.
     """
 
-    def __init__(self, model_name: str, groups: list[Group], graph: nx.DiGraph, input_description: str):
+    def __init__(self, model_name: str, groups: list[Group], graph: nx.DiGraph, input_description: str, analysis: Any = None):
         self.model_name = model_name
         self.groups = groups
         self.graph = graph
         self.input_description = input_description
+        self.analysis = analysis
 
     @property
     def prunable_groups(self) -> list[Group]:

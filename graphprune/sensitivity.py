@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from criteria import Criterion, get_criterion
 from criteria.base import group_layer_names, match_group
 
-from .api import _run_analysis, apply_audited, eval_mode
+from .analysis import apply_audited, eval_mode, run_analysis
 from .groups import Group
 from .planner import plan_removal, score_groups
 from .validation import check_model
@@ -271,7 +271,7 @@ def sensitivity(
         return float(value) + 0.0  # -0.0 -> 0.0
 
     with eval_mode(model):
-        analysis, inputs = _run_analysis(model, example_inputs, leaf_modules, ())
+        analysis, inputs = run_analysis(model, example_inputs, leaf_modules, ())
         report = analysis.report
         selected = _select(report.groups, groups)
         criterion.prepare(model, report)
@@ -308,7 +308,7 @@ def sensitivity(
 def _measure(model, inputs, leaf_modules, group: Group, indices, verify: bool, evaluate, ratio: float) -> dict:
     pruned = copy.deepcopy(model)
     with eval_mode(pruned):
-        analysis, _ = _run_analysis(pruned, inputs, leaf_modules, ())
+        analysis, _ = run_analysis(pruned, inputs, leaf_modules, ())
         twins = [g for g in analysis.report.groups if g.id == group.id]
         twin = twins[0] if twins else None
         if twin is None or twin.size != group.size or twin.root != group.root or not twin.prunable:

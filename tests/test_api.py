@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 import graphprune
-import graphprune.api
+import graphprune.analysis
 import graphprune.surgery
 import tracer
 from conftest import assert_same_state, count_params, size_attrs, state_snapshot, training_flags
@@ -249,7 +249,7 @@ def test_failing_audit_in_prune_restores_everything(monkeypatch):
     def broken_audit(*args, **kwargs):
         raise RuntimeError("audit crashed")
 
-    monkeypatch.setattr(graphprune.api, "audit", broken_audit)
+    monkeypatch.setattr(graphprune.analysis, "audit", broken_audit)
     with pytest.raises(graphprune.PruningError, match="audit crashed"):
         graphprune.prune(model, 0.5, X)
     _assert_restored(model, snapshot, attrs, params, grads, reference)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphprune
-import graphprune.api
+import graphprune.analysis
 import graphprune.surgery
 from oracle import dead_channel_oracle
 
@@ -670,7 +670,7 @@ def test_oracle_catches_surgery_that_keeps_the_wrong_channels(monkeypatch):
 
 
 def test_oracle_catches_a_consumer_missing_from_its_group(monkeypatch):
-    build = graphprune.api.build_groups
+    build = graphprune.analysis.build_groups
 
     def drop_head(state, roots):
         groups = build(state, roots)
@@ -678,6 +678,6 @@ def test_oracle_catches_a_consumer_missing_from_its_group(monkeypatch):
             group.members = [m for m in group.members if not (m.name == "head.weight" and m.dim == 1)]
         return groups
 
-    monkeypatch.setattr(graphprune.api, "build_groups", drop_head)
+    monkeypatch.setattr(graphprune.analysis, "build_groups", drop_head)
     with pytest.raises(AssertionError, match="dead-channel oracle failed"):
         dead_channel_oracle(Residual().eval(), X16, seed=0, zero_producers=False)
