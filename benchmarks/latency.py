@@ -1,7 +1,7 @@
 """Inference latency before and after pruning, against the theoretical speed-up (the FLOPs ratio).
 
     python benchmarks/latency.py                                  # 4 models x ratios 0.3, 0.5 x round_to none, 8
-    python benchmarks/latency.py --models resnet50 --batch 1,8 --channels-last
+    python benchmarks/latency.py --models resnet50 --batch 1,8 --no-channels-last
     python benchmarks/latency.py --threads 1 --repeats 15 --json latency.json
 
 For every model the unpruned model and each pruned variant (ratio x round_to, pruned by
@@ -211,8 +211,8 @@ def _parse_args(argv: Optional[list]) -> argparse.Namespace:
     parser.add_argument("--inner", type=int, default=3, help="forward passes per model per round (default 3)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed forward passes per model first (default 3)")
     parser.add_argument("--criterion", default="l1", help="graphprune criterion (default l1)")
-    parser.add_argument("--channels-last", action="store_true",
-                        help="also time every conv net in torch.channels_last (models and inputs)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time every conv net in torch.channels_last, models and inputs (default on)")
     parser.add_argument("--device", default=None,
                         help="comma-separated devices (default: cpu, plus cuda when torch.cuda.is_available())")
     parser.add_argument("--json", metavar="FILE", help="also write the raw rows as JSON")

@@ -15,12 +15,20 @@ class PruningError(RuntimeError):
     """Surgery failed; the model was restored to its state before the call."""
 
 
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def _select(data: torch.Tensor, index: dict) -> torch.Tensor:
     """``data`` restricted to ``index[dim]`` along each dim: one ``index_select`` per dim, the
-    outermost first (it copies whole contiguous blocks, and leaves less for the next one)."""
+    outermost first (it copies whole contiguous blocks, and leaves less for the next one).
+    A channels-last tensor stays channels-last (``index_select`` returns a contiguous one)."""
+    selected = data
     for dim in sorted(index):
-        data = data.index_select(dim, index[dim])
-    return data
+        selected = selected.index_select(dim, index[dim])
+    layout = _CHANNELS_LAST.get(data.dim())
+    if layout is not None and not data.is_contiguous() and data.is_contiguous(memory_format=layout):
+        selected = selected.contiguous(memory_format=layout)
+    return selected
 
 
 class _Transaction:

@@ -691,3 +691,15 @@ def test_zero_size_tensors_are_analysed():
     assert [g.blocked for g in report.groups if any(m.module == "c" and m.dim == 0 for m in g.members)] == [
         ["no rule for method new_zeros ('new_zeros')"]
     ]
+
+
+def test_a_channels_last_model_stays_channels_last_after_pruning():
+    model = torchvision.models.resnet18().eval().to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 32, 32)
+    expected_layouts = {n: p.is_contiguous(memory_format=torch.channels_last) for n, p in model.named_parameters()}
+    graphprune.prune(model, 0.5, x)
+    assert model.layer1[0].conv1.out_channels == 32
+    layouts = {n: p.is_contiguous(memory_format=torch.channels_last) for n, p in model.named_parameters()}
+    assert layouts == expected_layouts and layouts["layer1.0.conv1.weight"]
+    assert not model.layer1[0].conv1.weight.is_contiguous()  # really channels-last, not merely contiguous
+    model(x)
