@@ -84,7 +84,7 @@ class Group:
 def build_groups(state: Propagation, roots: np.ndarray) -> list[Group]:
     """Cut the channel space into groups; keep those with at least one member.
 
-    ``roots`` is the union-find root of every id (``state.space.all_roots()``).
+    ``roots`` is the root (smallest unified id) of every id (``state.space.all_roots()``).
     """
     space = state.space
     component = space.set_components(roots)

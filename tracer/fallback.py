@@ -65,7 +65,7 @@ def _as_inputs(child: nn.Module, args: tuple, kwargs: dict) -> Any:
 
 
 def _merge(parts: list[tuple[str, nx.DiGraph]], model: nn.Module, opaque: dict) -> nx.DiGraph:
-    merged = nx.DiGraph(model=model, graph_module=None, opaque=opaque)
+    merged = nx.DiGraph(model=model, opaque=opaque)
     offset = 0
     for prefix, graph in parts:
         owner = prefix[:-1]
