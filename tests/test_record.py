@@ -92,3 +92,23 @@ def test_meta_run_leaves_the_model_alone_and_matches_a_real_run():
     assert meta.values == real.values
     after = model.state_dict()
     assert all(after[k].device.type == "cpu" and torch.equal(after[k], v) for k, v in before.items())
+
+
+class _KeepsReferences(nn.Module):
+    """Reads its weight through a plain attribute, as RNNs (flat weight lists) and tied heads do."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 4))
+        self.refs = (self.weight,)
+
+    def forward(self, x):
+        return x @ self.refs[0]
+
+
+def test_modules_that_keep_extra_references_to_their_weights_run_on_meta_too():
+    keeper = _KeepsReferences()
+    model = nn.Sequential(keeper, nn.ReLU()).eval()
+    meta = record_on_meta(model, tracer.capture(model, [keeper]), (torch.randn(2, 8),))
+    assert meta is not None and meta.values["_0"] == tracer.TensorSpec((2, 4), torch.float32)
+    assert keeper.refs[0] is keeper.weight and keeper.weight.device.type == "cpu"
