@@ -56,6 +56,12 @@ def channel_rows(member) -> torch.Tensor:
 _CHUNK_ELEMENTS = 1 << 20  # bounds the temporaries of position_norms and row_and_column_norms
 
 
+def _powers(chunk: torch.Tensor, p: int, buffer: torch.Tensor) -> torch.Tensor:
+    """``|chunk| ** p`` in float32, written into the start of ``buffer``."""
+    powers = buffer[: chunk.numel()].view(chunk.shape).copy_(chunk).abs_()
+    return powers.pow_(p) if p != 1 else powers
+
+
 def position_norms(member, p: int) -> np.ndarray:
     """p-th power of the p-norm of each position along the member's dim (float64 numpy).
 
@@ -73,9 +79,7 @@ def position_norms(member, p: int) -> np.ndarray:
     buffer = torch.empty(min(tensor.numel(), rows * step * after), device=tensor.device)  # reused: no page faults
     for start in range(0, size, step):
         for chunk in blocks[:, start:start + step].split(rows):
-            powers = buffer[: chunk.numel()].view(chunk.shape).copy_(chunk).abs_()
-            if p != 1:
-                powers.pow_(p)
+            powers = _powers(chunk, p, buffer)
             total[start:start + step] += powers.sum((0, 2))
     return total.cpu().numpy()
 
@@ -107,9 +111,7 @@ def row_and_column_norms(
         buffer = chunk_buffer(tensor.device)
     for start in range(0, tensor.shape[0], step):
         chunk = blocks[start:start + step]
-        powers = buffer[: chunk.numel()].view(chunk.shape).copy_(chunk).abs_()
-        if p != 1:
-            powers.pow_(p)
+        powers = _powers(chunk, p, buffer)
         rows[start:start + step] = powers.sum((1, 2))
         columns += powers.sum((0, 2))
     return rows.cpu().numpy(), columns.cpu().numpy()

@@ -120,7 +120,7 @@ class Analysis:
         _annotate_channels(state, roots, groups)
         self.surgery = ChannelSurgery(state, roots, groups)
         self.model = model
-        self.inputs = example_inputs
+        self.inputs = example_inputs  # as resolved: inferred when the caller gave none
         self.leaf_modules = list(leaf_modules)
         self.ignored_layers = ignored
         self.prune_heads = prune_heads
@@ -139,7 +139,8 @@ def fingerprint(model: nn.Module) -> tuple:
     return modules, tensors
 
 
-def run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads=False) -> tuple[Analysis, Any]:
+def run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads=False) -> Analysis:
+    """Check the arguments and analyse ``model``; the resolved inputs are ``.inputs``."""
     check_model(model)
     if not isinstance(prune_heads, bool):
         raise TypeError(f"prune_heads must be True or False, got {type(prune_heads).__name__}")
@@ -148,7 +149,7 @@ def run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_head
     _check_devices(model, inputs)
     description = "inferred " + describe_inputs(inputs) if inferred else describe_inputs(inputs)
     try:
-        return Analysis(model, inputs, description, leaf_modules, ignored, prune_heads), inputs
+        return Analysis(model, inputs, description, leaf_modules, ignored, prune_heads)
     except tracer.InputError as exc:
         if inferred:
             raise ValueError(f"{exc} The inferred input was {describe_inputs(inputs)}; pass example_inputs.") from exc

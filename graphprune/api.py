@@ -40,8 +40,7 @@ def analyze(
     """
     check_model(model)
     with eval_mode(model), gc_paused():
-        analysis, _ = run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads)
-    return analysis.report
+        return run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads).report
 
 
 def _check_ratio_spec(model: nn.Module, ratio: Any) -> Union[float, dict, None]:
@@ -182,17 +181,16 @@ def prune(
         {"flops": target_flops, "params": target_params, "latency": target_latency}, tolerance, return_result,
     )
     criterion = get_criterion(criterion)
+    analysis = None
     if report is not None:
-        given = analysis_of(report, model, example_inputs, inplace, leaf_modules, ignored_layers, prune_heads)
-        example_inputs, leaf_modules, ignored_layers, prune_heads = (
-            given.inputs, given.leaf_modules, given.ignored_layers, given.prune_heads,
-        )
+        analysis = analysis_of(report, model, example_inputs, inplace, leaf_modules, ignored_layers, prune_heads)
+        leaf_modules, ignored_layers, prune_heads = analysis.leaf_modules, analysis.ignored_layers, analysis.prune_heads
     elif not inplace:
         model = copy.deepcopy(model)
     with eval_mode(model), gc_paused(pause=not criterion.requires_data):  # a data pass may run long
-        analysis, inputs = (given, given.inputs) if report is not None else run_analysis(
-            model, example_inputs, leaf_modules, ignored_layers, prune_heads
-        )
+        if analysis is None:
+            analysis = run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads)
+        inputs = analysis.inputs
         if not analysis.report.prunable_groups:
             warnings.warn(f"{analysis.report.model_name} has no prunable channel group; the model is unchanged", stacklevel=2)
             if return_result:
@@ -203,7 +201,7 @@ def prune(
             apply_audited(model, inputs, leaf_modules, current.surgery, plan, verify)
 
         def analyse(current_model: nn.Module) -> Analysis:
-            return run_analysis(current_model, inputs, leaf_modules, ignored_layers, prune_heads)[0]
+            return run_analysis(current_model, inputs, leaf_modules, ignored_layers, prune_heads)
 
         result = run_pruning(
             model, analysis, inputs, criterion, ratio=ratio, target=target, options=options,

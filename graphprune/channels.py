@@ -30,6 +30,12 @@ def _grown(array: np.ndarray, used: int, capacity: int) -> np.ndarray:
     return grown
 
 
+def _components(n: int, a: np.ndarray, b: np.ndarray) -> tuple[int, np.ndarray]:
+    """``(count, label)``: the connected components of ``n`` nodes linked by ``a[i]``–``b[i]``."""
+    links = coo_matrix((np.ones(a.size, dtype=np.int8), (a, b)), shape=(n, n))
+    return connected_components(links, directed=False)
+
+
 @dataclass
 class ChannelSet:
     """A contiguous range of ids created together."""
@@ -93,15 +99,11 @@ class ChannelSpace:
         """The root of every allocated id: the smallest id it is unified with."""
         n = self._n_ids
         a, b = (np.concatenate(side) for side in zip(*self._links)) if self._links else (np.zeros(0, np.int64),) * 2
-        links = coo_matrix((np.ones(a.size, dtype=np.int8), (a, b)), shape=(n, n))
-        count, label = connected_components(links, directed=False)
+        count, label = _components(n, a, b)
         smallest = np.full(count, n, dtype=np.int64)
         np.minimum.at(smallest, label, np.arange(n))
         return smallest[label]
 
     def set_components(self, roots: np.ndarray) -> np.ndarray:
         """Component label of every set: sets sharing a unit are in one component."""
-        n_sets = len(self.sets)
-        owner = self._set_of_id[: self._n_ids]
-        links = coo_matrix((np.ones(owner.size, dtype=np.int8), (owner, self._set_of_id[roots])), shape=(n_sets, n_sets))
-        return connected_components(links, directed=False)[1].astype(np.int64)
+        return _components(len(self.sets), self._set_of_id[: self._n_ids], self._set_of_id[roots])[1].astype(np.int64)

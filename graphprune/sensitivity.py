@@ -271,7 +271,8 @@ def sensitivity(
         return float(value) + 0.0  # -0.0 -> 0.0
 
     with eval_mode(model):
-        analysis, inputs = run_analysis(model, example_inputs, leaf_modules, ())
+        analysis = run_analysis(model, example_inputs, leaf_modules, ())
+        inputs = analysis.inputs
         report = analysis.report
         selected = _select(report.groups, groups)
         criterion.prepare(model, report)
@@ -308,7 +309,7 @@ def sensitivity(
 def _measure(model, inputs, leaf_modules, group: Group, indices, verify: bool, evaluate, ratio: float) -> dict:
     pruned = copy.deepcopy(model)
     with eval_mode(pruned):
-        analysis, _ = run_analysis(pruned, inputs, leaf_modules, ())
+        analysis = run_analysis(pruned, inputs, leaf_modules, ())
         twins = [g for g in analysis.report.groups if g.id == group.id]
         twin = twins[0] if twins else None
         if twin is None or twin.size != group.size or twin.root != group.root or not twin.prunable:
