@@ -703,3 +703,19 @@ def test_a_channels_last_model_stays_channels_last_after_pruning():
     assert layouts == expected_layouts and layouts["layer1.0.conv1.weight"]
     assert not model.layer1[0].conv1.weight.is_contiguous()  # really channels-last, not merely contiguous
     model(x)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_garbage_collector_is_restored_after_analysis_and_after_a_failed_prune(enabled):
+    import gc
+
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        graphprune.analyze(small_net(), X8)
+        assert gc.isenabled() is enabled
+        with pytest.raises(ValueError):
+            graphprune.prune(small_net(), 0.5, torch.randn(1, 5, 8, 8))  # inputs the model rejects
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
