@@ -16,18 +16,33 @@ class PruningError(RuntimeError):
 
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+_CHUNK_BYTES = 1 << 22  # intermediate of a selection along several dims, per chunk
 
 
 def _select(data: torch.Tensor, index: dict) -> torch.Tensor:
-    """``data`` restricted to ``index[dim]`` along each dim: one ``index_select`` per dim, the
-    outermost first (it copies whole contiguous blocks, and leaves less for the next one).
-    A channels-last tensor stays channels-last (``index_select`` returns a contiguous one)."""
-    selected = data
-    for dim in sorted(index):
-        selected = selected.index_select(dim, index[dim])
+    """``data`` restricted to ``index[dim]`` along each dim, in the layout of ``data``
+    (contiguous, or channels-last where ``data`` is).
+
+    Along one dim this is one ``index_select``. Along several, the result is allocated once
+    and filled in chunks of the outermost dim, each selected along every dim while it is
+    small: fresh memory is slow to touch the first time, and a whole-tensor intermediate
+    would be the largest allocation of the surgery.
+    """
+    dims = sorted(index)
     layout = _CHANNELS_LAST.get(data.dim())
-    if layout is not None and not data.is_contiguous() and data.is_contiguous(memory_format=layout):
-        selected = selected.contiguous(memory_format=layout)
+    if layout is None or data.is_contiguous() or not data.is_contiguous(memory_format=layout):
+        layout = torch.contiguous_format
+    if len(dims) == 1:
+        return data.index_select(dims[0], index[dims[0]]).contiguous(memory_format=layout)
+    outer, inner = dims[0], dims[1:]
+    shape = [index[d].numel() if d in index else size for d, size in enumerate(data.shape)]
+    selected = torch.empty(shape, dtype=data.dtype, device=data.device, memory_format=layout)
+    step = max(1, _CHUNK_BYTES * data.shape[outer] // max(data.numel() * data.element_size(), 1))
+    for start in range(0, shape[outer], step):
+        chunk = data.index_select(outer, index[outer][start:start + step])
+        for dim in inner:
+            chunk = chunk.index_select(dim, index[dim])
+        selected.narrow(outer, start, chunk.shape[outer]).copy_(chunk)
     return selected
 
 
