@@ -1,66 +1,12 @@
-"""tracer.record: shapes recorded on meta tensors, and the table of module output shapes."""
+"""tracer.record: shapes recorded on meta tensors (the rules themselves: test_shape_rules.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-import graphprune
 import tracer
-from tracer.record import OUTPUT_SHAPES, Recorder, record_on_meta
-
-
-def _instance(cls: type) -> nn.Module:
-    if cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
-        return cls(6)
-    if cls is nn.GroupNorm:
-        return cls(3, 6)
-    if cls is nn.LayerNorm:
-        return cls([5])
-    if cls is nn.Linear:
-        return cls(5, 7)
-    return cls()
-
-
-def _accepted_input(cls: type) -> torch.Tensor:
-    shape = {nn.BatchNorm1d: (2, 6, 5), nn.BatchNorm3d: (2, 6, 5, 5, 5)}.get(cls, (2, 6, 5, 5))
-    return torch.randn(shape)
-
-
-@pytest.mark.parametrize("cls", sorted(OUTPUT_SHAPES, key=lambda c: c.__name__))
-def test_every_table_entry_gives_the_shape_the_module_produces(cls):
-    module = _instance(cls).eval()
-    x = _accepted_input(cls)
-    with torch.no_grad():
-        expected = module(x)
-    assert OUTPUT_SHAPES[cls](module, x) == tuple(expected.shape)
-    model = nn.Sequential(nn.Identity(), module).eval()
-    graph = tracer.capture(model)
-    recorder = record_on_meta(model, graph, (x,))
-    assert recorder is not None
-    assert recorder.values["_1"] == tracer.TensorSpec(tuple(expected.shape), expected.dtype)
-
-
-@pytest.mark.parametrize(
-    "module, x",
-    [
-        (nn.BatchNorm2d(6), torch.randn(1, 5, 4, 4)),  # wrong channel count
-        (nn.BatchNorm2d(6), torch.randn(6, 4, 4)),  # wrong rank
-        (nn.LayerNorm([5]), torch.randn(2, 4)),
-        (nn.Linear(5, 3), torch.randn(2, 4)),
-        (nn.GroupNorm(2, 6), torch.randn(2, 4, 3)),
-    ],
-)
-def test_inputs_the_table_rejects_fail_as_in_the_model(module, x):
-    """The table never accepts what the module itself rejects: analysis reports the model's error."""
-    assert OUTPUT_SHAPES[type(module)](module, x) is None
-    with pytest.raises(ValueError, match="raised .* on the example inputs"):
-        graphprune.analyze(nn.Sequential(nn.Identity(), module), x)
-
-
-def test_a_dtype_other_than_the_weight_s_is_left_to_the_module():
-    assert OUTPUT_SHAPES[nn.Linear](nn.Linear(5, 3), torch.randn(2, 5, dtype=torch.float64)) is None
-    assert OUTPUT_SHAPES[nn.BatchNorm1d](nn.BatchNorm1d(5), torch.randn(2, 5, dtype=torch.float64)) is None
+from tracer.record import Recorder, record_on_meta
 
 
 class _Doubling(nn.ReLU):
@@ -112,3 +58,22 @@ def test_modules_that_keep_extra_references_to_their_weights_run_on_meta_too():
     meta = record_on_meta(model, tracer.capture(model, [keeper]), (torch.randn(2, 8),))
     assert meta is not None and meta.values["_0"] == tracer.TensorSpec((2, 4), torch.float32)
     assert keeper.refs[0] is keeper.weight and keeper.weight.device.type == "cpu"
+
+
+class _SizedByValues(nn.Module):
+    """Slices by a value it computes from a tensor it creates on the CPU."""
+
+    def forward(self, x):
+        positions = torch.arange(x.shape[1], dtype=torch.float32) * 2.0  # [0, 2, 4, ...]: no rule may touch it
+        return x[:, : (positions < 6).sum()] + 1.0
+
+
+def test_tensors_the_forward_creates_on_the_cpu_keep_their_values_in_a_meta_run():
+    model = _SizedByValues()
+    graph = tracer.capture(model)
+    x = torch.randn(2, 10)
+    meta = record_on_meta(model, graph, (x,))
+    real = Recorder(model, graph)
+    real.run(x)
+    assert meta is not None and meta.values == real.values
+    assert real.values[list(graph.nodes)[-2].name] == tracer.TensorSpec((2, 3), torch.float32)

@@ -3,19 +3,21 @@
 :func:`record_on_meta` runs on meta tensors: every parameter, buffer and input is replaced
 by an empty meta tensor of the same shape, so nothing is copied or computed. Modules are
 called through lightweight clones that hold those meta tensors; the user's modules are
-never touched. Modules listed in :data:`OUTPUT_SHAPES` are not run at all: their output is
-a fresh tensor of the shape the table gives (their meta kernels are Python decompositions
+never touched. Calls that :mod:`tracer.shape_rules` knows are not run at all: their output
+is a fresh tensor of the shape the rule gives (their meta kernels are Python decompositions
 that cost more than the rest of the run). :class:`Recorder` runs on whatever tensors it is given.
 """
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_map_only
+
+from .shape_rules import function_output, module_output
 
 
 class TensorSpec(NamedTuple):
@@ -55,61 +57,6 @@ class Recorder(fx.Interpreter):
         return result
 
 
-def _elementwise(module: nn.Module, x: torch.Tensor) -> Optional[tuple]:
-    return tuple(x.shape) if x.is_floating_point() else None
-
-
-def _weight_dtype_matches(module: nn.Module, x: torch.Tensor) -> bool:
-    weight = getattr(module, "weight", None)
-    return x.is_floating_point() and (weight is None or weight.dtype == x.dtype)
-
-
-def _batch_norm(dims: tuple) -> Callable[[nn.Module, torch.Tensor], Optional[tuple]]:
-    def shape(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> Optional[tuple]:
-        ok = _weight_dtype_matches(module, x) and x.dim() in dims and x.shape[1] == module.num_features
-        return tuple(x.shape) if ok else None
-
-    return shape
-
-
-def _group_norm(module: nn.GroupNorm, x: torch.Tensor) -> Optional[tuple]:
-    ok = _weight_dtype_matches(module, x) and x.dim() >= 2 and x.shape[1] == module.num_channels
-    return tuple(x.shape) if ok else None
-
-
-def _layer_norm(module: nn.LayerNorm, x: torch.Tensor) -> Optional[tuple]:
-    normalized = tuple(module.normalized_shape)
-    ok = _weight_dtype_matches(module, x) and x.dim() >= len(normalized) and tuple(x.shape[x.dim() - len(normalized):]) == normalized
-    return tuple(x.shape) if ok else None
-
-
-def _linear(module: nn.Linear, x: torch.Tensor) -> Optional[tuple]:
-    ok = _weight_dtype_matches(module, x) and x.dim() >= 1 and x.shape[-1] == module.in_features
-    return (*x.shape[:-1], module.out_features) if ok else None
-
-
-# Output shapes of module types (exact types: a subclass may override forward) that take one
-# tensor, for inputs the function accepts (else it returns None and the module itself runs,
-# so that a bad input fails exactly as it does in the model). Their meta kernels are Python
-# decompositions that cost more than the rest of the run.
-OUTPUT_SHAPES: dict[type, Callable[[Any, torch.Tensor], Optional[tuple]]] = {
-    nn.BatchNorm1d: _batch_norm((2, 3)),
-    nn.BatchNorm2d: _batch_norm((4,)),
-    nn.BatchNorm3d: _batch_norm((5,)),
-    nn.GroupNorm: _group_norm,
-    nn.LayerNorm: _layer_norm,
-    nn.Linear: _linear,
-    **dict.fromkeys(
-        (
-            nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-            nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
-            nn.Dropout, nn.AlphaDropout, nn.Identity,
-        ),
-        _elementwise,
-    ),
-}
-
-
 def _meta_tensor(tensor: torch.Tensor) -> torch.Tensor:
     meta = torch.empty_like(tensor, device="meta")
     return nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
@@ -142,19 +89,20 @@ class _MetaRecorder(Recorder):
         return self._standin(super().fetch_attr(target))
 
     def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        module = super().fetch_attr(target)
-        rule = OUTPUT_SHAPES.get(type(module))
-        if (
-            rule is not None and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
-            and not (module._forward_hooks or module._forward_pre_hooks)
-        ):
-            x = args[0]
-            shape = rule(module, x)
-            if shape == tuple(x.shape):
-                return torch.empty_like(x)
-            if shape is not None:
-                return torch.empty(shape, dtype=x.dtype, device=x.device)
-        return super().call_module(target, args, kwargs)
+        output = module_output(super().fetch_attr(target), args, kwargs) if _on_meta(args, kwargs) else None
+        return output if output is not None else super().call_module(target, args, kwargs)
+
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        # Only meta inputs: tensors the forward creates on a real device hold values it may use.
+        output = function_output(target, args, kwargs) if _on_meta(args, kwargs) else None
+        return output if output is not None else super().call_function(target, args, kwargs)
+
+
+def _on_meta(args: tuple, kwargs: dict) -> bool:
+    """Whether every tensor among the arguments (and in lists of them) is a meta tensor."""
+    values = [*args, *kwargs.values()]
+    values += [item for v in values if isinstance(v, (list, tuple)) for item in v]
+    return all(v.device.type == "meta" for v in values if isinstance(v, torch.Tensor))
 
 
 def record_on_meta(model: nn.Module, graph: fx.Graph, args: tuple) -> Optional[Recorder]:
