@@ -1,7 +1,6 @@
 """tracer.record: shapes recorded on meta tensors (the rules themselves: test_shape_rules.py)."""
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
