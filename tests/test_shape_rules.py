@@ -185,3 +185,51 @@ def test_function_calls_that_fail_are_declined(function, args, kwargs):
 )
 def test_function_calls_outside_what_a_rule_covers_are_left_to_the_function(function, args, kwargs):
     assert function_output(function, args, kwargs) is None
+
+
+def _stale_attributes() -> list:
+    """Modules whose size attributes disagree with their tensors: the forward follows the tensors."""
+    conv = nn.Conv2d(4, 6, 3)
+    conv.weight = nn.Parameter(conv.weight[:5])
+    conv.bias = nn.Parameter(conv.bias[:5])
+    linear = nn.Linear(5, 7)
+    linear.weight = nn.Parameter(linear.weight[:3])
+    linear.bias = nn.Parameter(linear.bias[:3])
+    norm = nn.BatchNorm2d(6)
+    norm.num_features = 9
+    group_norm = nn.GroupNorm(3, 6, affine=False)
+    group_norm.num_channels = 12
+    return [(conv, (1, 4, 6, 6)), (linear, (2, 5)), (norm, (2, 6, 3, 3)), (group_norm, (2, 9, 4))]
+
+
+@pytest.mark.parametrize("module, shape", _stale_attributes())
+def test_rules_follow_the_tensors_not_the_size_attributes(module, shape):
+    x = torch.randn(shape)
+    with torch.no_grad():
+        assert _same_output(module_output(module.eval(), (x,), {}), module(x))
+
+
+def test_a_conv_whose_weight_no_longer_fits_the_input_is_declined():
+    conv = nn.Conv2d(4, 6, 3)
+    conv.weight = nn.Parameter(conv.weight[:, :3])  # in_channels still says 4
+    x = torch.randn(1, 4, 6, 6)
+    assert module_output(conv, (x,), {}) is None
+    with pytest.raises(RuntimeError):
+        conv(x)
+
+
+def test_attention_whose_projections_disagree_with_its_sizes_is_left_to_the_module():
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    mha.out_proj.weight = nn.Parameter(mha.out_proj.weight[:, :6])
+    x = torch.randn(2, 5, 8)
+    assert module_output(mha, (x, x, x), {"need_weights": False}) is None
+    with pytest.raises(RuntimeError):
+        mha(x, x, x, need_weights=False)
+
+
+def test_batch_norm_in_training_on_one_value_per_channel_is_left_to_the_module():
+    norm = nn.BatchNorm2d(3).train()
+    x = torch.randn(1, 3, 1, 1)
+    assert module_output(norm, (x,), {}) is None
+    with pytest.raises(ValueError):
+        norm(x)

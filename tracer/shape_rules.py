@@ -37,9 +37,10 @@ def _same_as_input(x: torch.Tensor) -> Optional[torch.Tensor]:
     return _empty(tuple(x.shape), x, layout) if layout is not None else None
 
 
-def _matches_weight(module: nn.Module, x: torch.Tensor) -> bool:
-    weight = getattr(module, "weight", None)
-    return x.is_floating_point() and (weight is None or weight.dtype == x.dtype)
+def _sized(x: torch.Tensor, shape: tuple, *tensors: Optional[torch.Tensor]) -> bool:
+    """Whether ``x`` is floating and every given tensor has ``shape`` and ``x``'s dtype (the
+    forwards use their tensors, not their size attributes, which the audit checks)."""
+    return x.is_floating_point() and all(t is None or (tuple(t.shape) == shape and t.dtype == x.dtype) for t in tensors)
 
 
 # ----- modules: rule(module, x) for a module called with one tensor
@@ -51,40 +52,51 @@ def _elementwise(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
 
 def _batch_norm(ranks: tuple) -> Callable:
     def rule(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> Optional[torch.Tensor]:
-        ok = _matches_weight(module, x) and x.dim() in ranks and x.shape[1] == module.num_features
-        return _same_as_input(x) if ok else None
+        if x.dim() not in ranks or not x.numel():
+            return None
+        stats = (module.running_mean, module.running_var) if not module.training or module.track_running_stats else ()
+        ok = _sized(x, (x.shape[1],), module.weight, module.bias, *stats)
+        one_value = x.numel() == x.shape[1]  # training on one value per channel raises
+        return _same_as_input(x) if ok and not (module.training and one_value) else None
 
     return rule
 
 
 def _group_norm(module: nn.GroupNorm, x: torch.Tensor) -> Optional[torch.Tensor]:
-    ok = _matches_weight(module, x) and x.dim() >= 2 and x.shape[1] == module.num_channels
+    ok = x.dim() >= 2 and x.shape[1] % module.num_groups == 0 and _sized(x, (x.shape[1],), module.weight, module.bias)
     return _same_as_input(x) if ok else None
 
 
 def _layer_norm(module: nn.LayerNorm, x: torch.Tensor) -> Optional[torch.Tensor]:
     normalized = tuple(module.normalized_shape)
-    ok = _matches_weight(module, x) and x.dim() >= len(normalized) and tuple(x.shape[x.dim() - len(normalized):]) == normalized
+    ok = (
+        x.dim() >= len(normalized) and tuple(x.shape[x.dim() - len(normalized):]) == normalized
+        and _sized(x, normalized, module.weight, module.bias)
+    )
     return _empty(tuple(x.shape), x) if ok else None  # contiguous, whatever the input's layout
 
 
 def _linear(module: nn.Linear, x: torch.Tensor) -> Optional[torch.Tensor]:
-    ok = _matches_weight(module, x) and x.dim() >= 1 and x.shape[-1] == module.in_features
-    return _empty((*x.shape[:-1], module.out_features), x) if ok else None
+    weight = module.weight
+    ok = weight.dim() == 2 and x.dim() >= 1 and _sized(x, (weight.shape[0], x.shape[-1]), weight) and _sized(x, weight.shape[:1], module.bias)
+    return _empty((*x.shape[:-1], weight.shape[0]), x) if ok else None
 
 
 def _convolution(spatial: int) -> Callable:
     def rule(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> Optional[torch.Tensor]:
-        weight, bias = module.weight, module.bias
+        weight, groups = module.weight, module.groups
         if not (
-            _matches_weight(module, x) and x.dim() in (spatial + 1, spatial + 2) and x.shape[-spatial - 1] == module.in_channels
-            and x.is_contiguous() and x.numel() and weight.is_contiguous() and module.padding_mode == "zeros"
-            and (bias is None or bias.dtype == x.dtype)
+            weight.dim() == spatial + 2 and x.dim() in (spatial + 1, spatial + 2) and x.is_contiguous() and x.numel()
+            and weight.is_contiguous() and module.padding_mode == "zeros" and weight.shape[0] % groups == 0
+            and _sized(x, tuple(weight.shape), weight) and x.shape[-spatial - 1] == weight.shape[1] * groups
+            and _sized(x, weight.shape[:1], module.bias)
         ):
+            return None
+        if module.padding == "same" and any(stride != 1 for stride in module.stride):
             return None
         sizes = []
         for d in range(spatial):
-            size, kernel, stride, dilation = x.shape[x.dim() - spatial + d], module.kernel_size[d], module.stride[d], module.dilation[d]
+            size, kernel, stride, dilation = x.shape[x.dim() - spatial + d], weight.shape[2 + d], module.stride[d], module.dilation[d]
             if module.padding == "same":
                 sizes.append(size)
                 continue
@@ -93,7 +105,7 @@ def _convolution(spatial: int) -> Callable:
             if span < 0:
                 return None
             sizes.append(span // stride + 1)
-        return _empty((*x.shape[:-spatial - 1], module.out_channels, *sizes), x)
+        return _empty((*x.shape[:-spatial - 1], weight.shape[0], *sizes), x)
 
     return rule
 
@@ -136,21 +148,35 @@ MODULE_RULES: dict[type, Callable[[Any, torch.Tensor], Optional[torch.Tensor]]] 
 
 
 def _attention(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> Optional[tuple]:
-    """``(output, None)`` for ``mha(q, k, v, need_weights=False)`` with batched 3-d inputs, no masks."""
+    """``(output, None)`` for ``mha(q, k, v, need_weights=False)`` with batched 3-d inputs, no
+    masks, no extra key/value biases, and projection weights the size attributes agree with."""
     if len(args) != 3 or kwargs != {"need_weights": False} or not all(isinstance(t, torch.Tensor) for t in args):
         return None
     query, key, value = args
-    dtype = query.dtype
-    if any(t.dtype != dtype or t.dim() != 3 or not t.numel() for t in args) or any(p.dtype != dtype for p in module.parameters()):
+    embed, heads = module.embed_dim, module.num_heads
+    if any(t.dim() != 3 or not t.numel() for t in args) or embed % heads or module.bias_k is not None or module.add_zero_attn:
         return None
     batch = 0 if module.batch_first else 1
     if (
-        query.shape[-1] != module.embed_dim or key.shape[-1] != module.kdim or value.shape[-1] != module.vdim
+        query.shape[-1] != embed or key.shape[-1] != module.kdim or value.shape[-1] != module.vdim
         or key.shape[:2] != value.shape[:2] or query.shape[batch] != key.shape[batch]
     ):
         return None
+    if module._qkv_same_embed_dim:
+        projections_ok = module.kdim == module.vdim == embed and _sized(query, (3 * embed, embed), module.in_proj_weight)
+    else:
+        projections_ok = (
+            _sized(query, (embed, embed), module.q_proj_weight) and _sized(query, (embed, module.kdim), module.k_proj_weight)
+            and _sized(query, (embed, module.vdim), module.v_proj_weight)
+        )
+    out_weight = module.out_proj.weight
+    if not (
+        projections_ok and _sized(query, (3 * embed,), module.in_proj_bias) and key.dtype == value.dtype == query.dtype
+        and _sized(query, (out_weight.shape[0], embed), out_weight) and _sized(query, out_weight.shape[:1], module.out_proj.bias)
+    ):
+        return None
     length, batch_size = (query.shape[1], query.shape[0]) if module.batch_first else query.shape[:2]
-    output = _empty((length, batch_size, module.embed_dim), query)  # (L, N, E), as the attention computes it
+    output = _empty((length, batch_size, out_weight.shape[0]), query)  # (L, N, E), as the attention computes it
     return (output.transpose(0, 1) if module.batch_first else output), None
 
 
