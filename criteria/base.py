@@ -70,6 +70,9 @@ def position_norms(member, p: int) -> np.ndarray:
     large matrix (a Linear's input features) is several times slower.
     """
     tensor = member.tensor.detach()
+    if tensor.dim() == 1:  # a norm's scale or shift, a bias: one value per position
+        powers = tensor.to(torch.float32).abs()
+        return (powers.pow_(p) if p != 1 else powers).double().cpu().numpy()
     size = tensor.shape[member.dim]
     after = math.prod(tensor.shape[member.dim + 1:])
     blocks = tensor.reshape(math.prod(tensor.shape[:member.dim]), size, after)

@@ -113,7 +113,9 @@ class ChannelSurgery:
                 raise ValueError(f"channel indices for group {group.id} contain duplicates")
             if index.size >= group.size:
                 raise ValueError(f"cannot remove all {group.size} channels of group {group.id} ({group.root})")
-            emptied = [m for m in group.members if np.isin(m.index_map, index).all()]
+            removing = np.zeros(group.size, dtype=bool)
+            removing[index] = True
+            emptied = [m for m in group.members if removing[m.index_map].all()]
             if emptied:
                 raise ValueError(f"removing these channels of group {group.id} would empty {emptied[0].name} (dim {emptied[0].dim})")
             checked[group] = index

@@ -337,15 +337,16 @@ def test_k_taylor_uses_taylor_order_inside_clusters():
         assert list(np.argsort(criterion.scores(g), kind="stable")) == list(expected)
 
 
-@pytest.mark.parametrize("shape, dim", [((6, 10), 1), ((6, 10), 0), ((5, 4, 3, 3), 1), ((5, 4, 3, 3), 0), ((4, 3, 7), 2)])
+@pytest.mark.parametrize("shape, dim", [((6, 10), 1), ((6, 10), 0), ((5, 4, 3, 3), 1), ((5, 4, 3, 3), 0), ((4, 3, 7), 2), ((9,), 0)])
 @pytest.mark.parametrize("p", [1, 2, 3])
-def test_position_norms_in_small_chunks_match_vector_norm(monkeypatch, shape, dim, p):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_position_norms_in_small_chunks_match_vector_norm(monkeypatch, shape, dim, p, dtype):
     """Bounded chunks (here a few elements each) must add up to the one-shot p-norm."""
     monkeypatch.setattr(criteria.base, "_CHUNK_ELEMENTS", 7)
-    tensor = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    tensor = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(dtype)
     member = Member(module="m", param="weight", dim=dim, index_map=np.arange(shape[dim]), role="out", tensor=tensor)
     other = [d for d in range(tensor.dim()) if d != dim]
-    expected = torch.linalg.vector_norm(tensor.double(), ord=p, dim=other) ** p
+    expected = torch.linalg.vector_norm(tensor.double(), ord=p, dim=other) ** p if other else tensor.double().abs() ** p
     np.testing.assert_allclose(criteria.base.position_norms(member, p), expected.numpy(), rtol=1e-5)
 
 
