@@ -277,14 +277,18 @@ def main(argv=None) -> int:
     print(f"Digits CNN, {100 * args.ratio:g}% of every prunable group removed in one shot; fine-tune "
           f"{args.finetune_epochs} epochs (seed {args.seed}; {protocol}: {total} test images, 1 image = "
           f"{100 / total:.2f} points; prune s summed over the folds)\n")
-    header = "| criterion | pruned % | +BN recal. % | fine-tuned CE % | Δ CE |" + (" fine-tuned KD % | Δ KD |" if kd else "")
+    header = "| criterion | pruned % | +BN recal. % | fine-tuned CE % | Δ CE (images) |" + (" fine-tuned KD % | Δ KD (images) |" if kd else "")
     print(header + " MFLOPs | params | prune s |")
     print("|---|" + "---:|" * (header.count("|") - 2 + 3))
+    def delta(key: str, row: dict) -> str:
+        """Points and test images gained (+) or lost (-) against the unpruned model."""
+        images = round((row[key] - base_acc) * total / 100.0, 1) + 0.0  # + 0.0: no "-0"
+        return f"{row[key] - base_acc:+.2f} ({images:+g})"
+
     for row in rows:
-        line = (f"| {row['criterion']} | {row['pruned']:.2f} | {row['recal']:.2f} | {row['ce']:.2f} | "
-                f"{row['ce'] - base_acc:+.2f} |")
+        line = f"| {row['criterion']} | {row['pruned']:.2f} | {row['recal']:.2f} | {row['ce']:.2f} | {delta('ce', row)} |"
         if kd:
-            line += f" {row['kd']:.2f} | {row['kd'] - base_acc:+.2f} |"
+            line += f" {row['kd']:.2f} | {delta('kd', row)} |"
         print(line + f" {row['flops'] / 1e6:.3f} | {int(row['params']):,} | {row['seconds']:.1f} |")
     if random_runs:
         spread = ", ".join(f"{r['pruned']:.1f}/{r['recal']:.1f}/{r['ce']:.1f}" + (f"/{r['kd']:.1f}" if kd else "")

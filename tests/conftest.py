@@ -58,3 +58,10 @@ def size_attrs(model: torch.nn.Module) -> dict:
 
 def training_flags(model: torch.nn.Module) -> dict:
     return {name: module.training for name, module in model.named_modules()}
+
+
+def group_of(report, name: str, dim: int):
+    """The one group of ``report`` with a member ``name`` (``module.param``) along ``dim``."""
+    found = [g for g in report.groups for m in g.members if m.name == name and m.dim == dim]
+    assert len(found) == 1, f"{name} dim {dim} is in {len(found)} groups"
+    return found[0]

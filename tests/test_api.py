@@ -15,8 +15,7 @@ from torch import nn
 import graphprune
 import graphprune.analysis
 import graphprune.surgery
-import tracer
-from conftest import assert_same_state, count_params, size_attrs, state_snapshot, training_flags
+from conftest import assert_same_state, count_params, group_of, size_attrs, state_snapshot, training_flags
 
 
 class SmallNet(nn.Module):
@@ -62,12 +61,6 @@ X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
 def widths(model: SmallNet) -> tuple:
     return model.conv1.out_channels, model.conva.out_channels, model.conv3.out_channels
-
-
-def group_of(report, name: str, dim: int):
-    found = [g for g in report.groups for m in g.members if m.name == name and m.dim == dim]
-    assert len(found) == 1
-    return found[0]
 
 
 def assert_consistent(model: SmallNet) -> None:
@@ -557,165 +550,3 @@ def test_group_prune_refuses_blocked_groups_and_ignores_empty_plans():
         head.prune([0])
     group_of(report, "conva.weight", 0).prune([])
     assert_same_state(model, snapshot)
-
-
-# --------------------------------------------------------------------------- untraceable code
-class Gate(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        if x.sum() > 0:  # control flow on a tensor value: torch.fx cannot trace this
-            return self.conv(x)
-        return x
-
-
-class Gated(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.gate = Gate(8)
-        self.mid = nn.Conv2d(8, 6, 1)
-        self.head = nn.Conv2d(6, 2, 1)
-
-    def forward(self, x):
-        return self.head(F.relu(self.mid(self.gate(F.relu(self.stem(x))))))
-
-
-class RootControlFlow(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(3, 1, 1))
-
-    def forward(self, x):
-        if x.sum() > 0:
-            return x * self.scale
-        return x
-
-
-X8 = torch.randn(1, 3, 8, 8)
-
-
-def test_untraceable_submodule_error_names_it_and_suggests_leaf_modules():
-    with pytest.raises(graphprune.TraceError) as info:
-        tracer.capture(Gated())
-    error = info.value
-    assert error.module_name == "gate"
-    message = str(error)
-    assert "in module 'gate' (Gate)" in message
-    assert "if x.sum() > 0:" in message and __file__ in message
-    assert "leaf_modules=['gate']" in message
-
-
-def test_untraceable_submodule_becomes_opaque_and_blocks_its_channels():
-    model = Gated().eval()
-    report = graphprune.analyze(model, X8)
-    assert list(report.graph.graph["opaque"]) == ["gate"]
-    for name, dim in (("stem.weight", 0), ("mid.weight", 1)):
-        blocked = group_of(report, name, dim).blocked
-        assert len(blocked) == 1 and "'gate'" in blocked[0] and "could not be traced" in blocked[0]
-    assert group_of(report, "mid.weight", 0).prunable
-    gate = model.gate.conv.weight.detach().clone()
-    graphprune.prune(model, 0.5, X8)
-    assert model.mid.out_channels == 3 and model.stem.out_channels == 8
-    assert torch.equal(model.gate.conv.weight, gate)
-
-
-def test_leaf_modules_makes_an_untraceable_submodule_analyzable():
-    model = Gated().eval()
-    report = graphprune.analyze(model, X8, leaf_modules=["gate"])
-    blocked = group_of(report, "stem.weight", 0).blocked
-    assert len(blocked) == 1 and "'gate'" in blocked[0]
-    assert group_of(report, "mid.weight", 0).prunable
-    graphprune.prune(model, 0.5, X8, leaf_modules=[Gate])
-    assert model.mid.out_channels == 3
-    with pytest.raises(ValueError, match=r"leaf_modules names \['nope'\] are not submodules of Gated"):
-        graphprune.analyze(model, X8, leaf_modules=["nope"])
-
-
-def test_untraceable_root_forward_raises_trace_error():
-    model = RootControlFlow()
-    snapshot = state_snapshot(model)
-    for call in (lambda: graphprune.analyze(model, X8), lambda: graphprune.prune(model, 0.5, X8)):
-        with pytest.raises(graphprune.TraceError, match=r"in the model's own forward.*leaf_modules"):
-            call()
-    assert_same_state(model, snapshot)
-
-
-# --------------------------------------------------------------------------- shape propagation
-class _DeviceSpy(nn.Module):
-    """A leaf that records the device of every input it sees; ``needs_values`` reads one.
-
-    ``seen`` is a class attribute: the meta run calls a copy of the module, not the module."""
-
-    seen: list = []
-
-    def __init__(self, needs_values: bool):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.needs_values = needs_values
-
-    def forward(self, x):
-        _DeviceSpy.seen.append(x.device.type)
-        scale = float(x.abs().max()) if self.needs_values else 1.0  # .item() raises on meta tensors
-        return self.conv(x) * scale
-
-
-@pytest.mark.parametrize("needs_values, devices", [(False, ["meta"]), (True, ["meta", "cpu"])])
-def test_shapes_are_propagated_on_meta_tensors_with_a_real_run_as_fallback(needs_values, devices, monkeypatch):
-    monkeypatch.setattr(_DeviceSpy, "seen", [])
-    spy = _DeviceSpy(needs_values)
-    model = nn.Sequential(spy, nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)).eval()
-    weight = model[2].weight.detach().clone()
-    report = graphprune.analyze(model, torch.randn(1, 3, 8, 8), leaf_modules=[spy])
-    assert _DeviceSpy.seen == devices  # no arithmetic unless the graph needs values
-    assert [g.size for g in report.groups if any(m.name == "2.weight" and m.dim == 0 for m in g.members)] == [4]
-    assert model[2].weight.device.type == "cpu" and torch.equal(model[2].weight, weight)
-
-
-class _EmptyBeside(nn.Module):
-    """Builds a zero-size tensor next to the channel path (its one dim has no channel to map)."""
-
-    def __init__(self):
-        super().__init__()
-        self.c, self.d = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
-
-    def forward(self, x):
-        y = self.c(x)
-        return self.d(y) + y.new_zeros(0).sum()
-
-
-def test_zero_size_tensors_are_analysed():
-    report = graphprune.analyze(_EmptyBeside(), torch.randn(1, 3, 4, 4))
-    assert [g.blocked for g in report.groups if any(m.module == "c" and m.dim == 0 for m in g.members)] == [
-        ["no rule for method new_zeros ('new_zeros')"]
-    ]
-
-
-def test_a_channels_last_model_stays_channels_last_after_pruning():
-    model = torchvision.models.resnet18().eval().to(memory_format=torch.channels_last)
-    x = torch.randn(1, 3, 32, 32)
-    expected_layouts = {n: p.is_contiguous(memory_format=torch.channels_last) for n, p in model.named_parameters()}
-    graphprune.prune(model, 0.5, x)
-    assert model.layer1[0].conv1.out_channels == 32
-    layouts = {n: p.is_contiguous(memory_format=torch.channels_last) for n, p in model.named_parameters()}
-    assert layouts == expected_layouts and layouts["layer1.0.conv1.weight"]
-    assert not model.layer1[0].conv1.weight.is_contiguous()  # really channels-last, not merely contiguous
-    model(x)
-
-
-@pytest.mark.parametrize("enabled", [True, False])
-def test_the_garbage_collector_is_restored_after_analysis_and_after_a_failed_prune(enabled):
-    import gc
-
-    was = gc.isenabled()
-    try:
-        (gc.enable if enabled else gc.disable)()
-        graphprune.analyze(small_net(), X8)
-        assert gc.isenabled() is enabled
-        with pytest.raises(ValueError):
-            graphprune.prune(small_net(), 0.5, torch.randn(1, 5, 8, 8))  # inputs the model rejects
-        assert gc.isenabled() is enabled
-    finally:
-        (gc.enable if was else gc.disable)()

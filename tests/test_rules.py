@@ -15,17 +15,11 @@ from torch import nn
 import graphprune
 import graphprune.analysis
 import graphprune.surgery
+from conftest import group_of
 from oracle import dead_channel_oracle
 
 
 # --------------------------------------------------------------------------- helpers
-def group_of(report: graphprune.Report, name: str, dim: int) -> graphprune.Group:
-    """The group with a member ``name`` (``module.param``) along ``dim``."""
-    found = [g for g in report.groups for m in g.members if m.name == name and m.dim == dim]
-    assert len(found) == 1, f"{name} dim {dim} is in {len(found)} groups"
-    return found[0]
-
-
 def member(group: graphprune.Group, name: str, dim: int) -> graphprune.Member:
     found = [m for m in group.members if m.name == name and m.dim == dim]
     assert len(found) == 1, f"{name} dim {dim} is not a member of group {group.id}"
