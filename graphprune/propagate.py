@@ -106,6 +106,8 @@ class Propagation:
     def param_ids(self, tensor: torch.Tensor, dim: int, role: str) -> np.ndarray:
         """Ids of ``tensor``'s dimension ``dim``; the same ids every time (shared and tied weights)."""
         dim = dim % tensor.dim()
+        if tensor.shape[dim] == 0:  # no position to label (a zero-size layer): no member either
+            return np.zeros(0, dtype=np.int64)
         key = (id(tensor), dim)
         member = self.param_dims.get(key)
         if member is None:

@@ -1,6 +1,9 @@
 """Tracing from the user's side: untraceable code, shape propagation, layouts, the GC."""
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +13,7 @@ from torch import nn
 import graphprune
 import tracer
 from conftest import assert_same_state, group_of, state_snapshot
+from oracle import dead_channel_oracle
 
 
 def _conv_net() -> nn.Module:
@@ -148,6 +152,18 @@ def test_zero_size_tensors_are_analysed():
     assert [g.blocked for g in report.groups if any(m.module == "c" and m.dim == 0 for m in g.members)] == [
         ["no rule for method new_zeros ('new_zeros')"]
     ]
+
+
+def test_a_layer_with_zero_input_features_is_analysed_and_pruned():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # initialising a zero-element weight is a no-op
+        model = nn.Sequential(nn.Linear(0, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+    x = torch.randn(2, 0)
+    report = graphprune.analyze(model, x)
+    assert [g.size for g in report.prunable_groups] == [4]
+    assert dead_channel_oracle(copy.deepcopy(model), x, fraction=0.5)["channels_removed"] == 2
+    graphprune.prune(model, 0.5, x)
+    assert model[0].out_features == model[2].in_features == 2 and model(x).shape == (2, 3)
 
 
 def test_a_channels_last_model_stays_channels_last_after_pruning():
