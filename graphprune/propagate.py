@@ -92,15 +92,16 @@ class Propagation:
         return self.model.get_submodule(name or "")
 
     # ----- creating ids
-    def fresh(self, value: Any, description: str, blocked: Optional[str]) -> Any:
-        """Fresh labels for every tensor in ``value`` (blocked with ``blocked`` if given)."""
+    def fresh(self, value: Any, description: str, blocked: Optional[str], first_dim: int = 0) -> Any:
+        """Fresh labels for every tensor in ``value`` (blocked with ``blocked`` if given); for
+        a tensor with ``first_dim``, only for its dims from that one on (the caller has the rest)."""
         if isinstance(value, TensorSpec):
             return tuple(
                 np.array([NO_ID]) if size == 1 else self.space.new_set(size, f"{description} dim {d}", blocked)
-                for d, size in enumerate(value.shape)
+                for d, size in enumerate(value.shape) if d >= first_dim
             )
         if isinstance(value, (tuple, list)):
-            return tuple(self.fresh(v, description, blocked) for v in value)
+            return tuple(self.fresh(v, description, blocked, first_dim) for v in value)
         return None
 
     def param_ids(self, tensor: torch.Tensor, dim: int, role: str) -> np.ndarray:

@@ -23,9 +23,8 @@ def tie_blocks(state: Propagation, groups: int, *labels: np.ndarray) -> np.ndarr
 
 def _spatial_out(state: Propagation, node: fx.Node, x: tuple, n_spatial: int) -> tuple:
     """Copy leading dims, give the last ``n_spatial`` dims fresh blocked ids."""
-    out = state.value(node)
-    fresh = state.fresh(out, f"{node.name} spatial", "spatial dimension")
-    return tuple(x[: len(x) - n_spatial]) + tuple(fresh[len(x) - n_spatial :])
+    kept = len(x) - n_spatial
+    return tuple(x[:kept]) + state.fresh(state.value(node), f"{node.name} spatial", "spatial dimension", first_dim=kept)
 
 
 def conv(state: Propagation, node: fx.Node):

@@ -55,8 +55,7 @@ def reduction(state: Propagation, node: fx.Node):
 def spatial(state: Propagation, node: fx.Node):
     """Functional pooling, interpolation and padding: channels pass, trailing dims are new."""
     x = state.labels_of(node.args[0])
-    fresh = state.fresh(state.value(node), f"{node.name} spatial", "spatial dimension")
-    return tuple(x[:2]) + tuple(fresh[2:])
+    return tuple(x[:2]) + state.fresh(state.value(node), f"{node.name} spatial", "spatial dimension", first_dim=2)
 
 
 def softmax(state: Propagation, node: fx.Node):
