@@ -1,10 +1,13 @@
 """tracer.record: shapes recorded on meta tensors (the rules themselves: test_shape_rules.py)."""
 from __future__ import annotations
 
+import pytest
 import torch
+import torchvision
 from torch import nn
 
 import tracer
+from graphprune.analysis import traced_leaves
 from tracer.record import Recorder, record_on_meta
 
 
@@ -76,3 +79,21 @@ def test_tensors_the_forward_creates_on_the_cpu_keep_their_values_in_a_meta_run(
     real.run(x)
     assert meta is not None and meta.values == real.values
     assert real.values[list(graph.nodes)[-2].name] == tracer.TensorSpec((2, 3), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "name, size",
+    [("resnet18", 32), ("mobilenet_v3_small", 32), ("efficientnet_b0", 32), ("densenet121", 32),
+     ("convnext_tiny", 32), ("vit_b_16", 224), ("swin_t", 64), ("inception_v3", 75)],
+)
+def test_a_meta_run_records_what_a_real_run_records_on_torchvision_models(name, size):
+    """The shape rules and meta kernels together agree with real kernels on every node."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    graph = tracer.capture(model, traced_leaves([]))
+    x = torch.randn(1, 3, size, size)
+    meta = record_on_meta(model, graph, (x,))
+    real = Recorder(model, graph)
+    with torch.no_grad():
+        real.run(x)
+    assert meta is not None and meta.values == real.values
