@@ -71,8 +71,7 @@ def position_norms(member, p: int) -> np.ndarray:
     """
     tensor = member.tensor.detach()
     if tensor.dim() == 1:  # a norm's scale or shift, a bias: one value per position
-        powers = tensor.to(torch.float32).abs()
-        return (powers.pow_(p) if p != 1 else powers).double().cpu().numpy()
+        return _powers(tensor, p, torch.empty(tensor.numel(), device=tensor.device)).double().cpu().numpy()
     size = tensor.shape[member.dim]
     after = math.prod(tensor.shape[member.dim + 1:])
     blocks = tensor.reshape(math.prod(tensor.shape[:member.dim]), size, after)

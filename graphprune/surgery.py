@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from tracer.shape_rules import dense_layout
+
 from .groups import Group
 from .propagate import Propagation
 
@@ -15,7 +17,6 @@ class PruningError(RuntimeError):
     """Surgery failed; the model was restored to its state before the call."""
 
 
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 _CHUNK_BYTES = 1 << 22  # intermediate of a selection along several dims, per chunk
 
 
@@ -29,9 +30,7 @@ def _select(data: torch.Tensor, index: dict) -> torch.Tensor:
     would be the largest allocation of the surgery.
     """
     dims = sorted(index)
-    layout = _CHANNELS_LAST.get(data.dim())
-    if layout is None or data.is_contiguous() or not data.is_contiguous(memory_format=layout):
-        layout = torch.contiguous_format
+    layout = dense_layout(data) or torch.contiguous_format
     if len(dims) == 1:
         return data.index_select(dims[0], index[dims[0]]).contiguous(memory_format=layout)
     outer, inner = dims[0], dims[1:]

@@ -19,7 +19,7 @@ from torch import nn
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
-def _dense_layout(x: torch.Tensor) -> Optional[torch.memory_format]:
+def dense_layout(x: torch.Tensor) -> Optional[torch.memory_format]:
     """The memory format of ``x`` if it is contiguous or channels-last; else None."""
     if x.is_contiguous():
         return torch.contiguous_format
@@ -33,7 +33,7 @@ def _empty(shape: tuple, like: torch.Tensor, layout: torch.memory_format = torch
 
 def _same_as_input(x: torch.Tensor) -> Optional[torch.Tensor]:
     """Elementwise: the input's shape and (dense) layout."""
-    layout = _dense_layout(x)
+    layout = dense_layout(x)
     return _empty(tuple(x.shape), x, layout) if layout is not None else None
 
 
