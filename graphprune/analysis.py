@@ -197,8 +197,8 @@ def traced_leaves(leaf_modules: Iterable[tracer.LeafSpec]) -> list:
 def apply_audited(model, inputs, leaf_modules, surgery: ChannelSurgery, plan: dict, verify: bool) -> None:
     """Apply ``plan``; with ``verify``, audit the shapes and retry without the groups blamed."""
 
-    def check(removed: np.ndarray) -> None:
-        audit(model, inputs, traced_leaves(leaf_modules), surgery.state, surgery.roots, removed)
+    def check(removed: np.ndarray, filled: bool) -> None:
+        audit(model, inputs, traced_leaves(leaf_modules), surgery.state, surgery.roots, removed, filled)
 
     for _ in range(_AUDIT_RETRIES):
         try:

@@ -13,6 +13,7 @@ from tracer import TensorSpec
 
 from .propagate import Propagation
 from .rules.pointwise import PART_INPUT
+from .surgery import ValuesNeeded
 
 
 class AuditError(RuntimeError):
@@ -42,9 +43,24 @@ def audit(
     state: Propagation,
     roots: np.ndarray,
     removed: np.ndarray,
+    filled: bool = True,
 ) -> None:
-    """Raise :class:`AuditError` unless every node of the re-traced ``model`` has the predicted shape."""
-    graph = tracer.trace(model, example_inputs, leaf_modules)
+    """Raise :class:`AuditError` unless every node of the re-traced ``model`` has the predicted shape.
+
+    With ``filled=False`` the model's tensors hold placeholders of their new shapes: the audit
+    then only judges a model whose shapes can be found without values (on meta tensors) and
+    raises :class:`ValuesNeeded` for any other.
+    """
+    if not filled and not state.graph.graph["recorded_on_meta"]:
+        raise ValuesNeeded("the model's shapes depend on its values")
+    try:
+        graph = tracer.trace(model, example_inputs, leaf_modules)
+    except Exception as exc:
+        if filled:
+            raise
+        raise ValuesNeeded(f"tracing on placeholders failed: {type(exc).__name__}: {exc}") from exc
+    if not filled and not graph.graph["recorded_on_meta"]:
+        raise ValuesNeeded("the pruned model's shapes depend on its values")
     # Sizes fed to a traced part by untraced code (e.g. a detector's proposals) may change.
     data_dependent = np.array([(s.blocked or "").startswith(PART_INPUT) for s in state.space.sets] + [False])
     mismatches, suspects = [], []

@@ -29,7 +29,7 @@ from torch import nn
 from tracer import call_model
 
 from .planner import RatioSpec, plan_removal, score_groups
-from .surgery import PruningError
+from .surgery import PruningError, ValuesNeeded
 
 logger = logging.getLogger("graphprune")
 
@@ -385,7 +385,9 @@ def _probe(analysis, plan: dict, evaluate, model: nn.Module) -> float:
     if not plan:
         return evaluate(model)
 
-    def probe(*_) -> None:  # the surgery passes verify the removed flags; not needed here
+    def probe(removed: np.ndarray, filled: bool) -> None:  # raising rolls the surgery back
+        if not filled:
+            raise ValuesNeeded("the probe measures the pruned model itself")
         raise _Probe(evaluate(model))
 
     try:

@@ -20,46 +20,63 @@ class PruningError(RuntimeError):
 _CHUNK_BYTES = 1 << 22  # intermediate of a selection along several dims, per chunk
 
 
-def _select(data: torch.Tensor, index: dict) -> torch.Tensor:
-    """``data`` restricted to ``index[dim]`` along each dim, in the layout of ``data``
-    (contiguous, or channels-last where ``data`` is).
+class ValuesNeeded(Exception):
+    """Raised by a ``verify`` callback of :meth:`ChannelSurgery.prune_groups` that cannot judge
+    the pruned model by its shapes alone; it is called again once the kept values are in place."""
 
-    Along one dim this is one ``index_select``. Along several, the result is allocated once
-    and filled in chunks of the outermost dim, each selected along every dim while it is
-    small: fresh memory is slow to touch the first time, and a whole-tensor intermediate
-    would be the largest allocation of the surgery.
+
+def _selection_shape(data: torch.Tensor, index: dict) -> list:
+    return [index[d].numel() if d in index else size for d, size in enumerate(data.shape)]
+
+
+def _empty_selection(data: torch.Tensor, index: dict) -> torch.Tensor:
+    """Uninitialised storage for ``data`` restricted to ``index``, in the layout of ``data``
+    (contiguous, or channels-last where ``data`` is)."""
+    layout = dense_layout(data) or torch.contiguous_format
+    return torch.empty(_selection_shape(data, index), dtype=data.dtype, device=data.device, memory_format=layout)
+
+
+def _select_into(out: torch.Tensor, data: torch.Tensor, index: dict) -> None:
+    """Write ``data`` restricted to ``index[dim]`` along each dim into ``out``.
+
+    Along one dim this is one ``index_select``. Along several, ``out`` is filled in chunks of
+    the outermost dim, each selected along every dim while it is small: a whole-tensor
+    intermediate would be the largest allocation of the surgery.
     """
     dims = sorted(index)
-    layout = dense_layout(data) or torch.contiguous_format
     if len(dims) == 1:
-        return data.index_select(dims[0], index[dims[0]]).contiguous(memory_format=layout)
+        torch.index_select(data, dims[0], index[dims[0]], out=out)
+        return
     outer, inner = dims[0], dims[1:]
-    shape = [index[d].numel() if d in index else size for d, size in enumerate(data.shape)]
-    selected = torch.empty(shape, dtype=data.dtype, device=data.device, memory_format=layout)
     step = max(1, _CHUNK_BYTES * data.shape[outer] // max(data.numel() * data.element_size(), 1))
-    for start in range(0, shape[outer], step):
+    for start in range(0, out.shape[outer], step):
         chunk = data.index_select(outer, index[outer][start:start + step])
         for dim in inner:
             chunk = chunk.index_select(dim, index[dim])
-        selected.narrow(outer, start, chunk.shape[outer]).copy_(chunk)
-    return selected
+        out.narrow(outer, start, chunk.shape[outer]).copy_(chunk)
+
+
+def _placeholder(data: torch.Tensor, index: dict) -> torch.Tensor:
+    """A tensor of the selection's shape that owns no memory (zeros, every position aliased)."""
+    return torch.zeros((), dtype=data.dtype, device=data.device).expand(_selection_shape(data, index))
 
 
 class _Transaction:
-    """Records every tensor and attribute it changes so that they can be put back bit for bit."""
+    """Changes tensor shapes and attributes so that they can be put back bit for bit.
+
+    :meth:`shrink` gives a tensor its new shape at once but not its values: until
+    :meth:`commit`, it holds a placeholder and the original is kept aside.
+    """
 
     def __init__(self) -> None:
-        self._tensors: dict[int, tuple] = {}
+        self._tensors: list[tuple] = []  # (tensor, original data, original grad, {dim: kept positions})
         self._attrs: dict[tuple[int, str], tuple] = {}
 
     def shrink(self, tensor: torch.Tensor, keep: dict) -> None:
         """Keep only the positions ``keep[dim]`` of ``tensor`` (and of its gradient) along each dim."""
-        if id(tensor) not in self._tensors:
-            self._tensors[id(tensor)] = (tensor, tensor.data, tensor.grad)
         index = {dim: torch.as_tensor(k, dtype=torch.long, device=tensor.device) for dim, k in keep.items()}
-        tensor.data = _select(tensor.data, index)
-        if tensor.grad is not None:
-            tensor.grad = _select(tensor.grad, index)
+        self._tensors.append((tensor, tensor.data, tensor.grad, index))
+        tensor.data = _placeholder(tensor.data, index)
 
     def set_attr(self, module: nn.Module, name: str, value) -> None:
         key = (id(module), name)
@@ -67,8 +84,32 @@ class _Transaction:
             self._attrs[key] = (module, name, getattr(module, name))
         setattr(module, name, value)
 
+    def commit(self, release: bool) -> None:
+        """Copy the kept values of every shrunk tensor into fresh storage.
+
+        All of it is allocated first, so running out of memory still leaves everything to
+        roll back; the copy itself allocates nothing but chunks of at most ``_CHUNK_BYTES``.
+        With ``release``, each original is dropped as soon as it is copied, and only the
+        tensors not yet copied can be rolled back. Fresh CPU memory takes no room until it is
+        written, so the process then grows by about one tensor at a time instead of by the
+        whole pruned model (and touching memory beyond the process's peak is slow).
+        """
+        targets = [
+            (_empty_selection(data, index), None if grad is None else _empty_selection(grad, index))
+            for _, data, grad, index in self._tensors
+        ]
+        for i, (new_data, new_grad) in enumerate(targets):
+            tensor, data, grad, index = self._tensors[i]
+            if release:
+                self._tensors[i] = None
+            _select_into(new_data, data, index)
+            tensor.data = new_data
+            if grad is not None:
+                _select_into(new_grad, grad, index)
+                tensor.grad = new_grad
+
     def rollback(self) -> None:
-        for tensor, data, grad in self._tensors.values():
+        for tensor, data, grad, _ in filter(None, self._tensors):
             tensor.data = data
             tensor.grad = grad
         for module, name, value in self._attrs.values():
@@ -121,13 +162,18 @@ class ChannelSurgery:
         return checked
 
     def prune_groups(
-        self, plan: Mapping[Group, Sequence[int]], verify: Optional[Callable[[np.ndarray], None]] = None
+        self, plan: Mapping[Group, Sequence[int]], verify: Optional[Callable[[np.ndarray, bool], None]] = None
     ) -> None:
         """Remove ``plan[group]`` channels from each group; roll everything back on any error.
 
-        ``verify(removed)`` runs after the surgery, inside the transaction, with the removed
-        flag of every root id: if it raises, the model is restored and the error is
-        re-raised as :class:`PruningError` (the original error is its ``__cause__``).
+        ``verify(removed, filled)`` runs inside the transaction, with the removed flag of every
+        root id, once every tensor and size attribute has its new value: first with
+        ``filled=False``, while the tensors hold zero placeholders of their new shapes (the
+        kept values are copied in only after it passed, each original freed as soon as it is
+        copied, so pruning needs little memory beyond the model). If it needs the values it
+        raises :class:`ValuesNeeded`; it is then called again with ``filled=True`` after the
+        copy. If it raises anything else, the model is restored and the error is re-raised as
+        :class:`PruningError` (the original error is its ``__cause__``).
         """
         checked = self._validate(plan)
         if not checked:
@@ -138,8 +184,14 @@ class ChannelSurgery:
         transaction = _Transaction()
         try:
             self._apply(transaction, removed)
-            if verify is not None:
-                verify(removed)
+            try:
+                if verify is not None:
+                    verify(removed, False)
+            except ValuesNeeded:
+                transaction.commit(release=False)
+                verify(removed, True)
+            else:
+                transaction.commit(release=True)
         except Exception as exc:
             transaction.rollback()
             raise PruningError(f"pruning failed and the model was restored: {type(exc).__name__}: {exc}") from exc

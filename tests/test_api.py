@@ -217,7 +217,7 @@ def test_failing_verify_restores_everything():
     surgery = report.prunable_groups[0]._surgery
     shapes_seen = []
 
-    def verify(removed):
+    def verify(removed, filled):
         shapes_seen.append(tuple(model.conv1.weight.shape))
         raise RuntimeError("verification says no")
 

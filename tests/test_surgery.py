@@ -1,8 +1,20 @@
-"""The tensor selection behind every surgery: exact values, layout kept, any chunking."""
+"""The surgery's tensor work: the selection (exact values, layout kept, any chunking) and the
+transaction (shapes first, values after the check, originals freed one by one, rollback)."""
+import weakref
+
 import pytest
 import torch
+from torch import nn
 
+import graphprune
+from conftest import assert_same_state, size_attrs, state_snapshot
 from graphprune import surgery
+
+
+def _select(data, index):
+    out = surgery._empty_selection(data, index)
+    surgery._select_into(out, data, index)
+    return out
 
 
 def _expected(data, index):
@@ -17,7 +29,7 @@ def test_select_along_several_dims_equals_successive_index_selects(monkeypatch, 
     monkeypatch.setattr(surgery, "_CHUNK_BYTES", chunk_bytes)
     data = torch.randn(9, 7, 5, 4).contiguous(memory_format=layout)
     index = {0: torch.tensor([0, 3, 4, 8]), 1: torch.tensor([1, 2, 6]), 3: torch.tensor([0, 3])}
-    selected = surgery._select(data, index)
+    selected = _select(data, index)
     assert torch.equal(selected, _expected(data, index))
     assert selected.is_contiguous(memory_format=layout)
     if layout is torch.channels_last:
@@ -26,7 +38,7 @@ def test_select_along_several_dims_equals_successive_index_selects(monkeypatch, 
 
 def test_select_along_one_dim_keeps_channels_last():
     data = torch.randn(6, 5, 3, 3).contiguous(memory_format=torch.channels_last)
-    selected = surgery._select(data, {1: torch.tensor([0, 4])})
+    selected = _select(data, {1: torch.tensor([0, 4])})
     assert torch.equal(selected, data[:, [0, 4]])
     assert selected.is_contiguous(memory_format=torch.channels_last)
 
@@ -34,5 +46,99 @@ def test_select_along_one_dim_keeps_channels_last():
 def test_select_of_a_strided_tensor_returns_a_contiguous_copy():
     data = torch.randn(8, 10).t()  # neither contiguous nor channels-last
     index = {0: torch.tensor([1, 9]), 1: torch.tensor([0, 2, 7])}
-    selected = surgery._select(data, index)
+    selected = _select(data, index)
     assert torch.equal(selected, _expected(data, index)) and selected.is_contiguous()
+
+
+# --------------------------------------------------------------------------- the transaction
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 1), nn.Flatten(), nn.Linear(96, 5)).eval()
+
+
+def _planned(model):
+    x = torch.randn(2, 3, 6, 6)
+    report = graphprune.analyze(model, x)
+    plan = {group: [0, 2] for group in report.prunable_groups}
+    return plan, next(iter(plan))._surgery
+
+
+def _kept_weights(model):
+    """What conv 0 and conv 3 hold after channels 0 and 2 of both groups went."""
+    keep8, keep6 = [1, 3, 4, 5, 6, 7], [1, 3, 4, 5]
+    return model[0].weight.detach()[keep8].clone(), model[3].weight.detach()[keep6][:, keep8].clone()
+
+
+def test_verify_judges_the_new_shapes_before_any_value_is_copied():
+    model = _net()
+    plan, surgery_ = _planned(model)
+    expected = _kept_weights(model)
+    seen = []
+
+    def verify(removed, filled):
+        w = model[3].weight
+        seen.append((filled, tuple(w.shape), w.stride(), float(w.detach().abs().sum())))
+
+    surgery_.prune_groups(plan, verify=verify)
+    assert seen == [(False, (4, 6, 1, 1), (0, 0, 0, 0), 0.0)]  # zero placeholders, no memory of their own
+    assert torch.equal(model[0].weight, expected[0]) and torch.equal(model[3].weight, expected[1])
+    assert model[3].weight.is_contiguous()
+
+
+def test_a_verify_that_needs_the_values_runs_again_after_the_copy():
+    model = _net()
+    plan, surgery_ = _planned(model)
+    expected = _kept_weights(model)
+    seen = []
+
+    def verify(removed, filled):
+        seen.append((filled, torch.equal(model[3].weight, expected[1])))
+        if not filled:
+            raise surgery.ValuesNeeded("measures the model")
+
+    surgery_.prune_groups(plan, verify=verify)
+    assert seen == [(False, False), (True, True)]
+    assert torch.equal(model[0].weight, expected[0])
+
+
+def test_running_out_of_memory_for_the_copy_restores_everything(monkeypatch):
+    model = _net()
+    plan, surgery_ = _planned(model)
+    snapshot, attrs, params = state_snapshot(model), size_attrs(model), list(model.parameters())
+    allocate, calls = surgery._empty_selection, []
+
+    def failing(data, index):
+        calls.append(data.shape)
+        if len(calls) == 4:
+            raise RuntimeError("out of memory (injected)")
+        return allocate(data, index)
+
+    monkeypatch.setattr(surgery, "_empty_selection", failing)
+    with pytest.raises(graphprune.PruningError, match="restored.*out of memory"):
+        surgery_.prune_groups(plan)
+    assert len(calls) == 4
+    assert_same_state(model, snapshot)
+    assert size_attrs(model) == attrs and all(a is b for a, b in zip(model.parameters(), params))
+    monkeypatch.undo()
+    surgery_.prune_groups(plan)  # nothing was left half-done
+    assert model[3].weight.shape == (4, 6, 1, 1)
+
+
+def test_each_original_is_freed_as_soon_as_it_is_copied(monkeypatch):
+    model = _net()
+    plan, surgery_ = _planned(model)
+    tensors = dict(model.state_dict(keep_vars=True))
+    storages = {name: weakref.ref(t.untyped_storage()) for name, t in tensors.items()}
+    shapes = {name: t.shape for name, t in tensors.items()}
+    alive_at_each_copy = []
+    copy_into = surgery._select_into
+
+    def spying(out, data, index):
+        alive_at_each_copy.append({name for name, ref in storages.items() if ref() is not None})
+        copy_into(out, data, index)
+
+    monkeypatch.setattr(surgery, "_select_into", spying)
+    surgery_.prune_groups(plan)
+    pruned = {name for name, t in tensors.items() if t.shape != shapes[name]}
+    assert len(pruned) == 9  # conv 0 weight and bias, 4 BatchNorm tensors, conv 3 weight and bias, fc weight
+    assert [len(alive & pruned) for alive in alive_at_each_copy] == list(range(9, 0, -1))

@@ -135,6 +135,38 @@ def test_shapes_are_propagated_on_meta_tensors_with_a_real_run_as_fallback(needs
     assert model[2].weight.device.type == "cpu" and torch.equal(model[2].weight, weight)
 
 
+
+
+class _ScaledByInput(nn.Module):
+    """conv -> relu -> conv, times a scale that ``scale`` (a leaf) reads from the input's values
+    when ``needs_values``: then the shapes can only be recorded on real tensors."""
+
+    def __init__(self, needs_values: bool):
+        super().__init__()
+        self.conv0, self.conv2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.scale = _DeviceSpy(needs_values)
+
+    def forward(self, x):
+        return self.conv2(self.conv0(x).relu()) * self.scale(x).mean()
+
+
+def test_a_model_whose_shapes_need_values_is_audited_after_the_values_are_copied(monkeypatch):
+    """The audit first runs while the pruned tensors hold zero placeholders; a model that could
+    only be recorded on real values is audited once the kept values are in place."""
+    audits, audit = [], graphprune.analysis.audit
+
+    def spying(*args):
+        audits.append(args[-1])  # filled
+        return audit(*args)
+
+    monkeypatch.setattr(graphprune.analysis, "audit", spying)
+    for needs_values, expected in ((False, [False]), (True, [False, True])):
+        audits.clear()
+        model = _ScaledByInput(needs_values).eval()
+        graphprune.prune(model, 0.5, torch.randn(1, 3, 8, 8), leaf_modules=[model.scale])
+        assert audits == expected
+        assert model.conv0.out_channels == model.conv2.in_channels == 4
+
 class _EmptyBeside(nn.Module):
     """Builds a zero-size tensor next to the channel path (its one dim has no channel to map)."""
 

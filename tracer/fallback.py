@@ -65,7 +65,7 @@ def _as_inputs(child: nn.Module, args: tuple, kwargs: dict) -> Any:
 
 
 def _merge(parts: list[tuple[str, nx.DiGraph]], model: nn.Module, opaque: dict) -> nx.DiGraph:
-    merged = nx.DiGraph(model=model, opaque=opaque)
+    merged = nx.DiGraph(model=model, opaque=opaque, recorded_on_meta=False)  # the parts' inputs came from a real run
     offset = 0
     for prefix, graph in parts:
         owner = prefix[:-1]
@@ -86,7 +86,8 @@ def trace(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[LeafSpec
 
     ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of keyword inputs.
     ``leaf_modules`` lists module names, classes, instances or predicates not to trace into.
-    The graph's ``opaque`` attribute maps every module treated as opaque to the reason.
+    The graph's ``opaque`` attribute maps every module treated as opaque to the reason;
+    ``recorded_on_meta`` says whether its shapes were found without reading the model's values.
     """
     leaf_modules = list(leaf_modules)
     try:

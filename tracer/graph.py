@@ -98,10 +98,12 @@ def build_graph(model: nn.Module, fx_graph: fx.Graph, example_inputs: Any) -> nx
     networkx graph: on meta tensors where it can, else once on the real inputs (no grad).
 
     Node keys are fx node names; every node has ``part == ""`` (see :mod:`tracer.fallback`).
+    ``graph.graph["recorded_on_meta"]`` says whether the shapes came without the model's values.
     """
     args = positional_inputs(fx_graph, example_inputs)
     recorder = record_on_meta(model, fx_graph, args)
-    if recorder is None:
+    on_meta = recorder is not None
+    if not on_meta:
         recorder = Recorder(model, fx_graph)
         try:
             with torch.no_grad():
@@ -109,7 +111,7 @@ def build_graph(model: nn.Module, fx_graph: fx.Graph, example_inputs: Any) -> nx
         except Exception as exc:
             _explain_failure(model, example_inputs, recorder.failed, exc)
 
-    graph = nx.DiGraph(model=model, opaque={})
+    graph = nx.DiGraph(model=model, opaque={}, recorded_on_meta=on_meta)
     for index, node in enumerate(fx_graph.nodes):
         attrs = dict(
             index=index,
