@@ -66,7 +66,8 @@ class Propagation:
         self.attr_members: list[AttrMember] = []
         self.notes: dict[int, str] = {}  # set index -> why pruning it is approximate
         self.part = ""  # graph-key prefix of the traced part being processed (see tracer.fallback)
-        self._owner_names = _tensor_owners(self.model)
+        self._modules = dict(self.model.named_modules(remove_duplicate=False))  # every path, for lookups
+        self._owner_names = _tensor_owners(self._modules)
 
     # ----- reading the node being processed
     def node_attrs(self, node: fx.Node) -> dict:
@@ -89,7 +90,8 @@ class Propagation:
         return self.node_attrs(node)["module"] or ""
 
     def module(self, name: str) -> nn.Module:
-        return self.model.get_submodule(name or "")
+        found = self._modules.get(name or "")
+        return found if found is not None else self.model.get_submodule(name)
 
     # ----- creating ids
     def fresh(self, value: Any, description: str, blocked: Optional[str], first_dim: int = 0) -> Any:
@@ -146,10 +148,10 @@ def _iter_arrays(labels: Any):
             yield from _iter_arrays(item)
 
 
-def _tensor_owners(model: nn.Module) -> dict[int, list]:
+def _tensor_owners(modules: dict[str, nn.Module]) -> dict[int, list]:
     """Every (module name, attribute) under which each parameter or buffer is registered."""
     owners: dict[int, list] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
+    for module_name, module in modules.items():
         for attr, tensor in list(module._parameters.items()) + list(module._buffers.items()):
             if tensor is not None:
                 entry = (module_name, attr)

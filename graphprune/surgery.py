@@ -213,11 +213,10 @@ class ChannelSurgery:
             shrinking.setdefault(id(member.tensor), (member.tensor, {}))[1][member.dim] = keep
         for tensor, keep in shrinking.values():
             transaction.shrink(tensor, keep)
-        model = self.state.model
         for attr in self.state.attr_members:
             valid = attr.ids[attr.ids >= 0]
             kept = int((~removed[roots[valid]]).sum()) + (attr.ids.size - valid.size)
             before = int((~self._removed[roots[valid]]).sum()) + (attr.ids.size - valid.size)
             if kept != before:
-                module = model.get_submodule(attr.module)
+                module = self.state.module(attr.module)
                 transaction.set_attr(module, attr.attr, attr.update(getattr(module, attr.attr), kept))

@@ -124,7 +124,7 @@ def build_graph(model: nn.Module, fx_graph: fx.Graph, example_inputs: Any) -> nx
             fx=node,
         )
         if node.op == "call_module":
-            attrs["module_type"] = type(model.get_submodule(node.target)).__name__
+            attrs["module_type"] = type(recorder.module_at(node.target)).__name__
         elif node.op == "get_attr":
             attrs["tensor"] = _resolve_attr(model, node.target)
         graph.add_node(node.name, **attrs)

@@ -47,6 +47,11 @@ class Recorder(fx.Interpreter):
         self.values: dict[str, Any] = {}
         self.failed: Optional[fx.Node] = None
 
+    def module_at(self, target: str) -> Any:
+        """The model's own module (or attribute) at a node's ``target``."""
+        module = self.submodules.get(target)
+        return module if module is not None else super().fetch_attr(target)
+
     def run_node(self, n: fx.Node) -> Any:
         try:
             result = super().run_node(n)
@@ -86,10 +91,10 @@ class _MetaRecorder(Recorder):
         return standin
 
     def fetch_attr(self, target: str) -> Any:
-        return self._standin(super().fetch_attr(target))
+        return self._standin(self.module_at(target))
 
     def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        output = module_output(super().fetch_attr(target), args, kwargs) if _on_meta(args, kwargs) else None
+        output = module_output(self.module_at(target), args, kwargs) if _on_meta(args, kwargs) else None
         return output if output is not None else super().call_module(target, args, kwargs)
 
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
