@@ -25,11 +25,11 @@ class AuditError(RuntimeError):
 
 
 def _dims(labels: Any, value: Any) -> list:
-    """Flatten a (possibly nested) value into ``(ids or None, size)`` per tensor dim."""
+    """Flatten a (possibly nested) value into ``(label array or None, size)`` per tensor dim."""
     if isinstance(value, TensorSpec):
         if labels is None or len(labels) != len(value.shape):
             return [(None, size) for size in value.shape]
-        return [(ids[ids >= 0], size) for ids, size in zip(labels, value.shape)]
+        return list(zip(labels, value.shape))
     if isinstance(value, (tuple, list)):
         nested = isinstance(labels, (tuple, list)) and len(labels) == len(value) and not (labels and isinstance(labels[0], np.ndarray))
         return [d for i, v in enumerate(value) for d in _dims(labels[i] if nested else None, v)]
@@ -63,6 +63,18 @@ def audit(
         raise ValuesNeeded("the pruned model's shapes depend on its values")
     # Sizes fed to a traced part by untraced code (e.g. a detector's proposals) may change.
     data_dependent = np.array([(s.blocked or "").startswith(PART_INPUT) for s in state.space.sets] + [False])
+    lost: dict[int, int] = {}  # id(label array) -> its removed positions; nodes share their inputs' arrays
+
+    def removed_from(ids: np.ndarray) -> int:
+        count = lost.get(id(ids))
+        if count is None:
+            count = lost[id(ids)] = int(removed[roots[ids[ids >= 0]]].sum())
+        return count
+
+    def free(ids: Any) -> bool:
+        valid = ids[ids >= 0] if ids is not None else ()
+        return len(valid) > 0 and bool(data_dependent[state.space.set_of(valid)].any())
+
     mismatches, suspects = [], []
     for name, attrs in state.graph.nodes(data=True):
         if attrs["op"] in ("get_attr", "output"):  # checked through their users / producers; fx renames constants
@@ -73,17 +85,17 @@ def audit(
             suspects.extend(ids for ids, _ in dims if ids is not None)
             continue
         actual = [size for _, size in _dims(None, graph.nodes[name]["value"])]
-        predicted = [size - int(removed[roots[ids]].sum()) if ids is not None and ids.size else size for ids, size in dims]
+        predicted = [size if ids is None else size - removed_from(ids) for ids, size in dims]
         if len(actual) != len(predicted):
             mismatches.append(f"{name}: expected dims {predicted}, got {actual}")
             suspects.extend(ids for ids, _ in dims if ids is not None)
             continue
-        free = [ids is not None and ids.size > 0 and data_dependent[state.space.set_of(ids)].any() for ids, _ in dims]
-        bad = [d for d, (p, a) in enumerate(zip(predicted, actual)) if p != a and not free[d]]
+        bad = [d for d, (p, a) in enumerate(zip(predicted, actual)) if p != a and not free(dims[d][0])]
         if bad:
             mismatches.append(f"{name}: expected sizes {predicted}, got {actual}")
             suspects.extend(dims[d][0] for d in bad if dims[d][0] is not None)
     if mismatches:
-        blamed = np.unique(roots[np.concatenate(suspects)]) if suspects else np.zeros(0, dtype=np.int64)
+        ids = np.concatenate(suspects) if suspects else np.zeros(0, dtype=np.int64)
+        blamed = np.unique(roots[ids[ids >= 0]])
         shown = "; ".join(mismatches[:3]) + (f" (+{len(mismatches) - 3} more)" if len(mismatches) > 3 else "")
         raise AuditError(f"shape audit failed: {shown}", blamed)

@@ -73,6 +73,8 @@ class ChannelSpace:
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
         """Unify ``a[i]`` with ``b[i]`` for every ``i`` where neither is ``NO_ID``."""
+        if a is b:
+            return
         a = np.asarray(a, dtype=np.int64).ravel()
         b = np.asarray(b, dtype=np.int64).ravel()
         if a.shape != b.shape:
@@ -94,6 +96,11 @@ class ChannelSpace:
 
     def set_of(self, ids: np.ndarray) -> np.ndarray:
         return self._set_of_id[ids]
+
+    def one_set(self, ids: np.ndarray) -> bool:
+        """Whether all of ``ids`` (none of them ``NO_ID``) belong to one set."""
+        sets = self._set_of_id[ids]
+        return bool((sets == sets[0]).all())
 
     def all_roots(self) -> np.ndarray:
         """The root of every allocated id: the smallest id it is unified with."""

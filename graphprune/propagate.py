@@ -106,8 +106,13 @@ class Propagation:
             return tuple(self.fresh(v, description, blocked, first_dim) for v in value)
         return None
 
-    def param_ids(self, tensor: torch.Tensor, dim: int, role: str) -> np.ndarray:
-        """Ids of ``tensor``'s dimension ``dim``; the same ids every time (shared and tied weights)."""
+    def param_ids(self, tensor: torch.Tensor, dim: int, role: str, like: Optional[np.ndarray] = None) -> np.ndarray:
+        """Ids of ``tensor``'s dimension ``dim``; the same ids every time (shared and tied weights).
+
+        A dimension seen for the first time gets fresh ids, or ``like`` itself when those are
+        as many channel ids of one set (the caller unifies the two anyway, see :meth:`bind`;
+        ids from several sets, as after a concat, need a set of their own to join them).
+        """
         dim = dim % tensor.dim()
         if tensor.shape[dim] == 0:  # no position to label (a zero-size layer): no member either
             return np.zeros(0, dtype=np.int64)
@@ -116,7 +121,12 @@ class Propagation:
         if member is None:
             owners = self._owner_names.get(id(tensor), [("", "<tensor>")])
             size = tensor.shape[dim]
-            ids = self.space.new_set(size, f"{owners[0][0]}.{owners[0][1]} dim {dim}") if size > 1 else np.array([NO_ID])
+            if size == 1:
+                ids = np.array([NO_ID])
+            elif like is not None and like.size == size and like.min() >= 0 and self.space.one_set(like):
+                ids = like
+            else:
+                ids = self.space.new_set(size, f"{owners[0][0]}.{owners[0][1]} dim {dim}")
             member = ParamDim(tensor, dim, ids, role, owners)
             self.param_dims[key] = member
         return member.ids
@@ -125,6 +135,10 @@ class Propagation:
         self.attr_members.append(AttrMember(module, attr, ids, update))
 
     # ----- relations
+    def bind(self, ids: np.ndarray, tensor: torch.Tensor, dim: int, role: str) -> None:
+        """Make ``tensor``'s dimension ``dim`` a member carrying the channels ``ids``."""
+        self.unify(ids, self.param_ids(tensor, dim, role, like=ids))
+
     def unify(self, a: np.ndarray, b: np.ndarray) -> None:
         self.space.union(a, b)
 

@@ -53,8 +53,11 @@ class Recorder(fx.Interpreter):
         return module if module is not None else super().fetch_attr(target)
 
     def run_node(self, n: fx.Node) -> Any:
+        # Interpreter.run_node without its per-node debug log and node-meta context, which
+        # only matter when the run is itself being traced.
         try:
-            result = super().run_node(n)
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            result = getattr(self, n.op)(n.target, args, kwargs)
         except Exception:
             self.failed = self.failed or n
             raise

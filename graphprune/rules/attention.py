@@ -29,20 +29,20 @@ def multihead_attention(state: Propagation, node: fx.Node):
     stream = q[-1]
     for other in (k, v):
         state.unify(stream, other[-1])
-    state.unify(stream, state.param_ids(m.in_proj_weight, 1, "in"))
+    state.bind(stream, m.in_proj_weight, 1, "in")
     rows = state.param_ids(m.in_proj_weight, 0, "out")
     if m.in_proj_bias is not None:
-        state.unify(rows, state.param_ids(m.in_proj_bias, 0, "out"))
+        state.bind(rows, m.in_proj_bias, 0, "out")
     grid = rows.reshape(3, m.num_heads, m.head_dim)
     for part in grid:
         state.unify(part.ravel(), stream)
     # A channel is either one head (prune_heads) or the d-th width channel of every head.
     anchor = grid[:1, :, :1] if state.prune_heads else grid[:, :1, :]
     state.unify(grid, np.broadcast_to(anchor, grid.shape))
-    state.unify(stream, state.param_ids(m.out_proj.weight, 1, "in"))
+    state.bind(stream, m.out_proj.weight, 1, "in")
     out_ids = state.param_ids(m.out_proj.weight, 0, "out")
     if m.out_proj.bias is not None:
-        state.unify(out_ids, state.param_ids(m.out_proj.bias, 0, "out"))
+        state.bind(out_ids, m.out_proj.bias, 0, "out")
     name, heads = state.qualname(node), m.num_heads
     for attr in ("embed_dim", "kdim", "vdim"):
         state.attr(name, attr, stream, lambda _, kept: kept)

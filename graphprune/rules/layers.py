@@ -36,12 +36,12 @@ def conv(state: Propagation, node: fx.Node):
     g = m.groups
     in_dim, out_dim = (0, 1) if m.transposed else (1, 0)
     if g == 1:
-        state.unify(in_ids, state.param_ids(m.weight, in_dim, "in"))
+        state.bind(in_ids, m.weight, in_dim, "in")
         out_ids = state.param_ids(m.weight, out_dim, "out")
     else:
         # Grouped conv: a conv group is one unit, so its in and out blocks go together.
         if m.transposed:
-            state.unify(in_ids, state.param_ids(m.weight, 0, "in"))
+            state.bind(in_ids, m.weight, 0, "in")
             out_ids = state.space.new_set(m.out_channels, f"{state.qualname(node)} out")
         else:
             out_ids = state.param_ids(m.weight, 0, "out")
@@ -50,7 +50,7 @@ def conv(state: Propagation, node: fx.Node):
         state.attr(state.qualname(node), "groups", out_ids, lambda _, kept, g=g, n=old_out: g * kept // n)
         state.attr(state.qualname(node), "in_channels", out_ids, lambda _, kept, n=old_out, c=old_in: c * kept // n)
     if m.bias is not None:
-        state.unify(out_ids, state.param_ids(m.bias, 0, "out"))
+        state.bind(out_ids, m.bias, 0, "out")
     state.attr(state.qualname(node), "out_channels", out_ids, lambda _, kept: kept)
     if g == 1:
         state.attr(state.qualname(node), "in_channels", in_ids, lambda _, kept: kept)
@@ -61,10 +61,10 @@ def conv(state: Propagation, node: fx.Node):
 def linear(state: Propagation, node: fx.Node):
     m: nn.Linear = state.module(state.qualname(node))
     x, _, _ = _input(state, node)
-    state.unify(x[-1], state.param_ids(m.weight, 1, "in"))
+    state.bind(x[-1], m.weight, 1, "in")
     out_ids = state.param_ids(m.weight, 0, "out")
     if m.bias is not None:
-        state.unify(out_ids, state.param_ids(m.bias, 0, "out"))
+        state.bind(out_ids, m.bias, 0, "out")
     state.attr(state.qualname(node), "in_features", x[-1], lambda _, kept: kept)
     state.attr(state.qualname(node), "out_features", out_ids, lambda _, kept: kept)
     return tuple(x[:-1]) + (out_ids,)
@@ -74,7 +74,7 @@ def _per_channel(state: Propagation, node: fx.Node, m: nn.Module, ids: np.ndarra
     for attr, role in (("weight", "scale"), ("bias", "shift"), ("running_mean", "stat"), ("running_var", "stat")):
         tensor = getattr(m, attr, None)
         if tensor is not None and tensor.dim() == 1:
-            state.unify(ids, state.param_ids(tensor, 0, role))
+            state.bind(ids, tensor, 0, role)
     state.attr(state.qualname(node), count_attr, ids, lambda _, kept: kept)
 
 
@@ -117,7 +117,7 @@ def normalize_over(state: Propagation, module: str, x: tuple, weight, bias, n_di
         d = len(x) - n_dims + k
         for tensor, role in ((weight, "scale"), (bias, "shift")):
             if tensor is not None:
-                state.unify(x[d], state.param_ids(tensor, k, role))
+                state.bind(x[d], tensor, k, role)
         state.note(x[d], "LayerNorm statistics are recomputed over the remaining channels")
         state.attr(module, "normalized_shape", x[d], lambda shape, kept, k=k: (*shape[:k], kept, *shape[k + 1 :]))
 
@@ -127,7 +127,7 @@ def prelu(state: Propagation, node: fx.Node):
     x, _, _ = _input(state, node)
     if m.num_parameters > 1:
         c = 1 if len(x) >= 2 else 0
-        state.unify(x[c], state.param_ids(m.weight, 0, "scale"))
+        state.bind(x[c], m.weight, 0, "scale")
         state.attr(state.qualname(node), "num_parameters", x[c], lambda _, kept: kept)
     return x
 
