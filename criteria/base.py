@@ -57,8 +57,12 @@ _CHUNK_ELEMENTS = 1 << 20  # bounds the temporaries of position_norms and row_an
 
 
 def _powers(chunk: torch.Tensor, p: int, buffer: torch.Tensor) -> torch.Tensor:
-    """``|chunk| ** p`` in float32, written into the start of ``buffer``."""
-    powers = buffer[: chunk.numel()].view(chunk.shape).copy_(chunk).abs_()
+    """``|chunk| ** p`` in float32, written into the start of ``buffer`` (in one pass for a
+    float32 ``chunk``; others are converted first, so the powers are taken in float32)."""
+    powers = buffer[: chunk.numel()].view(chunk.shape)
+    if chunk.dtype == powers.dtype and p in (1, 2):
+        return torch.abs(chunk, out=powers) if p == 1 else torch.square(chunk, out=powers)
+    powers.copy_(chunk).abs_()
     return powers.pow_(p) if p != 1 else powers
 
 
