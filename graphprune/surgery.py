@@ -200,23 +200,30 @@ class ChannelSurgery:
 
     def _apply(self, transaction: _Transaction, removed: np.ndarray) -> None:
         roots = self.roots
+        kept_positions: dict[int, Optional[np.ndarray]] = {}  # id(ids) -> positions kept (None: unchanged)
+
+        def keep_of(ids: np.ndarray) -> Optional[np.ndarray]:  # members often share their ids
+            if id(ids) not in kept_positions:
+                alive_before = ~self._removed[roots[ids]]
+                alive_after = ~removed[roots[ids]]
+                changed = not np.array_equal(alive_before, alive_after)
+                kept_positions[id(ids)] = np.flatnonzero(alive_after[alive_before]) if changed else None
+            return kept_positions[id(ids)]
+
         shrinking: dict[int, tuple] = {}  # id(tensor) -> (tensor, {dim: kept positions})
         for member in self.state.param_dims.values():
-            if member.ids[0] < 0:
-                continue
-            member_roots = roots[member.ids]
-            alive_before = ~self._removed[member_roots]
-            alive_after = ~removed[member_roots]
-            if np.array_equal(alive_before, alive_after):
-                continue
-            keep = np.flatnonzero(alive_after[alive_before])
-            shrinking.setdefault(id(member.tensor), (member.tensor, {}))[1][member.dim] = keep
+            keep = keep_of(member.ids) if member.ids[0] >= 0 else None
+            if keep is not None:
+                shrinking.setdefault(id(member.tensor), (member.tensor, {}))[1][member.dim] = keep
         for tensor, keep in shrinking.values():
             transaction.shrink(tensor, keep)
+        counts: dict[int, tuple[int, int]] = {}  # id(ids) -> (count before, count after)
         for attr in self.state.attr_members:
-            valid = attr.ids[attr.ids >= 0]
-            kept = int((~removed[roots[valid]]).sum()) + (attr.ids.size - valid.size)
-            before = int((~self._removed[roots[valid]]).sum()) + (attr.ids.size - valid.size)
+            if id(attr.ids) not in counts:
+                valid = attr.ids[attr.ids >= 0]
+                fixed = attr.ids.size - valid.size
+                counts[id(attr.ids)] = (int((~self._removed[roots[valid]]).sum()) + fixed, int((~removed[roots[valid]]).sum()) + fixed)
+            before, kept = counts[id(attr.ids)]
             if kept != before:
                 module = self.state.module(attr.module)
                 transaction.set_attr(module, attr.attr, attr.update(getattr(module, attr.attr), kept))
