@@ -29,12 +29,14 @@ LayerRef = Union[str, nn.Module]
 def eval_mode(model: nn.Module):
     """Run in eval mode, then restore every submodule's own training flag."""
     flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+    if any(training for _, training in flags):
+        model.eval()
     try:
         yield
     finally:
         for module, training in flags:
-            module.training = training
+            if module.training != training:
+                module.training = training
 
 
 @contextmanager
@@ -98,11 +100,16 @@ def _annotate_channels(state: Propagation, roots: np.ndarray, groups: list[Group
             return tuple(_dim_channels(ids) for ids in labels)
         return tuple(dims(item) for item in labels)
 
+    found: dict[int, Any] = {}  # id(ids) -> channels; nodes share their inputs' label arrays
+
     def _dim_channels(ids):
-        if not ids.size or ids[0] < 0 or group_of_root[roots[ids[0]]] < 0 or (ids < 0).any():
-            return None
-        group = groups[group_of_root[roots[ids[0]]]]
-        return group.id, np.searchsorted(group.units, roots[ids])
+        if id(ids) not in found:
+            if not ids.size or ids[0] < 0 or group_of_root[roots[ids[0]]] < 0 or (ids < 0).any():
+                found[id(ids)] = None
+            else:
+                group = groups[group_of_root[roots[ids[0]]]]
+                found[id(ids)] = group.id, np.searchsorted(group.units, roots[ids])
+        return found[id(ids)]
 
     for name, labels in state.labels.items():
         state.graph.nodes[name]["channels"] = dims(labels)
@@ -131,12 +138,12 @@ class Analysis:
 def fingerprint(model: nn.Module) -> tuple:
     """Identity and shape of every module, parameter and buffer: changes when the model is
     pruned or its layers are replaced, not when weights are updated in place."""
-    modules = tuple((name, id(m)) for name, m in model.named_modules())
-    tensors = tuple(
-        (name, id(t), tuple(t.shape), t.dtype, t.device)
-        for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    )
-    return modules, tensors
+    modules, tensors = [], []
+    for name, module in model.named_modules(remove_duplicate=False):
+        modules.append((name, id(module)))
+        for registry in (module._parameters, module._buffers):
+            tensors.extend((name, key, id(t), t.shape, t.dtype, t.device) for key, t in registry.items() if t is not None)
+    return tuple(modules), tuple(tensors)
 
 
 def run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads=False) -> Analysis:
@@ -165,7 +172,7 @@ def _input_tensors(inputs: Any) -> list:
 
 def _check_devices(model: nn.Module, inputs: Any) -> None:
     """Meta-device models hold no values to rank; inputs must live on the model's device."""
-    devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
+    devices = {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
     if any(d.type == "meta" for d in devices):
         raise ValueError(
             f"{type(model).__name__} has parameters on the meta device, which hold no values; "

@@ -155,7 +155,10 @@ class ChannelSurgery:
                 raise ValueError(f"cannot remove all {group.size} channels of group {group.id} ({group.root})")
             removing = np.zeros(group.size, dtype=bool)
             removing[index] = True
-            emptied = [m for m in group.members if removing[m.index_map].all()]
+            first_with_map: dict[int, object] = {}  # members often share one index map
+            for m in group.members:
+                first_with_map.setdefault(id(m.index_map), m)
+            emptied = [m for m in first_with_map.values() if removing[m.index_map].all()]
             if emptied:
                 raise ValueError(f"removing these channels of group {group.id} would empty {emptied[0].name} (dim {emptied[0].dim})")
             checked[group] = index
