@@ -14,7 +14,8 @@ from .propagate import Propagation
 
 
 class PruningError(RuntimeError):
-    """Surgery failed; the model was restored to its state before the call."""
+    """Surgery failed; the model was restored to its state before the call (except after a
+    failure inside the final copy of the kept weights, which the message says)."""
 
 
 _CHUNK_BYTES = 1 << 22  # intermediate of a selection along several dims, per chunk
@@ -71,6 +72,7 @@ class _Transaction:
     def __init__(self) -> None:
         self._tensors: list[tuple] = []  # (tensor, original data, original grad, {dim: kept positions})
         self._attrs: dict[tuple[int, str], tuple] = {}
+        self.released = False  # some original was dropped: a rollback can no longer restore everything
 
     def shrink(self, tensor: torch.Tensor, keep: dict) -> None:
         """Keep only the positions ``keep[dim]`` of ``tensor`` (and of its gradient) along each dim."""
@@ -102,6 +104,7 @@ class _Transaction:
             tensor, data, grad, index = self._tensors[i]
             if release:
                 self._tensors[i] = None
+                self.released = True
             _select_into(new_data, data, index)
             tensor.data = new_data
             if grad is not None:
@@ -197,6 +200,9 @@ class ChannelSurgery:
                 transaction.commit(release=True)
         except Exception as exc:
             transaction.rollback()
+            if transaction.released:  # only a failure inside the copy itself (no allocation but small chunks)
+                raise PruningError(f"pruning failed while copying the kept weights, and the model could not be "
+                                   f"restored; load it again: {type(exc).__name__}: {exc}") from exc
             raise PruningError(f"pruning failed and the model was restored: {type(exc).__name__}: {exc}") from exc
         self._removed = removed
         self._pruned.update(group.id for group in checked)

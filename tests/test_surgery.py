@@ -142,3 +142,19 @@ def test_each_original_is_freed_as_soon_as_it_is_copied(monkeypatch):
     pruned = {name for name, t in tensors.items() if t.shape != shapes[name]}
     assert len(pruned) == 9  # conv 0 weight and bias, 4 BatchNorm tensors, conv 3 weight and bias, fc weight
     assert [len(alive & pruned) for alive in alive_at_each_copy] == list(range(9, 0, -1))
+
+
+def test_a_failure_inside_the_copy_says_the_model_could_not_be_restored(monkeypatch):
+    model = _net()
+    plan, surgery_ = _planned(model)
+    copy_into, calls = surgery._select_into, []
+
+    def failing(out, data, index):
+        calls.append(out.shape)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure")
+        copy_into(out, data, index)
+
+    monkeypatch.setattr(surgery, "_select_into", failing)
+    with pytest.raises(graphprune.PruningError, match="could not be restored; load it again.*injected failure"):
+        surgery_.prune_groups(plan)
