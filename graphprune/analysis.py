@@ -12,6 +12,7 @@ from torch import nn
 import tracer
 
 from .audit import AuditError, audit
+from .channels import per_array
 from .groups import Group, build_groups
 from .inputs import resolve_example_inputs
 from .propagate import Propagation, propagate
@@ -100,16 +101,12 @@ def _annotate_channels(state: Propagation, roots: np.ndarray, groups: list[Group
             return tuple(_dim_channels(ids) for ids in labels)
         return tuple(dims(item) for item in labels)
 
-    found: dict[int, Any] = {}  # id(ids) -> channels; nodes share their inputs' label arrays
-
+    @per_array
     def _dim_channels(ids):
-        if id(ids) not in found:
-            if not ids.size or ids[0] < 0 or group_of_root[roots[ids[0]]] < 0 or (ids < 0).any():
-                found[id(ids)] = None
-            else:
-                group = groups[group_of_root[roots[ids[0]]]]
-                found[id(ids)] = group.id, np.searchsorted(group.units, roots[ids])
-        return found[id(ids)]
+        if not ids.size or ids[0] < 0 or group_of_root[roots[ids[0]]] < 0 or (ids < 0).any():
+            return None
+        group = groups[group_of_root[roots[ids[0]]]]
+        return group.id, np.searchsorted(group.units, roots[ids])
 
     for name, labels in state.labels.items():
         state.graph.nodes[name]["channels"] = dims(labels)

@@ -11,6 +11,7 @@ from torch import nn
 import tracer
 from tracer import TensorSpec
 
+from .channels import per_array
 from .propagate import Propagation
 from .rules.pointwise import PART_INPUT
 from .surgery import ValuesNeeded
@@ -63,13 +64,10 @@ def audit(
         raise ValuesNeeded("the pruned model's shapes depend on its values")
     # Sizes fed to a traced part by untraced code (e.g. a detector's proposals) may change.
     data_dependent = np.array([(s.blocked or "").startswith(PART_INPUT) for s in state.space.sets] + [False])
-    lost: dict[int, int] = {}  # id(label array) -> its removed positions; nodes share their inputs' arrays
 
+    @per_array
     def removed_from(ids: np.ndarray) -> int:
-        count = lost.get(id(ids))
-        if count is None:
-            count = lost[id(ids)] = int(removed[roots[ids[ids >= 0]]].sum())
-        return count
+        return int(removed[roots[ids[ids >= 0]]].sum())
 
     def free(ids: Any) -> bool:
         valid = ids[ids >= 0] if ids is not None else ()

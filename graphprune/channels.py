@@ -14,13 +14,28 @@ The id ``-1`` labels a size-1 dimension, which couples nothing (broadcasting).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 NO_ID = -1
+
+
+def per_array(compute: Callable[[np.ndarray], Any]) -> Callable[[np.ndarray], Any]:
+    """``compute`` memoised by the identity of its array argument: nodes share their inputs'
+    label arrays and bound members share their ids, so one result serves all of them. The
+    cache keeps each array alive, so an ``id`` is never reused while it is a key."""
+    results: dict[int, tuple] = {}
+
+    def cached(array: np.ndarray) -> Any:
+        found = results.get(id(array))
+        if found is None:
+            found = results[id(array)] = (array, compute(array))
+        return found[1]
+
+    return cached
 
 
 def _grown(array: np.ndarray, used: int, capacity: int) -> np.ndarray:

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .channels import per_array
 from .propagate import ParamDim, Propagation
 
 
@@ -108,12 +109,9 @@ def build_groups(state: Propagation, roots: np.ndarray) -> list[Group]:
         units = np.unique(roots[ids])
         blocked = list(dict.fromkeys(space.sets[s].blocked for s in set_indices if space.sets[s].blocked))
         notes = list(dict.fromkeys(state.notes[s] for s in set_indices if s in state.notes))
-        index_maps: dict[int, np.ndarray] = {}  # id(ids) -> index map; bound members share their ids
-        for pd in param_dims:
-            if id(pd.ids) not in index_maps:
-                index_maps[id(pd.ids)] = np.searchsorted(units, roots[pd.ids])
+        index_map = per_array(lambda ids: np.searchsorted(units, roots[ids]))
         members = [
-            Member(pd.owners[0][0], pd.owners[0][1], pd.dim, index_maps[id(pd.ids)], pd.role, pd.tensor, pd.owners[1:])
+            Member(pd.owners[0][0], pd.owners[0][1], pd.dim, index_map(pd.ids), pd.role, pd.tensor, pd.owners[1:])
             for pd in param_dims
         ]
         distinct = {id(m.tensor): m.tensor.numel() for m in members if isinstance(m.tensor, torch.nn.Parameter)}

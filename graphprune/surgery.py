@@ -9,6 +9,7 @@ from torch import nn
 
 from tracer.shape_rules import dense_layout
 
+from .channels import per_array
 from .groups import Group
 from .propagate import Propagation
 
@@ -209,15 +210,20 @@ class ChannelSurgery:
 
     def _apply(self, transaction: _Transaction, removed: np.ndarray) -> None:
         roots = self.roots
-        kept_positions: dict[int, Optional[np.ndarray]] = {}  # id(ids) -> positions kept (None: unchanged)
 
-        def keep_of(ids: np.ndarray) -> Optional[np.ndarray]:  # members often share their ids
-            if id(ids) not in kept_positions:
-                alive_before = ~self._removed[roots[ids]]
-                alive_after = ~removed[roots[ids]]
-                changed = not np.array_equal(alive_before, alive_after)
-                kept_positions[id(ids)] = np.flatnonzero(alive_after[alive_before]) if changed else None
-            return kept_positions[id(ids)]
+        @per_array
+        def keep_of(ids: np.ndarray) -> Optional[np.ndarray]:
+            """Positions kept of those alive before; None when nothing changes."""
+            alive_before = ~self._removed[roots[ids]]
+            alive_after = ~removed[roots[ids]]
+            return None if np.array_equal(alive_before, alive_after) else np.flatnonzero(alive_after[alive_before])
+
+        @per_array
+        def counts(ids: np.ndarray) -> tuple[int, int]:
+            """Positions alive before and after (``NO_ID`` positions always stay)."""
+            valid = ids[ids >= 0]
+            fixed = ids.size - valid.size
+            return int((~self._removed[roots[valid]]).sum()) + fixed, int((~removed[roots[valid]]).sum()) + fixed
 
         shrinking: dict[int, tuple] = {}  # id(tensor) -> (tensor, {dim: kept positions})
         for member in self.state.param_dims.values():
@@ -226,13 +232,8 @@ class ChannelSurgery:
                 shrinking.setdefault(id(member.tensor), (member.tensor, {}))[1][member.dim] = keep
         for tensor, keep in shrinking.values():
             transaction.shrink(tensor, keep)
-        counts: dict[int, tuple[int, int]] = {}  # id(ids) -> (count before, count after)
         for attr in self.state.attr_members:
-            if id(attr.ids) not in counts:
-                valid = attr.ids[attr.ids >= 0]
-                fixed = attr.ids.size - valid.size
-                counts[id(attr.ids)] = (int((~self._removed[roots[valid]]).sum()) + fixed, int((~removed[roots[valid]]).sum()) + fixed)
-            before, kept = counts[id(attr.ids)]
+            before, kept = counts(attr.ids)
             if kept != before:
                 module = self.state.module(attr.module)
                 transaction.set_attr(module, attr.attr, attr.update(getattr(module, attr.attr), kept))

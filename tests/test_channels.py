@@ -1,10 +1,13 @@
 """graphprune.channels: ids, links and their equivalence classes."""
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 
-from graphprune.channels import NO_ID, ChannelSpace
+from graphprune.channels import NO_ID, ChannelSpace, per_array
 
 
 def _naive_roots(n: int, links: list) -> np.ndarray:
@@ -57,3 +60,16 @@ def test_union_rejects_arrays_of_different_sizes():
     space = ChannelSpace()
     with pytest.raises(ValueError, match="sizes 2 and 3"):
         space.union(space.new_set(2, "a"), space.new_set(3, "b"))
+
+
+
+def test_per_array_computes_once_per_array_object_and_keeps_it_alive():
+    calls = []
+    total = per_array(lambda ids: calls.append(ids) or int(ids.sum()))
+    shared, equal = np.arange(4), np.arange(4)
+    assert [total(shared), total(shared), total(equal)] == [6, 6, 6]
+    assert len(calls) == 2  # equal values but another object: computed again
+    alive = weakref.ref(shared)
+    del shared, equal, calls[:]
+    gc.collect()
+    assert alive() is not None  # so its id cannot be reused for another array while cached
