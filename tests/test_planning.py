@@ -224,16 +224,41 @@ def test_budget_reached_within_two_percent(arch, metric):
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
-def test_latency_budget_reached_within_two_percent(arch):
+def test_latency_budget_search_lands_within_two_percent_despite_noise(arch, monkeypatch):
+    # A stand-in for the clock: the "latency" is the FLOPs ratio, and every measurement is off
+    # by up to 1.5% at random, like repeated timings of one model on a shared CPU.
+    model = getattr(torchvision.models, arch)()
+    flops = count_flops(model, X64)
+    noise = np.random.RandomState(0)
+    calls = []
+
+    def noisy_latency(reference, pruned, inputs, repeats):
+        calls.append(repeats)
+        return count_flops(pruned, inputs) / flops * (1 + noise.uniform(-0.015, 0.015))
+
+    monkeypatch.setattr(graphprune.budget, "latency_ratio", noisy_latency)
+    result = graphprune.prune(model, example_inputs=X64, target_latency=0.7, return_result=True)
+    assert result.within_tolerance and within(result.achieved, 0.7), result.achieved
+    assert within(count_flops(model, X64) / flops, 0.7, 0.035)  # the mean of >= 3 measurements, each within 1.5%
+    assert len(calls) >= 4 and set(calls) == {20}
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_latency_budget_times_the_pruned_model(arch):
+    # Real timings: one pruned model timed again reads 1-7% apart on a shared CPU, more than
+    # the tolerance, so only a looser bound is a reliable assertion here (the search itself
+    # is tested above on a deterministic noisy clock).
     model = getattr(torchvision.models, arch)()
     reference = getattr(torchvision.models, arch)()
     reference.load_state_dict(model.state_dict())
     # at 64x64 on one CPU thread, mobilenet_v2 is dominated by per-layer overhead: 0.6 is its floor
-    result = graphprune.prune(model, example_inputs=X64, target_latency=0.7, return_result=True)
-    assert within(result.achieved, 0.7), result.achieved
-    assert result.within_tolerance and result.steps[0].ratio > 0
-    assert result.after["flops"] < result.before["flops"]
-    # an independent (noisy: the machine is shared) check that the model did get faster
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = graphprune.prune(model, example_inputs=X64, target_latency=0.7, return_result=True)
+    assert within(result.achieved, 0.7, 0.05), result.achieved
+    assert result.within_tolerance == within(result.achieved, 0.7)
+    assert any(issubclass(w.category, BudgetWarning) for w in caught) == (not result.within_tolerance)
+    assert result.steps[0].ratio > 0 and result.after["flops"] < result.before["flops"]
     fresh = graphprune.budget.latency_ratio(reference.eval(), model.eval(), X64, repeats=10)
     assert fresh < 0.9
 
