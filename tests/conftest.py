@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from oracle import dead_channel_oracle
+
 # The suite runs many tiny forwards (float64 oracles, 64x64 inputs). On a small shared CPU,
 # intra-op threads mostly wait on each other: one thread is several times faster here.
 torch.set_num_threads(1)
@@ -56,6 +58,19 @@ def size_attrs(model: torch.nn.Module) -> dict:
     }
 
 
+def randomize_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Give every BatchNorm2d non-trivial statistics and affine parameters, so that a
+    misplaced channel shows in the outputs; returns ``model``."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
 def training_flags(model: torch.nn.Module) -> dict:
     return {name: module.training for name, module in model.named_modules()}
 
@@ -65,3 +80,54 @@ def group_of(report, name: str, dim: int):
     found = [g for g in report.groups for m in g.members if m.name == name and m.dim == dim]
     assert len(found) == 1, f"{name} dim {dim} is in {len(found)} groups"
     return found[0]
+
+
+# ----- helpers of the per-rule tests (test_rules*.py, test_blocking.py)
+def member(group, name: str, dim: int):
+    """The one member of ``group`` that is ``name`` (``module.param``) along ``dim``."""
+    found = [m for m in group.members if m.name == name and m.dim == dim]
+    assert len(found) == 1, f"{name} dim {dim} is not a member of group {group.id}"
+    return found[0]
+
+
+def names(group) -> set:
+    """``(name, dim, role)`` of every member."""
+    return {(m.name, m.dim, m.role) for m in group.members}
+
+
+def maps(group) -> dict:
+    """Every member's index map as a list, keyed by ``(name, dim)``."""
+    return {(m.name, m.dim): m.index_map.tolist() for m in group.members}
+
+
+def run_oracle(model: torch.nn.Module, inputs, groups: int) -> dict:
+    """The dead-channel oracle on ``model``, which must test ``groups`` groups and shrink it."""
+    # Consumers only: also catches a consumer missing from its group (none of these models
+    # has a weightless consumer such as an attention product).
+    summary = dead_channel_oracle(model, inputs, seed=0, zero_producers=False)
+    assert summary["groups_tested"] == groups
+    assert summary["params_after"] < summary["params_before"]
+    return summary
+
+
+def assert_output_blocked(report, layer: str) -> None:
+    """``layer``'s output channels are blocked because they are the model's output."""
+    head = group_of(report, f"{layer}.weight", 0)
+    assert head.blocked == ["reaches output"]
+    assert not head.prunable
+    assert head.status == "blocked: reaches output"
+
+
+# ----- helpers of the command-line tests
+def run_cli(capsys, argv: list) -> tuple:
+    """``(exit code, stdout, stderr)`` of ``graphprune`` with ``argv``, run in this process."""
+    from graphprune.cli import main
+
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def stderr_lines(err: str) -> list:
+    """The non-blank lines of ``err``."""
+    return [line for line in err.splitlines() if line.strip()]

@@ -1,4 +1,5 @@
-"""The public API: analyze / prune arguments, atomicity, training after pruning, Group.prune."""
+"""The public API: analyze / prune arguments, inplace, ignored layers, example inputs, modes,
+training after pruning."""
 from __future__ import annotations
 
 import math
@@ -13,68 +14,10 @@ import torchvision
 from torch import nn
 
 import graphprune
-import graphprune.analysis
-import graphprune.surgery
+from small_net import assert_consistent, small_net, widths
 from conftest import assert_same_state, count_params, group_of, size_attrs, state_snapshot, training_flags
 
-
-class SmallNet(nn.Module):
-    """stem -> residual block (inner width 12) -> conv3 -> pool -> fc.
-
-    Prunable groups: the residual stream (16), the block's inner width (12), conv3's width (24).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.conva = nn.Conv2d(16, 12, 3, padding=1, bias=False)
-        self.bna = nn.BatchNorm2d(12)
-        self.convb = nn.Conv2d(12, 16, 3, padding=1, bias=False)
-        self.bnb = nn.BatchNorm2d(16)
-        self.conv3 = nn.Conv2d(16, 24, 3, stride=2, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(24)
-        self.fc = nn.Linear(24, 10)
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        y = self.bnb(self.convb(F.relu(self.bna(self.conva(x)))))
-        x = F.relu(x + y)
-        x = F.relu(self.bn3(self.conv3(x)))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-def small_net() -> SmallNet:
-    model = SmallNet()
-    with torch.no_grad():  # non-trivial norm statistics and affine parameters
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    return model.eval()
-
-
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-
-
-def widths(model: SmallNet) -> tuple:
-    return model.conv1.out_channels, model.conva.out_channels, model.conv3.out_channels
-
-
-def assert_consistent(model: SmallNet) -> None:
-    """Every size attribute agrees with the tensors it describes."""
-    s, inner, w = widths(model)
-    assert model.conv1.weight.shape == (s, 3, 3, 3)
-    assert model.bn1.num_features == model.bn1.weight.numel() == model.bn1.running_mean.numel() == s
-    assert model.conva.in_channels == s and model.conva.weight.shape == (inner, s, 3, 3)
-    assert model.bna.num_features == model.bna.running_var.numel() == inner
-    assert model.convb.in_channels == inner and model.convb.out_channels == s
-    assert model.convb.weight.shape == (s, inner, 3, 3)
-    assert model.bnb.num_features == s and model.conv3.in_channels == s
-    assert model.conv3.weight.shape == (w, s, 3, 3)
-    assert model.bn3.num_features == w and model.fc.in_features == w and model.fc.weight.shape == (10, w)
 
 
 # --------------------------------------------------------------------------- ratio
@@ -160,92 +103,6 @@ def test_criterion_names():
 def test_non_module_is_a_type_error(call, bad, kind):
     with pytest.raises(TypeError, match=f"^model must be a torch.nn.Module, got {kind}$"):
         call(bad, X)
-
-
-# --------------------------------------------------------------------------- atomicity
-def _prepare_for_atomicity():
-    model = small_net()
-    model.train()
-    F.cross_entropy(model(X), torch.tensor([1, 2])).backward()  # populate .grad
-    model.eval()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    with torch.no_grad():
-        reference = model(X)
-    return model, grads, reference
-
-
-def _assert_restored(model, snapshot, attrs, params, grads, reference):
-    assert_same_state(model, snapshot)
-    assert size_attrs(model) == attrs
-    assert all(a is b for a, b in zip(model.parameters(), params)), "parameters were replaced"
-    for name, p in model.named_parameters():
-        assert torch.equal(p.grad, grads[name]), f"{name}.grad changed"
-    with torch.no_grad():
-        assert torch.equal(model(X), reference)
-
-
-def _fail_after(monkeypatch, name: str, calls: int):
-    original = getattr(graphprune.surgery._Transaction, name)
-    seen = []
-
-    def failing(self, *args, **kwargs):
-        seen.append(args)
-        if len(seen) > calls:
-            raise RuntimeError(f"injected failure in {name}")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(graphprune.surgery._Transaction, name, failing)
-    return seen
-
-
-@pytest.mark.parametrize("name, calls", [("set_attr", 3), ("shrink", 5)])
-def test_failure_in_the_middle_of_surgery_restores_everything(monkeypatch, name, calls):
-    model, grads, reference = _prepare_for_atomicity()
-    snapshot, attrs, params = state_snapshot(model), size_attrs(model), list(model.parameters())
-    seen = _fail_after(monkeypatch, name, calls)
-    with pytest.raises(graphprune.PruningError, match=f"model was restored.*injected failure in {name}"):
-        graphprune.prune(model, 0.5, X)
-    assert len(seen) == calls + 1  # it really failed half-way
-    _assert_restored(model, snapshot, attrs, params, grads, reference)
-
-
-def test_failing_verify_restores_everything():
-    model, grads, reference = _prepare_for_atomicity()
-    snapshot, attrs, params = state_snapshot(model), size_attrs(model), list(model.parameters())
-    report = graphprune.analyze(model, X)
-    plan = {g: [0, 1] for g in report.prunable_groups}
-    surgery = report.prunable_groups[0]._surgery
-    shapes_seen = []
-
-    def verify(removed, filled):
-        shapes_seen.append(tuple(model.conv1.weight.shape))
-        raise RuntimeError("verification says no")
-
-    with pytest.raises(graphprune.PruningError, match="verification says no") as info:
-        surgery.prune_groups(plan, verify=verify)
-    assert isinstance(info.value.__cause__, RuntimeError)
-    assert shapes_seen == [(14, 3, 3, 3)]  # verify ran on the pruned model
-    _assert_restored(model, snapshot, attrs, params, grads, reference)
-
-    # The failed attempt left the surgery usable: the same plan now goes through.
-    surgery.prune_groups(plan)
-    assert widths(model) == (14, 10, 22)
-    assert_consistent(model)
-    for p in model.parameters():
-        assert p.grad is None or p.grad.shape == p.shape
-
-
-def test_failing_audit_in_prune_restores_everything(monkeypatch):
-    model, grads, reference = _prepare_for_atomicity()
-    snapshot, attrs, params = state_snapshot(model), size_attrs(model), list(model.parameters())
-
-    def broken_audit(*args, **kwargs):
-        raise RuntimeError("audit crashed")
-
-    monkeypatch.setattr(graphprune.analysis, "audit", broken_audit)
-    with pytest.raises(graphprune.PruningError, match="audit crashed"):
-        graphprune.prune(model, 0.5, X)
-    _assert_restored(model, snapshot, attrs, params, grads, reference)
 
 
 # --------------------------------------------------------------------------- training after pruning
@@ -464,89 +321,3 @@ def test_analyze_does_not_modify_the_model():
     text = str(report)
     assert text.startswith(f"graphprune analysis of SmallNet: {len(report.groups)} groups, 3 prunable")
     assert len(text.splitlines()) == 3 + len(report.groups)  # title, header, rule, one row per group
-
-
-# --------------------------------------------------------------------------- Group.prune
-def test_group_prune_with_explicit_indices():
-    model = small_net()
-    before = state_snapshot(model)
-    report = graphprune.analyze(model, X)
-    stream = group_of(report, "conv1.weight", 0)
-    inner = group_of(report, "conva.weight", 0)
-    assert (stream.size, inner.size) == (16, 12)
-
-    stream.prune([0, 5, 15])
-    keep = [i for i in range(16) if i not in (0, 5, 15)]
-    assert torch.equal(model.conv1.weight, before["conv1.weight"][keep])
-    for key in ("bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var", "bnb.running_mean"):
-        assert torch.equal(model.get_parameter(key) if "running" not in key else model.get_buffer(key), before[key][keep])
-    assert torch.equal(model.conva.weight, before["conva.weight"][:, keep])
-    assert torch.equal(model.convb.weight, before["convb.weight"][keep])
-    assert torch.equal(model.conv3.weight, before["conv3.weight"][:, keep])
-    assert widths(model) == (13, 12, 24)
-    assert_consistent(model)
-
-    # A second group of the same analysis: removals accumulate on shared tensors.
-    inner.prune(np.array([11, 2]))
-    keep_inner = [i for i in range(12) if i not in (2, 11)]
-    assert torch.equal(model.conva.weight, before["conva.weight"][keep_inner][:, keep])
-    assert torch.equal(model.convb.weight, before["convb.weight"][keep][:, keep_inner])
-    assert widths(model) == (13, 10, 24)
-    assert_consistent(model)
-    with torch.no_grad():
-        assert model(X).shape == (2, 10)
-
-    with pytest.raises(ValueError, match=r"group \d+ was already pruned; run analyze\(\) again"):
-        stream.prune([1])
-
-
-@pytest.mark.parametrize(
-    "indices, message",
-    [
-        ([12], r"channel indices for group \d+ must lie in \[0, 12\); got 12\.\.12"),
-        ([0, -1], r"must lie in \[0, 12\); got -1\.\.0"),
-        ([3, 4, 3], r"channel indices for group \d+ contain duplicates"),
-        (list(range(12)), r"cannot remove all 12 channels of group \d+ \(conva\)"),
-    ],
-)
-def test_group_prune_rejects_bad_indices(indices, message):
-    model = small_net()
-    snapshot = state_snapshot(model)
-    inner = group_of(graphprune.analyze(model, X), "conva.weight", 0)
-    with pytest.raises(ValueError, match=message):
-        inner.prune(indices)
-    assert_same_state(model, snapshot)
-    inner.prune([0])  # still usable afterwards
-    assert model.conva.out_channels == 11
-
-
-@pytest.mark.parametrize("indices", [[1.7], np.array([0.5, 3.2])], ids=["list", "array"])
-def test_group_prune_rejects_non_integer_indices(indices):
-    model = small_net()
-    snapshot = state_snapshot(model)
-    inner = group_of(graphprune.analyze(model, X), "conva.weight", 0)
-    with pytest.raises((TypeError, ValueError), match="integer"):
-        inner.prune(indices)  # silently truncating 1.7 to channel 1 would remove the wrong channel
-    assert_same_state(model, snapshot)
-
-
-def test_pruning_a_pruned_model_again():
-    model = small_net()
-    graphprune.prune(model, 0.5, X)
-    graphprune.prune(model, 0.5, X)
-    assert widths(model) == (4, 3, 6)
-    assert_consistent(model)
-    with torch.no_grad():
-        assert model(X).shape == (2, 10)
-
-
-def test_group_prune_refuses_blocked_groups_and_ignores_empty_plans():
-    model = small_net()
-    snapshot = state_snapshot(model)
-    report = graphprune.analyze(model, X)
-    head = group_of(report, "fc.weight", 0)
-    assert head.blocked == ["reaches output"]
-    with pytest.raises(ValueError, match=r"is blocked: reaches output"):
-        head.prune([0])
-    group_of(report, "conva.weight", 0).prune([])
-    assert_same_state(model, snapshot)

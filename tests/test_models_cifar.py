@@ -8,6 +8,7 @@ from torch import nn
 
 import graphprune
 from graphprune.models import get_model, list_models
+from conftest import randomize_batch_norms
 from oracle import dead_channel_oracle
 
 NAMES = [
@@ -66,14 +67,7 @@ def test_traceable_and_prunable(name):
 @pytest.mark.parametrize("name", ["resnet20", "vgg11_bn", "mobilenet_v2"])
 def test_dead_channel_oracle(name):
     torch.manual_seed(0)
-    model = get_model(name)
-    with torch.no_grad():  # non-trivial norm statistics, so that a misplaced channel shows
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
+    model = randomize_batch_norms(get_model(name))
     summary = dead_channel_oracle(model, torch.randn(2, 3, 32, 32))
     assert summary["groups_tested"] == summary["prunable_groups"] > 0
     assert summary["params_after"] < summary["params_before"]

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 import graphprune
+from conftest import group_of
 from oracle import dead_channel_oracle
 
 
@@ -43,15 +44,21 @@ def test_module_called_twice_couples_its_inputs():
     assert model.stem_a.out_channels == model.stem_b.out_channels == model.shared.in_channels == 4
 
 
-def test_tied_weights_stay_tied():
-    torch.manual_seed(0)
+def test_tied_weights_couple_both_uses_and_stay_tied():
+    tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
     model = TiedEmbedding().eval()
-    tokens = torch.randint(0, 50, (2, 6))
     report = graphprune.analyze(model, tokens)
-    width = next(g for g in report.groups if "embed" in g.layers() and g.size == 16)
-    assert {"embed", "mix", "lm_head"} <= set(width.layers())
-    assert dead_channel_oracle(TiedEmbedding().eval(), tokens)["groups_tested"] >= 1
+    hidden = group_of(report, "embed.weight", 1)
+    # The embedding's width is both mix's input and, through the tied weight, lm_head's
+    # input: so mix's input and output widths are one group.
+    assert hidden.size == 16 and hidden.prunable
+    assert {(m.name, m.dim) for m in hidden.members} == {
+        ("embed.weight", 1), ("mix.weight", 0), ("mix.weight", 1), ("mix.bias", 0)}
+    assert group_of(report, "embed.weight", 0).blocked == ["reaches output"]
+    # The tied dim is a producer and a consumer at once: zero it as a producer too.
+    assert dead_channel_oracle(TiedEmbedding().eval(), tokens, seed=0, zero_producers=True)["groups_tested"] == 1
     graphprune.prune(model, 0.5, tokens)
     assert model.lm_head.weight is model.embed.weight
-    assert model.embed.weight.shape == (50, 8) and model.embed.embedding_dim == 8
+    assert model.embed.weight.shape == (50, 8)
+    assert model.embed.embedding_dim == model.lm_head.in_features == model.mix.in_features == model.mix.out_features == 8
     assert model(tokens).shape == (2, 6, 50)

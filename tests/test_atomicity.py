@@ -1,0 +1,100 @@
+"""A prune that fails leaves the model as it was: shapes, values, attributes, gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import graphprune
+import graphprune.analysis
+import graphprune.surgery
+from small_net import assert_consistent, small_net, widths
+from conftest import assert_same_state, size_attrs, state_snapshot
+
+X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+# --------------------------------------------------------------------------- atomicity
+def _prepare_for_atomicity():
+    model = small_net()
+    model.train()
+    F.cross_entropy(model(X), torch.tensor([1, 2])).backward()  # populate .grad
+    model.eval()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        reference = model(X)
+    return model, grads, reference
+
+
+def _assert_restored(model, snapshot, attrs, params, grads, reference):
+    assert_same_state(model, snapshot)
+    assert size_attrs(model) == attrs
+    assert all(a is b for a, b in zip(model.parameters(), params)), "parameters were replaced"
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[name]), f"{name}.grad changed"
+    with torch.no_grad():
+        assert torch.equal(model(X), reference)
+
+
+def _fail_after(monkeypatch, name: str, calls: int):
+    original = getattr(graphprune.surgery._Transaction, name)
+    seen = []
+
+    def failing(self, *args, **kwargs):
+        seen.append(args)
+        if len(seen) > calls:
+            raise RuntimeError(f"injected failure in {name}")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(graphprune.surgery._Transaction, name, failing)
+    return seen
+
+
+@pytest.mark.parametrize("name, calls", [("set_attr", 3), ("shrink", 5)])
+def test_failure_in_the_middle_of_surgery_restores_everything(monkeypatch, name, calls):
+    model, grads, reference = _prepare_for_atomicity()
+    snapshot, attrs, params = state_snapshot(model), size_attrs(model), list(model.parameters())
+    seen = _fail_after(monkeypatch, name, calls)
+    with pytest.raises(graphprune.PruningError, match=f"model was restored.*injected failure in {name}"):
+        graphprune.prune(model, 0.5, X)
+    assert len(seen) == calls + 1  # it really failed half-way
+    _assert_restored(model, snapshot, attrs, params, grads, reference)
+
+
+def test_failing_verify_restores_everything():
+    model, grads, reference = _prepare_for_atomicity()
+    snapshot, attrs, params = state_snapshot(model), size_attrs(model), list(model.parameters())
+    report = graphprune.analyze(model, X)
+    plan = {g: [0, 1] for g in report.prunable_groups}
+    surgery = report.prunable_groups[0]._surgery
+    shapes_seen = []
+
+    def verify(removed, filled):
+        shapes_seen.append(tuple(model.conv1.weight.shape))
+        raise RuntimeError("verification says no")
+
+    with pytest.raises(graphprune.PruningError, match="verification says no") as info:
+        surgery.prune_groups(plan, verify=verify)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert shapes_seen == [(14, 3, 3, 3)]  # verify ran on the pruned model
+    _assert_restored(model, snapshot, attrs, params, grads, reference)
+
+    # The failed attempt left the surgery usable: the same plan now goes through.
+    surgery.prune_groups(plan)
+    assert widths(model) == (14, 10, 22)
+    assert_consistent(model)
+    for p in model.parameters():
+        assert p.grad is None or p.grad.shape == p.shape
+
+
+def test_failing_audit_in_prune_restores_everything(monkeypatch):
+    model, grads, reference = _prepare_for_atomicity()
+    snapshot, attrs, params = state_snapshot(model), size_attrs(model), list(model.parameters())
+
+    def broken_audit(*args, **kwargs):
+        raise RuntimeError("audit crashed")
+
+    monkeypatch.setattr(graphprune.analysis, "audit", broken_audit)
+    with pytest.raises(graphprune.PruningError, match="audit crashed"):
+        graphprune.prune(model, 0.5, X)
+    _assert_restored(model, snapshot, attrs, params, grads, reference)
