@@ -16,7 +16,8 @@ from .propagate import Propagation
 
 class PruningError(RuntimeError):
     """Surgery failed; the model was restored to its state before the call (except after a
-    failure inside the final copy of the kept weights, which the message says)."""
+    failure inside the final copy of the kept weights, once an original was dropped, which
+    the message says)."""
 
 
 _CHUNK_BYTES = 1 << 22  # intermediate of a selection along several dims, per chunk
@@ -58,6 +59,17 @@ def _select_into(out: torch.Tensor, data: torch.Tensor, index: dict) -> None:
         out.narrow(outer, start, chunk.shape[outer]).copy_(chunk)
 
 
+def _new_storage(data: torch.Tensor, grad: Optional[torch.Tensor], index: dict) -> tuple:
+    """Uninitialised storage for the kept part of a tensor and of its gradient (None if none)."""
+    return _empty_selection(data, index), None if grad is None else _empty_selection(grad, index)
+
+
+def _reuses_freed_memory(device: torch.device) -> bool:
+    """Whether memory freed on ``device`` is cheaper to allocate again than fresh memory
+    (the CPU's: fresh pages fault on first write; see :meth:`_Transaction.commit`)."""
+    return device.type == "cpu"
+
+
 def _placeholder(data: torch.Tensor, index: dict) -> torch.Tensor:
     """A tensor of the selection's shape that owns no memory (zeros, every position aliased)."""
     return torch.zeros((), dtype=data.dtype, device=data.device).expand(_selection_shape(data, index))
@@ -88,21 +100,23 @@ class _Transaction:
         setattr(module, name, value)
 
     def commit(self, release: bool) -> None:
-        """Copy the kept values of every shrunk tensor into fresh storage.
+        """Copy the kept values of every shrunk tensor into new storage.
 
-        All of it is allocated first, so running out of memory still leaves everything to
-        roll back; the copy itself allocates nothing but chunks of at most ``_CHUNK_BYTES``.
-        With ``release``, each original is dropped as soon as it is copied, and only the
-        tensors not yet copied can be rolled back. Fresh CPU memory takes no room until it is
-        written, so the process then grows by about one tensor at a time instead of by the
-        whole pruned model (and touching memory beyond the process's peak is slow).
+        Without ``release`` every original stays until the transaction ends. With it, each
+        original is dropped as soon as it is copied, and only the tensors not yet copied can
+        be rolled back. Then, on the CPU, each new tensor is allocated just before its copy,
+        after the originals before it were dropped: the allocator hands back memory that the
+        process has already touched (writing fresh pages costs more than the copy), and the
+        process never holds more than the model and one new tensor. Elsewhere (GPUs, whose
+        caching allocators reuse freed blocks anyway), and without ``release``, all of it is
+        allocated first, so that running out of memory still leaves everything to roll back.
+        The copy itself allocates nothing but chunks of at most ``_CHUNK_BYTES``.
         """
-        targets = [
-            (_empty_selection(data, index), None if grad is None else _empty_selection(grad, index))
-            for _, data, grad, index in self._tensors
-        ]
-        for i, (new_data, new_grad) in enumerate(targets):
+        first = not release or not all(_reuses_freed_memory(data.device) for _, data, _, _ in self._tensors)
+        targets = [_new_storage(data, grad, index) for _, data, grad, index in self._tensors] if first else None
+        for i in range(len(self._tensors)):
             tensor, data, grad, index = self._tensors[i]
+            new_data, new_grad = targets[i] if first else _new_storage(data, grad, index)
             if release:
                 self._tensors[i] = None
                 self.released = True
@@ -111,6 +125,7 @@ class _Transaction:
             if grad is not None:
                 _select_into(new_grad, grad, index)
                 tensor.grad = new_grad
+            del data, grad  # with release, the last references: freed before the next allocation
 
     def rollback(self) -> None:
         for tensor, data, grad, _ in filter(None, self._tensors):
@@ -171,7 +186,8 @@ class ChannelSurgery:
     def prune_groups(
         self, plan: Mapping[Group, Sequence[int]], verify: Optional[Callable[[np.ndarray, bool], None]] = None
     ) -> None:
-        """Remove ``plan[group]`` channels from each group; roll everything back on any error.
+        """Remove ``plan[group]`` channels from each group; roll everything back on any error
+        (in the final copy of the kept values, only until the first original was dropped).
 
         ``verify(removed, filled)`` runs inside the transaction, with the removed flag of every
         root id, once every tensor and size attribute has its new value: first with
@@ -201,7 +217,7 @@ class ChannelSurgery:
                 transaction.commit(release=True)
         except Exception as exc:
             transaction.rollback()
-            if transaction.released:  # only a failure inside the copy itself (no allocation but small chunks)
+            if transaction.released:  # a failure inside the final copy, after an original was dropped
                 raise PruningError(f"pruning failed while copying the kept weights, and the model could not be "
                                    f"restored; load it again: {type(exc).__name__}: {exc}") from exc
             raise PruningError(f"pruning failed and the model was restored: {type(exc).__name__}: {exc}") from exc

@@ -101,27 +101,67 @@ def test_a_verify_that_needs_the_values_runs_again_after_the_copy():
     assert torch.equal(model[0].weight, expected[0])
 
 
-def test_running_out_of_memory_for_the_copy_restores_everything(monkeypatch):
-    model = _net()
-    plan, surgery_ = _planned(model)
-    snapshot, attrs, params = state_snapshot(model), size_attrs(model), list(model.parameters())
+def _failing_allocation(monkeypatch, at: int) -> list:
+    """Make the ``at``-th allocation of new storage raise; returns the shapes asked for."""
     allocate, calls = surgery._empty_selection, []
 
     def failing(data, index):
         calls.append(data.shape)
-        if len(calls) == 4:
+        if len(calls) == at:
             raise RuntimeError("out of memory (injected)")
         return allocate(data, index)
 
     monkeypatch.setattr(surgery, "_empty_selection", failing)
-    with pytest.raises(graphprune.PruningError, match="restored.*out of memory"):
+    return calls
+
+
+@pytest.mark.parametrize("device_reuses_memory, failing_allocation", [(True, 1), (False, 1), (False, 4)],
+                         ids=["cpu-first", "gpu-like-first", "gpu-like-fourth"])
+def test_running_out_of_memory_before_any_original_is_dropped_restores_everything(
+        monkeypatch, device_reuses_memory, failing_allocation):
+    # On the CPU the first allocation comes before any original is dropped; on a device whose
+    # allocator does not favour freed memory (a GPU), every allocation does.
+    model = _net()
+    plan, surgery_ = _planned(model)
+    snapshot, attrs, params = state_snapshot(model), size_attrs(model), list(model.parameters())
+    monkeypatch.setattr(surgery, "_reuses_freed_memory", lambda device: device_reuses_memory)
+    calls = _failing_allocation(monkeypatch, failing_allocation)
+    with pytest.raises(graphprune.PruningError, match="model was restored.*out of memory"):
         surgery_.prune_groups(plan)
-    assert len(calls) == 4
+    assert len(calls) == failing_allocation
     assert_same_state(model, snapshot)
     assert size_attrs(model) == attrs and all(a is b for a, b in zip(model.parameters(), params))
     monkeypatch.undo()
     surgery_.prune_groups(plan)  # nothing was left half-done
     assert model[3].weight.shape == (4, 6, 1, 1)
+
+
+def test_running_out_of_memory_after_an_original_was_dropped_says_so(monkeypatch):
+    model = _net()
+    plan, surgery_ = _planned(model)
+    calls = _failing_allocation(monkeypatch, 4)
+    with pytest.raises(graphprune.PruningError, match="could not be restored; load it again.*out of memory"):
+        surgery_.prune_groups(plan)
+    assert len(calls) == 4
+
+
+def test_on_the_cpu_each_new_tensor_is_allocated_after_the_previous_original_was_freed(monkeypatch):
+    model = _net()
+    plan, surgery_ = _planned(model)
+    tensors = dict(model.state_dict(keep_vars=True))
+    storages = {name: weakref.ref(t.untyped_storage()) for name, t in tensors.items()}
+    shapes = {name: t.shape for name, t in tensors.items()}
+    alive_at_each_allocation = []
+    allocate = surgery._empty_selection
+
+    def spying(data, index):
+        alive_at_each_allocation.append({name for name, ref in storages.items() if ref() is not None})
+        return allocate(data, index)
+
+    monkeypatch.setattr(surgery, "_empty_selection", spying)
+    surgery_.prune_groups(plan)
+    pruned = {name for name, t in tensors.items() if t.shape != shapes[name]}
+    assert [len(alive & pruned) for alive in alive_at_each_allocation] == list(range(9, 0, -1))
 
 
 def test_each_original_is_freed_as_soon_as_it_is_copied(monkeypatch):
