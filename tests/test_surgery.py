@@ -145,43 +145,25 @@ def test_running_out_of_memory_after_an_original_was_dropped_says_so(monkeypatch
     assert len(calls) == 4
 
 
-def test_on_the_cpu_each_new_tensor_is_allocated_after_the_previous_original_was_freed(monkeypatch):
+@pytest.mark.parametrize("step", ["_empty_selection", "_select_into"], ids=["allocation", "copy"])
+def test_on_the_cpu_each_original_is_freed_before_the_next_allocation_and_copy(monkeypatch, step):
     model = _net()
     plan, surgery_ = _planned(model)
     tensors = dict(model.state_dict(keep_vars=True))
     storages = {name: weakref.ref(t.untyped_storage()) for name, t in tensors.items()}
     shapes = {name: t.shape for name, t in tensors.items()}
-    alive_at_each_allocation = []
-    allocate = surgery._empty_selection
+    alive_at_each_call = []
+    original = getattr(surgery, step)
 
-    def spying(data, index):
-        alive_at_each_allocation.append({name for name, ref in storages.items() if ref() is not None})
-        return allocate(data, index)
+    def spying(*args):
+        alive_at_each_call.append({name for name, ref in storages.items() if ref() is not None})
+        return original(*args)
 
-    monkeypatch.setattr(surgery, "_empty_selection", spying)
-    surgery_.prune_groups(plan)
-    pruned = {name for name, t in tensors.items() if t.shape != shapes[name]}
-    assert [len(alive & pruned) for alive in alive_at_each_allocation] == list(range(9, 0, -1))
-
-
-def test_each_original_is_freed_as_soon_as_it_is_copied(monkeypatch):
-    model = _net()
-    plan, surgery_ = _planned(model)
-    tensors = dict(model.state_dict(keep_vars=True))
-    storages = {name: weakref.ref(t.untyped_storage()) for name, t in tensors.items()}
-    shapes = {name: t.shape for name, t in tensors.items()}
-    alive_at_each_copy = []
-    copy_into = surgery._select_into
-
-    def spying(out, data, index):
-        alive_at_each_copy.append({name for name, ref in storages.items() if ref() is not None})
-        copy_into(out, data, index)
-
-    monkeypatch.setattr(surgery, "_select_into", spying)
+    monkeypatch.setattr(surgery, step, spying)
     surgery_.prune_groups(plan)
     pruned = {name for name, t in tensors.items() if t.shape != shapes[name]}
     assert len(pruned) == 9  # conv 0 weight and bias, 4 BatchNorm tensors, conv 3 weight and bias, fc weight
-    assert [len(alive & pruned) for alive in alive_at_each_copy] == list(range(9, 0, -1))
+    assert [len(alive & pruned) for alive in alive_at_each_call] == list(range(9, 0, -1))
 
 
 def test_a_failure_inside_the_copy_says_the_model_could_not_be_restored(monkeypatch):
