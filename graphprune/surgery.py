@@ -112,11 +112,11 @@ class _Transaction:
         allocated first, so that running out of memory still leaves everything to roll back.
         The copy itself allocates nothing but chunks of at most ``_CHUNK_BYTES``.
         """
-        first = not release or not all(_reuses_freed_memory(data.device) for _, data, _, _ in self._tensors)
-        targets = [_new_storage(data, grad, index) for _, data, grad, index in self._tensors] if first else None
+        allocate_first = not release or not all(_reuses_freed_memory(data.device) for _, data, _, _ in self._tensors)
+        targets = [_new_storage(data, grad, index) for _, data, grad, index in self._tensors] if allocate_first else None
         for i in range(len(self._tensors)):
             tensor, data, grad, index = self._tensors[i]
-            new_data, new_grad = targets[i] if first else _new_storage(data, grad, index)
+            new_data, new_grad = targets[i] if allocate_first else _new_storage(data, grad, index)
             if release:
                 self._tensors[i] = None
                 self.released = True
