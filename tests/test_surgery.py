@@ -85,6 +85,20 @@ def test_verify_judges_the_new_shapes_before_any_value_is_copied():
     assert model[3].weight.is_contiguous()
 
 
+@pytest.mark.parametrize("device_reuses_memory", [True, False], ids=["cpu", "gpu-like"])
+def test_gradients_keep_the_values_of_the_kept_channels(monkeypatch, device_reuses_memory):
+    model = _net()
+    nn.functional.mse_loss(model(torch.randn(2, 3, 6, 6)), torch.zeros(2, 5)).backward()
+    keep8, keep6 = [1, 3, 4, 5, 6, 7], [1, 3, 4, 5]
+    expected = {0: model[0].weight.grad[keep8].clone(), 1: model[1].weight.grad[keep8].clone(),
+                3: model[3].weight.grad[keep6][:, keep8].clone()}
+    plan, surgery_ = _planned(model)
+    monkeypatch.setattr(surgery, "_reuses_freed_memory", lambda device: device_reuses_memory)
+    surgery_.prune_groups(plan)
+    for index, grad in expected.items():
+        assert torch.equal(model[index].weight.grad, grad), index
+
+
 def test_a_verify_that_needs_the_values_runs_again_after_the_copy():
     model = _net()
     plan, surgery_ = _planned(model)
