@@ -75,9 +75,6 @@ def position_norms(member, p: int) -> np.ndarray:
     """
     tensor = member.tensor.detach()
     if tensor.dim() == 1:  # a norm's scale or shift, a bias: one value per position
-        if tensor.dtype == torch.float32 and tensor.device.type == "cpu" and p in (1, 2):
-            values = tensor.numpy()  # the same float32 |x| or x*x, without a torch call per step
-            return (np.abs(values) if p == 1 else np.square(values)).astype(np.float64)
         return _powers(tensor, p, torch.empty(tensor.numel(), device=tensor.device)).double().cpu().numpy()
     size = tensor.shape[member.dim]
     after = math.prod(tensor.shape[member.dim + 1:])

@@ -75,6 +75,14 @@ class Group:
         """Names of the modules with a member in this group, in graph order, without repeats."""
         return list(dict.fromkeys(name for m in self.members for name in [m.module] + [a[0] for a in m.aliases]))
 
+    def members_by_index_map(self) -> list:
+        """The first member with each distinct ``index_map`` array (members bound to the same
+        channel ids share one, so a per-map check need run only once per array)."""
+        first: dict[int, Member] = {}
+        for m in self.members:
+            first.setdefault(id(m.index_map), m)
+        return list(first.values())
+
     def prune(self, indices: Sequence[int]) -> None:
         """Remove the channels ``indices`` (0 <= i < size) from every member, atomically."""
         if self._surgery is None:

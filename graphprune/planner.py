@@ -32,8 +32,7 @@ DEFAULT_MAX_RATIO = 0.9
 
 def _spared(group: Group, scores: np.ndarray) -> np.ndarray:
     """The best channel of every member (the same channel may be spared by several)."""
-    index_maps = {id(m.index_map): m.index_map for m in group.members}.values()  # members may share one
-    return np.array([index[np.argmax(scores[index])] for index in index_maps], dtype=np.int64)
+    return np.array([m.index_map[np.argmax(scores[m.index_map])] for m in group.members_by_index_map()], dtype=np.int64)
 
 
 def removal_order(group: Group, scores: np.ndarray) -> np.ndarray:

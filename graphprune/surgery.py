@@ -125,7 +125,6 @@ class _Transaction:
             if grad is not None:
                 _select_into(new_grad, grad, index)
                 tensor.grad = new_grad
-            del data, grad  # with release, the last references: freed before the next allocation
 
     def rollback(self) -> None:
         for tensor, data, grad, _ in filter(None, self._tensors):
@@ -174,10 +173,7 @@ class ChannelSurgery:
                 raise ValueError(f"cannot remove all {group.size} channels of group {group.id} ({group.root})")
             removing = np.zeros(group.size, dtype=bool)
             removing[index] = True
-            first_with_map: dict[int, object] = {}  # members often share one index map
-            for m in group.members:
-                first_with_map.setdefault(id(m.index_map), m)
-            emptied = [m for m in first_with_map.values() if removing[m.index_map].all()]
+            emptied = [m for m in group.members_by_index_map() if removing[m.index_map].all()]
             if emptied:
                 raise ValueError(f"removing these channels of group {group.id} would empty {emptied[0].name} (dim {emptied[0].dim})")
             checked[group] = index

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import graphprune
 from small_net import assert_consistent, small_net, widths
@@ -95,4 +96,25 @@ def test_group_prune_refuses_blocked_groups_and_ignores_empty_plans():
     with pytest.raises(ValueError, match=r"is blocked: reaches output"):
         head.prune([0])
     group_of(report, "conva.weight", 0).prune([])
+    assert_same_state(model, snapshot)
+
+
+class TwoBranchConcat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 6, 1)
+        self.head = nn.Conv2d(10, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.a(x), self.b(x)], dim=1))
+
+
+def test_group_prune_refuses_to_empty_one_member_and_names_it():
+    model = TwoBranchConcat().eval()
+    snapshot = state_snapshot(model)
+    group = group_of(graphprune.analyze(model, X), "a.weight", 0)
+    a_channels = sorted(set(next(m for m in group.members if m.name == "a.weight").index_map.tolist()))
+    # a.bias shares a.weight's channels and comes after it: the message names the first member
+    with pytest.raises(ValueError, match=r"would empty a\.weight \(dim 0\)"):
+        group.prune(a_channels)
     assert_same_state(model, snapshot)
