@@ -2,11 +2,12 @@
 
 A small CNN (3 conv + BN layers, 32/64/128 channels) is trained with a fixed seed until its
 training loss stops improving; then a copy is pruned (default: 50% of every prunable group,
-one shot) with each criterion and evaluated on held-out images. By default this is done in
-each of 5 stratified cross-validation folds, so that every one of the 1797 images is a test
-image exactly once, and accuracies are pooled over the folds (one image is 0.06 points; with a
-single 20% split, ``--folds 1``, it would be 0.28 points, coarser than the differences that
-matter here):
+one shot) with each criterion and evaluated on held-out images. This is done in each of 5
+stratified cross-validation folds, so that every one of the 1797 images is a test image
+exactly once, and repeated for 5 seeds (split, initialisation, batch order and the seeded
+criteria all change with the seed); accuracies are pooled over seeds and folds. One seed's
+result moves by several images from one seed to the next, more than the gaps between
+criteria, so the table shows the pooled figure and a second table each seed's:
 
 * **pruned**: right after pruning, nothing updated;
 * **+BN recal.**: after re-estimating the BatchNorm statistics on the training set (one
@@ -18,18 +19,20 @@ matter here):
 Taylor and K-Taylor get ``loss_fn`` = cross-entropy with label smoothing 0.1: the model is
 trained to ~0 training loss, where the plain cross-entropy gradient vanishes and the first
 order estimate degenerates (the row ``taylor (plain CE)`` shows it). ``random`` is the mean
-over ``--random-seeds`` seeds (the spread is printed under the table).
+over ``--random-seeds`` seeds (the spread is printed under the tables).
 
-    python benchmarks/criteria.py                      # all criteria, 5 folds, ~10 minutes on 1 CPU thread
-    python benchmarks/criteria.py --folds 1 --criteria l1,taylor --finetune-epochs 3 --no-kd
+    python benchmarks/criteria.py --jobs 2             # all criteria, 5 seeds x 5 folds, ~30 minutes on 2 CPU cores
+    python benchmarks/criteria.py --seeds 1 --folds 1 --criteria l1,taylor --finetune-epochs 3 --no-kd
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -175,7 +178,7 @@ def make_criterion(name: str, train_data, seed: int):
     return criteria.get_criterion(name)
 
 
-def evaluate(name: str, criterion, model: nn.Module, args, train_data, test_data, example) -> dict:
+def evaluate(name: str, criterion, model: nn.Module, args, seed: int, train_data, test_data, example) -> dict:
     pruned = copy.deepcopy(model)
     start = time.time()
     graphprune.prune(pruned, args.ratio, example, criterion=criterion)
@@ -184,10 +187,10 @@ def evaluate(name: str, criterion, model: nn.Module, args, train_data, test_data
     row["recal"] = correct(pruned, test_data)
     row["flops"], row["params"] = count_flops(pruned, example), count_parameters(pruned)
     tuned = copy.deepcopy(pruned)
-    train(tuned, train_data, args.finetune_epochs, args.finetune_lr, args.seed)
+    train(tuned, train_data, args.finetune_epochs, args.finetune_lr, seed)
     row["ce"] = correct(tuned, test_data)
     if args.kd:
-        distill(pruned, model, train_data, args.finetune_epochs, args.kd_lr, args.seed)
+        distill(pruned, model, train_data, args.finetune_epochs, args.kd_lr, seed)
         row["kd"] = correct(pruned, test_data)
     return row
 
@@ -195,31 +198,36 @@ def evaluate(name: str, criterion, model: nn.Module, args, train_data, test_data
 COUNTS = ("pruned", "recal", "ce", "kd")
 
 
-def run_fold(names: list, args, train_data, test_data) -> tuple[list, list]:
-    """Train the unpruned model on one fold and evaluate every criterion on it: the rows hold
-    numbers of correct test images (random: the mean over seeds), and the random runs."""
+def run_fold(names: list, args, seed: int, fold: int) -> tuple[list, list]:
+    """Train the unpruned model on fold ``fold`` of the ``seed`` split and evaluate every
+    criterion on it: the rows hold numbers of correct test images (random: the mean over its
+    seeds), and the random runs."""
+    torch.set_num_threads(args.threads)
+    train_data, test_data = load_folds(args.folds, seed)[fold]
+    tag = f"seed {seed} fold {fold + 1}/{args.folds}"
     example = test_data[0][:1]
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     model = DigitsCNN()
     start = time.time()
-    epochs = train(model, train_data, args.epochs, 3e-3, args.seed, patience=5)
+    epochs = train(model, train_data, args.epochs, 3e-3, seed, patience=5)
     model.eval()
     base = correct(model, test_data)
-    print(f"trained {epochs} epochs in {time.time() - start:.0f}s: {base}/{len(test_data[1])} test images right "
-          f"({len(train_data[1])} train images)", file=sys.stderr)
+    print(f"{tag}: trained {epochs} epochs in {time.time() - start:.0f}s: {base}/{len(test_data[1])} test images "
+          f"right ({len(train_data[1])} train images)", file=sys.stderr)
     rows = [{"criterion": "unpruned", **dict.fromkeys(COUNTS, base),
              "flops": count_flops(model, example), "params": count_parameters(model), "seconds": 0.0}]
     random_runs = []
     for name in names:
         if name == "random":
-            random_runs = [evaluate(name, criteria.Random(seed=s), model, args, train_data, test_data, example)
-                           for s in range(args.seed, args.seed + args.random_seeds)]
+            random_runs = [evaluate(name, criteria.Random(seed=s), model, args, seed, train_data, test_data, example)
+                           for s in range(seed, seed + args.random_seeds)]
             row = {k: float(np.mean([r[k] for r in random_runs])) for k in random_runs[0] if k != "criterion"}
             row["criterion"] = f"random (mean of {len(random_runs)} seeds)"
         else:
-            row = evaluate(name, make_criterion(name, train_data, args.seed), model, args, train_data, test_data, example)
+            row = evaluate(name, make_criterion(name, train_data, seed), model, args, seed, train_data, test_data,
+                           example)
         rows.append(row)
-        print(f"  {row['criterion']}: {row['pruned']:.0f} / {row['recal']:.0f} -> {row['ce']:.0f} "
+        print(f"{tag}:   {row['criterion']}: {row['pruned']:.0f} / {row['recal']:.0f} -> {row['ce']:.0f} "
               f"(KD {row.get('kd', float('nan')):.0f}), {row['seconds']:.1f}s to prune", file=sys.stderr)
     return rows, random_runs
 
@@ -235,6 +243,56 @@ def pooled(per_fold: list, total: int) -> list:
     return rows
 
 
+def run_all(names: list, args) -> list:
+    """``[(seed, fold, rows, random_runs), ...]`` for every seed and fold, on ``--jobs`` processes."""
+    tasks = [(seed, fold) for seed in range(args.seed, args.seed + args.seeds) for fold in range(args.folds)]
+    if args.jobs == 1:
+        return [(seed, fold, *run_fold(names, args, seed, fold)) for seed, fold in tasks]
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(run_fold, names, args, seed, fold) for seed, fold in tasks]
+        return [(seed, fold, *future.result()) for (seed, fold), future in zip(tasks, futures)]
+
+
+def print_table(rows: list, kd: bool, total: int) -> None:
+    """The pooled table, with the change against the unpruned row in points and test images."""
+    base = rows[0]
+    header = "| criterion | pruned % | +BN recal. % | fine-tuned CE % | Δ CE (images) |" + (" fine-tuned KD % | Δ KD (images) |" if kd else "")
+    print(header + " MFLOPs | params | prune s |")
+    print("|---|" + "---:|" * (header.count("|") - 2 + 3))
+
+    def delta(key: str, row: dict) -> str:
+        """Points and test images gained (+) or lost (-) against the unpruned model."""
+        images = round((row[key] - base[key]) * total / 100.0, 1) + 0.0  # + 0.0: no "-0"
+        return f"{row[key] - base[key]:+.2f} ({images:+g})"
+
+    for row in rows:
+        line = f"| {row['criterion']} | {row['pruned']:.2f} | {row['recal']:.2f} | {row['ce']:.2f} | {delta('ce', row)} |"
+        if kd:
+            line += f" {row['kd']:.2f} | {delta('kd', row)} |"
+        print(line + f" {row['flops'] / 1e6:.3f} | {int(row['params']):,} | {row['seconds']:.1f} |")
+
+
+def print_per_seed(results: list, seeds: list, kd: bool, images: int) -> None:
+    """Per criterion, the test images gained or lost after fine-tuning against each seed's own unpruned model."""
+    keys = ["ce", "kd"] if kd else ["ce"]
+    counts = {}  # (seed, criterion) -> pooled counts over that seed's folds
+    for seed, _, rows, _ in results:
+        for row in rows:
+            total = counts.setdefault((seed, row["criterion"]), dict.fromkeys(keys, 0.0))
+            for key in keys:
+                total[key] += row[key]
+    names = [row["criterion"] for row in results[0][2]][1:]
+    columns = [f"{key.upper()} seed {seed}" for key in keys for seed in seeds]
+    print(f"\nPer seed: test images (of {images:,}) gained (+) or lost (-) after fine-tuning, against that seed's "
+          "unpruned model (" + ", ".join(f"seed {s}: {100 * counts[(s, 'unpruned')]['ce'] / images:.2f}%" for s in seeds)
+          + ")\n")
+    print("| criterion | " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * len(columns))
+    for name in names:
+        cells = [f"{counts[(seed, name)][key] - counts[(seed, 'unpruned')][key] + 0.0:+g}" for key in keys for seed in seeds]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--criteria", default=",".join(ALL), help="comma-separated criterion names")
@@ -246,56 +304,51 @@ def main(argv=None) -> int:
     parser.add_argument("--no-kd", dest="kd", action="store_false", help="skip the distillation fine-tune")
     parser.add_argument("--random-seeds", type=int, default=5, help="seeds averaged for the random criterion")
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (1: a single 80/20 split)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="first seed")
+    parser.add_argument("--seeds", type=int, default=5, help="repeat with seeds --seed ... --seed + N - 1 and pool")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--jobs", type=int, default=1, help="processes running (seed, fold) pairs side by side")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
-    if args.folds < 1:
-        parser.error(f"--folds must be at least 1, got {args.folds}")
+    for option in ("folds", "seeds", "jobs", "threads", "random_seeds", "finetune_epochs"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
+    if not 0 <= args.ratio < 1:
+        parser.error(f"--ratio must be in [0, 1), got {args.ratio}")
     names = [n.strip() for n in args.criteria.split(",") if n.strip()]
     unknown = [n for n in names if n not in criteria.CRITERIA]
     if unknown:
         parser.error(f"unknown criteria {unknown}; choose from {sorted(criteria.CRITERIA)}")
     if "taylor" in names:
         names.insert(names.index("taylor") + 1, "taylor (plain CE)")
-    torch.set_num_threads(args.threads)
 
-    folds = load_folds(args.folds, args.seed)
-    total = sum(len(test[1]) for _, test in folds)
-    per_fold, random_per_fold = [], []
-    for index, (train_data, test_data) in enumerate(folds):
-        print(f"fold {index + 1}/{len(folds)}", file=sys.stderr)
-        rows, random_runs = run_fold(names, args, train_data, test_data)
-        per_fold.append(rows)
-        random_per_fold.append(random_runs)
-    rows = pooled(per_fold, total)
-    random_runs = pooled(random_per_fold, total) if all(random_per_fold) else []
-    base_acc = rows[0]["ce"]
+    start = time.time()
+    results = run_all(names, args)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    images = sum(len(test[1]) for _, test in load_folds(args.folds, args.seed))
+    total = images * len(seeds)
+    rows = pooled([r[2] for r in results], total)
+    random_runs = pooled([r[3] for r in results], total) if all(r[3] for r in results) else []
 
-    kd = args.kd
-    protocol = f"{len(folds)}-fold cross-validation, every image tested once" if len(folds) > 1 else "one 80/20 split"
+    protocol = f"{args.folds}-fold cross-validation, every image tested once per seed" if args.folds > 1 else "one 80/20 split per seed"
+    seed_text = f"seed {args.seed}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}, pooled"
     print(f"Digits CNN, {100 * args.ratio:g}% of every prunable group removed in one shot; fine-tune "
-          f"{args.finetune_epochs} epochs (seed {args.seed}; {protocol}: {total} test images, 1 image = "
-          f"{100 / total:.2f} points; prune s summed over the folds)\n")
-    header = "| criterion | pruned % | +BN recal. % | fine-tuned CE % | Δ CE (images) |" + (" fine-tuned KD % | Δ KD (images) |" if kd else "")
-    print(header + " MFLOPs | params | prune s |")
-    print("|---|" + "---:|" * (header.count("|") - 2 + 3))
-    def delta(key: str, row: dict) -> str:
-        """Points and test images gained (+) or lost (-) against the unpruned model."""
-        images = round((row[key] - base_acc) * total / 100.0, 1) + 0.0  # + 0.0: no "-0"
-        return f"{row[key] - base_acc:+.2f} ({images:+g})"
-
-    for row in rows:
-        line = f"| {row['criterion']} | {row['pruned']:.2f} | {row['recal']:.2f} | {row['ce']:.2f} | {delta('ce', row)} |"
-        if kd:
-            line += f" {row['kd']:.2f} | {delta('kd', row)} |"
-        print(line + f" {row['flops'] / 1e6:.3f} | {int(row['params']):,} | {row['seconds']:.1f} |")
+          f"{args.finetune_epochs} epochs ({seed_text}; {protocol}: {total:,} test images, 1 image = "
+          f"{100 / total:.3f} points; prune s summed over seeds and folds; {time.time() - start:.0f} s on "
+          f"{args.jobs} process(es) of {args.threads} thread(s))\n")
+    print_table(rows, args.kd, total)
+    if len(seeds) > 1:
+        print_per_seed(results, seeds, args.kd, images)
     if random_runs:
-        spread = ", ".join(f"{r['pruned']:.1f}/{r['recal']:.1f}/{r['ce']:.1f}" + (f"/{r['kd']:.1f}" if kd else "")
+        spread = ", ".join(f"{r['pruned']:.1f}/{r['recal']:.1f}/{r['ce']:.1f}" + (f"/{r['kd']:.1f}" if args.kd else "")
                            for r in random_runs)
-        print("\nrandom, per seed (pruned/recal./CE" + ("/KD" if kd else "") + f"): {spread}")
+        print("\nrandom, per criterion seed (run i uses seed + i; pruned/recal./CE" + ("/KD" if args.kd else "")
+              + f"): {spread}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "random_runs": random_runs, "per_fold": per_fold}, indent=2))
+        Path(args.json).write_text(json.dumps({
+            "rows": rows, "random_runs": random_runs,
+            "per_fold": [{"seed": seed, "fold": fold, "rows": fold_rows} for seed, fold, fold_rows, _ in results]},
+            indent=2))
     return 0
 
 
