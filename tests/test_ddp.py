@@ -59,8 +59,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def _spawn(out_dir: str, limit: float = 120.0) -> None:
     # fork skips re-importing torch in the children (most of the run time on a small machine); the
-    # parent runs with one intra-op thread (conftest), so no OpenMP pool is forked
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # parent runs with one intra-op thread (conftest), so no OpenMP pool is forked. Once CUDA is
+    # initialised (an earlier test in this process used it) its state and autograd's device
+    # threads do not survive a fork: spawn then.
+    forkable = "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized()
+    method = "fork" if forkable else "spawn"
     context = mp.start_processes(_worker, args=(WORLD, _free_port(), out_dir), nprocs=WORLD, join=False,
                                  start_method=method)
     deadline = time.monotonic() + limit
