@@ -21,7 +21,7 @@ trained to ~0 training loss, where the plain cross-entropy gradient vanishes and
 order estimate degenerates (the row ``taylor (plain CE)`` shows it). ``random`` is the mean
 over ``--random-seeds`` seeds (the spread is printed under the tables).
 
-    python benchmarks/criteria.py --jobs 2             # all criteria, 5 seeds x 5 folds, ~30 minutes on 2 CPU cores
+    python benchmarks/criteria.py --jobs 2             # all criteria, 5 seeds x 5 folds, ~12 minutes on 2 CPU cores
     python benchmarks/criteria.py --seeds 1 --folds 1 --criteria l1,taylor --finetune-epochs 3 --no-kd
 """
 from __future__ import annotations
