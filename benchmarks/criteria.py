@@ -232,15 +232,20 @@ def run_fold(names: list, args, seed: int, fold: int) -> tuple[list, list]:
     return rows, random_runs
 
 
-def pooled(per_fold: list, total: int) -> list:
-    """Rows summed over the folds: counts as accuracy % of ``total``, prune time summed."""
+def summed(per_fold: list) -> list:
+    """Rows summed over runs (folds, seeds): numbers of correct test images and prune time."""
     rows = []
     for fold_rows in zip(*per_fold):
         row = {"criterion": fold_rows[0]["criterion"], "flops": fold_rows[0]["flops"], "params": fold_rows[0]["params"],
                "seconds": sum(r["seconds"] for r in fold_rows)}
-        row.update({k: 100.0 * sum(r[k] for r in fold_rows) / total for k in COUNTS if k in fold_rows[0]})
+        row.update({k: sum(r[k] for r in fold_rows) for k in COUNTS if k in fold_rows[0]})
         rows.append(row)
     return rows
+
+
+def pooled(per_fold: list, total: int) -> list:
+    """Rows summed over runs, the counts as accuracy % of ``total`` test images."""
+    return [{**row, **{k: 100.0 * row[k] / total for k in COUNTS if k in row}} for row in summed(per_fold)]
 
 
 def run_all(names: list, args) -> list:
@@ -275,22 +280,16 @@ def print_table(rows: list, kd: bool, total: int) -> None:
 def print_per_seed(results: list, seeds: list, kd: bool, images: int) -> None:
     """Per criterion, the test images gained or lost after fine-tuning against each seed's own unpruned model."""
     keys = ["ce", "kd"] if kd else ["ce"]
-    counts = {}  # (seed, criterion) -> pooled counts over that seed's folds
-    for seed, _, rows, _ in results:
-        for row in rows:
-            total = counts.setdefault((seed, row["criterion"]), dict.fromkeys(keys, 0.0))
-            for key in keys:
-                total[key] += row[key]
-    names = [row["criterion"] for row in results[0][2]][1:]
+    by_seed = {seed: summed([rows for s, _, rows, _ in results if s == seed]) for seed in seeds}
     columns = [f"{key.upper()} seed {seed}" for key in keys for seed in seeds]
     print(f"\nPer seed: test images (of {images:,}) gained (+) or lost (-) after fine-tuning, against that seed's "
-          "unpruned model (" + ", ".join(f"seed {s}: {100 * counts[(s, 'unpruned')]['ce'] / images:.2f}%" for s in seeds)
+          "unpruned model (" + ", ".join(f"seed {s}: {100 * by_seed[s][0]['ce'] / images:.2f}%" for s in seeds)
           + ")\n")
     print("| criterion | " + " | ".join(columns) + " |")
     print("|---|" + "---:|" * len(columns))
-    for name in names:
-        cells = [f"{counts[(seed, name)][key] - counts[(seed, 'unpruned')][key] + 0.0:+g}" for key in keys for seed in seeds]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    for index, row in enumerate(by_seed[seeds[0]][1:], start=1):
+        cells = [f"{by_seed[seed][index][key] - by_seed[seed][0][key] + 0.0:+g}" for key in keys for seed in seeds]
+        print(f"| {row['criterion']} | " + " | ".join(cells) + " |")
 
 
 def main(argv=None) -> int:

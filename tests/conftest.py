@@ -71,6 +71,23 @@ def randomize_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def failing_allocation(monkeypatch, at: int) -> list:
+    """Make the surgery's ``at``-th allocation of new storage run out of memory; returns the
+    device type of every allocation asked for."""
+    from graphprune import surgery
+
+    allocate, calls = surgery._empty_selection, []
+
+    def failing(data, index):
+        calls.append(data.device.type)
+        if len(calls) == at:
+            raise torch.OutOfMemoryError("out of memory (injected)")
+        return allocate(data, index)
+
+    monkeypatch.setattr(surgery, "_empty_selection", failing)
+    return calls
+
+
 def training_flags(model: torch.nn.Module) -> dict:
     return {name: module.training for name, module in model.named_modules()}
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import assert_same_state, randomize_batch_norms, run_oracle, size_attrs, state_snapshot
+from conftest import (assert_same_state, failing_allocation, randomize_batch_norms, run_oracle, size_attrs,
+                      state_snapshot)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -36,7 +37,7 @@ def _loader(batches: int = 3) -> DataLoader:
 
 
 @pytest.mark.parametrize("build, shape, groups", [
-    (lambda: randomize_batch_norms(torchvision.models.resnet18(num_classes=10)), (2, 3, 32, 32), 12),
+    (_resnet18, (2, 3, 32, 32), 12),
     (lambda: randomize_batch_norms(torchvision.models.mobilenet_v2(num_classes=10)), (2, 3, 32, 32), 25),
     (lambda: torchvision.models.VisionTransformer(32, 8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128,
                                                   num_classes=10), (2, 3, 32, 32), 2),  # the exact groups: MLPs
@@ -73,15 +74,7 @@ def test_cuda_allocates_before_it_frees_and_a_failure_restores_the_model(monkeyp
     x = torch.randn(2, 3, 32, 32, device=CUDA)
     assert not surgery._reuses_freed_memory(CUDA)
     snapshot, attrs = state_snapshot(model), size_attrs(model)
-    allocate, calls = surgery._empty_selection, []
-
-    def failing(data, index):
-        calls.append(data.device.type)
-        if len(calls) == 20:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return allocate(data, index)
-
-    monkeypatch.setattr(surgery, "_empty_selection", failing)
+    calls = failing_allocation(monkeypatch, 20)
     with pytest.raises(graphprune.PruningError, match="model was restored"):
         graphprune.prune(model, 0.5, x)
     assert calls == ["cuda"] * 20

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import graphprune
-from conftest import assert_same_state, size_attrs, state_snapshot
+from conftest import assert_same_state, failing_allocation, size_attrs, state_snapshot
 from graphprune import surgery
 
 
@@ -115,34 +115,20 @@ def test_a_verify_that_needs_the_values_runs_again_after_the_copy():
     assert torch.equal(model[0].weight, expected[0])
 
 
-def _failing_allocation(monkeypatch, at: int) -> list:
-    """Make the ``at``-th allocation of new storage raise; returns the shapes asked for."""
-    allocate, calls = surgery._empty_selection, []
-
-    def failing(data, index):
-        calls.append(data.shape)
-        if len(calls) == at:
-            raise RuntimeError("out of memory (injected)")
-        return allocate(data, index)
-
-    monkeypatch.setattr(surgery, "_empty_selection", failing)
-    return calls
-
-
-@pytest.mark.parametrize("device_reuses_memory, failing_allocation", [(True, 1), (False, 1), (False, 4)],
+@pytest.mark.parametrize("device_reuses_memory, failing_at", [(True, 1), (False, 1), (False, 4)],
                          ids=["cpu-first", "gpu-like-first", "gpu-like-fourth"])
 def test_running_out_of_memory_before_any_original_is_dropped_restores_everything(
-        monkeypatch, device_reuses_memory, failing_allocation):
+        monkeypatch, device_reuses_memory, failing_at):
     # On the CPU the first allocation comes before any original is dropped; on a device whose
     # allocator does not favour freed memory (a GPU), every allocation does.
     model = _net()
     plan, surgery_ = _planned(model)
     snapshot, attrs, params = state_snapshot(model), size_attrs(model), list(model.parameters())
     monkeypatch.setattr(surgery, "_reuses_freed_memory", lambda device: device_reuses_memory)
-    calls = _failing_allocation(monkeypatch, failing_allocation)
+    calls = failing_allocation(monkeypatch, failing_at)
     with pytest.raises(graphprune.PruningError, match="model was restored.*out of memory"):
         surgery_.prune_groups(plan)
-    assert len(calls) == failing_allocation
+    assert len(calls) == failing_at
     assert_same_state(model, snapshot)
     assert size_attrs(model) == attrs and all(a is b for a, b in zip(model.parameters(), params))
     monkeypatch.undo()
@@ -153,7 +139,7 @@ def test_running_out_of_memory_before_any_original_is_dropped_restores_everythin
 def test_running_out_of_memory_after_an_original_was_dropped_says_so(monkeypatch):
     model = _net()
     plan, surgery_ = _planned(model)
-    calls = _failing_allocation(monkeypatch, 4)
+    calls = failing_allocation(monkeypatch, 4)
     with pytest.raises(graphprune.PruningError, match="could not be restored; load it again.*out of memory"):
         surgery_.prune_groups(plan)
     assert len(calls) == 4
