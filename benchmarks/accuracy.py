@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py                                  # digits, every criterion, ~4 min on 2 CPU cores
     python benchmarks/accuracy.py --criteria l1,fpgm,taylor --finetune-epochs 5
+    python benchmarks/accuracy.py --workflow                       # tests/test_workflow.py's pipeline, 5 seeds pooled
     python benchmarks/accuracy.py --data-dir ~/data/cifar10 --device cuda          # CIFAR-10 ResNet-56
     python benchmarks/accuracy.py --data-dir ~/data/cifar10 --checkpoint resnet56.pt --criteria l1
 
@@ -13,7 +14,16 @@ is trained from scratch with a fixed seed (SGD + momentum, warm-up then cosine d
 :func:`graphprune.finetune`) for ``--epochs`` epochs, long enough for the training loss to
 flatten. Then, for every criterion, a copy is pruned by ``--ratio`` (every prunable group
 loses ``floor(ratio * n)`` channels), evaluated, fine-tuned ``--finetune-epochs`` epochs
-(same seed and batch order for every criterion) and evaluated again.
+(same seed and batch order for every criterion) and evaluated again. With ``--seeds N`` this
+runs for seeds ``--seed`` .. ``--seed + N - 1`` (each its own split, initialisation and batch
+order) and the accuracies are pooled over the N x 360 test images.
+
+**Workflow** (``--workflow``): the digits protocol set up as tests/test_workflow.py's
+pipeline, whose accuracy goal the tests leave to this benchmark (a fixed-seed figure differs
+from machine to machine): ResNet-20, 50% of every group removed with L1, then a fine-tune of
+5 epochs at lr 0.02 without warm-up that distils from the unpruned model (alpha 0.9,
+temperature 4), pooled over 5 seeds; the goal is a fine-tuned accuracy at most
+``--tolerance`` (0.5) points below the unpruned model's.
 
 **CIFAR-10 ResNet-56** (``--data-dir``, never downloaded): the python-pickle layout of
 https://www.cs.toronto.edu/~kriz/cifar.html (``data_batch_1`` .. ``data_batch_5`` and
@@ -59,18 +69,25 @@ except ImportError:  # pragma: no cover - an older graphprune without the fine-t
 ALL = ["l1", "l2", "fpgm", "bn_scale", "random", "taylor", "k_l1", "k_taylor", "k_distance"]
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 ANCHOR = "Torch-Pruning Group-L1: ResNet-56 93.53% -> 92.93% at 2.12x fewer FLOPs"
+# --workflow: tests/test_workflow.py's fine-tune (graphprune.finetune with the unpruned model as teacher)
+WORKFLOW_DISTILL = {"alpha": 0.9, "temperature": 4.0, "warmup_epochs": 0}
+WORKFLOW_DEFAULTS = {"criteria": "l1", "finetune_epochs": 5, "finetune_lr": 0.02, "seeds": 5}
+PLAIN_DEFAULTS = {"criteria": ",".join(ALL), "finetune_epochs": 2, "finetune_lr": 0.01, "seeds": 1}
 
 
 # ---------------------------------------------------------------------------- training helpers
 
 
-def _train(model, loader, *, epochs, lr, seed, device, weight_decay=5e-4, warmup_epochs=1.0):
-    """Seeded SGD training (graphprune.finetune, or a minimal stand-in when it is missing)."""
+def _train(model, loader, *, epochs, lr, seed, device, weight_decay=5e-4, warmup_epochs=1.0, **distill):
+    """Seeded SGD training (graphprune.finetune, or a minimal stand-in when it is missing);
+    ``distill``: graphprune.finetune's ``teacher``, ``alpha`` and ``temperature``."""
     torch.manual_seed(seed)
     warmup = min(warmup_epochs, epochs - 0.5) if epochs > 1 else 0
     if finetune is not None:
         return finetune(model, loader, epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup,
-                        device=device, progress=False)
+                        device=device, progress=False, **distill)
+    if distill:
+        raise SystemExit("accuracy.py: error: distillation (--workflow) needs graphprune.finetune")
     model.to(device).train()
     optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, epochs * len(loader))
@@ -139,7 +156,9 @@ def run_criteria(model, names, *, train_loader_fn, test_loader, example, device,
         row["flops"], row["params"] = count_flops(pruned, example), count_parameters(pruned)
         row["before"] = _accuracy(pruned, test_loader, device)
         start = time.perf_counter()
-        _train(pruned, train_loader_fn(), epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed, device=device)
+        distill = {"teacher": model, **WORKFLOW_DISTILL} if args.workflow else {}
+        _train(pruned, train_loader_fn(), epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed,
+               device=device, **distill)
         row["finetune_s"] = time.perf_counter() - start
         row["after"] = _accuracy(pruned, test_loader, device)
         print(f"  {name}: {row['before']:.2f}% -> {row['after']:.2f}% (prune {row['prune_s']:.1f}s, "
@@ -148,7 +167,8 @@ def run_criteria(model, names, *, train_loader_fn, test_loader, example, device,
     return rows
 
 
-def _table(rows: list) -> str:
+def _table(rows: list, images: Optional[int] = None) -> str:
+    """The markdown table; with ``images`` (test images in all), Δ also in images."""
     base = rows[0]
     lines = ["| criterion | params left | FLOPs ratio | acc. before fine-tune % | acc. after fine-tune % | "
              "Δ vs unpruned (after) | prune s |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -157,9 +177,12 @@ def _table(rows: list) -> str:
             lines.append(f"| {row['criterion']} | – | – | – | – | – | failed: {row['status']} |")
             continue
         after = row["after"]
+        delta = f"{after - base['before']:+.2f}" if after is not None else ""
+        if after is not None and images:
+            delta += f" ({round((after - base['before']) * images / 100) + 0:+d})"  # + 0: no "-0"
         lines.append(
             f"| {row['criterion']} | {100 * row['params'] / base['params']:.1f}% | {base['flops'] / row['flops']:.2f}× | "
-            f"{row['before']:.2f} | {after:.2f} | {after - base['before']:+.2f} | {row['prune_s']:.1f} |"
+            f"{row['before']:.2f} | {after:.2f} | {delta} | {row['prune_s']:.1f} |"
             if after is not None else
             f"| {row['criterion']} | 100.0% | 1.00× | {row['before']:.2f} | – | – | – |"
         )
@@ -185,7 +208,7 @@ def digits_protocol(args, names) -> tuple:
     history = _train(model, train_loader_fn(), epochs=args.epochs, lr=args.lr, seed=args.seed, device=device)
     losses = [h["loss"] for h in history]
     train_acc = _accuracy(model, train_loader_fn(), device)
-    print(f"trained {args.model} {args.epochs} epochs in {time.perf_counter() - start:.0f}s: loss "
+    print(f"seed {args.seed}: trained {args.model} {args.epochs} epochs in {time.perf_counter() - start:.0f}s: loss "
           f"{' '.join(f'{l:.3f}' for l in losses[-3:])} (last 3 epochs), train accuracy {train_acc:.2f}%",
           file=sys.stderr, flush=True)
     example = torch.randn(1, 3, args.image_size, args.image_size, device=device)
@@ -193,9 +216,61 @@ def digits_protocol(args, names) -> tuple:
                         device=device, args=args, prune_kwargs={"ratio": args.ratio})
     title = (f"Digits ({args.image_size}x{args.image_size}x3, 1,437 train / 360 test), {args.model} trained "
              f"{args.epochs} epochs (final training loss {losses[-1]:.3f}, train accuracy {train_acc:.2f}%), "
-             f"{100 * args.ratio:g}% of every prunable group removed, fine-tune {args.finetune_epochs} epochs at lr "
-             f"{args.finetune_lr:g}; seed {args.seed}, {torch.get_num_threads()} thread(s)")
+             f"{100 * args.ratio:g}% of every prunable group removed, {_finetune_text(args)}; seed {args.seed}, "
+             f"{torch.get_num_threads()} thread(s)")
     return title, rows
+
+
+def _finetune_text(args) -> str:
+    text = f"fine-tune {args.finetune_epochs} epochs at lr {args.finetune_lr:g}"
+    if args.workflow:
+        text += (f" distilling from the unpruned model (alpha {WORKFLOW_DISTILL['alpha']:g}, temperature "
+                 f"{WORKFLOW_DISTILL['temperature']:g}, no warm-up)")
+    return text
+
+
+def pooled_digits(args, names) -> tuple:
+    """The digits protocol for every seed; rows pooled over the seeds' test images, the per-seed rows
+    and the test images in all."""
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    per_seed = [digits_protocol(argparse.Namespace(**{**vars(args), "seed": seed}), names)[1] for seed in seeds]
+    rows = []
+    for same in zip(*per_seed):  # one criterion's rows; every seed tests 360 images: the mean is the pooled accuracy
+        failed = [row for row in same if "before" not in row]
+        if failed:
+            rows.append(failed[0])
+            continue
+        mean = {key: float(np.mean([row[key] for row in same])) for key in ("before", "after") if same[0][key] is not None}
+        times = {key: sum(row[key] for row in same) for key in ("prune_s", "finetune_s") if same[0][key] is not None}
+        rows.append({**same[0], "after": None, **mean, **times})
+    images = 360 * len(seeds)
+    title = (f"Digits ({args.image_size}x{args.image_size}x3, 1,437 train / 360 test per seed), {args.model} trained "
+             f"{args.epochs} epochs at lr {args.lr:g}, {100 * args.ratio:g}% of every prunable group removed, "
+             f"{_finetune_text(args)}; seeds {seeds[0]}-{seeds[-1]} pooled, each with its own stratified split, "
+             f"initialisation and batch order ({images:,} test images, 1 image = {100 / images:.3f} points; prune s "
+             f"summed over seeds), {torch.get_num_threads()} thread(s)")
+    return title, rows, list(zip(seeds, per_seed)), images
+
+
+def _goal_and_seeds(rows: list, per_seed: list, tolerance: float) -> str:
+    """The goal per criterion (pooled fine-tuned accuracy at most ``tolerance`` points below the
+    unpruned model's), then every seed's accuracies."""
+    lines = [f"Goal: fine-tuned accuracy, pooled, at most {tolerance:g} points below the unpruned model's:", ""]
+    for row in rows[1:]:
+        if row.get("after") is not None:
+            delta = row["after"] - rows[0]["before"]
+            met = delta >= -tolerance - 1e-9  # a mean of per-seed percentages: no rounding noise at the bound
+            lines.append(f"* {row['criterion']}: {delta:+.2f} points, {'met' if met else 'missed'}")
+    names = [row["criterion"] for row in rows[1:]]
+    lines += ["", "Per seed: accuracy % on that seed's 360 test images (criterion: before -> after fine-tuning, "
+              "Δ vs unpruned)", "", "| seed | unpruned % | " + " | ".join(names) + " |",
+              "|---:|---:|" + "---:|" * len(names)]
+    for seed, seed_rows in per_seed:
+        base = seed_rows[0]["before"]
+        cells = [f"{r['before']:.2f} -> {r['after']:.2f} ({r['after'] - base:+.2f})" if r.get("after") is not None
+                 else "failed" for r in seed_rows[1:]]
+        lines.append(f"| {seed} | {base:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- CIFAR-10
@@ -289,7 +364,7 @@ def cifar_protocol(args, names) -> tuple:
 def _parse_args(argv: Optional[list]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--criteria", default=",".join(ALL), help="comma-separated criterion names (default: all 9)")
+    parser.add_argument("--criteria", help="comma-separated criterion names (default: all 9; l1 with --workflow)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: all cores)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -304,8 +379,17 @@ def _parse_args(argv: Optional[list]) -> argparse.Namespace:
     digits.add_argument("--lr", type=float, default=0.1, help="training learning rate (default 0.1)")
     digits.add_argument("--batch-size", type=int, default=64)
     digits.add_argument("--ratio", type=float, default=0.5, help="pruning ratio of every group (default 0.5)")
-    digits.add_argument("--finetune-epochs", type=int, default=2, help="fine-tune epochs (default 2)")
-    digits.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tune learning rate (default 0.01)")
+    digits.add_argument("--finetune-epochs", type=int, help="fine-tune epochs (default 2; 5 with --workflow)")
+    digits.add_argument("--finetune-lr", type=float, help="fine-tune learning rate (default 0.01; 0.02 with --workflow)")
+    digits.add_argument("--seeds", type=int, help="run seeds --seed .. --seed + N - 1 and pool (default 1; 5 with "
+                        "--workflow)")
+    digits.add_argument("--workflow", action="store_true",
+                        help="tests/test_workflow.py's pipeline: fine-tune by distilling from the unpruned model "
+                             "(alpha 0.9, temperature 4, no warm-up); defaults --criteria l1, --finetune-epochs 5, "
+                             "--finetune-lr 0.02, --seeds 5")
+    digits.add_argument("--tolerance", type=float, default=0.5,
+                        help="accuracy goal with --seeds > 1: pooled fine-tuned accuracy at most this many points "
+                             "below the unpruned model's (default 0.5)")
     cifar = parser.add_argument_group("CIFAR-10 ResNet-56 protocol")
     cifar.add_argument("--data-dir", help="CIFAR-10 python-pickle directory; selects this protocol")
     cifar.add_argument("--checkpoint", help="trained ResNet-56 state_dict (default: train from scratch)")
@@ -316,11 +400,16 @@ def _parse_args(argv: Optional[list]) -> argparse.Namespace:
     cifar.add_argument("--global-ranking", action="store_true", help="global channel ranking instead of uniform ratio")
     cifar.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
     args = parser.parse_args(argv)
+    for key, value in (WORKFLOW_DEFAULTS if args.workflow else PLAIN_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.data_dir and (args.workflow or args.seeds > 1):
+        parser.error("--workflow and --seeds are options of the digits protocol, not of --data-dir")
     if not 0 < args.ratio < 1:
         parser.error("--ratio must lie in (0, 1)")
     if args.speedup <= 1:
         parser.error("--speedup must be above 1")
-    for flag in ("threads", "epochs", "finetune_epochs", "cifar_epochs", "cifar_finetune_epochs", "batch_size"):
+    for flag in ("threads", "epochs", "finetune_epochs", "cifar_epochs", "cifar_finetune_epochs", "batch_size", "seeds"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     return args
@@ -335,14 +424,24 @@ def main(argv: Optional[list] = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    title, rows = (cifar_protocol if args.data_dir else digits_protocol)(args, names)
+    per_seed = images = None
+    if args.data_dir:
+        title, rows = cifar_protocol(args, names)
+    elif args.seeds > 1:
+        title, rows, per_seed, images = pooled_digits(args, names)
+    else:
+        title, rows = digits_protocol(args, names)
     print(title + "\n")
-    print(_table(rows))
+    print(_table(rows, images))
+    if per_seed:
+        print("\n" + _goal_and_seeds(rows, per_seed, args.tolerance))
     print(f"\nwall time: {time.perf_counter() - started:.0f} s"
           + ("" if finetune is not None else " (graphprune.finetune missing: used the script's own SGD loop)"))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"title": title, "rows": rows}, fh, indent=2)
+            json.dump({"title": title, "rows": rows, **({"per_seed": [{"seed": seed, "rows": seed_rows}
+                                                                      for seed, seed_rows in per_seed]}
+                                                        if per_seed else {})}, fh, indent=2)
     return 0
 
 

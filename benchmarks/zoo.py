@@ -1,9 +1,10 @@
 """Coverage sweep: analyze + prune every torchvision model family and prove each result.
 
-For every model: build it with random weights, analyze, prune 50% (L1), run forward, and
-run the dead-channel oracle on a sample of exact groups of a fresh copy. Prints one
-markdown row per model: groups, blocked groups, parameters and FLOPs before/after,
-oracle result and time. Usage:
+For every model: build it with random weights, analyze, prune 50% (L1), run forward, save the
+pruned model and load it into a freshly built one (graphprune.save / graphprune.load: the
+outputs must be bit-identical), and run the dead-channel oracle on a sample of exact groups
+of a fresh copy. Prints one markdown row per model: groups, blocked groups, parameters and
+FLOPs before/after, save/load, oracle result and time. Usage:
 
     python benchmarks/zoo.py                       # classification + segmentation + detection + video
     python benchmarks/zoo.py --family classification --ratio 0.3
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import graphprune  # noqa: E402
 from graphprune.measure import count_flops, count_parameters  # noqa: E402
-from oracle import dead_channel_oracle  # noqa: E402
+from oracle import dead_channel_oracle, flat_outputs  # noqa: E402
 from tracer import call_model  # noqa: E402
 
 SEGMENTATION = ["fcn_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"]
@@ -87,12 +89,25 @@ def run_one(name: str, ratio: float, oracle_groups: int) -> dict:
     flops1 = flops_or_none(model, inputs)
     row.update(
         groups=len(report.groups), blocked=len(report.blocked_groups), params=(params0, count_parameters(model)),
-        flops=(flops0, flops1),
+        flops=(flops0, flops1), round_trip=round_trip(name, model, inputs),
     )
     fresh, inputs = build(name)
     result = dead_channel_oracle(fresh, inputs, max_groups=oracle_groups)
     row["oracle"] = f"pass ({result['groups_tested']}/{result['exact_groups']} sampled exact groups)"
     return row
+
+
+def round_trip(name: str, pruned, inputs) -> str:
+    """graphprune.save the pruned model, graphprune.load it into a freshly built one and
+    compare their outputs: "equal" when bit-identical."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, f"{name}.safetensors")
+        graphprune.save(pruned, path)
+        fresh = graphprune.load(build(name)[0], path)
+    with torch.no_grad():
+        expected, got = flat_outputs(call_model(pruned, inputs)), flat_outputs(call_model(fresh, inputs))
+    same = len(expected) == len(got) and all(torch.equal(a, b) for a, b in zip(expected, got))
+    return "equal" if same else "DIFFERENT"
 
 
 def fmt_pair(pair, unit: float, suffix: str) -> str:
@@ -118,25 +133,27 @@ def main(argv=None) -> int:
         classification = torchvision.models.list_models(module=torchvision.models)
         everything = classification + SEGMENTATION + DETECTION + VIDEO
         names = [n for n in everything if args.family in ("all", family_of(n))]
-    print("| model | family | groups (blocked) | params | GFLOPs | oracle | analyze+prune s |")
-    print("|---|---|---|---|---|---|---|")
-    passed, total_time = 0, 0.0
+    print("| model | family | groups (blocked) | params | GFLOPs | save/load | oracle | analyze+prune s |")
+    print("|---|---|---|---|---|---|---|---|")
+    passed, round_trips, total_time = 0, 0, 0.0
     for name in names:
         try:
             row = run_one(name, args.ratio, args.oracle_groups)
         except Exception as exc:
-            print(f"| {name} | {family_of(name)} | | | | FAIL: {type(exc).__name__}: {str(exc)[:120]} | |", flush=True)
+            print(f"| {name} | {family_of(name)} | | | | | FAIL: {type(exc).__name__}: {str(exc)[:120]} | |", flush=True)
             continue
         passed += 1
+        round_trips += row["round_trip"] == "equal"
         total_time += row["time"]
         print(
             f"| {name} | {row['family']} | {row['groups']} ({row['blocked']}) | {fmt_pair(row['params'], 1e6, 'M')} | "
-            f"{fmt_pair(row['flops'], 1e9, '')} | {row['oracle']} | {row['time']:.2f} |",
+            f"{fmt_pair(row['flops'], 1e9, '')} | {row['round_trip']} | {row['oracle']} | {row['time']:.2f} |",
             flush=True,
         )
     print(f"\n{passed}/{len(names)} models pruned at ratio {args.ratio} with the oracle passing; "
+          f"{round_trips}/{len(names)} saved and loaded with bit-identical outputs; "
           f"analyze+prune total {total_time:.1f} s on {args.threads} thread(s)")
-    return 0 if passed == len(names) else 1
+    return 0 if passed == round_trips == len(names) else 1
 
 
 if __name__ == "__main__":

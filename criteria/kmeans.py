@@ -211,6 +211,7 @@ class KTaylor(KMeansCriterion):
                  n_init: int = 10, threads: Optional[int] = 1, progress: bool = True):
         super().__init__(k, seed=seed, variance=variance, k_range=k_range, n_init=n_init, threads=threads)
         self.taylor = Taylor(data_loader, loss_fn, max_batches, device, progress=progress)
+        self.taylor.owner = type(self).__name__  # its data errors name KTaylor, not the Taylor inside
 
     def prepare(self, model, report) -> None:
         super().prepare(model, report)

@@ -10,11 +10,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from tracer import call_model
+from tracer.devices import LoaderBatch, model_device
 
 from .base import Criterion, combine
 from .magnitude import L1
-from tracer.devices import model_device, to_device
 
 
 def _is_dim_entry(entry: Any) -> bool:
@@ -120,6 +119,7 @@ class Taylor(Criterion):
         self.max_batches = None if max_batches is None else int(max_batches)
         self.device = None if device is None else torch.device(device)
         self.progress = progress
+        self.owner = type(self).__name__  # names the criterion in error messages (KTaylor sets its own)
         self.fallback_groups: list = []
         self.samples = 0
         self._scores: Optional[dict] = None
@@ -132,7 +132,9 @@ class Taylor(Criterion):
     def prepare(self, model, report) -> None:
         device = model_device(model)
         if self.device is not None and not _same_device(self.device, device):
-            raise ValueError(f"Taylor was given device={self.device} but the model is on {device}; move the model first")
+            raise ValueError(
+                f"{self.owner} was given device={self.device} but the model is on {device}; move the model first"
+            )
         device = self.device or device
         sites = activation_sites(report)
         sums, counts = self._collect(model, sites, device)
@@ -184,12 +186,11 @@ class Taylor(Criterion):
                 for batch in self.data_loader:
                     if self.max_batches is not None and batches >= self.max_batches:
                         break
-                    inputs, targets = _split_batch(batch)
-                    inputs, targets = to_device(inputs, device), to_device(targets, device)
+                    batch = LoaderBatch(batch, batches, f"{self.owner}'s data_loader", device, self._loss_name())
                     calls.clear()
                     captured.clear()
                     with torch.enable_grad():
-                        loss = self.loss_fn(call_model(model, inputs), targets)
+                        loss = batch.loss(self.loss_fn, batch.forward(model))
                         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                             raise ValueError("loss_fn must return a scalar tensor")
                         keys = list(captured)
@@ -218,9 +219,12 @@ class Taylor(Criterion):
             for m, flag in modes:
                 m.training = flag
         if batches == 0:
-            raise ValueError("Taylor's data_loader yielded no batches")
+            raise ValueError(f"{self.owner}'s data_loader yielded no batches")
         self.samples = max(counts.values(), default=0)
         return {k: {d: v.numpy() for d, v in dims.items()} for k, dims in sums.items()}, counts
+
+    def _loss_name(self) -> str:
+        return f"loss_fn ({getattr(self.loss_fn, '__name__', type(self.loss_fn).__name__)})"
 
     def _total_batches(self) -> Optional[int]:
         try:
@@ -234,18 +238,12 @@ class Taylor(Criterion):
     # ----- scores
     def scores(self, group) -> np.ndarray:
         if self._scores is None:
-            raise RuntimeError("Taylor needs prepare(model, report) before scores(); graphprune.prune calls it for you")
+            raise RuntimeError(
+                f"{self.owner} needs prepare(model, report) before scores(); graphprune.prune calls it for you"
+            )
         if group.id in self._scores and self._scores[group.id].shape == (group.size,):
             return self._scores[group.id].copy()
         if group.id not in self.fallback_groups:
             self.fallback_groups.append(group.id)
         return self._l1.scores(group)
 
-
-def _split_batch(batch: Any) -> tuple:
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise TypeError(
-        f"each batch of Taylor's data_loader must be an (inputs, targets) pair, got {type(batch).__name__}"
-        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-    )

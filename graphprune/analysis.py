@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import tracer
+from tracer.devices import describe_value
 
 from .audit import AuditError, audit
 from .channels import per_array
@@ -30,9 +31,9 @@ LayerRef = Union[str, nn.Module]
 def eval_mode(model: nn.Module):
     """Run in eval mode, then restore every submodule's own training flag."""
     flags = [(m, m.training) for m in model.modules()]
-    if any(training for _, training in flags):
-        model.eval()
     try:
+        if any(training for _, training in flags):
+            model.eval()
         yield
     finally:
         for module, training in flags:
@@ -46,9 +47,9 @@ def gc_paused(pause: bool = True):
     allocates so many small objects that it triggers full collections, each of which
     rescans every object the process holds (a large model's modules and tensors among them)."""
     enabled = gc.isenabled()
-    if pause:
-        gc.disable()
     try:
+        if pause:
+            gc.disable()
         yield
     finally:
         if enabled:
@@ -184,13 +185,8 @@ def _check_devices(model: nn.Module, inputs: Any) -> None:
 
 
 def describe_inputs(inputs: Any) -> str:
-    if isinstance(inputs, torch.Tensor):
-        return f"tensor{tuple(inputs.shape)}"
-    if isinstance(inputs, dict):
-        return "{" + ", ".join(f"{k}: {describe_inputs(v)}" for k, v in inputs.items()) + "}"
-    if isinstance(inputs, (tuple, list)):
-        return "(" + ", ".join(describe_inputs(v) for v in inputs) + ")"
-    return type(inputs).__name__
+    """``tensor(1, 3, 224, 224)``, ``(…, …)``, ``[…]`` or ``{key: …}``: the shapes of example inputs."""
+    return describe_value(inputs, dtypes=False)
 
 
 def traced_leaves(leaf_modules: Iterable[tracer.LeafSpec]) -> list:
@@ -198,15 +194,17 @@ def traced_leaves(leaf_modules: Iterable[tracer.LeafSpec]) -> list:
     return [*leaf_modules, has_module_rule]
 
 
-def apply_audited(model, inputs, leaf_modules, surgery: ChannelSurgery, plan: dict, verify: bool) -> None:
-    """Apply ``plan``; with ``verify``, audit the shapes and retry without the groups blamed."""
+def apply_audited(model, inputs, leaf_modules, surgery: ChannelSurgery, plan: dict, verify: bool,
+                  on_commit=None) -> None:
+    """Apply ``plan``; with ``verify``, audit the shapes and retry without the groups blamed.
+    ``on_commit`` is passed to :meth:`ChannelSurgery.prune_groups`."""
 
     def check(removed: np.ndarray, filled: bool) -> None:
         audit(model, inputs, traced_leaves(leaf_modules), surgery.state, surgery.roots, removed, filled)
 
     for _ in range(_AUDIT_RETRIES):
         try:
-            surgery.prune_groups(plan, verify=check if verify else None)
+            surgery.prune_groups(plan, verify=check if verify else None, on_commit=on_commit)
             return
         except PruningError as exc:
             cause = exc.__cause__

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 from torch import nn
 
 import tracer
+from tracer.state import ModelTransaction
 from criteria import Criterion, get_criterion
 
 from .analysis import Analysis, LayerRef, apply_audited, eval_mode, fingerprint, gc_paused, run_analysis
@@ -138,7 +139,11 @@ def prune(
     ``verify=True`` (default) the pruned model is traced again and every tensor must have
     the shape the analysis predicts, outputs unchanged; groups that fail this audit are
     blocked (with the reason) and dropped from the plan. On any other failure the model is
-    restored bit for bit and :class:`PruningError` is raised. Returns the pruned model.
+    restored bit for bit and :class:`PruningError` is raised; a ``KeyboardInterrupt`` (or
+    any other ``BaseException``) also restores it and is re-raised as it is. The one step
+    that cannot be undone is the final copy of the kept weights: a Ctrl-C arriving during
+    it is held until it ends, and the model is then the finished pruned model. Returns the
+    pruned model.
 
     Planning options (see :mod:`graphprune.planner` and :mod:`graphprune.budget`):
 
@@ -187,7 +192,12 @@ def prune(
         leaf_modules, ignored_layers, prune_heads = analysis.leaf_modules, analysis.ignored_layers, analysis.prune_heads
     elif not inplace:
         model = copy.deepcopy(model)
-    with eval_mode(model), gc_paused(pause=not criterion.requires_data):  # a data pass may run long
+    # Until the surgery's final copy, any exception restores the model. Where work follows
+    # that copy (more steps, a budget, measurements), the originals are held to the end.
+    keep_tensors = options.steps > 1 or target is not None or return_result
+    transaction = ModelTransaction(model, keep_tensors=keep_tensors)
+    on_commit = None if keep_tensors else transaction.commit
+    with transaction, eval_mode(model), gc_paused(pause=not criterion.requires_data):  # a data pass may run long
         if analysis is None:
             analysis = run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads)
         inputs = analysis.inputs
@@ -198,7 +208,7 @@ def prune(
             return model
 
         def apply(current: Analysis, plan: dict) -> None:
-            apply_audited(model, inputs, leaf_modules, current.surgery, plan, verify)
+            apply_audited(model, inputs, leaf_modules, current.surgery, plan, verify, on_commit)
 
         def analyse(current_model: nn.Module) -> Analysis:
             return run_analysis(current_model, inputs, leaf_modules, ignored_layers, prune_heads)

@@ -12,7 +12,7 @@ import tracer
 from tracer import TensorSpec
 
 from .channels import per_array
-from .propagate import Propagation
+from .propagate import Propagation, iter_arrays
 from .rules.pointwise import PART_INPUT
 from .surgery import ValuesNeeded
 
@@ -37,6 +37,17 @@ def _dims(labels: Any, value: Any) -> list:
     return []
 
 
+def _inputs_of(state: Propagation, roots: np.ndarray, node: str, removed: np.ndarray) -> np.ndarray:
+    """Root ids of the removed channels that flow into the graph node ``node`` (all removed
+    ones if that node is unknown)."""
+    fx_node = state.graph.nodes[node]["fx"] if node in state.graph.nodes else None
+    ids = [a for n in (fx_node.all_input_nodes if fx_node is not None else ()) for a in iter_arrays(state.labels.get(n.name))]
+    ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+    suspects = np.unique(roots[ids[ids >= 0]])
+    suspects = suspects[removed[suspects]]
+    return suspects if suspects.size else np.unique(roots[np.flatnonzero(removed)])
+
+
 def audit(
     model: nn.Module,
     example_inputs: Any,
@@ -57,9 +68,16 @@ def audit(
     try:
         graph = tracer.trace(model, example_inputs, leaf_modules)
     except Exception as exc:
-        if filled:
+        if not filled:
+            raise ValuesNeeded(f"tracing on placeholders failed: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(exc, (tracer.InputError, tracer.TraceError)):
             raise
-        raise ValuesNeeded(f"tracing on placeholders failed: {type(exc).__name__}: {exc}") from exc
+        raise AuditError(
+            f"the pruned model no longer runs on the example inputs, which the model took before pruning "
+            f"(at node '{getattr(exc, 'node_name', None)}': {exc.__cause__ or exc}); a rule or a size did not "
+            "follow the pruning",
+            _inputs_of(state, roots, getattr(exc, "node_name", None), removed),
+        ) from exc
     if not filled and not graph.graph["recorded_on_meta"]:
         raise ValuesNeeded("the pruned model's shapes depend on its values")
     # Sizes fed to a traced part by untraced code (e.g. a detector's proposals) may change.

@@ -187,23 +187,6 @@ def step_ratio(ratio: float, step: int, steps: int, schedule: Schedule) -> float
     return min(max(1.0 - after / before, 0.0), 1.0 - 1e-9)
 
 
-# ----- rollback across steps
-class _Snapshot:
-    """Every tensor's data/grad and every module's public attributes, restorable bit for bit."""
-
-    def __init__(self, model: nn.Module):
-        self.tensors = [(t, t.data, t.grad) for t in list(model.parameters()) + list(model.buffers())]
-        self.attrs = [(m, {k: v for k, v in vars(m).items() if not k.startswith("_")}) for m in model.modules()]
-
-    def restore(self) -> None:
-        for tensor, data, grad in self.tensors:
-            tensor.data = data
-            tensor.grad = grad
-        for module, attrs in self.attrs:
-            for key, value in attrs.items():
-                setattr(module, key, value)
-
-
 class _Probe(Exception):
     def __init__(self, value: float):
         super().__init__(value)
@@ -241,8 +224,8 @@ def run_pruning(
     ``analyse(model)`` returns a fresh analysis (``.report``, ``.surgery``); ``apply(analysis,
     plan)`` commits a plan (with the caller's output check). ``ratio`` (float or mapping) or
     ``target = (metric, fraction)`` says how much to remove. With ``measure`` the FLOPs and
-    parameters before/after are reported. If a step fails, the model is restored to its
-    state before the first step and the error is re-raised.
+    parameters before/after are reported. Restoring the model after a failure is the
+    caller's (:class:`graphprune.transaction.ModelTransaction`).
     """
     metric, goal = target if target is not None else (None, None)
     reference = copy.deepcopy(model) if metric == "latency" else None
@@ -257,37 +240,31 @@ def run_pruning(
     before = {"flops": int(_flops(model, inputs)), "params": int(_params(model))} if measure or metric else {}
     base = None if metric is None else (1.0 if metric == "latency" else float(before[metric]))
 
-    snapshot = _Snapshot(model) if options.steps > 1 else None
     step_results = []
     achieved = None
-    try:
-        analysis = first_analysis
-        for step in range(1, options.steps + 1):
-            if step > 1:
-                analysis = analyse(model)
-            groups = analysis.report.groups
-            criterion.prepare(model, analysis.report)
-            if metric is None:
-                if isinstance(ratio, Mapping):
-                    step_value: Union[float, dict] = {k: step_ratio(v, step, options.steps, options.schedule) for k, v in ratio.items()}
-                else:
-                    step_value = step_ratio(float(ratio), step, options.steps, options.schedule)
-                plan = plan_removal(groups, step_value, criterion, global_ranking=options.global_ranking,
-                                    max_ratio=options.max_ratio, round_to=options.round_to)
+    analysis = first_analysis
+    for step in range(1, options.steps + 1):
+        if step > 1:
+            analysis = analyse(model)
+        groups = analysis.report.groups
+        criterion.prepare(model, analysis.report)
+        if metric is None:
+            if isinstance(ratio, Mapping):
+                step_value: Union[float, dict] = {k: step_ratio(v, step, options.steps, options.schedule) for k, v in ratio.items()}
             else:
-                step_goal = kept_fraction(goal, step, options.steps, options.schedule)
-                scores = score_groups(groups, criterion)
-                step_value, plan, achieved = _search(analysis, scores, step_goal, base, evaluate, model, options,
-                                                      noisy=metric == "latency")
-            if plan:
-                apply(analysis, plan)
-                if metric in ("flops", "params"):  # exact, and the audit may have dropped a group
-                    achieved = evaluate(model) / base
-            step_results.append(StepResult(step, step_value, int(sum(len(v) for v in plan.values())), len(plan), achieved))
-    except BaseException:
-        if snapshot is not None:
-            snapshot.restore()
-        raise
+                step_value = step_ratio(float(ratio), step, options.steps, options.schedule)
+            plan = plan_removal(groups, step_value, criterion, global_ranking=options.global_ranking,
+                                max_ratio=options.max_ratio, round_to=options.round_to)
+        else:
+            step_goal = kept_fraction(goal, step, options.steps, options.schedule)
+            scores = score_groups(groups, criterion)
+            step_value, plan, achieved = _search(analysis, scores, step_goal, base, evaluate, model, options,
+                                                  noisy=metric == "latency")
+        if plan:
+            apply(analysis, plan)
+            if metric in ("flops", "params"):  # exact, and the audit may have dropped a group
+                achieved = evaluate(model) / base
+        step_results.append(StepResult(step, step_value, int(sum(len(v) for v in plan.values())), len(plan), achieved))
 
     after = {"flops": int(_flops(model, inputs)), "params": int(_params(model))} if measure or metric else {}
     within = True

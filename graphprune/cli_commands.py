@@ -47,6 +47,12 @@ def _load_with_inputs(args: argparse.Namespace, status: Status) -> tuple[ModelSp
     return spec, model, inputs, description
 
 
+def _rejects(name: str, description: str, exc: Exception) -> UsageError:
+    """The usage error for a model that rejects the example input, with the remedy."""
+    return UsageError(f"{name} does not accept {description}: {one_line(exc).rstrip('.')}; "
+                      "give an --input-shape N,C,H,W that it accepts")
+
+
 def _check_accepts(model, inputs, name: str, description: str):
     """Run one forward pass; a model that rejects the input is a bad command line. Returns the output."""
     import torch
@@ -55,7 +61,7 @@ def _check_accepts(model, inputs, name: str, description: str):
         with torch.no_grad():
             return model(inputs)
     except Exception as exc:
-        raise UsageError(f"{name} does not accept {description}: {one_line(exc)}") from exc
+        raise _rejects(name, description, exc) from exc
 
 
 def _classifier_width(output, name: str) -> int:
@@ -77,7 +83,7 @@ def _count(model, inputs, name: str, description: str, status: Status) -> tuple[
     try:
         flops = count_flops(model, inputs)
     except Exception as exc:  # any failure here means the model rejects the input
-        raise UsageError(f"{name} does not accept {description}: {one_line(exc)}") from exc
+        raise _rejects(name, description, exc) from exc
     return params, flops
 
 

@@ -157,8 +157,8 @@ def report(
     before and after (:func:`group_widths`). ``example_inputs`` follows
     :func:`graphprune.analyze` (inferred when omitted). Neither model is modified.
     """
-    check_model(model_before, "model_before")
-    check_model(model_after, "model_after")
+    check_model(model_before, "model_before", allow_torchscript=groups is not True)  # analysed only with groups
+    check_model(model_after, "model_after", allow_torchscript=True)  # only measured
     for name, flag in (("latency", latency), ("groups", groups)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import networkx as nx
 import numpy as np
@@ -38,10 +39,12 @@ import torch
 from torch import nn
 
 import criteria
+from tracer.state import ModelTransaction
 
 from .groups import Group, Member
 from .planner import check_ratio_value, floor_count, lowest_channels
 from .report import Report
+from .sizes import derived_sizes, size_problems
 from .validation import check_model
 
 #: Old method names and the :data:`criteria.CRITERIA` key each one delegates to.
@@ -58,6 +61,19 @@ _RENAMED = {"taylor_loader": "data_loader"}
 _OBSOLETE = ("total_layer", "total_sample_size", "hook_function", "layer_store_private_variable")
 
 Indices = Union[torch.Tensor, np.ndarray, Sequence[int], None]
+
+
+@contextmanager
+def _sizes_follow(layer: nn.Module) -> Iterator[None]:
+    """Change ``layer``'s tensors in the block, then set its size attributes from their new
+    shapes (:mod:`graphprune.sizes`); on any exception, KeyboardInterrupt included, the
+    layer is put back as it was."""
+    with ModelTransaction(layer):
+        yield
+        for attr, value in derived_sizes(layer).items():
+            if value is None:
+                raise ValueError(f"{type(layer).__name__}: {'; '.join(size_problems(layer))}")
+            setattr(layer, attr, value)
 
 
 def removal_count(ratio: float, n: int) -> int:
@@ -296,14 +312,15 @@ class PruningEngine:
                 raise ValueError(f"group=True expects a depthwise convolution, got {layer}")
             dim = _out_dim(layer)
             index = self._indices(sorted_idx, layer.weight.shape[dim], "filter")
-            n = self._shrink(layer, ["weight"], dim, index)
-            self._shrink(layer, ["bias"], 0, index)
-            layer.out_channels = n
-            if depthwise:
-                layer.in_channels = layer.groups = n
+            with _sizes_follow(layer):
+                n = self._shrink(layer, ["weight"], dim, index)
+                self._shrink(layer, ["bias"], 0, index)
+                if depthwise:
+                    layer.groups = n
         elif isinstance(layer, nn.Linear):
             index = self._indices(sorted_idx, layer.out_features, "output feature")
-            layer.out_features = self._shrink(layer, ["weight", "bias"], 0, index)
+            with _sizes_follow(layer):
+                self._shrink(layer, ["weight", "bias"], 0, index)
         else:
             raise TypeError(f"remove_filter_by_index needs a convolution or Linear layer, got {type(layer).__name__}")
         return layer
@@ -324,14 +341,16 @@ class PruningEngine:
                 raise ValueError(f"cannot remove single input channels from a grouped convolution ({layer}); use graphprune.prune")
             dim = 0 if layer.transposed else 1
             index = self._indices(sorted_idx, layer.weight.shape[dim], "input channel")
-            layer.in_channels = self._shrink(layer, ["weight"], dim, index)
+            with _sizes_follow(layer):
+                self._shrink(layer, ["weight"], dim, index)
         elif isinstance(layer, nn.Linear):
             n_in = layer.in_features
             channels = self._main_size if self._main_size and n_in % self._main_size == 0 else n_in
             index = self._indices(sorted_idx, channels, "input channel")
             per = n_in // channels
             columns = (index[:, None] * per + np.arange(per)).ravel()
-            layer.in_features = self._shrink(layer, ["weight"], 1, columns)
+            with _sizes_follow(layer):
+                self._shrink(layer, ["weight"], 1, columns)
         else:
             raise TypeError(f"remove_kernel_by_index needs a convolution or Linear layer, got {type(layer).__name__}")
         return layer
@@ -342,8 +361,10 @@ class PruningEngine:
         if not isinstance(layer, nn.modules.batchnorm._NormBase):
             raise TypeError(f"remove_Bn needs a BatchNorm or InstanceNorm layer, got {type(layer).__name__}")
         index = self._indices(sorted_idx, layer.num_features, "feature")
-        n = self._shrink(layer, ["weight", "bias", "running_mean", "running_var"], 0, index)
-        layer.num_features = n if n is not None else layer.num_features - index.size
+        with _sizes_follow(layer):
+            n = self._shrink(layer, ["weight", "bias", "running_mean", "running_var"], 0, index)
+            if n is None:  # no tensor to read the count off
+                layer.num_features -= index.size
         return layer
 
     def remove_conv_filter_kernel(self) -> nn.Module:

@@ -21,8 +21,7 @@ from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from tqdm.auto import tqdm
 
-from tracer import call_model
-from tracer.devices import model_device, to_device
+from tracer.devices import LoaderBatch, describe_value, model_device
 
 from . import distributed as gdist
 from .validation import check_int, check_model, check_real
@@ -43,15 +42,6 @@ def _check_loader(loader: Any, name: str) -> int:
     if length < 1:
         raise ValueError(f"{name} yields no batches")
     return length
-
-
-def _split_batch(batch: Any, name: str) -> tuple:
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise TypeError(
-        f"each batch of {name} must be an (inputs, targets) pair, got {type(batch).__name__}"
-        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-    )
 
 
 def _resolve_device(model: nn.Module, device: Device) -> torch.device:
@@ -119,9 +109,14 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: Device = None, distr
     ranks, so a sharded test set gives the global accuracy on every rank; every rank must
     then call it. An unsharded loader needs no communication (it may run on one rank only).
     """
-    check_model(model)
+    check_model(model, allow_torchscript=True)
     _check_loader(loader, "loader")
-    device = _resolve_device(model, device)
+    return _accuracy(model, loader, "evaluate's loader", _resolve_device(model, device), distributed)
+
+
+def _accuracy(model: nn.Module, loader: Iterable, name: str, device: torch.device,
+              distributed: Optional[bool]) -> float:
+    """:func:`evaluate` without the argument checks; ``name`` is the loader's in error messages."""
     if distributed is None:
         distributed = _sharded(loader) and gdist.is_distributed()
     flags = [(m, m.training) for m in model.modules()]
@@ -129,22 +124,31 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: Device = None, distr
     try:
         model.eval()
         with torch.no_grad():
-            for batch in loader:
-                inputs, targets = _split_batch(batch, "loader")
-                outputs = call_model(model, to_device(inputs, device))
-                targets = to_device(targets, device)
-                if targets.dim() > 1:  # one-hot or soft targets
-                    targets = targets.argmax(-1)
-                correct += int((outputs.argmax(-1) == targets).sum())
-                total += int(targets.numel())
+            for index, batch in enumerate(loader):
+                batch = LoaderBatch(batch, index, name, device, "the top-1 accuracy (class-index or one-hot targets)")
+                outputs = batch.forward(model)
+                with batch.explained("the top-1 accuracy", outputs):
+                    hits, count = _top1(outputs, batch.targets)
+                correct, total = correct + hits, total + count
     finally:
         for module, flag in flags:
             module.training = flag
     if distributed:
         correct, total = gdist.all_reduce_sum([correct, total])
     if total == 0:
-        raise ValueError("loader yielded no samples")
+        raise ValueError(f"{name} yielded no samples")
     return correct / total
+
+
+def _top1(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
+    """Correct predictions and samples in one batch; ``targets`` are class indices, or one-hot or
+    soft targets with the outputs' shape."""
+    if targets.dim() > 1:  # one-hot or soft targets
+        targets = targets.argmax(-1)
+    if targets.shape != outputs.shape[:-1]:
+        raise ValueError(f"targets must be class indices of shape {tuple(outputs.shape[:-1])} (or one-hot of the "
+                         f"outputs' shape {tuple(outputs.shape)}), got shape {tuple(targets.shape)}")
+    return int((outputs.argmax(-1) == targets).sum()), int(targets.numel())
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -203,7 +207,7 @@ def finetune(
     progress on rank 0 when ``progress`` is true. The model's training flags are restored
     at the end, and its gradients cleared.
     """
-    check_model(model)
+    check_model(model, allow_torchscript=True)
     steps_per_epoch = _check_loader(train_loader, "train_loader")
     epochs = check_int(epochs, "epochs", 1)
     lr = check_real(lr, "lr", low=0.0, low_open=True)
@@ -216,7 +220,7 @@ def finetune(
             "has iterations; pass warmup_epochs=0 or a fraction of an epoch such as 0.1"
         )
     if teacher is not None:
-        check_model(teacher, "teacher")
+        check_model(teacher, "teacher", allow_torchscript=True)
         if teacher is model:
             raise ValueError("teacher must be a separate model (e.g. a copy of the unpruned model), not model itself")
     temperature = check_real(temperature, "temperature", low=0.0, low_open=True)
@@ -272,22 +276,12 @@ def finetune(
                 train_loader, total=steps_per_epoch, desc=f"fine-tune {epoch + 1}/{epochs}", unit="batch",
                 disable=not progress or rank != 0, leave=False,
             )
-            for batch in bar:
-                inputs, targets = _split_batch(batch, "train_loader")
-                inputs, targets = to_device(inputs, device), to_device(targets, device)
+            for index, batch in enumerate(bar):
+                batch = LoaderBatch(batch, index, "train_loader", device, "cross-entropy")
                 if (mixup > 0 or cutmix > 0) and mixer is None:
-                    mixer_classes = num_classes or _output_width(model, inputs)
+                    mixer_classes = num_classes or _output_width(model, batch)
                     mixer = _mixer(mixup, cutmix, mixer_classes)
-                if mixer is not None:
-                    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
-                        raise TypeError("mixup / cutmix need image batches: inputs must be one (N, C, H, W) tensor")
-                    inputs, targets = mixer(inputs, targets)
-                outputs = call_model(net, inputs)
-                loss = F.cross_entropy(outputs, targets)
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_outputs = call_model(teacher, inputs)
-                    loss = alpha * distillation_loss(outputs, teacher_outputs, temperature) + (1 - alpha) * loss
+                outputs, loss = _batch_loss(batch, net, mixer, teacher, alpha, temperature)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"the training loss became {loss.item()} at epoch {epoch + 1}; lower lr (now {last_lr:g})"
@@ -306,7 +300,7 @@ def finetune(
             total_loss, total_seen = gdist.all_reduce_sum([loss_sum.item(), seen]) if distributed else (loss_sum.item(), seen)
             if distributed:
                 gdist.average_buffers(model)
-            accuracy = evaluate(model, eval_loader, device=device) if eval_loader is not None else None
+            accuracy = _accuracy(model, eval_loader, "eval_loader", device, None) if eval_loader is not None else None
             record = {
                 "epoch": epoch + 1,
                 "loss": total_loss / max(total_seen, 1),
@@ -328,14 +322,38 @@ def finetune(
     return history
 
 
-def _output_width(model: nn.Module, inputs: Any) -> int:
+def _batch_loss(batch: LoaderBatch, net: nn.Module, mixer, teacher: Optional[nn.Module], alpha: float,
+                temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(outputs, loss)`` on one training batch, mixed by ``mixer`` and distilled from ``teacher`` if given."""
+    inputs, targets = batch.inputs, batch.targets
+    if mixer is not None:
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
+            raise TypeError("mixup / cutmix need image batches: inputs must be one (N, C, H, W) tensor")
+        with batch.explained("mixup / cutmix"):
+            inputs, targets = mixer(inputs, targets)
+    outputs = batch.forward(net, inputs)
+    loss = batch.loss(F.cross_entropy, outputs, targets)
+    if teacher is None:
+        return outputs, loss
+    with torch.no_grad():
+        teacher_outputs = batch.forward(teacher, inputs, role="the teacher")
+    if getattr(teacher_outputs, "shape", None) != outputs.shape:
+        raise ValueError(
+            f"the teacher outputs {describe_value(teacher_outputs)} but the model {describe_value(outputs)} on "
+            f"batch {batch.index} of train_loader; distillation needs a teacher with the model's outputs "
+            "(e.g. the unpruned model)"
+        )
+    return outputs, alpha * distillation_loss(outputs, teacher_outputs, temperature) + (1 - alpha) * loss
+
+
+def _output_width(model: nn.Module, batch: LoaderBatch) -> int:
     """The number of classes: the last dim of the model's output on one sample (eval, no grad)."""
     flags = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
         with torch.no_grad():
-            sample = inputs[:1] if isinstance(inputs, torch.Tensor) else inputs
-            out = call_model(model, sample)
+            inputs = batch.inputs
+            out = batch.forward(model, inputs[:1] if isinstance(inputs, torch.Tensor) else inputs)
     finally:
         for module, flag in flags:
             module.training = flag

@@ -22,7 +22,7 @@ __all__ = ["count_flops", "count_parameters", "measure_latency"]
 
 def count_parameters(model: nn.Module) -> int:
     """Number of scalar parameters in ``model``; a parameter shared by several modules counts once."""
-    check_model(model)
+    check_model(model, allow_torchscript=True)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -34,7 +34,7 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
     counted; element-wise ops, normalisation and pooling are free. The model runs in eval
     mode under ``torch.no_grad()``; every submodule's training flag is restored.
     """
-    check_model(model)
+    check_model(model, allow_torchscript=True)
     with eval_mode(model), torch.no_grad():
         counter = FlopCounterMode(display=False)
         with counter:
@@ -61,7 +61,7 @@ def measure_latency(
     is the CPU thread count during timing. The model runs in eval mode under
     ``torch.no_grad()``; every submodule's training flag is restored.
     """
-    check_model(model)
+    check_model(model, allow_torchscript=True)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:

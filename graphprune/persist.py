@@ -5,31 +5,36 @@ On-disk layout: **one safetensors file** (``.safetensors`` is the suggested suff
 * The tensors are the model's ``state_dict()`` entries, stored under their state-dict names
   (CPU, contiguous). A name whose tensor is the very same tensor as an earlier name (tied
   weights) is stored once and listed in the spec's ``aliases``.
-* The file's string metadata holds two keys:
+* The file's string metadata holds three keys:
 
   - ``"graphprune.spec"``: a JSON document, the *pruning spec*::
 
-        {"format": "graphprune.pruned-model", "version": 1, "model": "<class name>",
+        {"format": "graphprune.pruned-model", "version": 2, "model": "<class name>",
          "tensors": {"<state-dict name>": {"shape": [..], "dtype": "float32"}, ...},
          "aliases": {"<state-dict name>": "<stored name>", ...},
          "modules": {"<module name>": {"type": "Conv2d",
                                        "attributes": {"in_channels": 3, "out_channels": 40, ...}}, ...}}
 
-    ``modules`` lists every module that has one of :data:`ATTRIBUTES` (``in_channels``,
-    ``out_channels``, ``groups``, ``num_features``, ``in_features``, ``out_features``,
-    ``normalized_shape``, ``num_groups``, ``num_channels``, ``embedding_dim``,
-    ``num_parameters``) with the value it has in the pruned model;
-  - ``"graphprune.spec_sha256"``: the SHA-256 of that JSON text, so that a damaged or edited
-    spec is detected.
+    ``modules`` lists, for every module that has any, its integer attributes (ints and
+    tuples of ints in its ``__dict__``, such as ``in_channels``, ``normalized_shape``,
+    ``num_heads``, ``head_dim`` or a model's own ``hidden_dim``) with the values they have
+    in the pruned model;
+  - ``"graphprune.spec_sha256"``: the SHA-256 of that JSON text;
+  - ``"graphprune.data_sha256"``: the SHA-256 of every stored tensor's name and bytes, in
+    name order, so that damaged or edited weights are detected too.
 
 :func:`load` reads and checks everything before it touches the model: the file must parse,
-the spec's digest must match, the state-dict names and module types must be those of the
-fresh model, every stored tensor must have the spec's shape, the fresh tensor's rank and no
-dimension larger than the fresh one (pruning only removes), and every listed module's
-attributes must agree with its new parameter shapes. Only then are parameters resized, the
-weights copied and the attributes set; should anything still fail, all of it is undone. Any
-problem with the file raises :class:`ValueError` and leaves the model as it was. Nothing is
-unpickled: safetensors stores raw tensor bytes and the spec is plain JSON.
+both digests must match, the state-dict names and module types must be those of the fresh
+model, every stored tensor must have the spec's shape, the fresh tensor's rank and no
+dimension larger than the fresh one (pruning only removes), every recorded attribute must
+have the kind of value the fresh module holds, and every size attribute
+(:mod:`graphprune.sizes`) must agree with its module's new tensor shapes. Only then are
+parameters resized, the weights copied and the attributes set; should anything still fail,
+KeyboardInterrupt included, all of it is undone. Any problem with the file raises
+:class:`ValueError` and leaves the model as it was. Attributes that the fresh model does not
+have (values a forward caches on its module) are not set. Nothing is unpickled:
+safetensors stores raw tensor bytes and the spec is plain JSON. Files of version 1 (no data
+digest; only the table's size attributes) still load.
 """
 from __future__ import annotations
 
@@ -42,18 +47,17 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from tracer.state import ModelTransaction
+
+from .sizes import size_problems, size_rule
 from .validation import check_model
 
 FORMAT = "graphprune.pruned-model"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SPEC_KEY = "graphprune.spec"
 DIGEST_KEY = "graphprune.spec_sha256"
-
-#: Module attributes that pruning may change; :func:`save` records them, :func:`load` sets them.
-ATTRIBUTES = (
-    "in_channels", "out_channels", "groups", "num_features", "in_features", "out_features",
-    "normalized_shape", "num_groups", "num_channels", "embedding_dim", "num_parameters",
-)
+DATA_DIGEST_KEY = "graphprune.data_sha256"
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -68,6 +72,7 @@ def _safetensors():
 
 
 def _attribute_value(value: Any) -> Any:
+    """An int, or a tuple / list of ints as a list; None for anything else (bools included)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -75,6 +80,16 @@ def _attribute_value(value: Any) -> Any:
     if isinstance(value, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         return list(value)
     return None
+
+
+def _integer_attributes(module: nn.Module) -> dict:
+    """The module's public int and int-tuple attributes (the values pruning may change)."""
+    values = {}
+    for key, value in vars(module).items():
+        recorded = None if key.startswith("_") else _attribute_value(value)
+        if recorded is not None:
+            values[key] = recorded
+    return values
 
 
 def pruning_spec(model: nn.Module) -> dict:
@@ -88,25 +103,43 @@ def pruning_spec(model: nn.Module) -> dict:
         tensors[name] = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).replace("torch.", "")}
     modules = {}
     for name, module in model.named_modules():
-        attributes = {}
-        for attr in ATTRIBUTES:
-            value = _attribute_value(getattr(module, attr, None))
-            if value is not None:
-                attributes[attr] = value
+        attributes = _integer_attributes(module)
         if attributes:
             modules[name] = {"type": type(module).__name__, "attributes": attributes}
     return {"format": FORMAT, "version": VERSION, "model": type(model).__name__, "tensors": tensors, "aliases": aliases, "modules": modules}
 
 
+def _data_digest(tensors: dict) -> str:
+    """SHA-256 over every tensor's name and raw bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode() + b"\0")
+        data = tensors[name].detach().cpu().contiguous().reshape(-1)
+        if data.numel():
+            digest.update(data.view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def _file_path(path: PathLike, verb: str) -> str:
+    """``path`` as a string; IsADirectoryError when it names a directory."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot {verb} {path}: it is a directory; give the path of a file such as "
+                                f"{os.path.join(path, 'model.safetensors')}")
+    return path
+
+
 def save(model: nn.Module, path: PathLike) -> None:
     """Write ``model``'s weights and pruning spec to the safetensors file ``path``.
 
-    The file is written to a temporary name beside ``path`` and renamed into place, so an
-    interrupted save never leaves a half-written file under ``path``. Load it with
-    :func:`load` into a freshly built model of the same architecture.
+    Missing parent directories are created. The file is written to a temporary name beside
+    ``path`` and renamed into place, so an interrupted save never leaves a half-written file
+    under ``path``. Load it with :func:`load` into a freshly built model of the same
+    architecture.
     """
     check_model(model)
     st, _ = _safetensors()
+    path = _file_path(path, "save to")
     spec = pruning_spec(model)
     state = model.state_dict(keep_vars=True)
     tensors, storages = {}, set()
@@ -118,27 +151,37 @@ def save(model: nn.Module, path: PathLike) -> None:
             storages.add(tensor.untyped_storage().data_ptr())
         tensors[name] = tensor
     text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
-    metadata = {SPEC_KEY: text, DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest()}
-    path = os.fspath(path)
+    metadata = {SPEC_KEY: text, DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest(), DATA_DIGEST_KEY: _data_digest(tensors)}
+    _write_atomically(lambda tmp: st.save_file(tensors, tmp, metadata=metadata), path)
+
+
+def _write_atomically(write, path: str) -> None:
+    """``write(temporary path)`` beside ``path``, then rename it to ``path``; an OSError
+    names ``path`` (not the temporary file)."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".graphprune-", suffix=".tmp", dir=directory)
-    os.close(fd)
+    tmp = None
     try:
-        st.save_file(tensors, tmp, metadata=metadata)
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".graphprune-", suffix=".tmp", dir=directory)
+        os.close(fd)
+        write(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except OSError as exc:
+        message = f"cannot write {path}: {exc.strerror or exc}"
+        raise (type(exc)(exc.errno, message) if exc.errno is not None else OSError(message)) from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------- loading
 
 
 def _read(path: str) -> tuple[dict, dict]:
-    """(spec, tensors) from the file, fully read into memory; ValueError if unreadable."""
+    """(spec, tensors) from the file, fully read into memory and checked against its digests;
+    ValueError if unreadable or damaged."""
     _, safe_open = _safetensors()
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path}")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
@@ -149,17 +192,19 @@ def _read(path: str) -> tuple[dict, dict]:
     text = metadata.get(SPEC_KEY)
     if text is None:
         raise ValueError(f"{path} has no graphprune pruning spec; was it written by graphprune.save?")
-    digest = metadata.get(DIGEST_KEY)
-    if digest != hashlib.sha256(text.encode()).hexdigest():
-        raise ValueError(f"{path}: the pruning spec does not match its checksum; the file was modified or damaged")
+    if metadata.get(DIGEST_KEY) != hashlib.sha256(text.encode()).hexdigest():
+        raise ValueError(f"{path} is damaged: the pruning spec does not match its checksum (the file was modified or corrupted)")
     try:
         spec = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: the pruning spec is not valid JSON: {exc}") from exc
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
         raise ValueError(f"{path}: not a graphprune pruning spec (format {spec.get('format') if isinstance(spec, dict) else None!r})")
-    if spec.get("version") != VERSION:
-        raise ValueError(f"{path}: unsupported pruning spec version {spec.get('version')!r}; this graphprune reads version {VERSION}")
+    if spec.get("version") not in READABLE_VERSIONS:
+        raise ValueError(f"{path}: unsupported pruning spec version {spec.get('version')!r}; this graphprune reads versions "
+                         f"{', '.join(map(str, READABLE_VERSIONS))}")
+    if spec["version"] >= 2 and metadata.get(DATA_DIGEST_KEY) != _data_digest(tensors):
+        raise ValueError(f"{path} is damaged: the stored weights do not match their checksum (the file was modified or corrupted)")
     for key in ("tensors", "aliases", "modules"):
         if not isinstance(spec.get(key), dict):
             raise ValueError(f"{path}: the pruning spec's {key!r} entry is missing or malformed")
@@ -173,55 +218,30 @@ def _shape(entry: Any, name: str) -> tuple:
     return tuple(shape)
 
 
-def _check_attributes(module: nn.Module, name: str, attrs: dict, shapes: dict) -> None:
-    """The new attributes must agree with the new parameter shapes of ``module``."""
+def _module_shapes(module: nn.Module, name: str, shapes: dict) -> dict:
+    """The new shapes of the tensors ``module``'s size attributes follow, by path within it."""
+    rule = size_rule(module)
+    paths = {follows.tensor for follows in rule.sizes.values()} if rule is not None else ()
+    full = {path: f"{name}.{path}" if name else path for path in paths}
+    return {path: shapes[key] for path, key in full.items() if key in shapes}
 
-    def new(attr):
-        return attrs.get(attr, getattr(module, attr))
 
-    def shape(param):
-        return shapes.get(f"{name}.{param}" if name else param, tuple(getattr(module, param).shape))
-
-    problems = []
-    if isinstance(module, nn.modules.conv._ConvNd):
-        w = shape("weight")
-        out_c, in_c, groups = new("out_channels"), new("in_channels"), new("groups")
-        if groups < 1 or in_c % groups or out_c % groups:
-            problems.append(f"groups={groups} does not divide in_channels={in_c} and out_channels={out_c}")
-        elif module.transposed and (w[0] != in_c or w[1] * groups != out_c):
-            problems.append(f"weight {w} does not fit in_channels={in_c}, out_channels={out_c}, groups={groups}")
-        elif not module.transposed and (w[0] != out_c or w[1] * groups != in_c):
-            problems.append(f"weight {w} does not fit in_channels={in_c}, out_channels={out_c}, groups={groups}")
-        if module.bias is not None and shape("bias") != (out_c,):
-            problems.append(f"bias {shape('bias')} does not fit out_channels={out_c}")
-    elif isinstance(module, nn.Linear):
-        if shape("weight") != (new("out_features"), new("in_features")):
-            problems.append(f"weight {shape('weight')} does not fit in_features={new('in_features')}, out_features={new('out_features')}")
-    elif isinstance(module, (nn.modules.batchnorm._NormBase)):
-        n = new("num_features")
-        for param in ("weight", "bias", "running_mean", "running_var"):
-            if getattr(module, param, None) is not None and shape(param) != (n,):
-                problems.append(f"{param} {shape(param)} does not fit num_features={n}")
-    elif isinstance(module, nn.GroupNorm):
-        n, g = new("num_channels"), new("num_groups")
-        if g < 1 or n % g:
-            problems.append(f"num_groups={g} does not divide num_channels={n}")
-        for param in ("weight", "bias"):
-            if getattr(module, param, None) is not None and shape(param) != (n,):
-                problems.append(f"{param} {shape(param)} does not fit num_channels={n}")
-    elif isinstance(module, nn.LayerNorm):
-        normalized = tuple(new("normalized_shape"))
-        for param in ("weight", "bias"):
-            if getattr(module, param, None) is not None and shape(param) != normalized:
-                problems.append(f"{param} {shape(param)} does not fit normalized_shape={normalized}")
-    elif isinstance(module, nn.Embedding):
-        if shape("weight")[1:] != (new("embedding_dim"),):
-            problems.append(f"weight {shape('weight')} does not fit embedding_dim={new('embedding_dim')}")
-    elif isinstance(module, nn.PReLU):
-        if shape("weight") != (new("num_parameters"),):
-            problems.append(f"weight {shape('weight')} does not fit num_parameters={new('num_parameters')}")
-    if problems:
-        raise ValueError(f"module {name!r} ({type(module).__name__}): " + "; ".join(problems))
+def _new_attributes(module: nn.Module, name: str, entry: Any, path: str) -> dict:
+    """The attributes a spec entry sets on ``module``, checked to be of the kinds it holds."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("attributes"), dict):
+        raise ValueError(f"{path}: malformed spec entry for module {name!r}")
+    if entry.get("type") != type(module).__name__:
+        raise ValueError(f"{path} does not fit: module {name!r} is {type(module).__name__} but the file has {entry.get('type')!r}")
+    attrs = {}
+    for attr, value in entry["attributes"].items():
+        if attr not in vars(module):
+            continue  # a value some forward caches on its module: not part of the built model
+        current = _attribute_value(vars(module)[attr])
+        if (current is None or type(_attribute_value(value)) is not type(current) or value != _attribute_value(value)
+                or (isinstance(value, list) and len(value) != len(current))):
+            raise ValueError(f"{path}: attribute {name}.{attr} = {value!r} does not fit its current value {vars(module)[attr]!r}")
+        attrs[attr] = type(vars(module)[attr])(value) if isinstance(value, list) else value
+    return attrs
 
 
 def _plan(model: nn.Module, spec: dict, stored: dict, path: str) -> tuple[dict, list]:
@@ -259,26 +279,15 @@ def _plan(model: nn.Module, spec: dict, stored: dict, path: str) -> tuple[dict, 
         shapes[alias] = shapes[target]
 
     modules = dict(model.named_modules())
+    unknown = sorted(set(spec["modules"]) - set(modules))
+    if unknown:
+        raise ValueError(f"{path} does not fit {type(model).__name__}: no module {unknown[0]!r}")
     changes = []
-    for name, entry in spec["modules"].items():
-        module = modules.get(name)
-        if module is None or not isinstance(entry, dict) or not isinstance(entry.get("attributes"), dict):
-            raise ValueError(f"{path} does not fit {type(model).__name__}: no module {name!r}" if module is None else f"{path}: malformed spec entry for module {name!r}")
-        if entry.get("type") != type(module).__name__:
-            raise ValueError(f"{path} does not fit {type(model).__name__}: module {name!r} is {type(module).__name__} but the file has {entry.get('type')!r}")
-        attrs = {}
-        for attr, value in entry["attributes"].items():
-            if attr not in ATTRIBUTES or not hasattr(module, attr):
-                raise ValueError(f"{path}: unexpected attribute {attr!r} for module {name!r}")
-            current = getattr(module, attr)
-            if _attribute_value(current) is None or type(_attribute_value(value)) is not type(_attribute_value(current)) or value != _attribute_value(value):
-                raise ValueError(f"{path}: attribute {name}.{attr} = {value!r} does not fit its current value {current!r}")
-            if isinstance(value, list):
-                if len(value) != len(current):
-                    raise ValueError(f"{path}: attribute {name}.{attr} = {value!r} does not fit its current value {current!r}")
-                value = type(current)(value)
-            attrs[attr] = value
-        _check_attributes(module, name, attrs, shapes)
+    for name, module in modules.items():
+        attrs = _new_attributes(module, name, spec["modules"][name], path) if name in spec["modules"] else {}
+        problems = size_problems(module, _module_shapes(module, name, shapes), attrs)
+        if problems:
+            raise ValueError(f"{path}: module {name!r} ({type(module).__name__}): " + "; ".join(problems))
         changes += [(module, attr, value) for attr, value in attrs.items() if value != getattr(module, attr)]
     return values, changes
 
@@ -292,31 +301,23 @@ def load(model: nn.Module, path: PathLike) -> nn.Module:
     the model is then left untouched. See the module docstring for the checks and the layout.
     """
     check_model(model)
-    path = os.fspath(path)
+    path = _file_path(path, "load")
     spec, stored = _read(path)
     values, changes = _plan(model, spec, stored, path)
 
     state = model.state_dict(keep_vars=True)
-    undo_tensors, undo_attrs = [], []
     try:
-        with torch.no_grad():
+        with ModelTransaction(model), torch.no_grad():
             for name, value in values.items():
                 tensor = state[name]
-                undo_tensors.append((tensor, tensor.data, tensor.grad))
                 tensor.data = value.to(device=tensor.device, dtype=tensor.dtype).clone()
                 if tensor.grad is not None and tensor.grad.shape != tensor.shape:
                     tensor.grad = None
-        for module, attr, value in changes:
-            undo_attrs.append((module, attr, getattr(module, attr)))
-            setattr(module, attr, value)
+            for module, attr, value in changes:
+                setattr(module, attr, value)
     except Exception as exc:
-        for tensor, data, grad in reversed(undo_tensors):
-            tensor.data = data
-            tensor.grad = grad
-        for module, attr, value in reversed(undo_attrs):
-            setattr(module, attr, value)
         raise ValueError(f"loading {path} failed and the model was restored: {type(exc).__name__}: {exc}") from exc
     return model
 
 
-__all__ = ["save", "load", "pruning_spec", "ATTRIBUTES", "FORMAT", "VERSION"]
+__all__ = ["save", "load", "pruning_spec", "FORMAT", "VERSION"]

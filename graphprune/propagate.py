@@ -119,7 +119,9 @@ class Propagation:
         key = (id(tensor), dim)
         member = self.param_dims.get(key)
         if member is None:
-            owners = self._owner_names.get(id(tensor), [("", "<tensor>")])
+            owners = self._owner_names.get(id(tensor))
+            if owners is None or not (tensor.is_floating_point() or tensor.is_complex()):
+                return self._not_a_member(tensor, dim, owners)
             size = tensor.shape[dim]
             if size == 1:
                 ids = np.array([NO_ID])
@@ -130,6 +132,20 @@ class Propagation:
             member = ParamDim(tensor, dim, ids, role, owners)
             self.param_dims[key] = member
         return member.ids
+
+    def _not_a_member(self, tensor: torch.Tensor, dim: int, owners: Optional[list]) -> np.ndarray:
+        """Blocked ids for a tensor dim that cannot be pruned: an integer tensor (indices,
+        not channels), or one that no module holds (computed on each call)."""
+        if owners is None:
+            reason = ("a weight computed on each call, not a parameter or buffer (a parametrization such as "
+                      "weight_norm or spectral_norm?); remove it (torch.nn.utils.parametrize."
+                      "remove_parametrizations) to prune these channels")
+            name = "<computed tensor>"
+        else:
+            name = f"{owners[0][0]}.{owners[0][1]}" if owners[0][0] else owners[0][1]
+            reason = f"{name} holds {tensor.dtype} values (indices, not channels)"
+        size = tensor.shape[dim]
+        return np.array([NO_ID]) if size == 1 else self.space.new_set(size, f"{name} dim {dim}", reason)
 
     def attr(self, module: str, attr: str, ids: np.ndarray, update: Callable[[Any, int], Any]) -> None:
         self.attr_members.append(AttrMember(module, attr, ids, update))
@@ -144,7 +160,7 @@ class Propagation:
 
     def block(self, labels: Any, reason: str) -> None:
         """Block every id found in (nested) ``labels``."""
-        for ids in _iter_arrays(labels):
+        for ids in iter_arrays(labels):
             self.space.block(ids, reason)
 
     def note(self, ids: np.ndarray, why: str) -> None:
@@ -154,12 +170,13 @@ class Propagation:
             self.notes.setdefault(int(set_index), why)
 
 
-def _iter_arrays(labels: Any):
+def iter_arrays(labels: Any):
+    """Every id array in (nested) ``labels``."""
     if isinstance(labels, np.ndarray):
         yield labels
     elif isinstance(labels, (tuple, list)):
         for item in labels:
-            yield from _iter_arrays(item)
+            yield from iter_arrays(item)
 
 
 def _tensor_owners(modules: dict[str, nn.Module]) -> dict[int, list]:
@@ -187,6 +204,9 @@ def propagate(graph: nx.DiGraph, prune_heads: bool = False) -> Propagation:
         state.part = attrs["part"]
         rule, why = rule_for(state, attrs)
         state.labels[name] = rule(state, attrs["fx"]) if why is None else _block_unknown(state, attrs, why)
+        stored_as = attrs["fx"].meta.get("stored_as")
+        if stored_as is not None:  # a second output, kept on a module for later
+            state.block(state.labels[name], f"stored on {stored_as} by forward (an output outside the graph)")
     return state
 
 

@@ -8,10 +8,12 @@ import torch
 from torch import nn
 
 from tracer.shape_rules import dense_layout
+from tracer.state import interrupts_deferred
 
 from .channels import per_array
 from .groups import Group
 from .propagate import Propagation
+from .sizes import derived_sizes, size_problems
 
 
 class PruningError(RuntimeError):
@@ -134,6 +136,27 @@ class _Transaction:
             setattr(module, name, value)
 
 
+def _verified(verify: Optional[Callable[[np.ndarray, bool], None]], removed: np.ndarray, transaction: _Transaction) -> bool:
+    """Run ``verify`` on the placeholders, and on the values if it asks for them; returns
+    whether the values are in place already (then the originals are still held)."""
+    try:
+        if verify is not None:
+            verify(removed, False)
+    except ValuesNeeded:
+        transaction.commit(release=False)
+        verify(removed, True)
+        return True
+    return False
+
+
+def _failure(exc: Exception, restored: bool) -> PruningError:
+    """The :class:`PruningError` to raise for ``exc``."""
+    if not restored:  # a failure inside the final copy, after an original was dropped
+        return PruningError(f"pruning failed while copying the kept weights, and the model could not be "
+                            f"restored; load it again: {type(exc).__name__}: {exc}")
+    return PruningError(f"pruning failed and the model was restored: {type(exc).__name__}: {exc}")
+
+
 class ChannelSurgery:
     """Applies pruning plans to the model that ``state`` was propagated from.
 
@@ -180,19 +203,27 @@ class ChannelSurgery:
         return checked
 
     def prune_groups(
-        self, plan: Mapping[Group, Sequence[int]], verify: Optional[Callable[[np.ndarray, bool], None]] = None
+        self,
+        plan: Mapping[Group, Sequence[int]],
+        verify: Optional[Callable[[np.ndarray, bool], None]] = None,
+        on_commit: Optional[Callable[[], None]] = None,
     ) -> None:
-        """Remove ``plan[group]`` channels from each group; roll everything back on any error
-        (in the final copy of the kept values, only until the first original was dropped).
+        """Remove ``plan[group]`` channels from each group, as one transaction.
 
         ``verify(removed, filled)`` runs inside the transaction, with the removed flag of every
         root id, once every tensor and size attribute has its new value: first with
         ``filled=False``, while the tensors hold zero placeholders of their new shapes (the
         kept values are copied in only after it passed, each original freed as soon as it is
         copied, so pruning needs little memory beyond the model). If it needs the values it
-        raises :class:`ValuesNeeded`; it is then called again with ``filled=True`` after the
-        copy. If it raises anything else, the model is restored and the error is re-raised as
-        :class:`PruningError` (the original error is its ``__cause__``).
+        raises :class:`ValuesNeeded`; it is then called again with ``filled=True`` after a
+        copy that keeps the originals.
+
+        Any exception before the final copy, ``KeyboardInterrupt`` included, restores the
+        model bit for bit; an ``Exception`` is then re-raised as :class:`PruningError` (the
+        original is its ``__cause__``), anything else as it is. ``on_commit()`` is called at
+        the point of no return, just before the first original is dropped. A Ctrl-C during
+        the final copy is held until the copy ends; an error inside it restores only what
+        was not yet copied, and says so.
         """
         checked = self._validate(plan)
         if not checked:
@@ -203,20 +234,23 @@ class ChannelSurgery:
         transaction = _Transaction()
         try:
             self._apply(transaction, removed)
-            try:
-                if verify is not None:
-                    verify(removed, False)
-            except ValuesNeeded:
-                transaction.commit(release=False)
-                verify(removed, True)
-            else:
-                transaction.commit(release=True)
-        except Exception as exc:
+            filled = _verified(verify, removed, transaction)
+        except BaseException as exc:
             transaction.rollback()
-            if transaction.released:  # a failure inside the final copy, after an original was dropped
-                raise PruningError(f"pruning failed while copying the kept weights, and the model could not be "
-                                   f"restored; load it again: {type(exc).__name__}: {exc}") from exc
-            raise PruningError(f"pruning failed and the model was restored: {type(exc).__name__}: {exc}") from exc
+            if not isinstance(exc, Exception):
+                raise
+            raise _failure(exc, restored=True) from exc
+        with interrupts_deferred():
+            if on_commit is not None:
+                on_commit()
+            if not filled:
+                try:
+                    transaction.commit(release=True)
+                except BaseException as exc:
+                    transaction.rollback()
+                    if not isinstance(exc, Exception):
+                        raise
+                    raise _failure(exc, restored=not transaction.released) from exc
         self._removed = removed
         self._pruned.update(group.id for group in checked)
 
@@ -238,14 +272,24 @@ class ChannelSurgery:
             return int((~self._removed[roots[valid]]).sum()) + fixed, int((~removed[roots[valid]]).sum()) + fixed
 
         shrinking: dict[int, tuple] = {}  # id(tensor) -> (tensor, {dim: kept positions})
+        owners: dict[str, None] = {}  # modules owning a shrunk tensor, in graph order
         for member in self.state.param_dims.values():
             keep = keep_of(member.ids) if member.ids[0] >= 0 else None
             if keep is not None:
                 shrinking.setdefault(id(member.tensor), (member.tensor, {}))[1][member.dim] = keep
+                owners.update(dict.fromkeys(module for module, _ in member.owners))
         for tensor, keep in shrinking.values():
             transaction.shrink(tensor, keep)
-        for attr in self.state.attr_members:
+        for attr in self.state.attr_members:  # counts (groups, heads) and sizes the rules follow
             before, kept = counts(attr.ids)
             if kept != before:
                 module = self.state.module(attr.module)
                 transaction.set_attr(module, attr.attr, attr.update(getattr(module, attr.attr), kept))
+        for name in owners:  # then every size attribute that the table reads off the new shapes
+            module = self.state.module(name)
+            for attr, value in derived_sizes(module).items():
+                if value is None:
+                    raise ValueError(f"{name} ({type(module).__name__}): pruned to sizes that leave "
+                                     f"{attr} fractional ({'; '.join(size_problems(module))})")
+                if value != getattr(module, attr, None):
+                    transaction.set_attr(module, attr, value)

@@ -5,15 +5,24 @@ import math
 import numbers
 from typing import Any, Optional
 
+import torch
 from torch import nn
 
 __all__ = ["check_model", "check_int", "check_real"]
 
 
-def check_model(model: Any, name: str = "model") -> None:
-    """Raise TypeError unless ``model`` is an ``nn.Module``."""
+def check_model(model: Any, name: str = "model", *, allow_torchscript: bool = False) -> None:
+    """Raise TypeError unless ``model`` is an ``nn.Module``; a TorchScript module
+    (``torch.jit.script`` / ``torch.jit.trace``) too, unless ``allow_torchscript`` (for
+    functions that only run the model, never trace or change it)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+    if not allow_torchscript and isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"{name} is a TorchScript module ({type(model).__name__}), which graphprune cannot trace or change; "
+            "analyse, prune and graphprune.save the nn.Module before scripting it: "
+            "torch.jit.script(graphprune.prune(model, ...))"
+        )
 
 
 def check_int(value: Any, name: str, minimum: int) -> int:

@@ -42,18 +42,56 @@ def assert_same_state(model: torch.nn.Module, snapshot: dict) -> None:
         assert torch.equal(after, before), f"{key}: values changed"
 
 
-SIZE_ATTRS = (
-    "in_channels", "out_channels", "groups", "num_features", "num_channels", "num_groups",
-    "in_features", "out_features", "normalized_shape", "num_parameters", "embedding_dim",
-)
+def model_state(model: torch.nn.Module) -> dict:
+    """Everything graphprune must leave as it was after a failure: every parameter's and
+    buffer's values (copied), object, gradient (copied) and requires_grad, every module's
+    training flag, children, hooks and other attributes (values, or identities of objects)."""
+    state = {"tensors": {}, "modules": {}}
+    for name, module in model.named_modules():
+        for key, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is not None:
+                grad = None if tensor.grad is None else tensor.grad.detach().clone()
+                state["tensors"][(name, key)] = (tensor, tensor.detach().clone(), grad, tensor.requires_grad)
+        attrs = {}
+        for key, value in vars(module).items():
+            if isinstance(value, dict):
+                value = dict(value)  # parameters, buffers, children and hooks: the objects, by identity
+            attrs[key] = value
+        state["modules"][name] = (module, attrs)
+    return state
+
+
+def assert_model_unchanged(model: torch.nn.Module, before: dict) -> None:
+    """``model`` is bit for bit as :func:`model_state` recorded it."""
+    after = model_state(model)
+    assert list(after["modules"]) == list(before["modules"]), "modules were added or removed"
+    for name, (module, attrs) in before["modules"].items():
+        now_module, now = after["modules"][name]
+        assert now_module is module, f"module {name!r} was replaced"
+        assert list(now) == list(attrs), f"{name!r}: attributes {sorted(set(now) ^ set(attrs))} added or removed"
+        for key, value in attrs.items():
+            if isinstance(value, torch.Tensor):
+                assert now[key] is value, f"{name}.{key} was replaced"
+            else:
+                assert now[key] is value or now[key] == value, f"{name}.{key}: {value!r} -> {now[key]!r}"
+    assert list(after["tensors"]) == list(before["tensors"])
+    for key, (tensor, values, grad, requires_grad) in before["tensors"].items():
+        now_tensor, now_values, now_grad, now_requires_grad = after["tensors"][key]
+        assert now_tensor is tensor, f"{key} was replaced"
+        assert now_values.dtype == values.dtype and now_values.shape == values.shape, f"{key}: shape or dtype changed"
+        assert torch.equal(now_values, values), f"{key}: values changed"
+        assert (now_grad is None) == (grad is None) and (grad is None or torch.equal(now_grad, grad)), f"{key}: grad changed"
+        assert now_requires_grad == requires_grad, f"{key}: requires_grad changed"
 
 
 def size_attrs(model: torch.nn.Module) -> dict:
-    """Every size attribute of every submodule, keyed by (module name, attribute)."""
+    """Every size and count attribute (graphprune.sizes) of every submodule, keyed by (module name, attribute)."""
+    from graphprune.sizes import size_attribute_names
+
     return {
         (name, attr): getattr(module, attr)
         for name, module in model.named_modules()
-        for attr in SIZE_ATTRS
+        for attr in size_attribute_names(module)
         if hasattr(module, attr)
     }
 

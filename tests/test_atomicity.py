@@ -98,3 +98,24 @@ def test_failing_audit_in_prune_restores_everything(monkeypatch):
     with pytest.raises(graphprune.PruningError, match="audit crashed"):
         graphprune.prune(model, 0.5, X)
     _assert_restored(model, snapshot, attrs, params, grads, reference)
+
+
+# --------------------------------------------------------------------------- isolation
+def test_a_pruned_model_that_no_longer_runs_blocks_the_groups_at_the_failing_node(monkeypatch):
+    """A size that does not follow the pruning (here: one buffer the surgery is made to
+    skip) breaks the pruned model's forward at one node. The audit names that node, blocks
+    the groups that flow into it, and prunes the rest."""
+    model = small_net()
+    skip, shrink = model.bna.running_var, graphprune.surgery._Transaction.shrink
+    monkeypatch.setattr(graphprune.surgery._Transaction, "shrink",
+                        lambda self, tensor, keep: None if tensor is skip else shrink(self, tensor, keep))
+    report = graphprune.analyze(model, X)
+    graphprune.prune(model, 0.5, X, report=report)
+    assert widths(model) == (8, 12, 12)  # the inner width (conva, bna) is kept; the others are halved
+    inner = next(g for g in report.groups if g.root == "conva")
+    assert inner.blocked == [inner.blocked[0]] and inner.blocked[0].startswith(
+        "shape audit: the pruned model no longer runs on the example inputs, which the model took before "
+        "pruning (at node 'bna': running_var should contain 6 elements not 12)")
+    assert all(not g.blocked for g in report.groups if g.root in ("conv1", "conv3"))
+    with torch.no_grad():
+        assert model(X).shape == (2, 10)

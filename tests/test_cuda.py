@@ -127,26 +127,41 @@ def test_budgets_on_cuda(budget):
     assert result.within_tolerance and abs(result.achieved - 0.5) <= 0.01
 
 
-def test_latency_budget_on_cuda_times_the_device():
+def test_latency_budget_on_cuda_times_the_device(monkeypatch):
     # On a GPU latency is a step function of the widths: on an H200 (float32, batch 64 at 224x224)
     # resnet18 took 1.01-1.09x the original's time at ratios 0.3-0.49 without round_to, 0.56x at
     # 0.5 (every width a multiple of 8); with round_to=8, 0.92x at 0.3, 0.85x at 0.4-0.45 and
-    # 0.58-0.61x at 0.48-0.55 (benchmarks/results/latency_cuda_resnet18.md). So the test asks for
-    # the contract, not for a landing: the result is the model's real time, and the tolerance
-    # flag and the warning tell the truth about it.
+    # 0.58-0.61x at 0.48-0.55 (benchmarks/results/latency_cuda_resnet18.md). Those steps differ
+    # from one GPU to another, and timings from run to run, so the test asks for the contract, not
+    # for a landing or for a second timing to repeat the first: the device's clock times the
+    # unpruned copy against each pruned candidate on the device, the model kept is one of the
+    # candidates timed, its result is the mean of its own measurements, and the tolerance flag
+    # and the warning tell the truth about it (as test_planning does on the CPU).
     model = _resnet18().to(CUDA)
-    reference = copy.deepcopy(model)
     x = torch.randn(64, 3, 224, 224, device=CUDA)
+    flops = graphprune.count_flops(model, x)
+    timed = []  # (reference FLOPs, candidate FLOPs as a fraction of the original's, devices, measured ratio)
+
+    def clocked(reference, pruned, inputs, repeats):
+        ratio = latency_ratio(reference, pruned, inputs, repeats=repeats)
+        devices = {p.device.type for m in (reference, pruned) for p in m.parameters()}
+        timed.append((graphprune.count_flops(reference, inputs), graphprune.count_flops(pruned, inputs) / flops,
+                      devices, ratio))
+        return ratio
+
+    monkeypatch.setattr(graphprune.budget, "latency_ratio", clocked)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = graphprune.prune(model, example_inputs=x, target_latency=0.6, tolerance=0.05, round_to=8,
                                   return_result=True)
+    assert timed and all(reference == flops and devices == {"cuda"} for reference, _, devices, _ in timed)
+    assert all(np.isfinite(ratio) and ratio > 0 for *_, ratio in timed)
+    kept = graphprune.count_flops(model, x) / flops
+    assert kept < 1 and result.after["flops"] < result.before["flops"]
+    own = [ratio for _, fraction, _, ratio in timed if fraction == kept]
+    assert own and result.achieved == pytest.approx(np.mean(own))  # the kept model's own timings
     warned = any(issubclass(w.category, graphprune.BudgetWarning) for w in caught)
     assert result.within_tolerance == (abs(result.achieved - 0.6) <= 0.05 * 0.6) == (not warned)
-    assert result.after["flops"] < result.before["flops"] and result.achieved < 0.9
-    with torch.no_grad():
-        again = latency_ratio(reference, model, x)
-    assert again == pytest.approx(result.achieved, rel=0.05)
 
 
 def test_finetune_and_evaluate_on_cuda_from_a_cpu_loader():

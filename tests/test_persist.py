@@ -12,6 +12,8 @@ import graphprune
 from graphprune import persist
 from graphprune.models import get_model
 
+from conftest import size_attrs, state_snapshot
+
 safetensors_torch = pytest.importorskip("safetensors.torch")
 from safetensors import safe_open  # noqa: E402
 
@@ -19,9 +21,7 @@ X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
 def _snapshot(model: nn.Module) -> tuple:
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    attrs = {(n, a): getattr(m, a) for n, m in model.named_modules() for a in persist.ATTRIBUTES if hasattr(m, a)}
-    return state, attrs
+    return state_snapshot(model), size_attrs(model)
 
 
 def _assert_unchanged(model: nn.Module, snapshot: tuple) -> None:
@@ -30,7 +30,7 @@ def _assert_unchanged(model: nn.Module, snapshot: tuple) -> None:
     assert list(now) == list(state)
     for key, value in state.items():
         assert now[key].shape == value.shape and torch.equal(now[key], value), key
-    assert {(n, a): getattr(m, a) for n, m in model.named_modules() for a in persist.ATTRIBUTES if hasattr(m, a)} == attrs
+    assert size_attrs(model) == attrs
 
 
 def _pruned(name: str, ratio: float = 0.5) -> nn.Module:
@@ -53,8 +53,8 @@ def saved(tmp_path_factory):
     return model, path
 
 
-def _rewrite(src, dst, *, spec=None, text=None, digest=None, tensors=None):
-    """Copy a saved file with an edited spec (and, unless given, a matching checksum)."""
+def _rewrite(src, dst, *, spec=None, text=None, digest=None, tensors=None, data_digest=True):
+    """Copy a saved file with an edited spec (and, unless given, a matching checksum) and matching data digest."""
     with safe_open(str(src), framework="pt") as f:
         metadata = f.metadata()
         stored = {k: f.get_tensor(k) for k in f.keys()}
@@ -63,8 +63,11 @@ def _rewrite(src, dst, *, spec=None, text=None, digest=None, tensors=None):
     text = metadata[persist.SPEC_KEY] if text is None else text
     import hashlib
 
+    tensors = tensors if tensors is not None else stored
     metadata = {persist.SPEC_KEY: text, persist.DIGEST_KEY: digest or hashlib.sha256(text.encode()).hexdigest()}
-    safetensors_torch.save_file(tensors if tensors is not None else stored, str(dst), metadata=metadata)
+    if data_digest:
+        metadata[persist.DATA_DIGEST_KEY] = persist._data_digest(tensors)
+    safetensors_torch.save_file(tensors, str(dst), metadata=metadata)
     return dst
 
 
@@ -80,9 +83,7 @@ def test_round_trip_is_exact(tmp_path, name):
         assert torch.equal(fresh(X), model(X))
     for (key, a), (_, b) in zip(fresh.state_dict().items(), model.state_dict().items()):
         assert a.dtype == b.dtype and torch.equal(a, b), key
-    for (name_a, a), (_, b) in zip(fresh.named_modules(), model.named_modules()):
-        for attr in persist.ATTRIBUTES:
-            assert getattr(a, attr, None) == getattr(b, attr, None), (name_a, attr)
+    assert size_attrs(fresh) == size_attrs(model)
     assert all(isinstance(p, nn.Parameter) for p in fresh.parameters())
 
 
@@ -95,7 +96,10 @@ def test_file_layout(saved):
     assert spec["format"] == persist.FORMAT and spec["version"] == persist.VERSION and spec["model"] == "CifarResNet"
     assert keys == set(model.state_dict()) == set(spec["tensors"])
     assert spec["tensors"]["conv1.weight"]["shape"] == list(model.conv1.weight.shape)
-    assert spec["modules"]["conv1"] == {"type": "Conv2d", "attributes": {"in_channels": 3, "out_channels": model.conv1.out_channels, "groups": 1}}
+    assert spec["modules"]["conv1"] == {"type": "Conv2d", "attributes": {
+        "in_channels": 3, "out_channels": model.conv1.out_channels, "groups": 1,
+        "kernel_size": [3, 3], "stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "output_padding": [0, 0]}}
+    assert persist.DATA_DIGEST_KEY in metadata
     assert spec["modules"]["bn1"]["attributes"]["num_features"] == model.bn1.num_features < 16
 
 
@@ -155,17 +159,24 @@ def test_garbage_and_foreign_files(tmp_path):
 
 def test_tampered_spec_bytes(saved, tmp_path):
     """Editing the JSON in place (same length, still valid JSON) breaks its checksum."""
-    data = bytearray(saved[1].read_bytes())
-    header_len = int.from_bytes(data[:8], "little")
-    header = data[8 : 8 + header_len].decode()
-    needle = '\\"num_features\\":'
-    at = header.index(needle) + len(needle)
-    digit = header[at]
-    header = header[:at] + ("7" if digit != "7" else "6") + header[at + 1 :]
-    data[8 : 8 + header_len] = header.encode()
-    path = tmp_path / "tampered.safetensors"
-    path.write_bytes(bytes(data))
-    _rejects(path, match="checksum")
+
+    def edit(data: bytearray) -> None:
+        header_len = int.from_bytes(data[:8], "little")
+        header = data[8 : 8 + header_len].decode()
+        needle = '\\"num_features\\":'
+        at = header.index(needle) + len(needle)
+        header = header[:at] + ("7" if header[at] != "7" else "6") + header[at + 1 :]
+        data[8 : 8 + header_len] = header.encode()
+
+    _rejects(_edited(saved[1], tmp_path / "tampered.safetensors", edit), match="the pruning spec does not match its checksum")
+
+
+def _edited(src, dst, edit):
+    """A copy of the file ``src`` at ``dst`` with its bytes changed by ``edit(bytearray)``."""
+    data = bytearray(src.read_bytes())
+    edit(data)
+    dst.write_bytes(bytes(data))
+    return dst
 
 
 def test_tampered_spec_with_matching_checksum(saved, tmp_path):
@@ -238,3 +249,45 @@ def test_tied_weights_and_other_layers(tmp_path):
     assert (fresh.group.num_channels, fresh.group.num_groups) == (model.group.num_channels, model.group.num_groups)
     with torch.no_grad():
         assert torch.equal(fresh(tokens), model(tokens))
+
+
+def test_damaged_weights_are_detected(saved, tmp_path):
+    """Flipping one byte of the stored tensor data (not the spec) breaks the data checksum."""
+
+    def flip(data: bytearray) -> None:
+        data[-3] ^= 0x40
+
+    _rejects(_edited(saved[1], tmp_path / "flipped.safetensors", flip),
+             match="is damaged: the stored weights do not match their checksum")
+
+
+def test_files_of_version_1_still_load(saved, tmp_path):
+    """Version 1 had no data digest and listed only the table's size attributes."""
+    model, src = saved
+    with safe_open(str(src), framework="pt") as f:
+        spec = json.loads(f.metadata()[persist.SPEC_KEY])
+    names = {"in_channels", "out_channels", "groups", "num_features", "in_features", "out_features"}
+    spec["version"] = 1
+    spec["modules"] = {name: {**entry, "attributes": {k: v for k, v in entry["attributes"].items() if k in names}}
+                       for name, entry in spec["modules"].items()}
+    path = _rewrite(src, tmp_path / "v1.safetensors", spec=spec, data_digest=False)
+    fresh = graphprune.load(get_model("resnet20").eval(), path)
+    with torch.no_grad():
+        assert torch.equal(fresh(X), model(X))
+
+
+def test_paths_that_are_not_files(saved, tmp_path):
+    model, path = saved
+    nested = tmp_path / "new" / "dirs" / "model.safetensors"
+    graphprune.save(model, nested)  # missing parent directories are created
+    assert nested.is_file()
+    with pytest.raises(IsADirectoryError, match="is a directory; give the path of a file"):
+        graphprune.save(model, tmp_path)
+    with pytest.raises(IsADirectoryError, match="cannot load .* is a directory"):
+        graphprune.load(get_model("resnet20"), tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match=f"cannot write {blocker / 'model.safetensors'}") as info:
+        graphprune.save(model, blocker / "model.safetensors")
+    assert ".graphprune-" not in str(info.value) and ".tmp" not in str(info.value)
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "new"]  # no temporary file left anywhere

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import traceback
-from typing import Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 import torch.fx as fx
@@ -17,14 +17,33 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 class TraceError(RuntimeError):
     """torch.fx could not capture the model; the message names where and what to do."""
 
-    def __init__(self, message: str, module_name: Optional[str] = None, location: Optional[str] = None):
+    def __init__(self, message: str, module_name: Optional[str] = None, location: Optional[str] = None,
+                 node_name: Optional[str] = None):
         super().__init__(message)
         self.module_name = module_name
         self.location = location
+        self.node_name = node_name  # the traced node that failed, when the graph was captured
+
+
+def forward_hooks(module: nn.Module) -> list:
+    """Names of the forward and forward-pre hooks that run when ``module`` is called: its own
+    and those registered for every module (empty if none)."""
+    from torch.nn.modules import module as registry
+
+    hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values(),
+             *getattr(registry, "_global_forward_pre_hooks", {}).values(),
+             *getattr(registry, "_global_forward_hooks", {}).values()]
+    return [getattr(h, "__qualname__", None) or type(h).__name__ for h in hooks]
 
 
 class _LeafAwareTracer(fx.Tracer):
-    """fx tracer that keeps user-chosen modules as leaves and remembers where tracing failed."""
+    """fx tracer that keeps user-chosen modules as leaves and remembers where tracing failed.
+
+    Buffers are read through ``get_attr`` nodes like parameters (not folded into constants),
+    and a module with forward hooks is a leaf, so that its hooks run when the graph is run.
+    """
+
+    proxy_buffer_attributes = True
 
     def __init__(self, leaf_modules: Iterable[LeafSpec]):
         super().__init__()
@@ -37,7 +56,8 @@ class _LeafAwareTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if (
-            module_qualified_name in self._leaf_names
+            forward_hooks(m)
+            or module_qualified_name in self._leaf_names
             or id(m) in self._leaf_ids
             or (self._leaf_types and isinstance(m, self._leaf_types))
             or any(test(m, module_qualified_name) for test in self._leaf_tests)
@@ -71,14 +91,40 @@ def check_leaf_names(model: nn.Module, leaf_modules: Iterable[LeafSpec]) -> None
         raise TypeError(f"leaf_modules entries must be module names, classes, modules or predicates; got {bad!r}")
 
 
+def _proxies(value: Any, seen: set) -> Iterator[fx.Proxy]:
+    """Every fx Proxy in ``value`` and in the dicts, lists and tuples inside it."""
+    if isinstance(value, fx.Proxy):
+        yield value
+    elif isinstance(value, (dict, list, tuple, set)) and id(value) not in seen:
+        seen.add(id(value))
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from _proxies(item, seen)
+
+
+def _mark_stored_values(model: nn.Module) -> None:
+    """Mark each traced value that the forward stored on a module (``self.aux = x``, or in a
+    dict or list held by a module): ``node.meta["stored_as"]`` is where. Such a value is
+    an output that the graph's own output does not show."""
+    seen: set = set()
+    for name, module in model.named_modules():
+        for key, value in vars(module).items():
+            for proxy in _proxies(value, seen):
+                proxy.node.meta.setdefault("stored_as", f"{name}.{key}" if name else key)
+
+
 def capture(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.Graph:
     """Symbolically trace ``model`` into an fx Graph whose module and attribute targets are
-    qualified names in ``model`` itself (run it with ``fx.Interpreter(model, graph=...)``)."""
+    qualified names in ``model`` itself (run it with ``fx.Interpreter(model, graph=...)``).
+
+    What the trace leaves on the model (values stored by the forward, constants torch.fx
+    attaches to it) stays until the caller restores it (:func:`tracer.trace` does).
+    """
     leaf_modules = list(leaf_modules)
     check_leaf_names(model, leaf_modules)
     tracer = _LeafAwareTracer(leaf_modules)
     try:
         graph = tracer.trace(model)
+        _mark_stored_values(model)
     except Exception as exc:  # fx raises many types; all mean "not traceable as written"
         frame = _user_frame(exc)
         where = f"{frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`" if frame else "unknown line"

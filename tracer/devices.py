@@ -1,10 +1,15 @@
-"""Where a model and its inputs live."""
+"""Where a model and its inputs live, and running a model on a data loader's batches."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
+
+from .graph import call_model
+
+INPUTS_CONVENTION = "a tensor is the one input, a tuple holds positional inputs, a dict keyword inputs"
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -24,3 +29,64 @@ def to_device(value: Any, device: torch.device, non_blocking: bool = False) -> A
     if isinstance(value, (tuple, list)):
         return type(value)(to_device(v, device, non_blocking) for v in value)
     return value
+
+
+def describe_value(value: Any, dtypes: bool = True) -> str:
+    """A short description of (nested) inputs or a batch: ``tensor(2, 3, 8, 8) float32`` (without
+    the dtype unless ``dtypes``), ``(…, …)`` for a tuple, ``[…]`` for a list, ``{key: …}``, else
+    the type's name."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor{tuple(value.shape)}" + (f" {str(value.dtype).replace('torch.', '')}" if dtypes else "")
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {describe_value(v, dtypes)}" for k, v in value.items()) + "}"
+    if isinstance(value, (tuple, list)):
+        inner = ", ".join(describe_value(v, dtypes) for v in value)
+        return f"[{inner}]" if isinstance(value, list) else f"({inner})"
+    return type(value).__name__
+
+
+class LoaderBatch:
+    """The ``index``-th ``(inputs, targets)`` batch of ``loader`` (a name such as "Taylor's
+    data_loader"), moved to ``device``.
+
+    :meth:`forward` and :meth:`loss` run a model and a loss on it. When one raises an
+    ``Exception`` (not a ``BaseException`` such as ``KeyboardInterrupt``, and not running out
+    of memory), a ``ValueError`` names the loader, the batch, what it held, what failed, and
+    the remedy; the original exception is its ``__cause__``. A batch that is not a pair is a
+    ``TypeError``.
+    """
+
+    def __init__(self, batch: Any, index: int, loader: str, device: torch.device, loss_name: str = "loss_fn"):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise TypeError(
+                f"each batch of {loader} must be an (inputs, targets) pair, got {type(batch).__name__}"
+                + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+            )
+        self.index, self.loader, self.loss_name = index, loader, loss_name
+        self.inputs, self.targets = to_device(batch[0], device), to_device(batch[1], device)
+
+    def forward(self, model: nn.Module, inputs: Any = None, role: str = "the model") -> Any:
+        """``model`` called on the batch's inputs (or on ``inputs``, e.g. mixed ones)."""
+        with self.explained(f"{role}'s forward ({type(model).__name__})"):
+            return call_model(model, self.inputs if inputs is None else inputs)
+
+    def loss(self, loss_fn: Callable[[Any, Any], Any], outputs: Any, targets: Any = None) -> Any:
+        """``loss_fn(outputs, targets)`` on the batch's targets (or on ``targets``)."""
+        with self.explained(self.loss_name, outputs):
+            return loss_fn(outputs, self.targets if targets is None else targets)
+
+    @contextmanager
+    def explained(self, what: str, outputs: Any = None) -> Iterator[None]:
+        """Turn an ``Exception`` raised in the block by ``what`` into the ValueError described above."""
+        try:
+            yield
+        except torch.cuda.OutOfMemoryError:  # a resource problem, not the batch's
+            raise
+        except Exception as exc:
+            held = f"inputs {describe_value(self.inputs)}, targets {describe_value(self.targets)}"
+            held += "" if outputs is None else f", model outputs {describe_value(outputs)}"
+            raise ValueError(
+                f"batch {self.index} of {self.loader} ({held}): {what} raised {type(exc).__name__}: "
+                f"{str(exc).rstrip('.')}. {self.loader} must yield (inputs, targets) batches that the model and "
+                f"{self.loss_name} accept; inputs as in example_inputs: {INPUTS_CONVENTION}."
+            ) from exc

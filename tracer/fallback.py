@@ -19,6 +19,7 @@ from torch import nn
 
 from .capture import LeafSpec, TraceError, capture
 from .graph import build_graph, call_model
+from .state import attributes_kept
 
 _MAX_OPAQUE = 64
 
@@ -88,8 +89,13 @@ def trace(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[LeafSpec
     ``leaf_modules`` lists module names, classes, instances or predicates not to trace into.
     The graph's ``opaque`` attribute maps every module treated as opaque to the reason;
     ``recorded_on_meta`` says whether its shapes were found without reading the model's values.
+    Whatever tracing or running the forward leaves on the model's modules is taken back.
     """
-    leaf_modules = list(leaf_modules)
+    with attributes_kept(model):  # analysis never changes the model
+        return _trace(model, example_inputs, list(leaf_modules))
+
+
+def _trace(model: nn.Module, example_inputs: Any, leaf_modules: list) -> nx.DiGraph:
     try:
         return _trace_with_opaque_leaves(model, example_inputs, leaf_modules)
     except TraceError as exc:
@@ -111,7 +117,7 @@ def _trace_children(model: nn.Module, example_inputs: Any, leaf_modules: list, r
         if name in names:
             continue
         try:
-            graph = trace(child, _as_inputs(child, *calls[0]), child_leaves)
+            graph = _trace(child, _as_inputs(child, *calls[0]), child_leaves)
         except Exception as exc:  # a child that cannot be captured stays opaque
             opaque[name] = f"could not be traced ({type(exc).__name__})"
             continue

@@ -14,6 +14,7 @@ Each graph node is one fx node and carries:
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping, NoReturn, Optional
 
 import networkx as nx
@@ -26,7 +27,12 @@ from .record import Recorder, record_on_meta
 
 
 class InputError(ValueError):
-    """The model rejected the example inputs."""
+    """The model rejected the example inputs; ``node_name`` is the traced node that failed
+    first on them, if known."""
+
+    def __init__(self, message: str, node_name: Optional[str] = None):
+        super().__init__(message)
+        self.node_name = node_name
 
 
 def positional_inputs(graph: fx.Graph, example_inputs: Any) -> tuple:
@@ -73,6 +79,32 @@ def _target_name(node: fx.Node) -> str:
     return getattr(node.target, "__qualname__", None) or getattr(node.target, "__name__", repr(node.target))
 
 
+def _container_hint(model: nn.Module, example_inputs: Any) -> str:
+    """A sentence on how ``example_inputs``' container reached forward(), when that may be
+    what the model rejected: a list is one input; a tuple's items are positional inputs,
+    which forward() cannot take although it takes the tuple as one input."""
+    if isinstance(example_inputs, list):
+        return (
+            " A list is passed to forward() as ONE input (as detection models take a list of images); "
+            "pass several positional inputs as a tuple: tuple(example_inputs)."
+        )
+    if not isinstance(example_inputs, tuple):
+        return ""
+    try:
+        signature = inspect.signature(model.forward)
+        signature.bind(example_inputs)
+    except (TypeError, ValueError):
+        return ""  # no signature, or the tuple as one input does not fit either
+    try:
+        signature.bind(*example_inputs)
+    except TypeError:
+        return (
+            f" A tuple's {len(example_inputs)} items are passed to forward() as {len(example_inputs)} positional "
+            "inputs; to pass the tuple as ONE input, wrap it: (example_inputs,)."
+        )
+    return ""
+
+
 def _explain_failure(model: nn.Module, example_inputs: Any, node: Optional[fx.Node], exc: Exception) -> NoReturn:
     """Raise InputError if ``model`` itself rejects the inputs, else TraceError naming ``node``."""
     try:
@@ -80,8 +112,10 @@ def _explain_failure(model: nn.Module, example_inputs: Any, node: Optional[fx.No
             call_model(model, example_inputs)
     except Exception as model_exc:
         raise InputError(
-            f"{type(model).__name__} raised {type(model_exc).__name__} on the example inputs: {model_exc}. "
-            "Pass example_inputs that the model accepts."
+            f"{type(model).__name__} raised {type(model_exc).__name__} on the example inputs: "
+            f"{str(model_exc).rstrip('.')}. Pass example_inputs that the model accepts."
+            + _container_hint(model, example_inputs),
+            node_name=node.name if node is not None else None,
         ) from model_exc
     module = (node.target if node.op == "call_module" else _scope(node)) if node is not None else None
     where = f"node '{node.name}'" if node is not None else "unknown node"
@@ -90,6 +124,7 @@ def _explain_failure(model: nn.Module, example_inputs: Any, node: Optional[fx.No
         f"({type(exc).__name__}: {exc}); mark the submodule involved with leaf_modules=[...]",
         module_name=module or None,
         location=where,
+        node_name=node.name if node is not None else None,
     ) from exc
 
 
@@ -134,10 +169,14 @@ def build_graph(model: nn.Module, fx_graph: fx.Graph, example_inputs: Any) -> nx
 
 
 def _resolve_attr(model: nn.Module, target: str) -> Optional[torch.Tensor]:
-    """The user's own tensor behind a ``get_attr`` target, or None if fx made it up."""
-    obj: Any = model
-    for part in target.split("."):
-        if not hasattr(obj, part):
+    """The parameter or buffer behind a ``get_attr`` target, or None for a constant that
+    torch.fx made up (and attached to the model for the time of the trace)."""
+    *path, name = target.split(".")
+    owner: Any = model
+    for part in path:
+        owner = owner._modules.get(part) if isinstance(owner, nn.Module) else None
+        if owner is None:
             return None
-        obj = getattr(obj, part)
-    return obj if isinstance(obj, torch.Tensor) else None
+    if not isinstance(owner, nn.Module):
+        return None
+    return owner._parameters.get(name, owner._buffers.get(name))

@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
+from .capture import forward_hooks
 from .shape_rules import function_output, module_output
 
 
@@ -97,7 +98,9 @@ class _MetaRecorder(Recorder):
         return self._standin(self.module_at(target))
 
     def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        output = module_output(self.module_at(target), args, kwargs) if _on_meta(args, kwargs) else None
+        module = self.module_at(target)
+        shortcut = _on_meta(args, kwargs) and not forward_hooks(module)  # hooks must run
+        output = module_output(module, args, kwargs) if shortcut else None
         return output if output is not None else super().call_module(target, args, kwargs)
 
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:

@@ -14,6 +14,7 @@ import torchvision
 from torch import nn
 
 from tracer import TensorSpec
+from tracer.capture import forward_hooks
 
 from ..propagate import Propagation
 from . import attention, contraction, layers, pointwise, shape
@@ -132,6 +133,10 @@ def rule_for(state: Propagation, attrs: dict) -> tuple[Optional[Rule], Optional[
         return pointwise.metadata, None
     if op == "call_module":
         module = state.module(attrs["module"])
+        hooks = forward_hooks(module)
+        if hooks:
+            return None, (f"'{attrs['module']}' ({type(module).__name__}) has forward hooks ({', '.join(hooks)}) that may "
+                          "change its inputs or outputs unseen; remove them to prune these channels")
         rule = _module_rule(module)
         if rule:
             return rule, None

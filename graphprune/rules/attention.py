@@ -43,14 +43,10 @@ def multihead_attention(state: Propagation, node: fx.Node):
     out_ids = state.param_ids(m.out_proj.weight, 0, "out")
     if m.out_proj.bias is not None:
         state.bind(out_ids, m.out_proj.bias, 0, "out")
-    name, heads = state.qualname(node), m.num_heads
-    for attr in ("embed_dim", "kdim", "vdim"):
-        state.attr(name, attr, stream, lambda _, kept: kept)
+    # embed_dim, kdim, vdim and head_dim follow in_proj_weight (sizes.py); the head count
+    # changes only when whole heads go.
     if state.prune_heads:
-        state.attr(name, "num_heads", stream, lambda _, kept, d=m.head_dim: kept // d)
+        state.attr(state.qualname(node), "num_heads", stream, lambda _, kept, d=m.head_dim: kept // d)
     else:
-        state.attr(name, "head_dim", stream, lambda _, kept, h=heads: kept // h)
         state.note(stream, "attention scale 1/sqrt(head_dim) changes with head_dim")
-    state.attr(f"{name}.out_proj", "in_features", stream, lambda _, kept: kept)
-    state.attr(f"{name}.out_proj", "out_features", out_ids, lambda _, kept: kept)
     return tuple(q[:-1]) + (out_ids,), weights

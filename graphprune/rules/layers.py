@@ -46,14 +46,10 @@ def conv(state: Propagation, node: fx.Node):
         else:
             out_ids = state.param_ids(m.weight, 0, "out")
         tie_blocks(state, g, out_ids, in_ids)
-        old_out, old_in = m.out_channels, m.in_channels
-        state.attr(state.qualname(node), "groups", out_ids, lambda _, kept, g=g, n=old_out: g * kept // n)
-        state.attr(state.qualname(node), "in_channels", out_ids, lambda _, kept, n=old_out, c=old_in: c * kept // n)
+        # The count of conv groups; in_channels and out_channels follow the weight (sizes.py).
+        state.attr(state.qualname(node), "groups", out_ids, lambda _, kept, g=g, n=m.out_channels: g * kept // n)
     if m.bias is not None:
         state.bind(out_ids, m.bias, 0, "out")
-    state.attr(state.qualname(node), "out_channels", out_ids, lambda _, kept: kept)
-    if g == 1:
-        state.attr(state.qualname(node), "in_channels", in_ids, lambda _, kept: kept)
     spatial = _spatial_out(state, node, x, n_spatial)
     return spatial[:c] + (out_ids,) + spatial[c + 1 :]
 
@@ -65,17 +61,18 @@ def linear(state: Propagation, node: fx.Node):
     out_ids = state.param_ids(m.weight, 0, "out")
     if m.bias is not None:
         state.bind(out_ids, m.bias, 0, "out")
-    state.attr(state.qualname(node), "in_features", x[-1], lambda _, kept: kept)
-    state.attr(state.qualname(node), "out_features", out_ids, lambda _, kept: kept)
     return tuple(x[:-1]) + (out_ids,)
 
 
 def _per_channel(state: Propagation, node: fx.Node, m: nn.Module, ids: np.ndarray, count_attr: str) -> None:
+    bound = False
     for attr, role in (("weight", "scale"), ("bias", "shift"), ("running_mean", "stat"), ("running_var", "stat")):
         tensor = getattr(m, attr, None)
         if tensor is not None and tensor.dim() == 1:
             state.bind(ids, tensor, 0, role)
-    state.attr(state.qualname(node), count_attr, ids, lambda _, kept: kept)
+            bound = True
+    if not bound:  # no tensor to read the channel count off (see sizes.py): it follows the ids
+        state.attr(state.qualname(node), count_attr, ids, lambda _, kept: kept)
 
 
 def batch_norm(state: Propagation, node: fx.Node):
@@ -128,7 +125,6 @@ def prelu(state: Propagation, node: fx.Node):
     if m.num_parameters > 1:
         c = 1 if len(x) >= 2 else 0
         state.bind(x[c], m.weight, 0, "scale")
-        state.attr(state.qualname(node), "num_parameters", x[c], lambda _, kept: kept)
     return x
 
 
@@ -136,7 +132,6 @@ def embedding(state: Propagation, node: fx.Node):
     m: nn.Embedding = state.module(state.qualname(node))
     x, _, _ = _input(state, node)
     out_ids = state.param_ids(m.weight, 1, "out")
-    state.attr(state.qualname(node), "embedding_dim", out_ids, lambda _, kept: kept)
     return tuple(x) + (out_ids,)
 
 

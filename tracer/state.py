@@ -1,0 +1,123 @@
+"""Put a model back bit for bit after any exception, KeyboardInterrupt included.
+
+:class:`ModelTransaction` records, by reference, everything graphprune may change on a
+model: every module's attributes (``__dict__``) and the contents of the dicts, lists and
+sets among them (parameters, buffers, children, hooks, caches), and every parameter's and
+buffer's data, gradient and ``requires_grad``. Nothing is copied: graphprune never writes
+into a tensor in place, it gives tensors new data.
+
+Used as a context manager, it restores the model on any ``BaseException`` and re-raises it,
+unless :meth:`ModelTransaction.commit` was called first: the commit is the point from which
+the change is kept. Tracing uses it too, to take back what torch.fx leaves on a model.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+from torch import nn
+
+_CONTAINERS = (dict, list, set)
+
+
+def _contents(container):
+    """A shallow copy of what ``container`` holds (a plain dict, list or set)."""
+    return dict(container) if isinstance(container, dict) else list(container) if isinstance(container, list) else set(container)
+
+
+def _restore_contents(container, saved) -> None:
+    if isinstance(container, list):
+        container[:] = saved
+    else:
+        container.clear()
+        container.update(saved)
+
+
+class ModelTransaction:
+    """A restorable record of ``model`` (see the module docstring).
+
+    With ``keep_tensors=False`` the tensors' data and gradients are not held, so that a
+    surgery may free the originals as it copies; the caller must then commit before the
+    first original is dropped (graphprune's surgery does, through its ``on_commit``
+    argument), since nothing before it replaces tensor data without its own
+    rollback.
+    """
+
+    def __init__(self, model: nn.Module, keep_tensors: bool = True):
+        self.committed = False
+        self._modules = []
+        tensors: dict[int, object] = {}
+        for module in model.modules():
+            attrs = dict(vars(module))
+            contents = {k: _contents(v) for k, v in attrs.items() if isinstance(v, _CONTAINERS)}
+            self._modules.append((module, attrs, contents))
+            for registry in (module._parameters, module._buffers):
+                tensors.update((id(t), t) for t in registry.values() if t is not None)
+        self._flags = [(t, t.requires_grad) for t in tensors.values()]
+        self._tensors = [(t, t.data, t.grad) for t in tensors.values()] if keep_tensors else []
+
+    def commit(self) -> None:
+        """Keep the changes: from now on nothing is restored, and no tensor is held."""
+        self.committed = True
+        self._modules, self._flags, self._tensors = [], [], []
+
+    def restore(self) -> None:
+        """Put every recorded attribute, container content and tensor back (a Ctrl-C during
+        it is held until it is done)."""
+        with interrupts_deferred():
+            for module, attrs, contents in self._modules:
+                state = vars(module)
+                for key in [k for k in state if k not in attrs]:
+                    del state[key]
+                state.update(attrs)
+                for key, saved in contents.items():
+                    _restore_contents(attrs[key], saved)
+            for tensor, data, grad in self._tensors:
+                tensor.data = data
+                tensor.grad = grad
+            for tensor, flag in self._flags:
+                if tensor.requires_grad != flag and tensor.is_leaf:
+                    tensor.requires_grad_(flag)
+
+    def __enter__(self) -> "ModelTransaction":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> Optional[bool]:
+        if exc_type is not None and not self.committed:
+            self.restore()
+        return None
+
+
+@contextmanager
+def attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Run the block, then put every module attribute and container of ``model`` back as it
+    was (tensor data is not touched): whatever a trace or a forward left on it goes."""
+    snapshot = ModelTransaction(model, keep_tensors=False)
+    try:
+        yield
+    finally:
+        snapshot.restore()
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold a SIGINT (Ctrl-C) that arrives inside the block until it ends, then deliver it.
+
+    Only the main thread receives signals; elsewhere the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, received[0])
+            elif previous == signal.SIG_DFL:
+                signal.raise_signal(signal.SIGINT)
