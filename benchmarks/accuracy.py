@@ -57,12 +57,13 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-import criteria  # noqa: E402
+from graphprune import criteria  # noqa: E402
 import graphprune  # noqa: E402
-from graphprune.measure import count_flops, count_parameters  # noqa: E402
+from graphprune.reporting.measure import count_flops, count_parameters  # noqa: E402
 
 try:  # graphprune.finetune: SGD + momentum, LinearLR warm-up -> cosine, per iteration
-    from graphprune.finetune import evaluate, finetune
+    from graphprune.workflow.evaluation import evaluate
+    from graphprune.workflow.finetune import finetune
 except ImportError:  # pragma: no cover - an older graphprune without the fine-tuning module
     finetune = evaluate = None
 

@@ -42,9 +42,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import criteria  # noqa: E402
+from graphprune import criteria  # noqa: E402
 import graphprune  # noqa: E402
-from graphprune.measure import count_flops, count_parameters  # noqa: E402
+from graphprune.reporting.measure import count_flops, count_parameters  # noqa: E402
 
 ALL = ["l1", "l2", "fpgm", "bn_scale", "random", "taylor", "k_l1", "k_taylor", "k_distance"]
 

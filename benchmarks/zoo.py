@@ -31,9 +31,9 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import graphprune  # noqa: E402
-from graphprune.measure import count_flops, count_parameters  # noqa: E402
+from graphprune.reporting.measure import count_flops, count_parameters  # noqa: E402
 from oracle import dead_channel_oracle, flat_outputs  # noqa: E402
-from tracer import call_model  # noqa: E402
+from graphprune.tracer import call_model  # noqa: E402
 
 SEGMENTATION = ["fcn_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"]
 DETECTION = [

@@ -12,7 +12,7 @@ from typing import Union
 
 from .base import Criterion
 from .geometric import FPGM
-from .kmeans import KDistance, KL1, KMeansCriterion, KTaylor
+from .kmeans import KL1, KDistance, KMeansCriterion, KTaylor
 from .magnitude import L1, L2
 from .norm import BNScale
 from .randomized import Random

@@ -11,10 +11,9 @@ normalised scores over the members that *cover* it (a member covers the channels
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 from abc import ABC, abstractmethod
-from typing import Any, Mapping, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -196,29 +195,3 @@ def channel_matrix(member, size: int) -> tuple[np.ndarray, np.ndarray]:
         matrix = np.zeros((size, rows.shape[1]))
         np.add.at(matrix, index, rows)
     return matrix, covered
-
-
-def group_layer_names(group) -> list:
-    """Names a per-layer option is matched against: the group's producer layers (role
-    ``"out"``) in graph order, else every layer with a member."""
-    producers = list(dict.fromkeys(m.module for m in group.members if m.role == "out"))
-    return producers or group.layers()
-
-
-def match_group(group, options: Mapping, default: Any = None) -> Any:
-    """The value of the first key of ``options`` that names this group.
-
-    Keys are group ids (``int``) or module names / ``fnmatch`` globs matched against
-    :func:`group_layer_names`. Precedence: a group id, then an exact name, then the first
-    matching glob in the mapping's order; ``default`` when nothing matches.
-    """
-    if group.id in options and isinstance(group.id, int):
-        return options[group.id]
-    names = group_layer_names(group)
-    for key, value in options.items():
-        if isinstance(key, str) and key in names:
-            return value
-    for key, value in options.items():
-        if isinstance(key, str) and any(fnmatch.fnmatchcase(n, key) for n in names):
-            return value
-    return default

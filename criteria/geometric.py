@@ -30,8 +30,8 @@ class FPGM(Criterion):
 
     Filters near the geometric median are the most replaceable by the others, so they
     score lowest and go first. Each producer member (a layer writing the group's channels,
-    see :func:`~criteria.base.producer_members`) gets its own median over the channels it
-    covers; members are combined with :func:`~criteria.base.combine`. Consumers are ignored.
+    see :func:`~graphprune.criteria.base.producer_members`) gets its own median over the channels it
+    covers; members are combined with :func:`~graphprune.criteria.base.combine`. Consumers are ignored.
     """
 
     name = "fpgm"

@@ -1,6 +1,6 @@
 """The K-means family: cluster a group's filters, then prune within clusters.
 
-Every group's producer filters (see :func:`~criteria.base.producer_members`; several
+Every group's producer filters (see :func:`~graphprune.criteria.base.producer_members`; several
 producers are concatenated, each scaled to unit Frobenius norm) are reduced with PCA
 keeping 80% of their variance and clustered with ``KMeans(k)`` (scikit-learn, seeded).
 Channels are then *ordered* for removal and the scores are ranks (``1..n``, higher = pruned
@@ -17,7 +17,7 @@ distance to the cluster centroid in PCA space (:class:`KDistance`, closest first
 ratio below 1 is valid, including those that need more than ``n - k`` removals.
 
 ``k`` is an ``int`` for every group, ``None`` for automatic, or a mapping from group ids,
-module names or ``fnmatch`` globs (matched as in :func:`~criteria.base.match_group`) to
+module names or ``fnmatch`` globs (matched as in :meth:`graphprune.Group.lookup`) to
 an ``int`` or ``None``; unmatched groups are automatic. Automatic ``k`` is the value in
 ``k_range`` (inclusive, default 2..10, capped at ``n - 1``) with the highest silhouette
 score; it is 1 when the group has fewer than 3 channels or all its filters coincide. The
@@ -34,7 +34,7 @@ from typing import Mapping, Optional, Union
 
 import numpy as np
 
-from .base import Criterion, channel_matrix, match_group, producer_members
+from .base import Criterion, channel_matrix, producer_members
 from .magnitude import L1
 from .taylor import Taylor
 
@@ -156,7 +156,7 @@ class KMeansCriterion(Criterion):
         features = filter_features(group)
         points = reduce_features(features, self.variance) if self.variance is not None else features
         n = points.shape[0]
-        k = match_group(group, self.k) if isinstance(self.k, dict) else self.k
+        k = group.lookup(self.k) if isinstance(self.k, dict) else self.k
         if k is None:
             k = self._auto_k(points) if n >= 3 else 1
         k = max(1, min(int(k), n))
@@ -201,7 +201,7 @@ class KDistance(KMeansCriterion):
 
 class KTaylor(KMeansCriterion):
     """K-means clusters, first-order Taylor order within each cluster; needs data like
-    :class:`~criteria.Taylor` (same first four arguments)."""
+    :class:`~graphprune.criteria.Taylor` (same first four arguments)."""
 
     name = "k_taylor"
     requires_data = True

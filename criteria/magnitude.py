@@ -6,7 +6,14 @@ import weakref
 import numpy as np
 
 from .base import (
-    Criterion, chunk_buffer, combine, coverage, per_channel, position_norms, row_and_column_norms, scored_members,
+    Criterion,
+    chunk_buffer,
+    combine,
+    coverage,
+    per_channel,
+    position_norms,
+    row_and_column_norms,
+    scored_members,
 )
 
 

@@ -11,7 +11,7 @@ class BNScale(Criterion):
     """``|gamma|`` of the group's normalisation layers (members with role ``"scale"``).
 
     Several norms in one group (e.g. the BNs along a residual stream) are combined with
-    :func:`~criteria.base.combine`. A group without a norm layer falls back to :class:`L1`
+    :func:`~graphprune.criteria.base.combine`. A group without a norm layer falls back to :class:`L1`
     (no error); the ids of such groups are recorded in ``fallback_groups``.
     """
 

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import numbers
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Optional, Union
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from tracer.devices import LoaderBatch, model_device
+from graphprune.tracer.devices import LoaderBatch, model_device
+from graphprune.tracer.state import eval_mode
 
 from .base import Criterion, combine
 from .magnitude import L1
@@ -84,7 +86,7 @@ class Taylor(Criterion):
 
     The activations measured for a group are those of :func:`activation_sites` (its norm
     layers' outputs when it has any); several sites are combined with
-    :func:`~criteria.base.combine`. A group with no such activation falls back to
+    :func:`~graphprune.criteria.base.combine`. A group with no such activation falls back to
     :class:`~criteria.L1`; its id is listed in ``fallback_groups``.
 
     On a model trained to (almost) zero loss on ``data_loader`` the cross-entropy gradient
@@ -158,70 +160,46 @@ class Taylor(Criterion):
         for group_sites in sites.values():
             for name, index, dim, _ in group_sites:
                 wanted[name].setdefault(index, set()).add(dim)
-        calls: dict = defaultdict(int)
-        captured: dict = {}
-
-        def hook_for(name):
-            def hook(module, args, output):
-                index = calls[name]
-                calls[name] += 1
-                if index in wanted[name] and isinstance(output, torch.Tensor) and output.requires_grad:
-                    captured[(name, index)] = output
-                    return output.clone()  # a following in-place op must not overwrite the saved activation
-                return None
-            return hook
-
         sums: dict = {}
         counts: dict = defaultdict(int)
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        modes = [(m, m.training) for m in model.modules()]
-        handles = [model.get_submodule(name).register_forward_hook(hook_for(name)) for name in wanted]
-        total = self._total_batches()
         batches = 0
-        try:
-            model.eval()
-            for p, _ in flags:
-                p.requires_grad_(True)
-            with tqdm(total=total, desc="Taylor importance", unit="batch", disable=not self.progress, leave=False) as bar:
-                for batch in self.data_loader:
-                    if self.max_batches is not None and batches >= self.max_batches:
-                        break
-                    batch = LoaderBatch(batch, batches, f"{self.owner}'s data_loader", device, self._loss_name())
-                    calls.clear()
-                    captured.clear()
-                    with torch.enable_grad():
-                        loss = batch.loss(self.loss_fn, batch.forward(model))
-                        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                            raise ValueError("loss_fn must return a scalar tensor")
-                        keys = list(captured)
-                        grads = torch.autograd.grad(loss, [captured[k] for k in keys], allow_unused=True) if keys else []
-                    for key, grad in zip(keys, grads):
-                        activation = captured[key].detach()
-                        samples = activation.shape[0]
-                        counts[key] += samples
-                        for dim in wanted[key[0]][key[1]]:
-                            if grad is None:
-                                contribution = torch.zeros(activation.shape[dim], dtype=torch.float64)
-                            else:
-                                product = (activation * grad).movedim(dim, -1)
-                                per_sample = product.reshape(samples, -1, product.shape[-1]).sum(1).abs()
-                                contribution = per_sample.sum(0).double().cpu()
-                            store = sums.setdefault(key, {})
-                            store[dim] = store[dim] + contribution if dim in store else contribution
-                    captured.clear()
-                    batches += 1
-                    bar.update(1)
-        finally:
-            for handle in handles:
-                handle.remove()
-            for p, flag in flags:
-                p.requires_grad_(flag)
-            for m, flag in modes:
-                m.training = flag
+        bar = tqdm(total=self._total_batches(), desc="Taylor importance", unit="batch", disable=not self.progress,
+                   leave=False)
+        with _Activations(model, wanted) as captured, eval_mode(model), _requiring_grad(model), bar:
+            for batch in self.data_loader:
+                if self.max_batches is not None and batches >= self.max_batches:
+                    break
+                batch = LoaderBatch(batch, batches, f"{self.owner}'s data_loader", device, self._loss_name())
+                self._add_batch(model, batch, captured, wanted, sums, counts)
+                batches += 1
+                bar.update(1)
         if batches == 0:
             raise ValueError(f"{self.owner}'s data_loader yielded no batches")
         self.samples = max(counts.values(), default=0)
         return {k: {d: v.numpy() for d, v in dims.items()} for k, dims in sums.items()}, counts
+
+    def _add_batch(self, model, batch: LoaderBatch, captured: "_Activations", wanted: dict, sums: dict, counts: dict):
+        """Add one batch's ``|sum of activation * gradient|`` per channel to ``sums``."""
+        captured.clear()
+        with torch.enable_grad():
+            loss = batch.loss(self.loss_fn, batch.forward(model))
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ValueError("loss_fn must return a scalar tensor")
+            keys = list(captured.outputs)
+            grads = torch.autograd.grad(loss, [captured.outputs[k] for k in keys], allow_unused=True) if keys else []
+        for key, grad in zip(keys, grads):
+            activation = captured.outputs[key].detach()
+            samples = activation.shape[0]
+            counts[key] += samples
+            for dim in wanted[key[0]][key[1]]:
+                if grad is None:
+                    contribution = torch.zeros(activation.shape[dim], dtype=torch.float64)
+                else:
+                    product = (activation * grad).movedim(dim, -1)
+                    contribution = product.reshape(samples, -1, product.shape[-1]).sum(1).abs().sum(0).double().cpu()
+                store = sums.setdefault(key, {})
+                store[dim] = store[dim] + contribution if dim in store else contribution
+        captured.clear()
 
     def _loss_name(self) -> str:
         return f"loss_fn ({getattr(self.loss_fn, '__name__', type(self.loss_fn).__name__)})"
@@ -247,3 +225,49 @@ class Taylor(Criterion):
             self.fallback_groups.append(group.id)
         return self._l1.scores(group)
 
+
+class _Activations:
+    """Forward hooks that keep the outputs of the wanted calls of each module (``wanted``:
+    module name -> call index -> dims) while the block runs: ``outputs[(name, call)]``."""
+
+    def __init__(self, model, wanted: dict):
+        self.model, self.wanted = model, wanted
+        self.calls: dict = defaultdict(int)
+        self.outputs: dict = {}
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            index = self.calls[name]
+            self.calls[name] += 1
+            if index in self.wanted[name] and isinstance(output, torch.Tensor) and output.requires_grad:
+                self.outputs[(name, index)] = output
+                return output.clone()  # a following in-place op must not overwrite the saved activation
+            return None
+        return hook
+
+    def clear(self) -> None:
+        self.calls.clear()
+        self.outputs.clear()
+
+    def __enter__(self) -> "_Activations":
+        self._handles = [self.model.get_submodule(name).register_forward_hook(self._hook(name)) for name in self.wanted]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self.clear()
+
+
+@contextmanager
+def _requiring_grad(model) -> Iterator[None]:
+    """Every parameter requires grad in the block (so activations carry gradients); then put back."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)

@@ -4,32 +4,102 @@
 >>> model = torchvision.models.resnet18()
 >>> report = graphprune.analyze(model, torch.randn(1, 3, 224, 224))
 >>> graphprune.prune(model, 0.5, torch.randn(1, 3, 224, 224))  # doctest: +SKIP
-"""
-from tracer import InputError, TraceError
 
-from . import data, distributed, models, visualize
+The package reads as the pipeline (see ARCHITECTURE.md): :mod:`graphprune.tracer` captures
+the model, :mod:`graphprune.analysis` finds the coupled groups, :mod:`graphprune.criteria`
+scores channels, :mod:`graphprune.pruning` plans and performs the surgery, then come
+:mod:`graphprune.io` (save / load), :mod:`graphprune.reporting`, :mod:`graphprune.workflow`
+(fine-tuning, schedules, sensitivity, distributed), :mod:`graphprune.cli` and
+:mod:`graphprune.compat` (the layer-by-layer engine). The names below are the public API;
+everything else is reachable from its subpackage.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+
+from . import criteria, data, models
+from .analysis.groups import Group, Member
+from .analysis.inputs import InferredInputWarning
 from .api import analyze, prune
-from .budget import BudgetWarning, PruneResult, StepResult
-from .distributed import SyncedCriterion, all_reduce_scores, sync_criterion
-from .engine import PruningEngine
-from .finetune import evaluate, finetune
-from .schedule import prune_schedule
-from .groups import Group, Member
-from .inputs import InferredInputWarning, infer_example_inputs
-from .measure import count_flops, count_parameters, measure_latency
-from .persist import load, save
-from .planner import plan_removal
-from .report import Report
-from .sensitivity import SensitivityResult, sensitivity
-from .surgery import PruningError
-from .compare import Comparison, report  # noqa: E402  (last: the name ``report`` means the function)
+from .io.persist import load, save
+from .pruning.budget import BudgetWarning
+from .pruning.run import PruneResult
+from .pruning.surgery import PruningError
+from .reporting.compare import Comparison, report
+from .reporting.measure import count_flops, count_parameters, measure_latency
+from .reporting.report import Report
+from .session import PruningSession
+from .tracer import InputError, TraceError
+from .workflow.evaluation import evaluate
+from .workflow.finetune import finetune
+from .workflow.schedule import prune_schedule
+from .workflow.sensitivity import SensitivityResult, sensitivity
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "analyze", "prune", "plan_removal", "Report", "Group", "Member", "PruningError", "TraceError", "InputError",
-    "InferredInputWarning", "infer_example_inputs", "PruneResult", "StepResult", "BudgetWarning",
-    "count_parameters", "count_flops", "measure_latency", "PruningEngine", "save", "load", "models",
-    "finetune", "evaluate", "prune_schedule", "sync_criterion", "SyncedCriterion", "all_reduce_scores",
-    "sensitivity", "SensitivityResult", "report", "Comparison", "data", "distributed", "visualize", "__version__",
+    # analyse and prune
+    "analyze", "prune", "PruningSession", "Report", "Group", "Member", "PruneResult",
+    # save, load, measure, compare
+    "save", "load", "count_parameters", "count_flops", "measure_latency", "report", "Comparison",
+    # around pruning
+    "finetune", "evaluate", "prune_schedule", "sensitivity", "SensitivityResult",
+    # errors and warnings
+    "PruningError", "TraceError", "InputError", "InferredInputWarning", "BudgetWarning",
+    # subpackages and example assets
+    "criteria", "models", "data", "__version__",
 ]
+
+#: Names that moved in 0.1 (old name -> module, attribute; None: the module itself). They
+#: still work, with a DeprecationWarning, until the next release.
+_MOVED = {
+    "StepResult": ("graphprune.pruning.run", "StepResult"),
+    "plan_removal": ("graphprune.pruning.planner", "plan_removal"),
+    "infer_example_inputs": ("graphprune.analysis.inputs", "infer_example_inputs"),
+    "PruningEngine": ("graphprune.compat", "PruningEngine"),
+    "sync_criterion": ("graphprune.workflow.distributed", "sync_criterion"),
+    "SyncedCriterion": ("graphprune.workflow.distributed", "SyncedCriterion"),
+    "all_reduce_scores": ("graphprune.workflow.distributed", "all_reduce_scores"),
+    "distributed": ("graphprune.workflow.distributed", None),
+    "visualize": ("graphprune.reporting.visualize", None),
+    "measure": ("graphprune.reporting.measure", None),
+    "persist": ("graphprune.io.persist", None),
+}
+
+
+def _moved(name: str):
+    module, attribute = _MOVED[name]
+    where = f"{module}.{attribute}" if attribute else module
+    warnings.warn(f"graphprune.{name} moved to {where}; the old name goes in the next release",
+                  DeprecationWarning, stacklevel=3)
+    value = importlib.import_module(module)
+    return getattr(value, attribute) if attribute else value
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        return _moved(name)
+    raise AttributeError(f"module 'graphprune' has no attribute {name!r}")
+
+
+class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """``import graphprune.measure`` and the like: the module's new home, with a warning."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        package, _, name = fullname.rpartition(".")
+        if package == __name__ and _MOVED.get(name, (None, ""))[1] is None:
+            return importlib.util.spec_from_loader(fullname, self)
+        return None
+
+    def create_module(self, spec):
+        return _moved(spec.name.rpartition(".")[2])
+
+    def exec_module(self, module):
+        pass
+
+
+sys.meta_path.append(_MovedModules())

@@ -1,6 +1,6 @@
 """``python -m graphprune``: the same as the ``graphprune`` command."""
 import sys
 
-from .cli import main
+from .cli.app import main
 
 sys.exit(main())

@@ -86,7 +86,7 @@ def assert_model_unchanged(model: torch.nn.Module, before: dict) -> None:
 
 def size_attrs(model: torch.nn.Module) -> dict:
     """Every size and count attribute (graphprune.sizes) of every submodule, keyed by (module name, attribute)."""
-    from graphprune.sizes import size_attribute_names
+    from graphprune.analysis.sizes import size_attribute_names
 
     return {
         (name, attr): getattr(module, attr)
@@ -112,7 +112,7 @@ def randomize_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
 def failing_allocation(monkeypatch, at: int) -> list:
     """Make the surgery's ``at``-th allocation of new storage run out of memory; returns the
     device type of every allocation asked for."""
-    from graphprune import surgery
+    from graphprune.pruning import surgery
 
     allocate, calls = surgery._empty_selection, []
 
@@ -176,7 +176,7 @@ def assert_output_blocked(report, layer: str) -> None:
 # ----- helpers of the command-line tests
 def run_cli(capsys, argv: list) -> tuple:
     """``(exit code, stdout, stderr)`` of ``graphprune`` with ``argv``, run in this process."""
-    from graphprune.cli import main
+    from graphprune.cli.app import main
 
     code = main(argv)
     captured = capsys.readouterr()

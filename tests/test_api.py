@@ -321,3 +321,32 @@ def test_analyze_does_not_modify_the_model():
     text = str(report)
     assert text.startswith(f"graphprune analysis of SmallNet: {len(report.groups)} groups, 3 prunable")
     assert len(text.splitlines()) == 3 + len(report.groups)  # title, header, rule, one row per group
+
+
+def test_more_positional_inputs_than_forward_takes_is_a_value_error():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match=r"holds 2 positional inputs but forward\(\) takes 1 \(input\)\. A tuple's"):
+        graphprune.analyze(model, (x, x))
+
+
+@pytest.mark.parametrize("name, home", [
+    ("PruningEngine", "graphprune.compat"), ("plan_removal", "graphprune.pruning.planner"),
+    ("sync_criterion", "graphprune.workflow.distributed"), ("visualize", "graphprune.reporting.visualize"),
+])
+def test_moved_names_still_work_with_a_deprecation_warning(name, home):
+    with pytest.warns(DeprecationWarning, match=f"graphprune.{name} moved to {home}"):
+        value = getattr(graphprune, name)
+    assert value is not None and name not in graphprune.__all__
+
+
+def test_moved_modules_still_import_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    sys.modules.pop("graphprune.measure", None)
+    with pytest.warns(DeprecationWarning, match="graphprune.measure moved to graphprune.reporting.measure"):
+        module = importlib.import_module("graphprune.measure")
+    from graphprune.reporting import measure
+
+    assert module is measure

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import graphprune
-import graphprune.analysis
-import graphprune.surgery
+import graphprune.analysis.analyzer
+import graphprune.session
+import graphprune.pruning.surgery
 from small_net import assert_consistent, small_net, widths
 from conftest import assert_same_state, size_attrs, state_snapshot
 
@@ -37,7 +38,7 @@ def _assert_restored(model, snapshot, attrs, params, grads, reference):
 
 
 def _fail_after(monkeypatch, name: str, calls: int):
-    original = getattr(graphprune.surgery._Transaction, name)
+    original = getattr(graphprune.pruning.surgery._Transaction, name)
     seen = []
 
     def failing(self, *args, **kwargs):
@@ -46,7 +47,7 @@ def _fail_after(monkeypatch, name: str, calls: int):
             raise RuntimeError(f"injected failure in {name}")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(graphprune.surgery._Transaction, name, failing)
+    monkeypatch.setattr(graphprune.pruning.surgery._Transaction, name, failing)
     return seen
 
 
@@ -94,7 +95,7 @@ def test_failing_audit_in_prune_restores_everything(monkeypatch):
     def broken_audit(*args, **kwargs):
         raise RuntimeError("audit crashed")
 
-    monkeypatch.setattr(graphprune.analysis, "audit", broken_audit)
+    monkeypatch.setattr(graphprune.session, "audit", broken_audit)
     with pytest.raises(graphprune.PruningError, match="audit crashed"):
         graphprune.prune(model, 0.5, X)
     _assert_restored(model, snapshot, attrs, params, grads, reference)
@@ -106,8 +107,8 @@ def test_a_pruned_model_that_no_longer_runs_blocks_the_groups_at_the_failing_nod
     skip) breaks the pruned model's forward at one node. The audit names that node, blocks
     the groups that flow into it, and prunes the rest."""
     model = small_net()
-    skip, shrink = model.bna.running_var, graphprune.surgery._Transaction.shrink
-    monkeypatch.setattr(graphprune.surgery._Transaction, "shrink",
+    skip, shrink = model.bna.running_var, graphprune.pruning.surgery._Transaction.shrink
+    monkeypatch.setattr(graphprune.pruning.surgery._Transaction, "shrink",
                         lambda self, tensor, keep: None if tensor is skip else shrink(self, tensor, keep))
     report = graphprune.analyze(model, X)
     graphprune.prune(model, 0.5, X, report=report)

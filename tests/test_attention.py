@@ -101,3 +101,50 @@ def test_vit_prunes_stream_mlp_and_heads(prune_heads):
     assert model.encoder.layers[0].mlp[0].out_features == 1536
     assert model(x).shape == (1, 1000)
     assert sum(p.numel() for p in model.parameters()) < 0.4 * before
+
+
+class SquareHeads(nn.Module):
+    """4 heads of width 4: the head count and the width have the same value, so only the
+    heads table (num_heads / head_dim) and the split's structure tell which axis is which."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.attention, self.head = nn.Linear(12, 16), TimmAttention(dim=16, num_heads=4), nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        return self.head((x + self.attention(x)).mean(1))
+
+
+@pytest.mark.parametrize("prune_heads", [False, True])
+def test_heads_are_found_by_the_heads_table_not_by_matching_a_value(prune_heads):
+    x = torch.randn(2, 7, 12)
+    torch.manual_seed(0)
+    result = dead_channel_oracle(SquareHeads().eval(), x, fraction=0.5, prune_heads=prune_heads)
+    assert result["groups_tested"] >= 2  # the stream, and the heads (or their width)
+    torch.manual_seed(0)
+    model = SquareHeads().eval()
+    graphprune.prune(model, 0.5, x, prune_heads=prune_heads)
+    assert head_attrs(model) == ((2, 4) if prune_heads else (4, 2))
+    assert model(x).shape == (2, 5)
+
+
+class ChannelShuffle(nn.Module):
+    """A reshape into (groups, channels per group) is no attention: prune_heads leaves it alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.out = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        n, c, height, width = h.shape
+        return self.out(h.view(n, 2, c // 2, height, width).transpose(1, 2).reshape(n, c, height, width))
+
+
+def test_prune_heads_changes_only_splits_into_declared_heads():
+    x = torch.randn(1, 3, 4, 4)
+    groups = [[(g.size, g.status) for g in graphprune.analyze(ChannelShuffle().eval(), x, prune_heads=heads).groups]
+              for heads in (False, True)]
+    assert groups[0] == groups[1]
+    assert (4, "prunable") in groups[0]  # the shuffle's channel j of each half is one channel

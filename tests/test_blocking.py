@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphprune
+from graphprune.analysis.reasons import BlockKind
 from conftest import group_of, member, run_oracle
 from oracle import dead_channel_oracle
 
@@ -157,3 +158,40 @@ def test_slice_at_a_bound_computed_from_the_tensor():
 def test_unflatten_with_literal_sizes():
     report, _ = _safe_to_prune(Unflatten, torch.randn(2, 6))
     assert group_of(report, "conv.weight", 0).prunable
+
+
+# --------------------------------------------------------------------------- resampled channels
+class ChannelsResampled(nn.Module):
+    """Channels moved into a dimension that an op interpolates, pools, pads or convolves over."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool, self.pad3d = nn.AdaptiveAvgPool1d(4), nn.ConstantPad3d((0, 0, 0, 0, 1, 1), 0.0)
+        self.conv3d = nn.Conv3d(1, 1, (3, 1, 1), padding=(1, 0, 0))
+        self.out = nn.LazyLinear(3)
+
+    def forward(self, x):
+        h = self.c(x)
+        if self.kind == "interpolate":
+            h = F.interpolate(h.unsqueeze(1), size=(16, 6, 6)).squeeze(1)
+        elif self.kind == "pool":
+            h = self.pool(h.flatten(2).transpose(1, 2))
+        elif self.kind == "pad":
+            h = F.pad(h, (0, 0, 0, 0, 1, 1))
+        elif self.kind == "pad_module":
+            h = self.pad3d(h)
+        else:
+            h = self.conv3d(h.unsqueeze(1))
+        return self.out(h.flatten(1))
+
+
+@pytest.mark.parametrize("kind", ["interpolate", "pool", "pad", "pad_module", "conv3d"])
+def test_channels_that_an_op_resamples_are_blocked(kind):
+    model = ChannelsResampled(kind).eval()
+    x = torch.randn(2, 3, 6, 6)
+    model(x)  # materialise the lazy head
+    group = group_of(graphprune.analyze(model, x), "c.weight", 0)
+    assert not group.prunable
+    assert any(r.kind is BlockKind.COLLAPSED and "convolves, pools or resamples" in r for r in group.blocked), group.blocked

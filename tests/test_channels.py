@@ -7,7 +7,7 @@ import weakref
 import numpy as np
 import pytest
 
-from graphprune.channels import NO_ID, ChannelSpace, per_array
+from graphprune.analysis.channels import NO_ID, ChannelSpace, per_array
 
 
 def _naive_roots(n: int, links: list) -> np.ndarray:

@@ -20,7 +20,7 @@ import torchvision
 import graphprune
 from graphprune import count_parameters
 from conftest import run_cli, stderr_lines
-from graphprune.cli import main
+from graphprune.cli.app import main
 
 SMALL = ["resnet18", "--input-shape", "1,3,64,64"]
 

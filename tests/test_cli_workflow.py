@@ -15,7 +15,7 @@ import torch
 import graphprune
 from graphprune import count_parameters
 from conftest import run_cli, stderr_lines
-from graphprune.cli import main
+from graphprune.cli.app import main
 
 
 # ---------------------------------------------------------------- finetune / sensitivity / report / export

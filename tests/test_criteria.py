@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-import criteria
+from graphprune import criteria
 import graphprune
-from criteria import CRITERIA, get_criterion
-from criteria.geometric import geometric_median
-from criteria.kmeans import removal_ranks
-from graphprune.groups import Group, Member
+from graphprune.criteria import CRITERIA, get_criterion
+from graphprune.criteria.geometric import geometric_median
+from graphprune.criteria.kmeans import removal_ranks
+from graphprune.analysis.groups import Group, Member
 
 
 def member(tensor, role="out", dim=0, module="layer", param="weight", index_map=None):

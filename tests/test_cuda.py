@@ -15,10 +15,11 @@ from conftest import (assert_same_state, failing_allocation, randomize_batch_nor
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import criteria
+from graphprune import criteria
 import graphprune
-from graphprune import surgery
-from graphprune.budget import latency_ratio
+import graphprune.reporting.measure
+from graphprune.pruning import surgery
+from graphprune.reporting.measure import latency_ratio
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -142,14 +143,14 @@ def test_latency_budget_on_cuda_times_the_device(monkeypatch):
     flops = graphprune.count_flops(model, x)
     timed = []  # (reference FLOPs, candidate FLOPs as a fraction of the original's, devices, measured ratio)
 
-    def clocked(reference, pruned, inputs, repeats):
-        ratio = latency_ratio(reference, pruned, inputs, repeats=repeats)
+    def clocked(reference, pruned, inputs, **timing):
+        ratio = latency_ratio(reference, pruned, inputs, **timing)
         devices = {p.device.type for m in (reference, pruned) for p in m.parameters()}
         timed.append((graphprune.count_flops(reference, inputs), graphprune.count_flops(pruned, inputs) / flops,
                       devices, ratio))
         return ratio
 
-    monkeypatch.setattr(graphprune.budget, "latency_ratio", clocked)
+    monkeypatch.setattr(graphprune.reporting.measure, "latency_ratio", clocked)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = graphprune.prune(model, example_inputs=x, target_latency=0.6, tolerance=0.05, round_to=8,

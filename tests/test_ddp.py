@@ -13,7 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import graphprune
-from criteria import Taylor
+from graphprune.workflow import distributed
+from graphprune.criteria import Taylor
 from graphprune.models import get_model
 
 WORLD = 2
@@ -38,13 +39,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         x = torch.randn(1, 3, 16, 16)
         train, test = graphprune.data.digits_loaders(batch_size=32, image_size=16)  # sharded train loader
         taylor = Taylor(train, max_batches=2, progress=False)
-        graphprune.prune(model, RATIO, x, criterion=graphprune.sync_criterion(taylor))
+        graphprune.prune(model, RATIO, x, criterion=distributed.sync_criterion(taylor))
         local = {gid: scores.copy() for gid, scores in taylor._scores.items()}  # this rank's own scores
         history = graphprune.finetune(model, train, epochs=1, lr=0.05, warmup_epochs=0, eval_loader=test,
                                       progress=False)
         first_batch = next(iter(train))[1]
         try:  # groups of different sizes on the ranks: an error on every rank, not a hang
-            graphprune.all_reduce_scores(np.ones(3 + rank))
+            distributed.all_reduce_scores(np.ones(3 + rank))
             mismatch = None
         except RuntimeError as exc:
             mismatch = str(exc)
@@ -115,15 +116,15 @@ def test_ranks_prune_and_finetune_identically(tmp_path):
 
 
 def test_sync_criterion_without_distribution_is_the_wrapped_criterion():
-    from criteria import L1
+    from graphprune.criteria import L1
 
     model = get_model("resnet20")
     x = torch.randn(1, 3, 16, 16)
-    synced = graphprune.sync_criterion("l1")
-    assert isinstance(synced, graphprune.SyncedCriterion) and isinstance(synced.criterion, L1)
-    assert graphprune.sync_criterion(synced) is synced
+    synced = distributed.sync_criterion("l1")
+    assert isinstance(synced, distributed.SyncedCriterion) and isinstance(synced.criterion, L1)
+    assert distributed.sync_criterion(synced) is synced
     assert synced.name == "synced_l1" and not synced.requires_data
-    assert graphprune.sync_criterion(Taylor([(x, torch.tensor([1]))])).requires_data
+    assert distributed.sync_criterion(Taylor([(x, torch.tensor([1]))])).requires_data
     report = graphprune.analyze(model, x)
     for group in report.prunable_groups:
         np.testing.assert_array_equal(synced.scores(group), L1().scores(group))
@@ -132,6 +133,6 @@ def test_sync_criterion_without_distribution_is_the_wrapped_criterion():
     for (key, left), right in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(left, right), key
     with pytest.raises(TypeError, match="must be a name or a Criterion"):
-        graphprune.sync_criterion(3)
+        distributed.sync_criterion(3)
     with pytest.raises(ValueError, match="1-D array"):
-        graphprune.all_reduce_scores(np.ones((2, 2)))
+        distributed.all_reduce_scores(np.ones((2, 2)))

@@ -9,11 +9,12 @@ import torch
 import torchvision
 from torch import nn
 
-import criteria
+from graphprune import criteria
 import graphprune
-from criteria import L1
-from graphprune import Group, PruningEngine
-from graphprune.engine import METHODS, removal_count
+from graphprune.criteria import L1
+from graphprune import Group
+from graphprune.compat import PruningEngine
+from graphprune.compat.engine import METHODS, removal_count
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def test_readme_usage_verbatim(vgg16_bn):
     model = copy.deepcopy(vgg16_bn)
     original = model.features[0].weight.detach().clone()
 
-    from graphprune import PruningEngine
+    from graphprune.compat import PruningEngine
     pruner = PruningEngine(pruning_method="L1norm", individual=True)
     pruned_layer = model.features[0]
     pruner.set_pruning_ratio(0.1)

@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import graphprune
 from graphprune.data import digits_datasets, digits_loaders
-from graphprune.finetune import _scheduler, distillation_loss
+from graphprune.workflow.finetune import _scheduler, distillation_loss
 
-ft = importlib.import_module("graphprune.finetune")  # the module; graphprune.finetune is the function
+ft = importlib.import_module("graphprune.workflow.finetune")
 
 
 def small_cnn(channels: int = 1, width: int = 8, norm: bool = True) -> nn.Module:

@@ -118,3 +118,38 @@ def test_group_prune_refuses_to_empty_one_member_and_names_it():
     with pytest.raises(ValueError, match=r"would empty a\.weight \(dim 0\)"):
         group.prune(a_channels)
     assert_same_state(model, snapshot)
+
+
+def test_group_prune_refuses_a_report_older_than_the_model():
+    """A report taken before the model changed (pruned by prune(), or a layer replaced) must
+    not prune the model it no longer describes."""
+    model = small_net()
+    x = torch.randn(1, 3, 16, 16)
+    stale = graphprune.analyze(model, x)
+    graphprune.prune(model, 0.25, x)
+    before = state_snapshot(model)
+    with pytest.raises(ValueError, match="changed since it was analysed"):
+        stale.prunable_groups[0].prune([0])
+    assert_same_state(model, before)
+    report = graphprune.analyze(model, x)  # pruning groups of one report, one after another, is fine
+    first, second = report.prunable_groups[:2]
+    first.prune([0])
+    second.prune([0])
+    assert_consistent(model)
+
+
+def test_group_prune_audits_the_pruned_model(monkeypatch):
+    """A group whose pruning would break the model (here: a buffer the surgery skips) is
+    refused and blocked with the audit's reason, and the model restored."""
+    import graphprune.pruning.surgery as surgery
+
+    model = small_net()
+    skip, shrink = model.bna.running_var, surgery._Transaction.shrink
+    monkeypatch.setattr(surgery._Transaction, "shrink", lambda self, t, keep: None if t is skip else shrink(self, t, keep))
+    report = graphprune.analyze(model, torch.randn(1, 3, 16, 16))
+    group = group_of(report, "conva.weight", 0)
+    before = state_snapshot(model)
+    with pytest.raises(graphprune.PruningError, match="no longer runs on the example inputs"):
+        group.prune([0, 1])
+    assert_same_state(model, before)
+    assert group.blocked and group.blocked[-1].startswith("shape audit:")

@@ -18,14 +18,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import criteria
+from graphprune import criteria
 import graphprune
-import graphprune.surgery
+import graphprune.pruning.surgery
 from small_net import assert_consistent, small_net, widths
 from conftest import assert_model_unchanged, model_state
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-_PACKAGES = tuple(os.path.dirname(m.__file__) + os.sep for m in (graphprune, criteria, sys.modules["tracer"]))
+_PACKAGES = tuple(os.path.dirname(m.__file__) + os.sep for m in (graphprune, graphprune.tracer, graphprune.criteria))
 POINTS = 20  # injection points per call, spread evenly over its lines
 
 
@@ -154,7 +154,7 @@ def test_ctrl_c_during_the_final_copy_is_delivered_after_it(monkeypatch):
     model the complete pruned model."""
     reference = _seeded_net()
     graphprune.prune(reference, 0.5, X)
-    copy_into = graphprune.surgery._select_into
+    copy_into = graphprune.pruning.surgery._select_into
     signals = []
 
     def interrupted_copy(out, data, index):
@@ -162,7 +162,7 @@ def test_ctrl_c_during_the_final_copy_is_delivered_after_it(monkeypatch):
             signals.append(os.kill(os.getpid(), signal.SIGINT))
         copy_into(out, data, index)
 
-    monkeypatch.setattr(graphprune.surgery, "_select_into", interrupted_copy)
+    monkeypatch.setattr(graphprune.pruning.surgery, "_select_into", interrupted_copy)
     model = _seeded_net()
     with pytest.raises(KeyboardInterrupt):
         graphprune.prune(model, 0.5, X)
@@ -175,7 +175,7 @@ def test_any_exception_inside_the_surgery_restores_and_is_raised_as_it_is(monkey
     def failing_audit(*args, **kwargs):
         raise error("injected")
 
-    monkeypatch.setattr(graphprune.analysis, "audit", failing_audit)
+    monkeypatch.setattr(graphprune.session, "audit", failing_audit)
     model = _with_grads()
     before = model_state(model)
     expected = graphprune.PruningError if issubclass(error, Exception) else error

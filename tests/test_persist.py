@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import graphprune
-from graphprune import persist
+from graphprune.io import persist
 from graphprune.models import get_model
 
 from conftest import size_attrs, state_snapshot
@@ -291,3 +291,44 @@ def test_paths_that_are_not_files(saved, tmp_path):
         graphprune.save(model, blocker / "model.safetensors")
     assert ".graphprune-" not in str(info.value) and ".tmp" not in str(info.value)
     assert sorted(os.listdir(tmp_path)) == ["a_file", "new"]  # no temporary file left anywhere
+
+
+def test_norms_without_affine_parameters_keep_their_count_and_round_trip(tmp_path):
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False), nn.InstanceNorm2d(8, track_running_stats=True),
+                             nn.Conv2d(8, 4, 1)).eval()
+
+    model, x = build(), torch.randn(2, 3, 8, 8)
+    graphprune.prune(model, 0.5, x)
+    assert model[1].num_features == model[1].running_mean.numel() == 4
+    assert model[2].num_features == model[2].running_mean.numel() == 4
+    graphprune.save(model, tmp_path / "norms.safetensors")
+    fresh = graphprune.load(build(), tmp_path / "norms.safetensors")
+    assert fresh[1].num_features == 4 and torch.equal(fresh(x), model(x))
+
+
+def test_load_into_a_model_on_the_meta_device_is_refused(saved):
+    with torch.device("meta"):
+        model = get_model("resnet20")
+    with pytest.raises(ValueError, match="meta device, which hold no values; materialise it first"):
+        graphprune.load(model, saved[1])
+
+
+def test_save_writes_regular_files_only_and_through_links(saved, tmp_path):
+    model, _ = saved
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="it is not a regular file"):
+        graphprune.save(model, fifo)
+    target, link = tmp_path / "target.safetensors", tmp_path / "link.safetensors"
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    graphprune.save(model, link)
+    assert link.is_symlink() and graphprune.load(get_model("resnet20").eval(), target) is not None
+    umask = os.umask(0o022)
+    try:
+        graphprune.save(model, tmp_path / "mode.safetensors")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "mode.safetensors").stat().st_mode & 0o777 == 0o644  # as open() creates files

@@ -6,9 +6,9 @@ import torch
 import torchvision
 from torch import nn
 
-import tracer
-from graphprune.analysis import traced_leaves
-from tracer.record import Recorder, record_on_meta
+from graphprune import tracer
+from graphprune.analysis.analyzer import traced_leaves
+from graphprune.tracer.record import Recorder, record_on_meta
 
 
 class _Doubling(nn.ReLU):

@@ -24,7 +24,7 @@ def test_pruning_with_the_report_equals_pruning_without_it_and_does_not_analyse_
     expected = graphprune.prune(_model(), 0.5, X)
     model = _model()
     report = graphprune.analyze(model, X)
-    monkeypatch.setattr(graphprune.api, "run_analysis", lambda *a, **k: pytest.fail("analysed again"))
+    monkeypatch.setattr(graphprune.session, "run_analysis", lambda *a, **k: pytest.fail("analysed again"))
     pruned = graphprune.prune(model, 0.5, report=report)  # example_inputs come from the report
     assert pruned is model
     assert_same_state(model, state_snapshot(expected))

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphprune
-import graphprune.analysis
-import graphprune.surgery
+import graphprune.analysis.analyzer
+import graphprune.pruning.surgery
 from conftest import group_of, maps, member, names, run_oracle
 from oracle import dead_channel_oracle
 
@@ -230,19 +230,19 @@ def test_group_norm_prunes_whole_norm_groups():
 
 # --------------------------------------------------------------------------- the oracle itself
 def test_oracle_catches_surgery_that_keeps_the_wrong_channels(monkeypatch):
-    shrink = graphprune.surgery._Transaction.shrink
+    shrink = graphprune.pruning.surgery._Transaction.shrink
 
     def keep_leading(self, tensor, keep):  # right count, wrong positions
         shrink(self, tensor, {dim: np.arange(len(kept)) for dim, kept in keep.items()})
 
-    monkeypatch.setattr(graphprune.surgery._Transaction, "shrink", keep_leading)
+    monkeypatch.setattr(graphprune.pruning.surgery._Transaction, "shrink", keep_leading)
     for zero_producers in (True, False):
         with pytest.raises(AssertionError, match="dead-channel oracle failed"):
             dead_channel_oracle(Residual().eval(), X16, seed=0, zero_producers=zero_producers)
 
 
 def test_oracle_catches_a_consumer_missing_from_its_group(monkeypatch):
-    build = graphprune.analysis.build_groups
+    build = graphprune.analysis.analyzer.build_groups
 
     def drop_head(state, roots):
         groups = build(state, roots)
@@ -250,6 +250,6 @@ def test_oracle_catches_a_consumer_missing_from_its_group(monkeypatch):
             group.members = [m for m in group.members if not (m.name == "head.weight" and m.dim == 1)]
         return groups
 
-    monkeypatch.setattr(graphprune.analysis, "build_groups", drop_head)
+    monkeypatch.setattr(graphprune.analysis.analyzer, "build_groups", drop_head)
     with pytest.raises(AssertionError, match="dead-channel oracle failed"):
         dead_channel_oracle(Residual().eval(), X16, seed=0, zero_producers=False)

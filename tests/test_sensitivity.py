@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import graphprune
-from graphprune.sensitivity import SensitivityResult, group_keys
+from graphprune.workflow.sensitivity import SensitivityResult, group_keys
 
 from conftest import state_snapshot, assert_same_state
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from tracer.shape_rules import FUNCTION_RULES, MODULE_RULES, function_output, module_output
+from graphprune.tracer.shape_rules import FUNCTION_RULES, MODULE_RULES, function_output, module_output
 
 CL = torch.channels_last
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import graphprune
 from conftest import assert_same_state, failing_allocation, size_attrs, state_snapshot
-from graphprune import surgery
+from graphprune.pruning import surgery
 
 
 def _select(data, index):

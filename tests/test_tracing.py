@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 import graphprune
-import tracer
+from graphprune import tracer
 from conftest import assert_same_state, group_of, state_snapshot
 from oracle import dead_channel_oracle
 
@@ -153,13 +153,13 @@ class _ScaledByInput(nn.Module):
 def test_a_model_whose_shapes_need_values_is_audited_after_the_values_are_copied(monkeypatch):
     """The audit first runs while the pruned tensors hold zero placeholders; a model that could
     only be recorded on real values is audited once the kept values are in place."""
-    audits, audit = [], graphprune.analysis.audit
+    audits, audit = [], graphprune.session.audit
 
     def spying(*args):
         audits.append(args[-1])  # filled
         return audit(*args)
 
-    monkeypatch.setattr(graphprune.analysis, "audit", spying)
+    monkeypatch.setattr(graphprune.session, "audit", spying)
     for needs_values, expected in ((False, [False]), (True, [False, True])):
         audits.clear()
         model = _ScaledByInput(needs_values).eval()

@@ -10,6 +10,8 @@ rest is still pruned, and the analysis leaves nothing behind on the model.
 """
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -173,3 +175,28 @@ def test_hooks_registered_for_every_module_block_every_module():
     assert not report.prunable_groups
     assert all("has forward hooks" in reason or reason in ("model input", "reaches output")
                for g in report.groups for reason in g.blocked)
+
+
+class SideEffects(nn.Module):
+    """A forward that needs values (.item()), counts its calls in a buffer, and keeps its last
+    activation in a namespace it holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.out = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.register_buffer("calls", torch.zeros(()))
+        self.notes = types.SimpleNamespace()
+
+    def forward(self, x):
+        self.calls.add_(1)
+        h = self.conv(x)
+        self.notes.last = h
+        return self.out(h * 2 if h.mean().item() > 100 else h)
+
+
+def test_analysis_takes_back_what_a_real_run_of_the_forward_leaves():
+    model = SideEffects().eval()
+    before = model_state(model)
+    graphprune.analyze(model, X)
+    assert_model_unchanged(model, before)
+    assert model.calls.item() == 0 and vars(model.notes) == {}

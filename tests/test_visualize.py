@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import graphprune
-from graphprune.visualize import channel_graph, node_group, to_dot, to_png
+from graphprune.reporting.visualize import channel_graph, node_group, to_dot, to_png
 
 pydot = pytest.importorskip("pydot")
 # pydot's DOT parser (used here to check the output) trips pyparsing's deprecation warnings

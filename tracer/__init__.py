@@ -1,6 +1,6 @@
 """Capture a PyTorch model as an annotated networkx graph (torch.fx front-end)."""
-from .capture import LeafSpec, TraceError, capture
 from .fallback import trace
+from .fx_capture import LeafSpec, TraceError, capture
 from .graph import InputError, build_graph, call_model
 from .record import TensorSpec, describe
 

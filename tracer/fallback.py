@@ -17,7 +17,7 @@ import networkx as nx
 import torch
 from torch import nn
 
-from .capture import LeafSpec, TraceError, capture
+from .fx_capture import LeafSpec, TraceError, capture
 from .graph import build_graph, call_model
 from .state import attributes_kept
 

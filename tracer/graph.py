@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture import TraceError
+from .fx_capture import TraceError
 from .record import Recorder, record_on_meta
 
 
@@ -54,6 +54,13 @@ def positional_inputs(graph: fx.Graph, example_inputs: Any) -> tuple:
                 raise InputError(f"example_inputs has no value for forward() argument '{name}'")
         return tuple(args)
     if isinstance(example_inputs, tuple):
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        if len(example_inputs) > len(placeholders) and not any(p.target.startswith("*") for p in placeholders):
+            raise InputError(
+                f"example_inputs holds {len(example_inputs)} positional inputs but forward() takes "
+                f"{len(placeholders)} ({', '.join(p.target for p in placeholders)}). A tuple's items are passed to "
+                "forward() as positional inputs; to pass the tuple as ONE input, wrap it: (example_inputs,)"
+            )
         return example_inputs
     return (example_inputs,)
 
@@ -132,7 +139,7 @@ def build_graph(model: nn.Module, fx_graph: fx.Graph, example_inputs: Any) -> nx
     """Run ``fx_graph`` (captured from ``model``) on ``example_inputs`` and return the annotated
     networkx graph: on meta tensors where it can, else once on the real inputs (no grad).
 
-    Node keys are fx node names; every node has ``part == ""`` (see :mod:`tracer.fallback`).
+    Node keys are fx node names; every node has ``part == ""`` (see :mod:`graphprune.tracer.fallback`).
     ``graph.graph["recorded_on_meta"]`` says whether the shapes came without the model's values.
     """
     args = positional_inputs(fx_graph, example_inputs)

@@ -3,7 +3,7 @@
 :func:`record_on_meta` runs on meta tensors: every parameter, buffer and input is replaced
 by an empty meta tensor of the same shape, so nothing is copied or computed. Modules are
 called through lightweight clones that hold those meta tensors; the user's modules are
-never touched. Calls that :mod:`tracer.shape_rules` knows are not run at all: their output
+never touched. Calls that :mod:`graphprune.tracer.shape_rules` knows are not run at all: their output
 is a fresh tensor of the shape the rule gives (their meta kernels are Python decompositions
 that cost more than the rest of the run). :class:`Recorder` runs on whatever tensors it is given.
 """
@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
-from .capture import forward_hooks
+from .fx_capture import forward_hooks
 from .shape_rules import function_output, module_output
 
 

@@ -1,4 +1,5 @@
-"""Put a model back bit for bit after any exception, KeyboardInterrupt included.
+"""Put a model back bit for bit after any exception, KeyboardInterrupt included; and the
+smaller guards of a model's (and the process's) state around a block.
 
 :class:`ModelTransaction` records, by reference, everything graphprune may change on a
 model: every module's attributes (``__dict__``) and the contents of the dicts, lists and
@@ -12,27 +13,45 @@ the change is kept. Tracing uses it too, to take back what torch.fx leaves on a 
 """
 from __future__ import annotations
 
+import gc
 import signal
 import threading
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
+import torch
 from torch import nn
 
 _CONTAINERS = (dict, list, set)
 
 
-def _contents(container):
-    """A shallow copy of what ``container`` holds (a plain dict, list or set)."""
-    return dict(container) if isinstance(container, dict) else list(container) if isinstance(container, list) else set(container)
+def _held(value) -> bool:
+    """Whether a module attribute's value is restored by content: a dict, list or set, or a
+    plain object with attributes (a config, a namespace), never a module or tensor."""
+    if isinstance(value, _CONTAINERS):
+        return True
+    return (hasattr(value, "__dict__") and not callable(value) and not isinstance(value, (nn.Module, torch.Tensor))
+            and not isinstance(value, type))
 
 
-def _restore_contents(container, saved) -> None:
-    if isinstance(container, list):
-        container[:] = saved
-    else:
-        container.clear()
-        container.update(saved)
+def _contents(value):
+    """A shallow copy of what ``value`` holds (its items, or a plain object's attributes)."""
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, list):
+        return list(value)
+    if isinstance(value, set):
+        return set(value)
+    return dict(vars(value))
+
+
+def _restore_contents(value, saved) -> None:
+    if isinstance(value, list):
+        value[:] = saved
+        return
+    target = value if isinstance(value, (dict, set)) else vars(value)
+    target.clear()
+    target.update(saved)
 
 
 class ModelTransaction:
@@ -51,7 +70,7 @@ class ModelTransaction:
         tensors: dict[int, object] = {}
         for module in model.modules():
             attrs = dict(vars(module))
-            contents = {k: _contents(v) for k, v in attrs.items() if isinstance(v, _CONTAINERS)}
+            contents = {k: _contents(v) for k, v in attrs.items() if _held(v)}
             self._modules.append((module, attrs, contents))
             for registry in (module._parameters, module._buffers):
                 tensors.update((id(t), t) for t in registry.values() if t is not None)
@@ -92,13 +111,20 @@ class ModelTransaction:
 
 @contextmanager
 def attributes_kept(model: nn.Module) -> Iterator[None]:
-    """Run the block, then put every module attribute and container of ``model`` back as it
-    was (tensor data is not touched): whatever a trace or a forward left on it goes."""
+    """Run the block, then put every module attribute, container and held object of ``model``
+    back as it was, and the values of any buffer written in place (a forward's step
+    counter): whatever a trace or a run of the forward left on it goes. Parameters are not
+    copied, so a forward that writes into its own parameters still does."""
     snapshot = ModelTransaction(model, keep_tensors=False)
+    buffers = [(b, b._version, b.detach().clone()) for b in {id(b): b for b in model.buffers()}.values()]
     try:
         yield
     finally:
         snapshot.restore()
+        with interrupts_deferred(), torch.no_grad():
+            for buffer, version, values in buffers:
+                if buffer._version != version:
+                    buffer.copy_(values)
 
 
 @contextmanager
@@ -121,3 +147,38 @@ def interrupts_deferred() -> Iterator[None]:
                 previous(signal.SIGINT, received[0])
             elif previous == signal.SIG_DFL:
                 signal.raise_signal(signal.SIGINT)
+
+
+@contextmanager
+def training_flags_kept(*models: nn.Module) -> Iterator[None]:
+    """Run the block, then put every submodule's own training flag back."""
+    flags = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            if module.training != training:
+                module.training = training
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run the block in eval mode, then put every submodule's own training flag back."""
+    with training_flags_kept(model):
+        model.eval()
+        yield
+
+
+@contextmanager
+def gc_paused(pause: bool = True) -> Iterator[None]:
+    """Pause Python's cyclic garbage collector (if ``pause``), then restore it: tracing
+    allocates so many small objects that it triggers full collections, each of which
+    rescans every object the process holds (a large model's modules and tensors among them)."""
+    enabled = gc.isenabled()
+    try:
+        if pause:
+            gc.disable()
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -24,7 +24,18 @@ from typing import Callable
 from torch import nn
 
 from .mobilenet import MobileNetV2, mobilenet_v2
-from .resnet import CifarResNet, ResNet, resnet18, resnet20, resnet34, resnet50, resnet56, resnet101, resnet110, resnet152
+from .resnet import (
+    CifarResNet,
+    ResNet,
+    resnet18,
+    resnet20,
+    resnet34,
+    resnet50,
+    resnet56,
+    resnet101,
+    resnet110,
+    resnet152,
+)
 from .vgg import VGG, vgg11_bn, vgg13_bn, vgg16_bn, vgg19_bn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {

@@ -1,0 +1,160 @@
+"""One analysis of one model: trace it, propagate channel identity, and cut the channel space
+into coupled groups (the report). Pruning it is :class:`graphprune.session.PruningSession`'s."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from graphprune import tracer
+from graphprune.reporting.report import Report
+from graphprune.tracer.devices import describe_value
+from graphprune.validation import check_materialised, check_model
+
+from .channels import per_array
+from .groups import Group, build_groups
+from .inputs import resolve_example_inputs
+from .propagate import propagate
+from .propagation import Propagation
+from .reasons import BlockKind, Reason
+from .rules import has_module_rule
+
+LayerRef = Union[str, nn.Module]
+
+
+def _layer_names(model: nn.Module, layers: Iterable[LayerRef], argument: str) -> set[str]:
+    if isinstance(layers, (str, nn.Module)):
+        layers = [layers]
+    if not isinstance(layers, Iterable):
+        raise TypeError(f"{argument} must be module names or modules (a list of them), got {type(layers).__name__}")
+    by_id = {id(m): name for name, m in model.named_modules()}
+    names, unknown = set(), []
+    for layer in layers:
+        if isinstance(layer, nn.Module):
+            if id(layer) not in by_id:
+                unknown.append(type(layer).__name__)
+            else:
+                names.add(by_id[id(layer)])
+        elif isinstance(layer, str):
+            if layer not in by_id.values():
+                unknown.append(layer)
+            names.add(layer)
+        else:
+            raise TypeError(f"{argument} entries must be module names or modules, got {type(layer).__name__}")
+    if unknown:
+        raise ValueError(f"{argument} has entries that are not submodules of {type(model).__name__}: {unknown}")
+    return names
+
+
+def _ignore(groups: list[Group], names: set[str]) -> None:
+    for group in groups:
+        hits = sorted({n for n in names for layer in group.layers() if layer == n or layer.startswith(n + ".") or n == ""})
+        if hits:
+            group.blocked.append(Reason(BlockKind.IGNORED, "ignored_layers: " + ", ".join(hits)))
+
+
+def _annotate_channels(state: Propagation, roots: np.ndarray, groups: list[Group]) -> None:
+    """Store on each graph node, per tensor dim, ``(group id, index map)`` or None.
+
+    The index map gives the group channel of every position along that dim, as in
+    :class:`Member`; multi-output nodes get a tuple of such tuples.
+    """
+    group_of_root = np.full(roots.size, -1, dtype=np.int64)
+    for group in groups:
+        group_of_root[group.units] = group.id
+
+    def dims(labels):
+        if labels is None:
+            return None
+        if labels and isinstance(labels[0], np.ndarray):
+            return tuple(_dim_channels(ids) for ids in labels)
+        return tuple(dims(item) for item in labels)
+
+    @per_array
+    def _dim_channels(ids):
+        if not ids.size or ids[0] < 0 or group_of_root[roots[ids[0]]] < 0 or (ids < 0).any():
+            return None
+        group = groups[group_of_root[roots[ids[0]]]]
+        return group.id, np.searchsorted(group.units, roots[ids])
+
+    for name, labels in state.labels.items():
+        state.graph.nodes[name]["channels"] = dims(labels)
+
+
+class Analysis:
+    """What one analysis found (``state``, ``roots``, ``groups``, ``report``) and what it was
+    made from (``model``, the resolved ``inputs`` and the options)."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any, description: str, leaf_modules, ignored: set[str], prune_heads: bool):
+        graph = tracer.trace(model, example_inputs, traced_leaves(leaf_modules))
+        self.state = propagate(graph, prune_heads)
+        self.roots = self.state.space.all_roots()
+        self.groups = build_groups(self.state, self.roots)
+        _ignore(self.groups, ignored)
+        _annotate_channels(self.state, self.roots, self.groups)
+        self.model = model
+        self.inputs = example_inputs  # as resolved: inferred when the caller gave none
+        self.leaf_modules = list(leaf_modules)
+        self.ignored_layers = ignored
+        self.prune_heads = prune_heads
+        self.fingerprint = fingerprint(model)
+        self.report = Report(type(model).__name__, self.groups, graph, description)
+
+
+def fingerprint(model: nn.Module) -> tuple:
+    """Identity and shape of every module, parameter and buffer: changes when the model is
+    pruned or its layers are replaced, not when weights are updated in place."""
+    modules, tensors = [], []
+    for name, module in model.named_modules(remove_duplicate=False):
+        modules.append((name, id(module)))
+        for registry in (module._parameters, module._buffers):
+            tensors.extend((name, key, id(t), t.shape, t.dtype, t.device) for key, t in registry.items() if t is not None)
+    return tuple(modules), tuple(tensors)
+
+
+def run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads=False) -> Analysis:
+    """Check the arguments and analyse ``model``; the resolved inputs are ``.inputs``."""
+    check_model(model)
+    if not isinstance(prune_heads, bool):
+        raise TypeError(f"prune_heads must be True or False, got {type(prune_heads).__name__}")
+    ignored = _layer_names(model, ignored_layers, "ignored_layers")
+    inputs, inferred = resolve_example_inputs(model, example_inputs)
+    _check_devices(model, inputs)
+    description = "inferred " + describe_inputs(inputs) if inferred else describe_inputs(inputs)
+    try:
+        return Analysis(model, inputs, description, leaf_modules, ignored, prune_heads)
+    except tracer.InputError as exc:
+        if inferred:
+            raise ValueError(f"{exc} The inferred input was {describe_inputs(inputs)}; pass example_inputs.") from exc
+        raise ValueError(str(exc)) from exc
+
+
+def _input_tensors(inputs: Any) -> list:
+    if isinstance(inputs, torch.Tensor):
+        return [inputs]
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, (tuple, list)) else []
+    return [t for v in values for t in _input_tensors(v)]
+
+
+def _check_devices(model: nn.Module, inputs: Any) -> None:
+    """Meta-device models hold no values to rank; inputs must live on the model's device."""
+    check_materialised(model)
+    devices = {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
+    input_devices = {t.device for t in _input_tensors(inputs)}
+    if len(devices) == 1 and input_devices and input_devices != devices:
+        raise ValueError(
+            f"example_inputs are on {', '.join(sorted(map(str, input_devices)))} but the model is on "
+            f"{next(iter(devices))}; move them to the model's device"
+        )
+
+
+def describe_inputs(inputs: Any) -> str:
+    """``tensor(1, 3, 224, 224)``, ``(…, …)``, ``[…]`` or ``{key: …}``: the shapes of example inputs."""
+    return describe_value(inputs, dtypes=False)
+
+
+def traced_leaves(leaf_modules: Iterable[tracer.LeafSpec]) -> list:
+    """The user's leaf modules plus every module the rule table knows (never traced into)."""
+    return [*leaf_modules, has_module_rule]

@@ -1,0 +1,165 @@
+"""Coupled channel groups, built from a finished propagation."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .channels import per_array
+from .propagation import ParamDim, Propagation
+
+
+@dataclass(eq=False)
+class Member:
+    """One parameter dimension that shrinks when the group is pruned.
+
+    ``index_map[i]`` is the group channel that position ``i`` along ``dim`` belongs to
+    (several positions map to one channel after a flatten or a grouped conv).
+    """
+
+    module: str
+    param: str
+    dim: int
+    index_map: np.ndarray
+    role: str
+    tensor: torch.Tensor = field(repr=False)
+    aliases: list = field(default_factory=list)  # other (module, param) owning the same tensor (tied weights)
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}.{self.param}" if self.module else self.param
+
+
+@dataclass(eq=False)
+class Group:
+    """A set of channels that must be removed together from every member."""
+
+    id: int
+    size: int
+    members: list
+    blocked: list  # reasons; empty when prunable
+    notes: list  # why pruning is approximate rather than exact; empty when exact
+    param_share: float = 0.0
+    units: np.ndarray = field(repr=False, default=None)  # root id of each channel
+    _surgery: Optional[object] = field(repr=False, default=None)  # the ChannelSurgery it belongs to
+    _session: Optional[object] = field(repr=False, default=None)  # the PruningSession that analysed it
+
+    @property
+    def prunable(self) -> bool:
+        return not self.blocked and self.size >= 2
+
+    @property
+    def exact(self) -> bool:
+        return not self.notes
+
+    @property
+    def root(self) -> str:
+        """The first layer producing the group's channels (its name in the report). A group
+        no layer produces, such as the model input's channels, is named by its first reader
+        in angle brackets: ``"<input of conv1>"``."""
+        producers = [m for m in self.members if m.role in ("out", "param")]
+        if producers:
+            return producers[0].module or producers[0].name
+        return f"<input of {self.members[0].module or self.members[0].name}>"
+
+    @property
+    def status(self) -> str:
+        if self.blocked:
+            return "blocked: " + "; ".join(self.blocked)
+        if self.size < 2:
+            return "blocked: a single channel"
+        return "prunable" if self.exact else "prunable (approximate: " + "; ".join(self.notes) + ")"
+
+    def layers(self) -> list:
+        """Names of the modules with a member in this group, in graph order, without repeats."""
+        return list(dict.fromkeys(name for m in self.members for name in [m.module] + [a[0] for a in m.aliases]))
+
+    def producer_layers(self) -> list:
+        """Names a per-layer option is matched against: the group's producer layers (role
+        ``"out"``) in graph order, else every layer with a member."""
+        producers = list(dict.fromkeys(m.module for m in self.members if m.role == "out"))
+        return producers or self.layers()
+
+    def lookup(self, options: Mapping, default: Any = None) -> Any:
+        """The value of the first key of ``options`` that names this group.
+
+        Keys are group ids (``int``) or module names / ``fnmatch`` globs matched against
+        :meth:`producer_layers`. Precedence: the group's id, then an exact name, then the
+        first matching glob in the mapping's order; ``default`` when nothing matches.
+        """
+        if self.id in options and isinstance(self.id, int):
+            return options[self.id]
+        names = self.producer_layers()
+        for key, value in options.items():
+            if isinstance(key, str) and key in names:
+                return value
+        for key, value in options.items():
+            if isinstance(key, str) and any(fnmatch.fnmatchcase(n, key) for n in names):
+                return value
+        return default
+
+    def members_by_index_map(self) -> list:
+        """The first member with each distinct ``index_map`` array (members bound to the same
+        channel ids share one, so a per-map check need run only once per array)."""
+        first: dict[int, Member] = {}
+        for m in self.members:
+            first.setdefault(id(m.index_map), m)
+        return list(first.values())
+
+    def prune(self, indices: Sequence[int]) -> None:
+        """Remove the channels ``indices`` (0 <= i < size) from every member, as one
+        transaction, and audit the pruned model: if the audit fails, the model is restored,
+        the group is blocked with the reason and :class:`graphprune.PruningError` raised."""
+        if self._session is None:
+            raise RuntimeError("this group is not attached to a model; take it from graphprune.analyze's report")
+        self._session.apply({self: indices}, strict=True)
+
+
+def build_groups(state: Propagation, roots: np.ndarray) -> list[Group]:
+    """Cut the channel space into groups; keep those with at least one member.
+
+    ``roots`` is the root (smallest unified id) of every id (``state.space.all_roots()``).
+    """
+    space = state.space
+    component = space.set_components(roots)
+    set_starts = np.array([s.start for s in space.sets], dtype=np.int64)
+    set_sizes = np.array([s.size for s in space.sets], dtype=np.int64)
+
+    by_component: dict[int, list[ParamDim]] = {}
+    for member in state.param_dims.values():
+        if member.ids[0] >= 0:
+            by_component.setdefault(int(component[space.set_of(member.ids[:1])[0]]), []).append(member)
+    sets_by_component: dict[int, list[int]] = {}
+    for set_index, comp in enumerate(component):
+        if int(comp) in by_component:
+            sets_by_component.setdefault(int(comp), []).append(set_index)
+
+    total = sum(p.numel() for p in state.model.parameters()) or 1
+    groups = []
+    for comp, param_dims in by_component.items():
+        set_indices = sets_by_component[comp]
+        ids = np.concatenate([np.arange(set_starts[s], set_starts[s] + set_sizes[s]) for s in set_indices])
+        units = np.unique(roots[ids])
+        blocked = list(dict.fromkeys(space.sets[s].blocked for s in set_indices if space.sets[s].blocked))
+        notes = list(dict.fromkeys(state.notes[s] for s in set_indices if s in state.notes))
+        index_map = per_array(lambda ids: np.searchsorted(units, roots[ids]))
+        members = [
+            Member(pd.owners[0][0], pd.owners[0][1], pd.dim, index_map(pd.ids), pd.role, pd.tensor, pd.owners[1:])
+            for pd in param_dims
+        ]
+        distinct = {id(m.tensor): m.tensor.numel() for m in members if isinstance(m.tensor, torch.nn.Parameter)}
+        groups.append(
+            Group(
+                id=len(groups),
+                size=int(units.size),
+                members=members,
+                blocked=blocked,
+                notes=notes,
+                param_share=sum(distinct.values()) / total,
+                units=units,
+            )
+        )
+    return groups

@@ -1,0 +1,191 @@
+"""The state the rules share while channel identity propagates through the traced graph.
+
+A tensor's *labels* are a tuple with one id array per dimension (``[-1]`` for size-1 dims);
+a multi-output node carries a tuple of labels, a non-tensor value carries ``None``.
+Rules (see :mod:`graphprune.analysis.rules`) read their inputs' labels, unify ids and return the
+output labels. Parameters take part through their own ids: a module rule unifies tensor
+labels with its parameters' dimensions, which makes those dimensions group *members*.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import networkx as nx
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from graphprune.tracer import TensorSpec
+
+from .channels import NO_ID, ChannelSpace
+from .reasons import BlockKind, Reason
+
+
+@dataclass
+class ParamDim:
+    """One dimension of one parameter or buffer, with the ids of its positions."""
+
+    tensor: torch.Tensor
+    dim: int
+    ids: np.ndarray
+    role: str  # "out" (producer rows), "in" (consumer columns), "scale", "shift", "stat", "param"
+    owners: list = field(default_factory=list)  # [(module name, attribute name)]
+
+    @property
+    def name(self) -> str:
+        module, attr = self.owners[0]
+        return f"{module}.{attr}" if module else attr
+
+
+@dataclass
+class AttrMember:
+    """A module attribute (``out_channels``, ``groups``...) that follows the kept count of ``ids``.
+
+    ``update(current_value, kept_count)`` returns the attribute's new value.
+    """
+
+    module: str
+    attr: str
+    ids: np.ndarray
+    update: Callable[[Any, int], Any]
+
+
+class Propagation:
+    """State shared by the rules while walking the graph."""
+
+    def __init__(self, graph: nx.DiGraph, prune_heads: bool = False):
+        self.graph = graph
+        self.prune_heads = prune_heads  # splits (…, heads, head_dim) keep whole heads as channels
+        self.model: nn.Module = graph.graph["model"]
+        self.space = ChannelSpace()
+        self.labels: dict[str, Any] = {}
+        self.param_dims: dict[tuple[int, int], ParamDim] = {}
+        self.attr_members: list[AttrMember] = []
+        self.notes: dict[int, str] = {}  # set index -> why pruning it is approximate
+        self.part = ""  # graph-key prefix of the traced part being processed (see tracer.fallback)
+        self._modules = dict(self.model.named_modules(remove_duplicate=False))  # every path, for lookups
+        self._owner_names = _tensor_owners(self._modules)
+
+    # ----- reading the node being processed
+    def node_attrs(self, node: fx.Node) -> dict:
+        """The graph attributes of an fx node of the part being processed."""
+        return self.graph.nodes[self.part + node.name]
+
+    def value(self, arg: Any) -> Any:
+        """The recorded value (TensorSpec, tuple, int...) of an fx argument."""
+        if isinstance(arg, fx.Node):
+            return self.node_attrs(arg)["value"]
+        return arg
+
+    def labels_of(self, arg: Any) -> Any:
+        if isinstance(arg, fx.Node):
+            return self.labels.get(self.part + arg.name)
+        return None
+
+    def qualname(self, node: fx.Node) -> str:
+        """Qualified name (from the model's root) of the module a node calls or runs in."""
+        return self.node_attrs(node)["module"] or ""
+
+    def module(self, name: str) -> nn.Module:
+        found = self._modules.get(name or "")
+        return found if found is not None else self.model.get_submodule(name)
+
+    # ----- creating ids
+    def fresh(self, value: Any, description: str, blocked: Optional[str], first_dim: int = 0) -> Any:
+        """Fresh labels for every tensor in ``value`` (blocked with ``blocked`` if given); for
+        a tensor with ``first_dim``, only for its dims from that one on (the caller has the rest)."""
+        if isinstance(value, TensorSpec):
+            return tuple(
+                np.array([NO_ID]) if size == 1 else self.space.new_set(size, f"{description} dim {d}", blocked)
+                for d, size in enumerate(value.shape) if d >= first_dim
+            )
+        if isinstance(value, (tuple, list)):
+            return tuple(self.fresh(v, description, blocked, first_dim) for v in value)
+        return None
+
+    def param_ids(self, tensor: torch.Tensor, dim: int, role: str, like: Optional[np.ndarray] = None) -> np.ndarray:
+        """Ids of ``tensor``'s dimension ``dim``; the same ids every time (shared and tied weights).
+
+        A dimension seen for the first time gets fresh ids, or ``like`` itself when those are
+        as many channel ids of one set (the caller unifies the two anyway, see :meth:`bind`;
+        ids from several sets, as after a concat, need a set of their own to join them).
+        """
+        dim = dim % tensor.dim()
+        if tensor.shape[dim] == 0:  # no position to label (a zero-size layer): no member either
+            return np.zeros(0, dtype=np.int64)
+        key = (id(tensor), dim)
+        member = self.param_dims.get(key)
+        if member is None:
+            owners = self._owner_names.get(id(tensor))
+            if owners is None or not (tensor.is_floating_point() or tensor.is_complex()):
+                return self._not_a_member(tensor, dim, owners)
+            size = tensor.shape[dim]
+            if size == 1:
+                ids = np.array([NO_ID])
+            elif like is not None and like.size == size and like.min() >= 0 and self.space.one_set(like):
+                ids = like
+            else:
+                ids = self.space.new_set(size, f"{owners[0][0]}.{owners[0][1]} dim {dim}")
+            member = ParamDim(tensor, dim, ids, role, owners)
+            self.param_dims[key] = member
+        return member.ids
+
+    def _not_a_member(self, tensor: torch.Tensor, dim: int, owners: Optional[list]) -> np.ndarray:
+        """Blocked ids for a tensor dim that cannot be pruned: an integer tensor (indices,
+        not channels), or one that no module holds (computed on each call)."""
+        if owners is None:
+            reason = Reason(BlockKind.NOT_A_PARAMETER, (
+                "a weight computed on each call, not a parameter or buffer (a parametrization such as "
+                "weight_norm or spectral_norm?); remove it (torch.nn.utils.parametrize."
+                "remove_parametrizations) to prune these channels"))
+            name = "<computed tensor>"
+        else:
+            name = f"{owners[0][0]}.{owners[0][1]}" if owners[0][0] else owners[0][1]
+            reason = Reason(BlockKind.NOT_A_PARAMETER, f"{name} holds {tensor.dtype} values (indices, not channels)")
+        size = tensor.shape[dim]
+        return np.array([NO_ID]) if size == 1 else self.space.new_set(size, f"{name} dim {dim}", reason)
+
+    def attr(self, module: str, attr: str, ids: np.ndarray, update: Callable[[Any, int], Any]) -> None:
+        self.attr_members.append(AttrMember(module, attr, ids, update))
+
+    # ----- relations
+    def bind(self, ids: np.ndarray, tensor: torch.Tensor, dim: int, role: str) -> None:
+        """Make ``tensor``'s dimension ``dim`` a member carrying the channels ``ids``."""
+        self.unify(ids, self.param_ids(tensor, dim, role, like=ids))
+
+    def unify(self, a: np.ndarray, b: np.ndarray) -> None:
+        self.space.union(a, b)
+
+    def block(self, labels: Any, reason: str) -> None:
+        """Block every id found in (nested) ``labels``."""
+        for ids in iter_arrays(labels):
+            self.space.block(ids, reason)
+
+    def note(self, ids: np.ndarray, why: str) -> None:
+        """Record that pruning ``ids`` is not exact (e.g. it changes normalisation statistics)."""
+        ids = ids[ids >= 0]
+        for set_index in np.unique(self.space.set_of(ids)) if ids.size else ():
+            self.notes.setdefault(int(set_index), why)
+
+
+def iter_arrays(labels: Any):
+    """Every id array in (nested) ``labels``."""
+    if isinstance(labels, np.ndarray):
+        yield labels
+    elif isinstance(labels, (tuple, list)):
+        for item in labels:
+            yield from iter_arrays(item)
+
+
+def _tensor_owners(modules: dict[str, nn.Module]) -> dict[int, list]:
+    """Every (module name, attribute) under which each parameter or buffer is registered."""
+    owners: dict[int, list] = {}
+    for module_name, module in modules.items():
+        for attr, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            if tensor is not None:
+                entry = (module_name, attr)
+                if entry not in owners.setdefault(id(tensor), []):
+                    owners[id(tensor)].append(entry)
+    return owners

@@ -1,0 +1,56 @@
+"""Rules for products that contract a dimension: matmul / bmm and scaled dot-product attention.
+
+A contracted dimension must shrink on both operands together, so its two label arrays are
+unified; a dead channel contributes nothing to the sum, so removing it is exact.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch.fx as fx
+
+from graphprune.analysis.channels import NO_ID
+
+from ..propagation import Propagation
+from ..reasons import BlockKind, Reason
+
+
+def _broadcast_batch(state: Propagation, *batches: tuple) -> tuple:
+    """Unify right-aligned batch dims of equal size; a size-1 dim couples nothing."""
+    width = max(len(b) for b in batches)
+    out = []
+    for d in range(width):
+        present = [b[len(b) - width + d] for b in batches if len(b) - width + d >= 0]
+        sized = [ids for ids in present if ids.size > 1]
+        for other in sized[1:]:
+            state.unify(sized[0], other)
+        out.append(sized[0] if sized else np.array([NO_ID]))
+    return tuple(out)
+
+
+def matmul(state: Propagation, node: fx.Node):
+    a, b = state.labels_of(node.args[0]), state.labels_of(node.args[1])
+    if len(a) < 2 or len(b) < 2:
+        reason = Reason(BlockKind.NO_RULE, f"{node.name}: matmul with a 1-D operand")
+        state.block((a, b), reason)
+        return state.fresh(state.value(node), node.name, reason)
+    state.unify(a[-1], b[-2])
+    return _broadcast_batch(state, a[:-2], b[:-2]) + (a[-2], b[-1])
+
+
+def scaled_dot_product_attention(state: Propagation, node: fx.Node):
+    """Queries and keys share the contracted width; the output has the values' width.
+    The default scale is 1/sqrt(width), so pruning that width is approximate."""
+    q, k, v = (state.labels_of(node.args[i]) for i in range(3))
+    state.unify(q[-1], k[-1])
+    state.unify(k[-2], v[-2])
+    if node.kwargs.get("scale") is None and len(node.args) < 7:
+        state.note(q[-1], "attention scale 1/sqrt(width) changes with the width")
+    return _broadcast_batch(state, q[:-2], k[:-2], v[:-2]) + (q[-2], v[-1])
+
+
+def unbind(state: Propagation, node: fx.Node):
+    x = state.labels_of(node.args[0])
+    dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % len(x)
+    state.block(x[dim], Reason(BlockKind.COLLAPSED, f"{node.name} unbinds this dimension"))
+    rest = tuple(x[:dim]) + tuple(x[dim + 1 :])
+    return tuple(rest for _ in range(len(state.value(node))))

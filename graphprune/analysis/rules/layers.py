@@ -1,0 +1,182 @@
+"""Rules for parametrised layers: they create channel sets or consume / pass them."""
+from __future__ import annotations
+
+import numpy as np
+import torch.fx as fx
+from torch import nn
+
+from graphprune.analysis.propagation import Propagation
+
+from ..reasons import BlockKind, Reason
+from .shape import merge_dims
+
+SPATIAL = Reason(BlockKind.NOT_A_CHANNEL, "spatial dimension")
+
+
+def _input(state: Propagation, node: fx.Node):
+    return state.labels_of(node.args[0]), state.value(node.args[0]), state.value(node)
+
+
+def tie_blocks(state: Propagation, groups: int, *labels: np.ndarray) -> np.ndarray:
+    """Tie each of ``groups`` equal blocks of every label array into one unit; return the block ids."""
+    anchors = labels[0][:: labels[0].size // groups]
+    for ids in labels:
+        state.unify(ids, np.repeat(anchors, ids.size // groups))
+    return anchors
+
+
+def resampled(state: Propagation, node: fx.Node, x: tuple, n_dims: int) -> tuple:
+    """The labels out of an op that convolves, pools, pads or resamples the last ``n_dims``
+    dims of ``x``: the leading dims pass; the channels the last ones carried, if any, are
+    blocked (each output position mixes several of them), and the output's are new."""
+    kept = max(len(x) - n_dims, 0)
+    state.block(x[kept:], Reason(BlockKind.COLLAPSED, f"{node.name} convolves, pools or resamples this dimension"))
+    return tuple(x[:kept]) + state.fresh(state.value(node), f"{node.name} spatial", SPATIAL, first_dim=kept)
+
+
+def conv(state: Propagation, node: fx.Node):
+    m: nn.modules.conv._ConvNd = state.module(state.qualname(node))
+    x, _, _ = _input(state, node)
+    n_spatial = len(m.kernel_size)
+    c = len(x) - n_spatial - 1
+    in_ids = x[c]
+    g = m.groups
+    in_dim, out_dim = (0, 1) if m.transposed else (1, 0)
+    if g == 1:
+        state.bind(in_ids, m.weight, in_dim, "in")
+        out_ids = state.param_ids(m.weight, out_dim, "out")
+    else:
+        # Grouped conv: a conv group is one unit, so its in and out blocks go together.
+        if m.transposed:
+            state.bind(in_ids, m.weight, 0, "in")
+            out_ids = state.space.new_set(m.out_channels, f"{state.qualname(node)} out")
+        else:
+            out_ids = state.param_ids(m.weight, 0, "out")
+        tie_blocks(state, g, out_ids, in_ids)
+        # The count of conv groups; in_channels and out_channels follow the weight (sizes.py).
+        state.attr(state.qualname(node), "groups", out_ids, lambda _, kept, g=g, n=m.out_channels: g * kept // n)
+    if m.bias is not None:
+        state.bind(out_ids, m.bias, 0, "out")
+    spatial = resampled(state, node, x, n_spatial)
+    return spatial[:c] + (out_ids,) + spatial[c + 1 :]
+
+
+def linear(state: Propagation, node: fx.Node):
+    m: nn.Linear = state.module(state.qualname(node))
+    x, _, _ = _input(state, node)
+    state.bind(x[-1], m.weight, 1, "in")
+    out_ids = state.param_ids(m.weight, 0, "out")
+    if m.bias is not None:
+        state.bind(out_ids, m.bias, 0, "out")
+    return tuple(x[:-1]) + (out_ids,)
+
+
+def _per_channel(state: Propagation, node: fx.Node, m: nn.Module, ids: np.ndarray, count_attr: str) -> None:
+    bound = False
+    for attr, role in (("weight", "scale"), ("bias", "shift"), ("running_mean", "stat"), ("running_var", "stat")):
+        tensor = getattr(m, attr, None)
+        if tensor is not None and tensor.dim() == 1:
+            state.bind(ids, tensor, 0, role)
+            bound = True
+    if not bound:  # no tensor to read the channel count off (see sizes.py): it follows the ids
+        state.attr(state.qualname(node), count_attr, ids, lambda _, kept: kept)
+
+
+def batch_norm(state: Propagation, node: fx.Node):
+    m = state.module(state.qualname(node))
+    x, _, _ = _input(state, node)
+    _per_channel(state, node, m, x[1], "num_features")
+    return x
+
+
+def instance_norm(state: Propagation, node: fx.Node):
+    m: nn.modules.instancenorm._InstanceNorm = state.module(state.qualname(node))
+    x, _, _ = _input(state, node)
+    c = 0 if len(x) == m._get_no_batch_dim() else 1
+    _per_channel(state, node, m, x[c], "num_features")
+    return x
+
+
+def group_norm(state: Propagation, node: fx.Node):
+    m: nn.GroupNorm = state.module(state.qualname(node))
+    x, _, _ = _input(state, node)
+    ids = x[1]
+    # Removing a whole norm group leaves the statistics of the other groups unchanged.
+    tie_blocks(state, m.num_groups, ids)
+    _per_channel(state, node, m, ids, "num_channels")
+    state.attr(state.qualname(node), "num_groups", ids, lambda _, kept, g=m.num_groups, n=m.num_channels: g * kept // n)
+    return x
+
+
+def layer_norm(state: Propagation, node: fx.Node):
+    m: nn.LayerNorm = state.module(state.qualname(node))
+    x, _, _ = _input(state, node)
+    normalize_over(state, state.qualname(node), x, m.weight, m.bias, len(m.normalized_shape))
+    return x
+
+
+def normalize_over(state: Propagation, module: str, x: tuple, weight, bias, n_dims: int) -> None:
+    """Couple the last ``n_dims`` dims of ``x`` with a LayerNorm's affine parameters and shape."""
+    for k in range(n_dims):
+        d = len(x) - n_dims + k
+        for tensor, role in ((weight, "scale"), (bias, "shift")):
+            if tensor is not None:
+                state.bind(x[d], tensor, k, role)
+        state.note(x[d], "LayerNorm statistics are recomputed over the remaining channels")
+        state.attr(module, "normalized_shape", x[d], lambda shape, kept, k=k: (*shape[:k], kept, *shape[k + 1 :]))
+
+
+def prelu(state: Propagation, node: fx.Node):
+    m: nn.PReLU = state.module(state.qualname(node))
+    x, _, _ = _input(state, node)
+    if m.num_parameters > 1:
+        c = 1 if len(x) >= 2 else 0
+        state.bind(x[c], m.weight, 0, "scale")
+    return x
+
+
+def embedding(state: Propagation, node: fx.Node):
+    m: nn.Embedding = state.module(state.qualname(node))
+    x, _, _ = _input(state, node)
+    out_ids = state.param_ids(m.weight, 1, "out")
+    return tuple(x) + (out_ids,)
+
+
+def pooling(state: Propagation, node: fx.Node):
+    m = state.module(state.qualname(node))
+    x, _, _ = _input(state, node)
+    if getattr(m, "return_indices", False):
+        reason = Reason(BlockKind.NO_RULE, f"{type(m).__name__} with return_indices")
+        state.block(x, reason)
+        return state.fresh(state.value(node), node.name, reason)
+    n_spatial = int(type(m).__name__[-2])  # MaxPool2d -> 2
+    return resampled(state, node, x, min(n_spatial, len(x) - 1))
+
+
+def resample(state: Propagation, node: fx.Node):
+    """Upsampling and padding layers: a padding layer changes the dims its ``padding`` covers
+    (two numbers per dim, from the last), an upsampling layer every dim after the channels."""
+    m = state.module(state.qualname(node))
+    x, _, _ = _input(state, node)
+    padding = getattr(m, "padding", None)
+    return resampled(state, node, x, len(padding) // 2 if isinstance(padding, (tuple, list)) else len(x) - 2)
+
+
+def softmax(state: Propagation, node: fx.Node):
+    m = state.module(state.qualname(node))
+    x, _, _ = _input(state, node)
+    dim = m.dim if m.dim is not None else (0 if len(x) in (0, 1, 3) else 1)
+    state.block(x[dim], Reason(BlockKind.COLLAPSED, f"{type(m).__name__} normalises over this dimension"))
+    return x
+
+
+def flatten_module(state: Propagation, node: fx.Node):
+    m: nn.Flatten = state.module(state.qualname(node))
+    x, _, _ = _input(state, node)
+    return merge_dims(state, node, x, m.start_dim, m.end_dim)
+
+
+def passthrough(state: Propagation, node: fx.Node):
+    """Elementwise layers (activations, dropout, identity): labels pass unchanged."""
+    x, _, _ = _input(state, node)
+    return x

@@ -1,0 +1,126 @@
+"""Rules for elementwise ops, reductions, functional pooling and graph boundaries."""
+from __future__ import annotations
+
+import numpy as np
+import torch.fx as fx
+import torch.nn.functional as F
+
+from graphprune.analysis.channels import NO_ID
+from graphprune.analysis.propagation import Propagation
+from graphprune.tracer import TensorSpec
+
+from ..reasons import BlockKind, Reason
+from .layers import normalize_over, resampled
+
+
+def elementwise(state: Propagation, node: fx.Node):
+    """Broadcasting n-ary op: dims of equal size unify; a size-1 dim couples nothing."""
+    out_shape = state.value(node).shape
+    operands = [
+        (state.labels_of(a), state.value(a).shape)
+        for a in list(node.args) + list(node.kwargs.values())
+        if isinstance(a, fx.Node) and isinstance(state.value(a), TensorSpec)
+    ]
+    out = []
+    for d, size in enumerate(out_shape):
+        lead = len(out_shape) - d
+        aligned = [x[len(x) - lead] for x, shape in operands if len(shape) >= lead and shape[len(shape) - lead] == size]
+        for other in aligned[1:]:
+            state.unify(aligned[0], other)
+        out.append(aligned[0] if aligned else np.array([NO_ID]))
+    return tuple(out)
+
+
+def unary(state: Propagation, node: fx.Node):
+    """Ops applied value by value to their first argument (activations, casts, clones)."""
+    return state.labels_of(node.args[0])
+
+
+def reduction(state: Propagation, node: fx.Node):
+    """sum/mean/amax...: reduced dims vanish (or become size 1) and are blocked."""
+    x = state.labels_of(node.args[0])
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis"))
+    if isinstance(dims, fx.Node):  # torch.max(a, b) is elementwise
+        return elementwise(state, node)
+    keepdim = node.args[2] if len(node.args) > 2 and isinstance(node.args[2], bool) else node.kwargs.get("keepdim", False)
+    if dims is None:
+        dims = range(len(x))
+    dims = {d % len(x) for d in (dims if isinstance(dims, (tuple, list, range)) else [dims])}
+    for d in dims:
+        state.block(x[d], Reason(BlockKind.COLLAPSED, f"{node.name} reduces over this dimension"))
+    out = tuple(np.array([NO_ID]) if d in dims else ids for d, ids in enumerate(x) if keepdim or d not in dims)
+    if not isinstance(state.value(node), TensorSpec):  # max/min with a dim also return indices
+        return (out, out)
+    return out
+
+
+def spatial(state: Propagation, node: fx.Node):
+    """Functional pooling, interpolation and padding: the dims they change are those the
+    name says (``avg_pool2d``: two), those ``pad`` covers, or every dim after the channels."""
+    x = state.labels_of(node.args[0])
+    name = getattr(node.target, "__name__", "")
+    if node.target is F.pad:
+        pad = node.args[1] if len(node.args) > 1 else node.kwargs["pad"]
+        n_dims = len(pad) // 2
+    elif name[-2:] in ("1d", "2d", "3d"):
+        n_dims = int(name[-2])
+    else:
+        n_dims = len(x) - 2
+    return resampled(state, node, x, n_dims)
+
+
+def softmax(state: Propagation, node: fx.Node):
+    x = state.labels_of(node.args[0])
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    state.block(x[dim] if dim is not None else x, Reason(BlockKind.COLLAPSED, f"{node.name} normalises over this dimension"))
+    return x
+
+
+def layer_norm(state: Propagation, node: fx.Node):
+    """F.layer_norm: the shape literal must come from a module attribute we can update."""
+    x = state.labels_of(node.args[0])
+    shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
+    weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+    bias = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+    owner = state.qualname(node)
+    module = state.module(owner)
+    if tuple(getattr(module, "normalized_shape", ())) != tuple(shape):
+        state.block(x[-len(shape) :], Reason(BlockKind.FIXED_SIZE, f"{node.name}: layer_norm shape is not a module attribute"))
+        return x
+    for param in (weight, bias):
+        if isinstance(param, fx.Node):
+            for d in range(len(shape)):
+                state.unify(x[len(x) - len(shape) + d], state.labels_of(param)[d])
+    normalize_over(state, owner, x, None, None, len(shape))
+    return x
+
+
+def metadata(state: Propagation, node: fx.Node):
+    """size(), dim(), .shape...: read shapes only, which stay consistent after pruning."""
+    return None
+
+
+def placeholder(state: Propagation, node: fx.Node):
+    if state.part:
+        where = Reason(BlockKind.UNTRACED_INPUT, f"input of traced part '{state.part[:-1]}'")
+    else:
+        where = Reason(BlockKind.MODEL_INPUT, "model input")
+    return state.fresh(state.value(node), f"input {node.name}", where)
+
+
+def get_attr(state: Propagation, node: fx.Node):
+    """A parameter read directly (layer scale, class token...): each dim is a member."""
+    tensor = state.node_attrs(node).get("tensor")
+    if tensor is None:
+        return state.fresh(state.value(node), node.name, Reason(BlockKind.NOT_A_PARAMETER, "constant created by the tracer"))
+    return tuple(state.param_ids(tensor, d, "param") for d in range(tensor.dim()))
+
+
+def output(state: Propagation, node: fx.Node):
+    if state.part:
+        where = Reason(BlockKind.UNTRACED_OUTPUT, f"leaves traced part '{state.part[:-1]}'")
+    else:
+        where = Reason(BlockKind.MODEL_OUTPUT, "reaches output")
+    for source in node.all_input_nodes:
+        state.block(state.labels_of(source), where)
+    return None

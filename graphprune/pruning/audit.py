@@ -1,0 +1,134 @@
+"""Shape audit: re-trace a pruned model and check every tensor against the shape the
+channel labels predict. A mismatch means a rule or a size attribute did not follow the
+pruning; the audit names the groups involved so that the caller can block them."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+from torch import nn
+
+from graphprune import tracer
+from graphprune.analysis.channels import per_array
+from graphprune.analysis.propagation import Propagation, iter_arrays
+from graphprune.analysis.reasons import BlockKind
+from graphprune.tracer import TensorSpec
+
+from .surgery import ValuesNeeded
+
+
+class AuditError(RuntimeError):
+    """The pruned model's shapes differ from the prediction; ``suspects`` are root ids involved."""
+
+    def __init__(self, message: str, suspects: np.ndarray):
+        super().__init__(message)
+        self.suspects = suspects
+
+
+def _dims(labels: Any, value: Any) -> list:
+    """Flatten a (possibly nested) value into ``(label array or None, size)`` per tensor dim."""
+    if isinstance(value, TensorSpec):
+        if labels is None or len(labels) != len(value.shape):
+            return [(None, size) for size in value.shape]
+        return list(zip(labels, value.shape))
+    if isinstance(value, (tuple, list)):
+        nested = isinstance(labels, (tuple, list)) and len(labels) == len(value) and not (labels and isinstance(labels[0], np.ndarray))
+        return [d for i, v in enumerate(value) for d in _dims(labels[i] if nested else None, v)]
+    return []
+
+
+def _inputs_of(state: Propagation, roots: np.ndarray, node: str, removed: np.ndarray) -> np.ndarray:
+    """Root ids of the removed channels that flow into the graph node ``node`` (all removed
+    ones if that node is unknown)."""
+    fx_node = state.graph.nodes[node]["fx"] if node in state.graph.nodes else None
+    ids = [a for n in (fx_node.all_input_nodes if fx_node is not None else ()) for a in iter_arrays(state.labels.get(n.name))]
+    ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+    suspects = np.unique(roots[ids[ids >= 0]])
+    suspects = suspects[removed[suspects]]
+    return suspects if suspects.size else np.unique(roots[np.flatnonzero(removed)])
+
+
+def audit(
+    model: nn.Module,
+    example_inputs: Any,
+    leaf_modules: Iterable,
+    state: Propagation,
+    roots: np.ndarray,
+    removed: np.ndarray,
+    filled: bool = True,
+) -> None:
+    """Raise :class:`AuditError` unless every node of the re-traced ``model`` has the predicted shape.
+
+    With ``filled=False`` the model's tensors hold placeholders of their new shapes: the audit
+    then only judges a model whose shapes can be found without values (on meta tensors) and
+    raises :class:`ValuesNeeded` for any other.
+    """
+    if not filled and not state.graph.graph["recorded_on_meta"]:
+        raise ValuesNeeded("the model's shapes depend on its values")
+    graph = _retraced(model, example_inputs, leaf_modules, state, roots, removed, filled)
+    if not filled and not graph.graph["recorded_on_meta"]:
+        raise ValuesNeeded("the pruned model's shapes depend on its values")
+    mismatches, suspects = _Predictions(state, roots, removed).compare(graph)
+    if mismatches:
+        ids = np.concatenate(suspects) if suspects else np.zeros(0, dtype=np.int64)
+        blamed = np.unique(roots[ids[ids >= 0]])
+        shown = "; ".join(mismatches[:3]) + (f" (+{len(mismatches) - 3} more)" if len(mismatches) > 3 else "")
+        raise AuditError(f"shape audit failed: {shown}", blamed)
+
+
+def _retraced(model, example_inputs, leaf_modules, state: Propagation, roots: np.ndarray, removed: np.ndarray,
+              filled: bool):
+    """The pruned model's graph; a model that no longer runs is an :class:`AuditError` blaming
+    the groups that flow into the node where it fails."""
+    try:
+        return tracer.trace(model, example_inputs, leaf_modules)
+    except Exception as exc:
+        if not filled:
+            raise ValuesNeeded(f"tracing on placeholders failed: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(exc, (tracer.InputError, tracer.TraceError)):
+            raise
+        node = getattr(exc, "node_name", None)
+        raise AuditError(
+            f"the pruned model no longer runs on the example inputs, which the model took before pruning "
+            f"(at node '{node}': {exc.__cause__ or exc}); a rule or a size did not follow the pruning",
+            _inputs_of(state, roots, node, removed),
+        ) from exc
+
+
+class _Predictions:
+    """Every node's shape as the labels predict it once ``removed`` channels are gone."""
+
+    def __init__(self, state: Propagation, roots: np.ndarray, removed: np.ndarray):
+        self.state = state
+        self.removed_from = per_array(lambda ids: int(removed[roots[ids[ids >= 0]]].sum()))
+        # Sizes fed to a traced part by untraced code (e.g. a detector's proposals) may change.
+        self.data_dependent = np.array(
+            [getattr(s.blocked, "kind", None) is BlockKind.UNTRACED_INPUT for s in state.space.sets] + [False])
+
+    def free(self, ids: Any) -> bool:
+        valid = ids[ids >= 0] if ids is not None else ()
+        return len(valid) > 0 and bool(self.data_dependent[self.state.space.set_of(valid)].any())
+
+    def compare(self, graph) -> tuple:
+        """``(mismatches, suspect id arrays)`` of ``graph`` (the re-traced model) against the prediction."""
+        mismatches, suspects = [], []
+        for name, attrs in self.state.graph.nodes(data=True):
+            if attrs["op"] in ("get_attr", "output"):  # checked through their users / producers; fx renames constants
+                continue
+            dims = _dims(self.state.labels.get(name), attrs["value"])
+            labelled = [ids for ids, _ in dims if ids is not None]
+            if name not in graph.nodes:
+                mismatches.append(f"{name}: missing after pruning")
+                suspects.extend(labelled)
+                continue
+            actual = [size for _, size in _dims(None, graph.nodes[name]["value"])]
+            predicted = [size if ids is None else size - self.removed_from(ids) for ids, size in dims]
+            if len(actual) != len(predicted):
+                mismatches.append(f"{name}: expected dims {predicted}, got {actual}")
+                suspects.extend(labelled)
+                continue
+            bad = [d for d, (p, a) in enumerate(zip(predicted, actual)) if p != a and not self.free(dims[d][0])]
+            if bad:
+                mismatches.append(f"{name}: expected sizes {predicted}, got {actual}")
+                suspects.extend(dims[d][0] for d in bad if dims[d][0] is not None)
+        return mismatches, suspects

@@ -1,0 +1,184 @@
+"""Before / after comparison of a pruned model: :func:`report` -> :class:`Comparison`.
+
+>>> pruned = graphprune.prune(model, 0.5, x, inplace=False)      # doctest: +SKIP
+>>> print(graphprune.report(model, pruned, x))                   # a table
+>>> graphprune.report(model, pruned, x, latency=False).to_json()  # for scripts
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from graphprune.analysis.analyzer import describe_inputs
+from graphprune.analysis.inputs import resolve_example_inputs
+from graphprune.api import analyze
+from graphprune.validation import check_model
+
+from .measure import count_flops, count_parameters, measure_latency
+
+__all__ = ["report", "Comparison", "group_widths"]
+
+
+def _ratio(after: Optional[float], before: Optional[float]) -> Optional[float]:
+    if after is None or before is None or before == 0:
+        return None
+    return after / before
+
+
+@dataclass
+class Comparison:
+    """Size and speed of a model before and after pruning (see :func:`report`).
+
+    ``parameters``, ``flops`` and ``latency`` are ``(before, after)`` pairs (``latency`` in
+    seconds, None when not measured); ``ratio(metric)`` is after / before; ``groups`` has one
+    dict per channel group of the *before* model: ``group``, ``root``, ``status``
+    (``prunable`` / ``blocked``), ``before`` and ``after`` channel counts (``after`` None when
+    the pruned model's shapes do not tell) and ``kept`` (after / before).
+    """
+
+    model_name: str
+    input_description: str
+    parameters: tuple
+    flops: tuple
+    latency: Optional[tuple] = None
+    groups: list = field(default_factory=list)
+
+    def ratio(self, metric: str) -> Optional[float]:
+        if metric not in ("parameters", "flops", "latency"):
+            raise ValueError(f"metric must be 'parameters', 'flops' or 'latency', got {metric!r}")
+        pair = getattr(self, metric)
+        return None if pair is None else _ratio(pair[1], pair[0])
+
+    @property
+    def speedup(self) -> Optional[float]:
+        """Latency before / after (> 1 when the pruned model is faster); None without latency."""
+        ratio = self.ratio("latency")
+        return None if not ratio else 1.0 / ratio
+
+    def to_dict(self) -> dict:
+        out = {"model": self.model_name, "input": self.input_description}
+        for metric in ("parameters", "flops", "latency"):
+            pair = getattr(self, metric)
+            out[metric] = None if pair is None else {"before": pair[0], "after": pair[1], "ratio": self.ratio(metric)}
+        out["speedup"] = self.speedup
+        out["groups"] = [dict(row) for row in self.groups]
+        return out
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def __str__(self) -> str:
+        rows = [("parameters", *self.parameters), ("FLOPs", *self.flops)]
+
+        def number(value: float) -> str:
+            return f"{value:,.0f}"
+
+        lines = [(name, number(b), number(a), _fmt_ratio(_ratio(a, b))) for name, b, a in rows]
+        if self.latency is not None:
+            b, a = self.latency
+            lines.append(("latency (ms)", f"{1e3 * b:.3f}", f"{1e3 * a:.3f}", _fmt_ratio(_ratio(a, b))))
+        header = ("metric", "before", "after", "after/before")
+        table = _table(header, lines, right=(1, 2, 3))
+        title = f"graphprune comparison of {self.model_name} (input: {self.input_description})"
+        parts = [title, table]
+        if self.speedup is not None:
+            parts.append(f"speed-up: {self.speedup:.2f}x")
+        if self.groups:
+            group_lines = [
+                (str(r["group"]), r["root"], r["status"], str(r["before"]),
+                 "?" if r["after"] is None else str(r["after"]), _fmt_ratio(r["kept"]))
+                for r in self.groups
+            ]
+            parts += ["", "channel groups (of the model before pruning):",
+                      _table(("id", "root layer", "status", "before", "after", "kept"), group_lines, right=(0, 3, 4, 5))]
+        return "\n".join(parts)
+
+
+def _fmt_ratio(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _table(header, lines, right=()) -> str:
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:{'>' if i in right else '<'}{w}}}" for i, w in enumerate(widths))
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*l) for l in lines])
+
+
+def group_widths(groups: list, model_after: nn.Module) -> dict:
+    """``{group id: channels left}`` read off ``model_after``'s parameter shapes, for groups
+    of an analysis of the unpruned model; None when no member tells, or members disagree.
+
+    A member contributes when its module and parameter still exist in ``model_after`` and
+    each of its channels owns the same number of positions along its dim (e.g. 49 after a
+    flatten of 7x7 maps): the channels left are ``shape[dim] / positions per channel``.
+    """
+    modules = dict(model_after.named_modules())
+    widths = {}
+    for group in groups:
+        found = set()
+        for member in group.members:
+            module = modules.get(member.module)
+            tensor = getattr(module, member.param, None) if module is not None else None
+            if not isinstance(tensor, torch.Tensor) or tensor.dim() <= member.dim:
+                continue
+            counts = np.bincount(np.asarray(member.index_map, dtype=np.int64), minlength=group.size)
+            if counts.size == 0 or not (counts == counts[0]).all() or counts[0] == 0:
+                continue
+            positions = tensor.shape[member.dim]
+            if positions % int(counts[0]):
+                continue
+            found.add(positions // int(counts[0]))
+        widths[group.id] = found.pop() if len(found) == 1 else None
+    return widths
+
+
+def report(
+    model_before: nn.Module,
+    model_after: nn.Module,
+    example_inputs: Any = None,
+    *,
+    latency: bool = True,
+    repeats: int = 20,
+    warmup: int = 3,
+    device: Union[str, torch.device, None] = None,
+    groups: bool = True,
+) -> Comparison:
+    """Compare ``model_before`` with its pruned ``model_after`` on ``example_inputs``.
+
+    Parameters (:func:`~graphprune.count_parameters`), FLOPs
+    (:func:`~graphprune.count_flops`, ``FlopCounterMode``) and, with ``latency=True``, the
+    median latency (:func:`~graphprune.measure_latency` with ``repeats``, ``warmup``,
+    ``device``) of both models. With ``groups=True`` the before model is analysed
+    (:func:`graphprune.analyze`) and every channel group is listed with its channel count
+    before and after (:func:`group_widths`). ``example_inputs`` follows
+    :func:`graphprune.analyze` (inferred when omitted). Neither model is modified.
+    """
+    check_model(model_before, "model_before", allow_torchscript=groups is not True)  # analysed only with groups
+    check_model(model_after, "model_after", allow_torchscript=True)  # only measured
+    for name, flag in (("latency", latency), ("groups", groups)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")
+    inputs, _ = resolve_example_inputs(model_before, example_inputs)
+    parameters = (count_parameters(model_before), count_parameters(model_after))
+    flops = (count_flops(model_before, inputs), count_flops(model_after, inputs))
+    timing = None
+    if latency:
+        timing = tuple(
+            measure_latency(m, inputs, repeats=repeats, warmup=warmup, device=device) for m in (model_before, model_after)
+        )
+    rows = []
+    if groups:
+        analysis = analyze(model_before, inputs)
+        widths = group_widths(analysis.groups, model_after)
+        for group in analysis.groups:
+            after = widths[group.id]
+            rows.append({
+                "group": group.id, "root": group.root, "status": "prunable" if group.prunable else "blocked",
+                "before": group.size, "after": after, "kept": _ratio(after, group.size),
+            })
+    return Comparison(type(model_before).__name__, describe_inputs(inputs), parameters, flops, timing, rows)

@@ -1,0 +1,159 @@
+"""Size and speed of a model: parameter count, FLOPs and latency, and the latency of a pruned
+model relative to its original (:func:`latency_ratio`, for budgets).
+
+Budgets' latency is timed by :func:`latency_ratio`: the original and the pruned model run
+alternately on the example inputs, on the model's device, so that load on the machine
+affects both alike. Single-threaded CPU inference is timed by the thread's CPU time (immune
+to other processes), anything else by wall clock (:func:`latency_clock`).
+
+``example_inputs`` follows the same convention as :func:`graphprune.analyze`: a tensor,
+a tuple of positional inputs, or a dict of keyword inputs.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from graphprune.tracer import call_model
+from graphprune.tracer.devices import model_device, to_device
+from graphprune.tracer.state import eval_mode
+from graphprune.validation import check_model
+
+__all__ = ["count_flops", "count_parameters", "measure_latency", "latency_ratio", "latency_clock"]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of scalar parameters in ``model``; a parameter shared by several modules counts once."""
+    check_model(model, allow_torchscript=True)
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, example_inputs: Any) -> int:
+    """FLOPs of one forward pass on ``example_inputs``, counted by ``torch.utils.flop_counter``.
+
+    The count follows :class:`~torch.utils.flop_counter.FlopCounterMode`: a multiply-add
+    is 2 FLOPs, and only the operators it knows (matmuls, convolutions, attention) are
+    counted; element-wise ops, normalisation and pooling are free. The model runs in eval
+    mode under ``torch.no_grad()``; every submodule's training flag is restored.
+    """
+    check_model(model, allow_torchscript=True)
+    with eval_mode(model), torch.no_grad():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            call_model(model, example_inputs)
+    return int(counter.get_total_flops())
+
+
+def measure_latency(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    repeats: int = 20,
+    warmup: int = 3,
+    device: Optional[Union[str, torch.device]] = None,
+    num_threads: Optional[int] = None,
+) -> float:
+    """Median wall time in seconds of one forward pass, timed with ``torch.utils.benchmark.Timer``.
+
+    ``warmup`` untimed calls come first, then ``repeats`` timed calls of one forward pass
+    each. The timer synchronises CUDA itself, so the result is the real latency on any
+    device. ``device=None`` runs where the model's parameters are; otherwise the model
+    is moved to ``device`` for the measurement and moved back afterwards. Inputs are
+    moved to the device of the run. ``num_threads`` (default: ``torch.get_num_threads()``)
+    is the CPU thread count during timing. The model runs in eval mode under
+    ``torch.no_grad()``; every submodule's training flag is restored.
+    """
+    check_model(model, allow_torchscript=True)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
+    # imported here, not at the top: importing it logs a CUDA_HOME notice on CPU-only machines
+    from torch.utils import benchmark
+
+    original_device = model_device(model)
+    run_device = torch.device(device) if device is not None else original_device
+    if run_device != original_device:
+        model.to(run_device)
+    try:
+        inputs = to_device(example_inputs, run_device)
+        timer = benchmark.Timer(
+            stmt="call_model(model, inputs)",
+            globals={"call_model": call_model, "model": model, "inputs": inputs},
+            num_threads=num_threads if num_threads is not None else torch.get_num_threads(),
+            label=type(model).__name__,
+        )
+        with eval_mode(model), torch.no_grad():
+            if warmup:
+                timer.timeit(warmup)
+            runs = [timer.timeit(1) for _ in range(repeats)]
+        return float(benchmark.Measurement.merge(runs)[0].median)
+    finally:
+        if run_device != original_device:
+            model.to(original_device)
+
+
+def _tensors(inputs: Any) -> list:
+    if isinstance(inputs, torch.Tensor):
+        return [inputs]
+    if isinstance(inputs, Mapping):
+        return [t for v in inputs.values() for t in _tensors(v)]
+    if isinstance(inputs, (tuple, list)):
+        return [t for v in inputs for t in _tensors(v)]
+    return []
+
+
+def _synchronize(inputs: Any) -> None:
+    for tensor in _tensors(inputs):
+        if tensor.device.type == "cuda":
+            torch.cuda.synchronize(tensor.device)
+            return
+
+
+def latency_clock(example_inputs: Any) -> str:
+    """``"cpu"`` (the calling thread's CPU time) for single-threaded CPU inference, else ``"wall"``.
+
+    With one intra-op thread the whole forward runs in the calling thread, so its CPU time
+    is the latency the model would have on an idle machine and other processes do not
+    disturb it; otherwise (several threads, accelerators) wall time is the only measure.
+    """
+    on_cpu = all(t.device.type == "cpu" for t in _tensors(example_inputs))
+    return "cpu" if on_cpu and torch.get_num_threads() == 1 else "wall"
+
+
+def _time_once(model: nn.Module, inputs: Any, clock: str) -> float:
+    if clock == "cpu":
+        start = time.thread_time()
+        call_model(model, inputs)
+        return time.thread_time() - start
+    _synchronize(inputs)
+    start = time.perf_counter()
+    call_model(model, inputs)
+    _synchronize(inputs)
+    return time.perf_counter() - start
+
+
+def latency_ratio(reference: nn.Module, model: nn.Module, example_inputs: Any, *, warmup: int = 3,
+                  repeats: int = 20, clock: Optional[str] = None) -> float:
+    """``latency(model) / latency(reference)`` on ``example_inputs``.
+
+    The two models run alternately so that load on the machine affects both alike; each
+    latency is the fastest run by wall clock, or the median run by CPU clock (see
+    :func:`latency_clock`, the default ``clock``).
+    """
+    clock = clock or latency_clock(example_inputs)
+    reduce = np.median if clock == "cpu" else np.min
+    with torch.no_grad():
+        for _ in range(warmup):
+            call_model(reference, example_inputs)
+            call_model(model, example_inputs)
+        ref_times, times = [], []
+        for _ in range(max(repeats, 1)):
+            ref_times.append(_time_once(reference, example_inputs, clock))
+            times.append(_time_once(model, example_inputs, clock))
+    return float(reduce(times) / reduce(ref_times))

@@ -1,0 +1,89 @@
+"""The analysis report: every group, its members, its size and its status."""
+from __future__ import annotations
+
+from typing import Any
+
+import networkx as nx
+
+from graphprune.analysis.groups import Group
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+class Report:
+    """Result of :func:`graphprune.analyze`.
+
+    ``groups`` lists every coupled channel group; ``graph`` is the traced networkx graph,
+    whose nodes carry ``channels``: per tensor dim, ``(group id, index map)`` or None.
+    ``str(report)`` is a table with one row per group. ``session`` is the
+    :class:`~graphprune.session.PruningSession` that made it, which prunes the model
+    (``prune(..., report=report)`` and :meth:`Group.prune` use it).
+    """
+
+    def __init__(self, model_name: str, groups: list[Group], graph: nx.DiGraph, input_description: str):
+        self.model_name = model_name
+        self.groups = groups
+        self.graph = graph
+        self.input_description = input_description
+        self.session: Any = None
+
+    @property
+    def prunable_groups(self) -> list[Group]:
+        return [g for g in self.groups if g.prunable]
+
+    @property
+    def blocked_groups(self) -> list[Group]:
+        return [g for g in self.groups if not g.prunable]
+
+    def blocked_by_kind(self) -> dict:
+        """``{BlockKind: [groups]}``: the blocked groups by the kinds of their reasons (a group
+        blocked for several kinds of reason is listed under each)."""
+        found: dict = {}
+        for group in self.blocked_groups:
+            for kind in dict.fromkeys(getattr(reason, "kind", None) for reason in group.blocked):
+                found.setdefault(kind, []).append(group)
+        return found
+
+    def group_of(self, layer: str) -> list[Group]:
+        """Groups with a member in module ``layer``."""
+        return [g for g in self.groups if layer in g.layers()]
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "group": g.id,
+                "root": g.root,
+                "channels": g.size,
+                "members": len(g.members),
+                "layers": g.layers(),
+                "status": g.status,
+                "blocked_kinds": [kind.value for kind in dict.fromkeys(r.kind for r in g.blocked if hasattr(r, "kind"))],
+                "param_share": g.param_share,
+            }
+            for g in self.groups
+        ]
+
+    def __str__(self) -> str:
+        header = ("id", "root layer", "channels", "members", "status", "params")
+        lines = [
+            (str(r["group"]), _shorten(r["root"], 32), str(r["channels"]),
+             _shorten(f"{r['members']}: " + ", ".join(name or "<root>" for name in r["layers"]), 48), _shorten(r["status"], 60), f"{100 * r['param_share']:.1f}%")
+            for r in self.rows()
+        ]
+        widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+        fmt = "  ".join(f"{{:{'>' if i in (0, 2, 5) else '<'}{w}}}" for i, w in enumerate(widths))
+        title = (
+            f"graphprune analysis of {self.model_name}: {len(self.groups)} groups, "
+            f"{len(self.prunable_groups)} prunable, {len(self.blocked_groups)} blocked (input: {self.input_description})"
+        )
+        if not self.groups:
+            return title + "\nno channel groups found: nothing in this model can be pruned"
+        body = [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*line) for line in lines]
+        if not self.prunable_groups:
+            body.append("no prunable group: prune() would leave this model unchanged")
+        return "\n".join([title, *body])
+
+    def __repr__(self) -> str:
+        return f"<Report {self.model_name}: {len(self.groups)} groups, {len(self.prunable_groups)} prunable>"

@@ -1,0 +1,149 @@
+"""A pruning session: one analysis of one model, and everything done with it.
+
+:func:`graphprune.prune`, the budget search, multi-step pruning, sensitivity analysis and
+the command line all work through a :class:`PruningSession`: it holds the analysis (as a
+fitted estimator holds its state), applies plans with the shape audit, runs trials that
+are always rolled back, and analyses the pruned model again for the next step.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, TypeVar
+
+import numpy as np
+from torch import nn
+
+from . import tracer
+from .analysis.analyzer import (
+    Analysis,
+    LayerRef,
+    fingerprint,
+    run_analysis,
+    traced_leaves,
+)
+from .analysis.groups import Group
+from .analysis.reasons import BlockKind, Reason
+from .pruning.audit import AuditError, audit
+from .pruning.surgery import ChannelSurgery, PruningError
+from .reporting.report import Report
+
+_AUDIT_RETRIES = 3
+T = TypeVar("T")
+
+
+class PruningSession:
+    """One analysis of ``model`` on ``example_inputs`` (see :func:`graphprune.analyze` for the
+    options), and the means to prune it.
+
+    ``report`` is the analysis report; each of its groups can prune itself
+    (:meth:`Group.prune`) through this session. :meth:`apply` removes a plan's channels
+    with the shape audit, :meth:`trial` measures a plan and always rolls it back, and
+    :meth:`renewed` analyses the pruned model again with the same inputs and options.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any = None, *, leaf_modules: Iterable[tracer.LeafSpec] = (),
+                 ignored_layers: Iterable[LayerRef] = (), prune_heads: bool = False):
+        self.analysis: Analysis = run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads)
+        self.surgery = ChannelSurgery(self.analysis.state, self.analysis.roots, self.analysis.groups)
+        self.report.session = self
+        for group in self.report.groups:
+            group._session = self
+
+    @property
+    def model(self) -> nn.Module:
+        return self.analysis.model
+
+    @property
+    def inputs(self) -> Any:
+        """The example inputs, as resolved (inferred when none were given)."""
+        return self.analysis.inputs
+
+    @property
+    def report(self) -> Report:
+        return self.analysis.report
+
+    def renewed(self) -> "PruningSession":
+        """A session on the model as it is now (after pruning), with the same inputs and options."""
+        a = self.analysis
+        return PruningSession(a.model, a.inputs, leaf_modules=a.leaf_modules, ignored_layers=a.ignored_layers,
+                              prune_heads=a.prune_heads)
+
+    def apply(self, plan: Mapping[Group, Sequence[int]], *, verify: bool = True, strict: bool = False,
+              on_commit: Optional[Callable[[], None]] = None) -> list:
+        """Remove ``plan[group]`` channels from each group, as one transaction (see
+        :meth:`ChannelSurgery.prune_groups`; ``on_commit`` is passed on).
+
+        With ``verify`` the pruned model is audited: a group blamed by the audit is blocked
+        with the reason (kind :attr:`BlockKind.AUDIT`) and the rest of the plan is applied
+        without it; with ``strict`` the model is restored and :class:`PruningError` raised
+        instead. Returns the groups the audit blocked.
+        """
+        self.check_unchanged()
+        blocked = []
+        for _ in range(_AUDIT_RETRIES):
+            try:
+                self.surgery.prune_groups(plan, verify=self._audit if verify else None, on_commit=on_commit)
+                self.analysis.fingerprint = fingerprint(self.model)  # this session's own change
+                return blocked
+            except PruningError as exc:
+                cause = exc.__cause__
+                blamed = [g for g in plan if isinstance(cause, AuditError) and np.isin(g.units, cause.suspects).any()]
+                if not blamed:
+                    raise
+                for group in blamed:
+                    group.blocked.append(Reason(BlockKind.AUDIT, f"shape audit: {cause}"))
+                if strict:
+                    raise
+                blocked += blamed
+                plan = {g: index for g, index in plan.items() if g not in blamed}
+        raise PruningError("pruning kept failing the shape audit; the model was restored")
+
+    def check_unchanged(self) -> None:
+        """Raise ValueError if the model changed since this session analysed (or last pruned)
+        it: modules, parameters or buffers replaced, pruned elsewhere or moved."""
+        if fingerprint(self.model) != self.analysis.fingerprint:
+            raise ValueError(
+                f"{self.report.model_name} changed since it was analysed (modules, parameters or buffers were "
+                "replaced, pruned or moved); analyze it again"
+            )
+
+    def trial(self, plan: Mapping[Group, Sequence[int]], measure: Callable[[nn.Module], T], *, verify: bool = False) -> T:
+        """``measure(model)`` on the model with ``plan`` applied; the model is then put back
+        as it was, whatever happens (KeyboardInterrupt included). With ``verify`` the pruned
+        model is audited first: an :class:`AuditError` says why it fails."""
+
+        def run(removed: np.ndarray) -> T:
+            if verify:
+                self._audit(removed, True)
+            return measure(self.model)
+
+        self.check_unchanged()
+        return self.surgery.trial(plan, run)
+
+    def _audit(self, removed: np.ndarray, filled: bool) -> None:
+        a = self.analysis
+        audit(a.model, a.inputs, traced_leaves(a.leaf_modules), a.state, a.roots, removed, filled)
+
+
+def session_of(report: Any, model: nn.Module, example_inputs: Any, inplace: bool, *analysis_options: Any) -> PruningSession:
+    """The session behind ``report`` (from :func:`graphprune.analyze`), checked to still describe ``model``."""
+    if not isinstance(report, Report):
+        raise TypeError(f"report must be a Report from graphprune.analyze, got {type(report).__name__}")
+    session = getattr(report, "session", None)
+    if not isinstance(session, PruningSession):
+        raise ValueError("this report was not made by graphprune.analyze; pass the one analyze() returned")
+    if session.model is not model:
+        raise ValueError(f"the report describes another {report.model_name} object than the model given")
+    if not inplace:
+        raise ValueError("a report prunes the analysed model itself; with inplace=False, deep-copy the model and analyze the copy")
+    if not all(option is False or (isinstance(option, (tuple, list, set)) and not option) for option in analysis_options):
+        raise ValueError("leaf_modules, ignored_layers and prune_heads were fixed by analyze(); pass them there, not with report")
+    session.check_unchanged()
+    if session.surgery.pruned:
+        raise ValueError(f"{report.model_name} changed since it was analysed: this report's groups were pruned "
+                         "already; analyze it again")
+    if example_inputs is not None and tracer.describe(example_inputs) != tracer.describe(session.inputs):
+        raise ValueError(
+            f"example_inputs differ from the ones the report was made with ({report.input_description}); "
+            "leave them out or analyze again"
+        )
+    return session

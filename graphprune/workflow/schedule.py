@@ -1,0 +1,79 @@
+"""Iterative pruning: :func:`prune_schedule` alternates :func:`graphprune.prune` and
+:func:`graphprune.finetune` over a list of cumulative ratios, e.g. ``ratios=[0.2, 0.35, 0.5]``.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from torch import nn
+
+from graphprune.api import prune
+from graphprune.criteria import get_criterion
+from graphprune.reporting.measure import count_parameters
+from graphprune.validation import check_int, check_model, check_real
+
+from . import distributed as gdist
+from .finetune import finetune
+
+__all__ = ["prune_schedule"]
+
+_RESERVED = ("ratio", "example_inputs", "criterion", "inplace", "return_result", "target_flops", "target_params",
+             "target_latency")
+
+
+def prune_schedule(
+    model: nn.Module,
+    example_inputs: Any,
+    train_loader: Iterable,
+    *,
+    ratios: Sequence[float],
+    epochs_per_step: int,
+    criterion: Any = "l1",
+    prune_kwargs: Optional[Mapping[str, Any]] = None,
+    **finetune_kwargs: Any,
+) -> list:
+    """Iterative pruning: for each entry of ``ratios``, prune then fine-tune; the model is pruned in place.
+
+    ``ratios`` are *cumulative* fractions of each group's original channels, strictly
+    increasing in (0, 1): ``[0.2, 0.35, 0.5]`` removes 20% of every group, fine-tunes, goes
+    on to 35% of the original width, fine-tunes, and ends at 50%. Step ``i`` calls
+    ``graphprune.prune(model, 1 - (1 - r_i) / (1 - r_{i-1}), example_inputs, criterion=...,
+    **prune_kwargs)`` on the current model (re-analysed and re-scored each step), then
+    ``finetune(model, train_loader, epochs=epochs_per_step, **finetune_kwargs)``. Each step
+    floors its channel counts, so a group may end a channel or so wider than
+    ``floor(r * n)`` would give. ``criterion`` is a name or a Criterion (data-driven ones are
+    prepared again every step); under ``torch.distributed`` it is wrapped in
+    :func:`graphprune.workflow.distributed.sync_criterion` so that every rank removes the same channels.
+    ``prune_kwargs`` may not set ``ratio``, ``criterion``, ``inplace``, budgets or
+    ``return_result``.
+
+    Returns one dict per step: ``step`` (1-based), ``ratio`` (cumulative), ``step_ratio``
+    (passed to prune), ``parameters`` (after pruning) and ``finetune`` (its history).
+    """
+    check_model(model)
+    if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Sequence) or not ratios:
+        raise TypeError(f"ratios must be a non-empty sequence of cumulative ratios, got {ratios!r}")
+    checked = [check_real(r, f"ratios[{i}]", low=0.0, high=1.0, low_open=True, high_open=True) for i, r in enumerate(ratios)]
+    for i in range(1, len(checked)):
+        if checked[i] <= checked[i - 1]:
+            raise ValueError(f"ratios must increase strictly (they are cumulative), got {list(ratios)}")
+    epochs_per_step = check_int(epochs_per_step, "epochs_per_step", 1)
+    prune_kwargs = dict(prune_kwargs or {})
+    clash = sorted(set(prune_kwargs) & set(_RESERVED))
+    if clash:
+        raise ValueError(f"prune_kwargs may not set {', '.join(clash)}: prune_schedule sets them")
+    if "epochs" in finetune_kwargs:
+        raise ValueError("pass epochs_per_step, not epochs: prune_schedule fine-tunes that many epochs per step")
+    criterion = get_criterion(criterion)
+    if gdist.is_distributed():
+        criterion = gdist.sync_criterion(criterion)
+    history, previous = [], 0.0
+    for step, target in enumerate(checked, start=1):
+        # +1e-9: 1 - 0.5 / 0.75 must floor like 1/3 does
+        step_ratio = min(1.0 - (1.0 - target) / (1.0 - previous) + 1e-9, 1.0 - 1e-9)
+        prune(model, step_ratio, example_inputs, criterion=criterion, inplace=True, **prune_kwargs)
+        record = {"step": step, "ratio": target, "step_ratio": step_ratio, "parameters": count_parameters(model)}
+        record["finetune"] = finetune(model, train_loader, epochs=epochs_per_step, **finetune_kwargs)
+        history.append(record)
+        previous = target
+    return history
