@@ -20,6 +20,7 @@ from graphprune.api import analyze
 from graphprune.validation import check_model
 
 from .measure import count_flops, count_parameters, measure_latency
+from .tables import text_table
 
 __all__ = ["report", "Comparison", "group_widths"]
 
@@ -83,7 +84,7 @@ class Comparison:
             b, a = self.latency
             lines.append(("latency (ms)", f"{1e3 * b:.3f}", f"{1e3 * a:.3f}", _fmt_ratio(_ratio(a, b))))
         header = ("metric", "before", "after", "after/before")
-        table = _table(header, lines, right=(1, 2, 3))
+        table = text_table(header, lines, right=(1, 2, 3))
         title = f"graphprune comparison of {self.model_name} (input: {self.input_description})"
         parts = [title, table]
         if self.speedup is not None:
@@ -95,18 +96,12 @@ class Comparison:
                 for r in self.groups
             ]
             parts += ["", "channel groups (of the model before pruning):",
-                      _table(("id", "root layer", "status", "before", "after", "kept"), group_lines, right=(0, 3, 4, 5))]
+                      text_table(("id", "root layer", "status", "before", "after", "kept"), group_lines, right=(0, 3, 4, 5))]
         return "\n".join(parts)
 
 
 def _fmt_ratio(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.3f}"
-
-
-def _table(header, lines, right=()) -> str:
-    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
-    fmt = "  ".join(f"{{:{'>' if i in right else '<'}{w}}}" for i, w in enumerate(widths))
-    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*l) for l in lines])
 
 
 def group_widths(groups: list, model_after: nn.Module) -> dict:

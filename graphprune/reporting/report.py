@@ -7,6 +7,8 @@ import networkx as nx
 
 from graphprune.analysis.groups import Group
 
+from .tables import text_table
+
 
 def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -72,15 +74,13 @@ class Report:
              _shorten(f"{r['members']}: " + ", ".join(name or "<root>" for name in r["layers"]), 48), _shorten(r["status"], 60), f"{100 * r['param_share']:.1f}%")
             for r in self.rows()
         ]
-        widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
-        fmt = "  ".join(f"{{:{'>' if i in (0, 2, 5) else '<'}{w}}}" for i, w in enumerate(widths))
         title = (
             f"graphprune analysis of {self.model_name}: {len(self.groups)} groups, "
             f"{len(self.prunable_groups)} prunable, {len(self.blocked_groups)} blocked (input: {self.input_description})"
         )
         if not self.groups:
             return title + "\nno channel groups found: nothing in this model can be pruned"
-        body = [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*line) for line in lines]
+        body = [text_table(header, lines, right=(0, 2, 5))]
         if not self.prunable_groups:
             body.append("no prunable group: prune() would leave this model unchanged")
         return "\n".join([title, *body])

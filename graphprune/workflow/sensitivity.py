@@ -27,6 +27,7 @@ from graphprune.analysis.groups import Group
 from graphprune.criteria import Criterion, get_criterion
 from graphprune.pruning.audit import AuditError
 from graphprune.pruning.planner import plan_removal, score_groups
+from graphprune.reporting.tables import text_table
 from graphprune.session import PruningSession
 from graphprune.tracer.state import eval_mode
 from graphprune.validation import check_fraction, check_model
@@ -124,13 +125,11 @@ class SensitivityResult:
             cells = [str(group), str(first["key"] or first["root"]), str(first["channels"])]
             cells += [_fmt(rows[r]["drop"]) if r in rows else "" for r in self.ratios]
             lines.append(cells)
-        widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
-        fmt = "  ".join(f"{{:{'<' if i == 1 else '>'}{w}}}" for i, w in enumerate(widths))
         title = (
             f"sensitivity of {self.model_name or 'the model'} ({self.criterion}): baseline {self.baseline:.4g}; "
             "drop (baseline - metric) per group and ratio"
         )
-        return "\n".join([title, fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*l) for l in lines])
+        return title + "\n" + text_table(header, lines, right=[i for i in range(len(header)) if i != 1])
 
     def plot(self, path: str, *, metric: str = "metric", title: Optional[str] = None, dpi: int = 120) -> str:
         """Write a PNG with one curve per group: ``metric`` (``"metric"`` or ``"drop"``) against
