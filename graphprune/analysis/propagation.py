@@ -130,6 +130,8 @@ class Propagation:
                 ids = self.space.new_set(size, f"{owners[0][0]}.{owners[0][1]} dim {dim}")
             member = ParamDim(tensor, dim, ids, role, owners)
             self.param_dims[key] = member
+        elif member.role == "param" and role != "param":  # read directly first, then found to be a layer's
+            member.role = role
         return member.ids
 
     def _not_a_member(self, tensor: torch.Tensor, dim: int, owners: Optional[list]) -> np.ndarray:
@@ -151,9 +153,32 @@ class Propagation:
         self.attr_members.append(AttrMember(module, attr, ids, update))
 
     # ----- relations
-    def bind(self, ids: np.ndarray, tensor: torch.Tensor, dim: int, role: str) -> None:
-        """Make ``tensor``'s dimension ``dim`` a member carrying the channels ``ids``."""
-        self.unify(ids, self.param_ids(tensor, dim, role, like=ids))
+    def tensor_ids(self, ref: Any, dim: int, role: str, like: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+        """Ids of dimension ``dim`` of ``ref``: a parameter or buffer (a member with ``role``),
+        an fx argument (the parameter it reads, or the labels of a tensor computed in the
+        graph, such as a standardised weight), or None for no tensor."""
+        if isinstance(ref, torch.Tensor):
+            return self.param_ids(ref, dim, role, like)
+        if not isinstance(ref, fx.Node):
+            return None
+        tensor = self.node_attrs(ref).get("tensor") if ref.op == "get_attr" else None
+        if tensor is not None:
+            return self.param_ids(tensor, dim, role, like)
+        labels = self.labels_of(ref)
+        return labels[dim] if isinstance(labels, tuple) and labels and isinstance(labels[0], np.ndarray) else None
+
+    def shape_of(self, ref: Any) -> Optional[tuple]:
+        """The shape of a tensor ``ref`` (as for :meth:`tensor_ids`), or None."""
+        if isinstance(ref, torch.Tensor):
+            return tuple(ref.shape)
+        value = self.value(ref) if isinstance(ref, fx.Node) else None
+        return tuple(value.shape) if isinstance(value, TensorSpec) else None
+
+    def bind(self, ids: np.ndarray, ref: Any, dim: int, role: str) -> None:
+        """Make dimension ``dim`` of the tensor ``ref`` (see :meth:`tensor_ids`) carry the channels ``ids``."""
+        other = self.tensor_ids(ref, dim, role, like=ids)
+        if other is not None:
+            self.unify(ids, other)
 
     def unify(self, a: np.ndarray, b: np.ndarray) -> None:
         self.space.union(a, b)

@@ -18,7 +18,7 @@ from graphprune.tracer.fx_capture import forward_hooks
 
 from ..propagation import Propagation
 from ..reasons import BlockKind, Reason
-from . import attention, contraction, layers, pointwise, shape
+from . import attention, contraction, functional, layers, pointwise, shape
 
 Rule = Callable
 
@@ -86,6 +86,11 @@ RULES: dict = {
     F.softmax: pointwise.softmax, F.log_softmax: pointwise.softmax, torch.softmax: pointwise.softmax,
     "softmax": pointwise.softmax, "log_softmax": pointwise.softmax,
     F.layer_norm: pointwise.layer_norm,
+    F.conv1d: functional.conv, F.conv2d: functional.conv, F.conv3d: functional.conv,
+    F.conv_transpose1d: functional.conv, F.conv_transpose2d: functional.conv, F.conv_transpose3d: functional.conv,
+    F.linear: functional.linear, F.batch_norm: functional.batch_norm, F.instance_norm: functional.instance_norm,
+    F.group_norm: functional.group_norm, F.embedding: functional.embedding, F.prelu: functional.prelu,
+    "view_as": shape.view_as, "reshape_as": shape.view_as,
     torch.flatten: shape.flatten, "flatten": shape.flatten, torch.unflatten: shape.unflatten, "unflatten": shape.unflatten,
     "view": shape.view, "reshape": shape.view, torch.reshape: shape.view,
     torch.permute: shape.permute, "permute": shape.permute,

@@ -1,6 +1,8 @@
 """Rules for parametrised layers: they create channel sets or consume / pass them."""
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch.fx as fx
 from torch import nn
@@ -11,6 +13,7 @@ from ..reasons import BlockKind, Reason
 from .shape import merge_dims
 
 SPATIAL = Reason(BlockKind.NOT_A_CHANNEL, "spatial dimension")
+KERNEL = Reason(BlockKind.NOT_A_CHANNEL, "a convolution kernel's spatial dimension")
 
 
 def _input(state: Propagation, node: fx.Node):
@@ -35,28 +38,40 @@ def resampled(state: Propagation, node: fx.Node, x: tuple, n_dims: int) -> tuple
 
 
 def conv(state: Propagation, node: fx.Node):
+    """A convolution module: see :func:`conv_labels`."""
     m: nn.modules.conv._ConvNd = state.module(state.qualname(node))
     x, _, _ = _input(state, node)
-    n_spatial = len(m.kernel_size)
+    return conv_labels(state, node, x, m.weight, m.bias, m.groups, m.transposed, len(m.kernel_size), state.qualname(node))
+
+
+def conv_labels(state: Propagation, node: fx.Node, x: tuple, weight, bias, groups: int, transposed: bool,
+                n_spatial: int, owner: Optional[str]) -> tuple:
+    """A convolution's output labels; ``weight`` and ``bias`` are tensors or fx arguments (see
+    :meth:`Propagation.tensor_ids`). The input channels are the weight's input dim and the
+    output channels its output dim. In a grouped conv a conv group is one unit, so its in and
+    out blocks go together, and ``owner``'s ``groups`` attribute follows the count (the
+    caller blocks the channels when no module holds it: ``owner`` None)."""
     c = len(x) - n_spatial - 1
     in_ids = x[c]
-    g = m.groups
-    in_dim, out_dim = (0, 1) if m.transposed else (1, 0)
-    if g == 1:
-        state.bind(in_ids, m.weight, in_dim, "in")
-        out_ids = state.param_ids(m.weight, out_dim, "out")
+    in_dim, out_dim = (0, 1) if transposed else (1, 0)
+    if groups == 1:
+        state.bind(in_ids, weight, in_dim, "in")
+        out_ids = state.tensor_ids(weight, out_dim, "out")
     else:
-        # Grouped conv: a conv group is one unit, so its in and out blocks go together.
-        if m.transposed:
-            state.bind(in_ids, m.weight, 0, "in")
-            out_ids = state.space.new_set(m.out_channels, f"{state.qualname(node)} out")
+        out_size = state.shape_of(weight)[out_dim] * (groups if transposed else 1)
+        if transposed:
+            state.bind(in_ids, weight, 0, "in")
+            out_ids = state.space.new_set(out_size, f"{owner or node.name} out")
         else:
-            out_ids = state.param_ids(m.weight, 0, "out")
-        tie_blocks(state, g, out_ids, in_ids)
-        # The count of conv groups; in_channels and out_channels follow the weight (sizes.py).
-        state.attr(state.qualname(node), "groups", out_ids, lambda _, kept, g=g, n=m.out_channels: g * kept // n)
-    if m.bias is not None:
-        state.bind(out_ids, m.bias, 0, "out")
+            out_ids = state.tensor_ids(weight, 0, "out")
+        tie_blocks(state, groups, out_ids, in_ids)
+        if owner is not None:
+            state.attr(owner, "groups", out_ids, lambda _, kept, g=groups, n=out_size: g * kept // n)
+    if bias is not None:
+        state.bind(out_ids, bias, 0, "out")
+    if isinstance(weight, fx.Node):  # read in the graph: its kernel dims are members too, never channels
+        for dim in range(2, 2 + n_spatial):
+            state.block(state.tensor_ids(weight, dim, "param"), KERNEL)
     spatial = resampled(state, node, x, n_spatial)
     return spatial[:c] + (out_ids,) + spatial[c + 1 :]
 
@@ -64,21 +79,39 @@ def conv(state: Propagation, node: fx.Node):
 def linear(state: Propagation, node: fx.Node):
     m: nn.Linear = state.module(state.qualname(node))
     x, _, _ = _input(state, node)
-    state.bind(x[-1], m.weight, 1, "in")
-    out_ids = state.param_ids(m.weight, 0, "out")
-    if m.bias is not None:
-        state.bind(out_ids, m.bias, 0, "out")
+    return linear_labels(state, x, m.weight, m.bias)
+
+
+def linear_labels(state: Propagation, x: tuple, weight, bias) -> tuple:
+    """``x @ weight.T + bias``: the input's last dim is the weight's dim 1, the output's its dim 0."""
+    state.bind(x[-1], weight, 1, "in")
+    out_ids = state.tensor_ids(weight, 0, "out")
+    if bias is not None:
+        state.bind(out_ids, bias, 0, "out")
     return tuple(x[:-1]) + (out_ids,)
 
 
-def _per_channel(state: Propagation, node: fx.Node, m: nn.Module, ids: np.ndarray, count_attr: str) -> None:
+def per_channel(state: Propagation, ids: np.ndarray, tensors: dict) -> bool:
+    """Bind each per-channel tensor of ``tensors`` (tensor or fx argument -> role) to ``ids``;
+    whether any was bound."""
     bound = False
-    for attr, role in (("weight", "scale"), ("bias", "shift"), ("running_mean", "stat"), ("running_var", "stat")):
-        tensor = getattr(m, attr, None)
-        if tensor is not None and tensor.dim() == 1:
-            state.bind(ids, tensor, 0, role)
+    for ref, role in tensors.items():
+        shape = state.shape_of(ref) if ref is not None else None
+        if shape is not None and len(shape) == 1:
+            state.bind(ids, ref, 0, role)
             bound = True
-    if not bound:  # no tensor to read the channel count off (see sizes.py): it follows the ids
+    return bound
+
+
+def _norm_tensors(m: nn.Module) -> dict:
+    refs = {getattr(m, a, None): role for a, role in (("weight", "scale"), ("bias", "shift"), ("running_mean", "stat"),
+                                                     ("running_var", "stat"))}
+    refs.pop(None, None)
+    return refs
+
+
+def _per_channel(state: Propagation, node: fx.Node, m: nn.Module, ids: np.ndarray, count_attr: str) -> None:
+    if not per_channel(state, ids, _norm_tensors(m)):  # no tensor to read the count off (see sizes.py)
         state.attr(state.qualname(node), count_attr, ids, lambda _, kept: kept)
 
 
@@ -100,11 +133,10 @@ def instance_norm(state: Propagation, node: fx.Node):
 def group_norm(state: Propagation, node: fx.Node):
     m: nn.GroupNorm = state.module(state.qualname(node))
     x, _, _ = _input(state, node)
-    ids = x[1]
     # Removing a whole norm group leaves the statistics of the other groups unchanged.
-    tie_blocks(state, m.num_groups, ids)
-    _per_channel(state, node, m, ids, "num_channels")
-    state.attr(state.qualname(node), "num_groups", ids, lambda _, kept, g=m.num_groups, n=m.num_channels: g * kept // n)
+    tie_blocks(state, m.num_groups, x[1])
+    _per_channel(state, node, m, x[1], "num_channels")
+    state.attr(state.qualname(node), "num_groups", x[1], lambda _, kept, g=m.num_groups, n=m.num_channels: g * kept // n)
     return x
 
 
@@ -116,12 +148,13 @@ def layer_norm(state: Propagation, node: fx.Node):
 
 
 def normalize_over(state: Propagation, module: str, x: tuple, weight, bias, n_dims: int) -> None:
-    """Couple the last ``n_dims`` dims of ``x`` with a LayerNorm's affine parameters and shape."""
+    """Couple the last ``n_dims`` dims of ``x`` with a LayerNorm's affine parameters (tensors or
+    fx arguments) and ``module``'s ``normalized_shape``."""
     for k in range(n_dims):
         d = len(x) - n_dims + k
-        for tensor, role in ((weight, "scale"), (bias, "shift")):
-            if tensor is not None:
-                state.bind(x[d], tensor, k, role)
+        for ref, role in ((weight, "scale"), (bias, "shift")):
+            if ref is not None:
+                state.bind(x[d], ref, k, role)
         state.note(x[d], "LayerNorm statistics are recomputed over the remaining channels")
         state.attr(module, "normalized_shape", x[d], lambda shape, kept, k=k: (*shape[:k], kept, *shape[k + 1 :]))
 
@@ -129,17 +162,21 @@ def normalize_over(state: Propagation, module: str, x: tuple, weight, bias, n_di
 def prelu(state: Propagation, node: fx.Node):
     m: nn.PReLU = state.module(state.qualname(node))
     x, _, _ = _input(state, node)
-    if m.num_parameters > 1:
-        c = 1 if len(x) >= 2 else 0
-        state.bind(x[c], m.weight, 0, "scale")
+    return prelu_labels(state, x, m.weight)
+
+
+def prelu_labels(state: Propagation, x: tuple, weight) -> tuple:
+    """One slope per channel (dim 1, or 0 without a batch) unless there is a single slope."""
+    shape = state.shape_of(weight)
+    if shape and shape[0] > 1:
+        state.bind(x[1 if len(x) >= 2 else 0], weight, 0, "scale")
     return x
 
 
 def embedding(state: Propagation, node: fx.Node):
     m: nn.Embedding = state.module(state.qualname(node))
     x, _, _ = _input(state, node)
-    out_ids = state.param_ids(m.weight, 1, "out")
-    return tuple(x) + (out_ids,)
+    return tuple(x) + (state.tensor_ids(m.weight, 1, "out"),)
 
 
 def pooling(state: Propagation, node: fx.Node):

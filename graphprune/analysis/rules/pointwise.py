@@ -87,11 +87,7 @@ def layer_norm(state: Propagation, node: fx.Node):
     if tuple(getattr(module, "normalized_shape", ())) != tuple(shape):
         state.block(x[-len(shape) :], Reason(BlockKind.FIXED_SIZE, f"{node.name}: layer_norm shape is not a module attribute"))
         return x
-    for param in (weight, bias):
-        if isinstance(param, fx.Node):
-            for d in range(len(shape)):
-                state.unify(x[len(x) - len(shape) + d], state.labels_of(param)[d])
-    normalize_over(state, owner, x, None, None, len(shape))
+    normalize_over(state, owner, x, weight, bias, len(shape))
     return x
 
 

@@ -173,6 +173,18 @@ def view(state: Propagation, node: fx.Node):
     return reshape_labels(state, node, x, in_spec.shape, out_spec.shape, _shape_args(node, 1))
 
 
+def view_as(state: Propagation, node: fx.Node):
+    """``x.view_as(other)`` / ``x.reshape_as(other)``: a reshape to ``other``'s shape, which is
+    whatever ``other`` has after pruning, so no size in it is a literal."""
+    x, other = state.labels_of(node.args[0]), state.labels_of(node.args[1])
+    in_spec, out_spec = state.value(node.args[0]), state.value(node)
+    out = reshape_labels(state, node, x, in_spec.shape, out_spec.shape, None)
+    for ids, like in zip(out, other or ()):
+        if ids.size > 1 and ids.size == like.size:
+            state.unify(ids, like)  # the shapes stay equal only if the dims prune together
+    return out
+
+
 def flatten(state: Propagation, node: fx.Node):
     x = state.labels_of(node.args[0])
     return merge_dims(state, node, x, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
