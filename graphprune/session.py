@@ -26,7 +26,6 @@ from .pruning.audit import AuditError, audit
 from .pruning.surgery import ChannelSurgery, PruningError
 from .reporting.report import Report
 
-_AUDIT_RETRIES = 3
 T = TypeVar("T")
 
 
@@ -72,30 +71,58 @@ class PruningSession:
         """Remove ``plan[group]`` channels from each group, as one transaction (see
         :meth:`ChannelSurgery.prune_groups`; ``on_commit`` is passed on).
 
-        With ``verify`` the pruned model is audited: a group blamed by the audit is blocked
-        with the reason (kind :attr:`BlockKind.AUDIT`) and the rest of the plan is applied
-        without it; with ``strict`` the model is restored and :class:`PruningError` raised
-        instead. Returns the groups the audit blocked.
+        With ``verify`` the pruned model is audited. Groups whose pruning breaks it are found
+        (those the audit blames, or else by bisecting the plan in trials), blocked with the
+        reason (kind :attr:`BlockKind.AUDIT`), and the rest of the plan is applied without
+        them; with ``strict`` the model is restored and :class:`PruningError` raised instead.
+        The model ends unpruned only when every group fails. Returns the groups blocked.
         """
         self.check_unchanged()
-        blocked = []
-        for _ in range(_AUDIT_RETRIES):
+        blocked, plan = [], dict(plan)
+        while plan:
             try:
                 self.surgery.prune_groups(plan, verify=self._audit if verify else None, on_commit=on_commit)
                 self.analysis.fingerprint = fingerprint(self.model)  # this session's own change
                 return blocked
             except PruningError as exc:
-                cause = exc.__cause__
-                blamed = [g for g in plan if isinstance(cause, AuditError) and np.isin(g.units, cause.suspects).any()]
-                if not blamed:
-                    raise
-                for group in blamed:
-                    group.blocked.append(Reason(BlockKind.AUDIT, f"shape audit: {cause}"))
+                if not (verify and exc.restored and isinstance(exc.__cause__, AuditError)):
+                    raise  # not the pruned model's failure: no group is to blame
+                culprits = self._culprits(plan, exc.__cause__)
+                for group, why in culprits.items():
+                    group.blocked.append(Reason(BlockKind.AUDIT, f"shape audit: {why}"))
                 if strict:
                     raise
-                blocked += blamed
-                plan = {g: index for g, index in plan.items() if g not in blamed}
-        raise PruningError("pruning kept failing the shape audit; the model was restored")
+                blocked += list(culprits)
+                plan = {g: index for g, index in plan.items() if g not in culprits}
+        return blocked
+
+    def _culprits(self, plan: dict, failure: AuditError) -> dict:
+        """``{group: why}`` for the groups of ``plan`` behind the audit's ``failure``: those it
+        blames, else those whose pruning fails alone (bisection, :meth:`_failing`)."""
+        blamed = {g: str(failure) for g in plan if np.isin(g.units, failure.suspects).any()}
+        return blamed or self._failing(plan, str(failure))
+
+    def _failing(self, plan: dict, why: str) -> dict:
+        """The groups of ``plan`` (known to fail together, for ``why``) that fail on their own
+        or, when no part fails alone, the whole plan; each with the reason of its failure."""
+        if len(plan) == 1:
+            return {group: why for group in plan}
+        groups = list(plan)
+        found = {}
+        for half in (groups[: len(groups) // 2], groups[len(groups) // 2 :]):
+            sub = {g: plan[g] for g in half}
+            failure = self._trial_failure(sub)
+            if failure is not None:
+                found.update(self._failing(sub, failure))
+        return found or {group: why for group in plan}
+
+    def _trial_failure(self, plan: dict) -> Optional[str]:
+        """Why ``plan`` fails the audit in a trial (None if it passes); the model is put back."""
+        try:
+            self.trial(plan, lambda model: None, verify=True)
+        except AuditError as exc:
+            return str(exc)
+        return None
 
     def check_unchanged(self) -> None:
         """Raise ValueError if the model changed since this session analysed (or last pruned)

@@ -1,6 +1,7 @@
 """A prune that fails leaves the model as it was: shapes, values, attributes, gradients."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -120,3 +121,26 @@ def test_a_pruned_model_that_no_longer_runs_blocks_the_groups_at_the_failing_nod
     assert all(not g.blocked for g in report.groups if g.root in ("conv1", "conv3"))
     with torch.no_grad():
         assert model(X).shape == (2, 10)
+
+
+def test_a_failure_the_audit_cannot_place_is_isolated_by_bisection(monkeypatch):
+    """When the audit fails without naming the groups behind it, the plan is bisected in
+    trials: the group whose pruning fails alone is blocked, and the others are pruned."""
+    from graphprune.pruning.audit import AuditError
+
+    model = small_net()
+    report = graphprune.analyze(model, X)
+    inner = next(g for g in report.groups if g.root == "conva")
+    audit, trials = graphprune.session.audit, []
+
+    def unplaced(model, inputs, leaves, state, roots, removed, filled=True):
+        trials.append(filled)
+        if removed[inner.units].any():
+            raise AuditError("the pruned model breaks somewhere (injected)", np.zeros(0, dtype=np.int64))
+        audit(model, inputs, leaves, state, roots, removed, filled)
+
+    monkeypatch.setattr(graphprune.session, "audit", unplaced)
+    graphprune.prune(model, 0.5, X, report=report)
+    assert widths(model) == (8, 12, 12)
+    assert inner.blocked == ["shape audit: the pruned model breaks somewhere (injected)"]
+    assert len(trials) > 2  # the prune, the trials of the bisection, the prune again

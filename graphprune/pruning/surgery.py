@@ -18,9 +18,13 @@ T = TypeVar("T")
 
 
 class PruningError(RuntimeError):
-    """Surgery failed; the model was restored to its state before the call (except after a
-    failure inside the final copy of the kept weights, once an original was dropped, which
-    the message says)."""
+    """Surgery failed; the model was restored to its state before the call (``restored``),
+    except after a failure inside the final copy of the kept weights, once an original was
+    dropped, which the message says."""
+
+    def __init__(self, message: str, restored: bool = True):
+        super().__init__(message)
+        self.restored = restored
 
 
 _CHUNK_BYTES = 1 << 22  # intermediate of a selection along several dims, per chunk
@@ -156,7 +160,7 @@ def _failure(exc: Exception, restored: bool) -> PruningError:
     """The :class:`PruningError` to raise for ``exc``."""
     if not restored:  # a failure inside the final copy, after an original was dropped
         return PruningError(f"pruning failed while copying the kept weights, and the model could not be "
-                            f"restored; load it again: {type(exc).__name__}: {exc}")
+                            f"restored; load it again: {type(exc).__name__}: {exc}", restored=False)
     return PruningError(f"pruning failed and the model was restored: {type(exc).__name__}: {exc}")
 
 
