@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import networkx as nx
+import numpy as np
 import torch.fx as fx
 
-from .propagation import Propagation
+from .propagation import Propagation, SizeConstraint
 from .reasons import BlockKind, Reason
 from .rules import rule_for
 
@@ -28,7 +29,38 @@ def propagate(graph: nx.DiGraph, prune_heads: bool = False) -> Propagation:
         if stored_as is not None:  # a second output, kept on a module for later
             state.block(state.labels[name], Reason(BlockKind.MODEL_OUTPUT,
                                                    f"stored on {stored_as} by forward (an output outside the graph)"))
+    enforce_sizes(state)
     return state
+
+
+def enforce_sizes(state: Propagation) -> None:
+    """Make every :class:`SizeConstraint` hold for any pruning: a size read off a tensor's dim
+    must shrink as that dim does. A constraint holds when every channel unit has ``divisor``
+    times as many positions in the source as in the dim; one that does not is made to by
+    tying dim position ``p`` to source positions ``p, p + n, …`` (the two then prune
+    together), and one that still does not, blocks both."""
+    pending = list(state.size_constraints)
+    for attempt in range(2):
+        roots = state.space.all_roots()
+        failing = [c for c in pending if not _holds(roots, c)]
+        for c in failing:
+            if attempt == 0:
+                state.unify(c.source.reshape(c.divisor, c.ids.size), np.broadcast_to(c.ids, (c.divisor, c.ids.size)))
+            else:
+                state.block((c.ids, c.source), Reason(BlockKind.RESHAPE, f"{c.node}: a size read off another tensor's "
+                                                      "shape cannot follow the pruning"))
+        pending = failing
+        if not pending:
+            return
+
+
+def _holds(roots: np.ndarray, c: SizeConstraint) -> bool:
+    """Whether every unit has ``divisor`` times as many positions in the source as in the dim."""
+    if (c.ids < 0).any() or (c.source < 0).any():
+        return False
+    units, counts = np.unique(roots[c.ids], return_counts=True)
+    source_units, source_counts = np.unique(roots[c.source], return_counts=True)
+    return np.array_equal(units, source_units) and np.array_equal(counts * c.divisor, source_counts)
 
 
 def _block_unknown(state: Propagation, attrs: dict, why: Reason) -> Any:

@@ -52,6 +52,17 @@ class AttrMember:
     update: Callable[[Any, int], Any]
 
 
+@dataclass
+class SizeConstraint:
+    """A dim (``ids``) whose size is read off another dim (``source``) divided by ``divisor``:
+    after pruning, ``len(kept ids) * divisor`` must equal ``len(kept source)``."""
+
+    ids: np.ndarray
+    source: np.ndarray
+    divisor: int
+    node: str
+
+
 class Propagation:
     """State shared by the rules while walking the graph."""
 
@@ -64,6 +75,10 @@ class Propagation:
         self.param_dims: dict[tuple[int, int], ParamDim] = {}
         self.attr_members: list[AttrMember] = []
         self.notes: dict[int, str] = {}  # set index -> why pruning it is approximate
+        # node key -> (ids of the tensor dim a size was read off, divisor), or a tuple of
+        # them for a whole shape: sizes computed from shapes, which follow the pruning
+        self.size_sources: dict[str, Any] = {}
+        self.size_constraints: list[SizeConstraint] = []
         self.part = ""  # graph-key prefix of the traced part being processed (see tracer.fallback)
         self._modules = dict(self.model.named_modules(remove_duplicate=False))  # every path, for lookups
         self._owner_names = _tensor_owners(self._modules)
@@ -83,6 +98,10 @@ class Propagation:
         if isinstance(arg, fx.Node):
             return self.labels.get(self.part + arg.name)
         return None
+
+    def size_source(self, arg: Any) -> Any:
+        """Where the size ``arg`` (an fx node) was read: see ``size_sources``; None if unknown."""
+        return self.size_sources.get(self.part + arg.name) if isinstance(arg, fx.Node) else None
 
     def qualname(self, node: fx.Node) -> str:
         """Qualified name (from the model's root) of the module a node calls or runs in."""

@@ -1,6 +1,8 @@
 """Rules for elementwise ops, reductions, functional pooling and graph boundaries."""
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch.fx as fx
 import torch.nn.functional as F
@@ -92,7 +94,31 @@ def layer_norm(state: Propagation, node: fx.Node):
 
 
 def metadata(state: Propagation, node: fx.Node):
-    """size(), dim(), .shape...: read shapes only, which stay consistent after pruning."""
+    """size(), dim(), .shape, len() and arithmetic on them: values, not tensors. A size read
+    off a tensor's dim (``x.shape[2]``, ``x.size(-1)``, ``C // heads``) is remembered with
+    that dim's ids, so that a reshape sized by it follows the pruning (see
+    :func:`graphprune.analysis.rules.shape.reshape_labels`)."""
+    source = _size_source(state, node)
+    if source is not None:
+        state.size_sources[state.part + node.name] = source
+    return None
+
+
+def _size_source(state: Propagation, node: fx.Node):
+    """``(ids, divisor)`` of a size node, a tuple of them for a whole shape, or None."""
+    args = node.args
+    if node.op == "call_method" and node.target == "size" or node.target is getattr and args[1:] == ("shape",):
+        x = state.labels_of(args[0])
+        if not isinstance(x, tuple) or not x or not isinstance(x[0], np.ndarray):
+            return None
+        dim = args[1] if node.target == "size" and len(args) > 1 else node.kwargs.get("dim")
+        return (x[dim], 1) if isinstance(dim, int) else tuple((ids, 1) for ids in x)
+    source = state.size_source(args[0]) if args else None
+    if node.target is operator.getitem and isinstance(source, tuple) and isinstance(args[1], int):
+        return source[args[1]] if not isinstance(source[0], np.ndarray) else None
+    if node.target is operator.floordiv and source is not None and isinstance(source[0], np.ndarray) \
+            and isinstance(args[1], int) and args[1] > 0:
+        return source[0], source[1] * args[1]
     return None
 
 

@@ -15,7 +15,7 @@ import torch.fx as fx
 from graphprune.analysis.channels import NO_ID
 from graphprune.tracer import TensorSpec
 
-from ..propagation import Propagation
+from ..propagation import Propagation, SizeConstraint
 from ..reasons import BlockKind, Reason
 from ..sizes import head_attributes
 
@@ -140,7 +140,24 @@ def reshape_labels(state: Propagation, node: fx.Node, x: tuple, in_shape: tuple,
         for d, arg in enumerate(size_args):
             if isinstance(arg, int) and arg != -1 and out_shape[d] > 1:
                 literal_size(state, node, out[d], arg, "in its target shape", followed.get(d))
+            elif isinstance(arg, fx.Node) and out_shape[d] > 1:
+                _size_from_shape(state, node, out[d], state.size_source(arg))
     return tuple(out)
+
+
+def _size_from_shape(state: Propagation, node: fx.Node, ids: np.ndarray, source) -> None:
+    """A target size read off a tensor's dim (``source``: its ids and a divisor) must stay
+    equal to it once pruned: a :class:`SizeConstraint`, enforced once every rule has run
+    (:func:`graphprune.analysis.propagate.enforce_sizes`). A size computed some other way
+    cannot be followed: the dim blocks."""
+    if source is None or not isinstance(source[0], np.ndarray):
+        state.block(ids, Reason(BlockKind.FIXED_SIZE, f"{node.name}: a target size that no tensor's shape gives"))
+        return
+    source_ids, divisor = source
+    if source_ids.size != ids.size * divisor:
+        state.block((ids, source_ids), Reason(BlockKind.RESHAPE, f"{node.name}: a target size that does not divide its source"))
+        return
+    state.size_constraints.append(SizeConstraint(ids, source_ids, divisor, node.name))
 
 
 def literal_size(state: Propagation, node: fx.Node, ids: np.ndarray, size: int, where: str,
