@@ -75,9 +75,13 @@ def call_model(model: nn.Module, example_inputs: Any) -> Any:
 
 
 def _scope(node: fx.Node) -> Optional[str]:
-    """Qualified name of the innermost module whose forward issued ``node``."""
+    """Qualified name of the innermost module whose forward issued ``node`` (the stack's keys
+    carry a call count, ``cpe@1``, for a module called again; its values the plain path)."""
     stack = node.meta.get("nn_module_stack")
-    return next(reversed(stack)) if stack else None
+    if not stack:
+        return None
+    path = next(reversed(stack.values()))
+    return path[0] if isinstance(path, tuple) else next(reversed(stack)).split("@")[0]
 
 
 def _target_name(node: fx.Node) -> str:

@@ -265,14 +265,26 @@ def expand(state: Propagation, node: fx.Node):
 
 
 def repeat(state: Propagation, node: fx.Node):
+    """``x.repeat(*reps)``: a dim repeated ``r`` times carries its ids ``r`` times over; a count
+    computed at run time (known from the recorded output's size) is no channel dim."""
     x = state.labels_of(node.args[0])
     reps = _shape_args(node, 1)
+    out_shape = state.value(node).shape
     lead = len(reps) - len(x)
-    out = [np.array([NO_ID])] * lead
+    out = [np.array([NO_ID]) if size == 1 else _fresh_dims(state, node, (size,), _REPEATED)[0] for size in out_shape[:lead]]
     for d, ids in enumerate(x):
         r = reps[d + lead]
-        out.append(np.tile(ids, r) if ids.size > 1 or r == 1 else _fresh_dims(state, node, (r,), Reason(BlockKind.NOT_A_CHANNEL, "repeat"))[0])
+        if isinstance(r, int) and (ids.size > 1 or r == 1):
+            out.append(np.tile(ids, r))
+            continue
+        if not isinstance(r, int) and ids.size > 1:
+            state.block(ids, Reason(BlockKind.FIXED_SIZE, f"{node.name} repeats this dimension a computed number of times"))
+        size = out_shape[d + lead]
+        out.append(np.array([NO_ID]) if size == 1 else _fresh_dims(state, node, (size,), _REPEATED)[0])
     return tuple(out)
+
+
+_REPEATED = Reason(BlockKind.NOT_A_CHANNEL, "repeat")
 
 
 def cat(state: Propagation, node: fx.Node):
@@ -302,12 +314,35 @@ def stack(state: Propagation, node: fx.Node):
 
 
 def split(state: Propagation, node: fx.Node):
-    """split at given sizes: nothing says how those sizes would follow pruning (literal or
-    computed), so the split dim is blocked. ``chunk`` is the prunable way to halve."""
+    """``split`` at given sizes: each part prunes on its own when every size is the one int
+    attribute of its value on the calling module (``[self.dim_conv3, self.dim_untouched]``),
+    which then follows its part's kept count; any other size (a bare literal, a size split
+    evenly by a single int) cannot follow the pruning, and the split dim blocks."""
     x = state.labels_of(node.args[0])
     dim = _arg(node, 2, "dim", 0) % len(x)
-    state.block(x[dim], Reason(BlockKind.FIXED_SIZE, f"{node.name} splits at sizes that cannot follow pruning"))
-    return _pieces(x, dim, [o.shape[dim] for o in state.value(node)])
+    sizes = [o.shape[dim] for o in state.value(node)]
+    split_sizes = _arg(node, 1, "split_size_or_sections")
+    pieces = _pieces(x, dim, sizes)
+    attributes = _attributes_of(state, node, split_sizes) if isinstance(split_sizes, (list, tuple)) else None
+    if attributes is None or not _carries_ids(state, x[dim]):
+        state.block(x[dim], Reason(BlockKind.FIXED_SIZE, f"{node.name} splits at sizes that cannot follow pruning"))
+        return pieces
+    for attribute, piece in zip(attributes, pieces):
+        state.attr(state.qualname(node), attribute, piece[dim], lambda _, kept: kept)
+    return pieces
+
+
+def _attributes_of(state: Propagation, node: fx.Node, sizes) -> Optional[list]:
+    """The calling module's int attribute holding each size (each the only one of its value),
+    all different; None when any size is not such an attribute."""
+    values = {k: v for k, v in vars(state.module(state.qualname(node))).items() if type(v) is int and not k.startswith("_")}
+    names = []
+    for size in sizes:
+        matches = [k for k, v in values.items() if v == size and k not in names] if isinstance(size, int) else []
+        if len(matches) != 1:
+            return None
+        names.append(matches[0])
+    return names
 
 
 def chunk(state: Propagation, node: fx.Node):
