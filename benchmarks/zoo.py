@@ -97,13 +97,13 @@ def run_one(name: str, ratio: float, oracle_groups: int) -> dict:
     return row
 
 
-def round_trip(name: str, pruned, inputs) -> str:
-    """graphprune.save the pruned model, graphprune.load it into a freshly built one and
-    compare their outputs: "equal" when bit-identical."""
+def round_trip(name: str, pruned, inputs, make=None) -> str:
+    """graphprune.save the pruned model, graphprune.load it into a freshly built one (``make()``,
+    by default this script's ``build(name)``) and compare their outputs: "equal" when bit-identical."""
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, f"{name}.safetensors")
         graphprune.save(pruned, path)
-        fresh = graphprune.load(build(name)[0], path)
+        fresh = graphprune.load(make() if make else build(name)[0], path)
     with torch.no_grad():
         expected, got = flat_outputs(call_model(pruned, inputs)), flat_outputs(call_model(fresh, inputs))
     same = len(expected) == len(got) and all(torch.equal(a, b) for a, b in zip(expected, got))

@@ -13,6 +13,7 @@ from .pruning.options import check_options, check_ratio, check_target
 from .pruning.run import PruneResult, run_pruning
 from .reporting.report import Report
 from .session import PruningSession, session_of
+from .tracer.fallback import check_capture
 from .tracer.state import ModelTransaction, eval_mode, gc_paused
 from .validation import check_model, warn_caller
 
@@ -24,6 +25,7 @@ def analyze(
     leaf_modules: Iterable[tracer.LeafSpec] = (),
     ignored_layers: Iterable[LayerRef] = (),
     prune_heads: bool = False,
+    capture: str = "auto",
 ) -> Report:
     """Trace ``model`` and report every coupled channel group.
 
@@ -32,13 +34,16 @@ def analyze(
     ``leaf_modules`` (names, classes or modules) are not traced into; their channels are
     blocked unless a rule knows them. ``ignored_layers`` marks groups that touch those
     modules as blocked. With ``prune_heads`` attention heads are whole channels (``num_heads``
-    shrinks); by default every head keeps the same width and ``head_dim`` shrinks. The model
-    is not modified. The report's ``session`` (a :class:`PruningSession`) prunes it.
+    shrinks); by default every head keeps the same width and ``head_dim`` shrinks.
+    ``capture`` chooses how the model is captured: ``"fx"`` (torch.fx), ``"export"``
+    (``torch.export``, for models torch.fx cannot trace) or ``"auto"`` (torch.fx, else
+    torch.export where torch.fx cannot trace the model's own forward). The model is not
+    modified. The report's ``session`` (a :class:`PruningSession`) prunes it.
     """
     check_model(model)
     with eval_mode(model), gc_paused():
         return PruningSession(model, example_inputs, leaf_modules=leaf_modules, ignored_layers=ignored_layers,
-                              prune_heads=prune_heads).report
+                              prune_heads=prune_heads, capture=capture).report
 
 
 def prune(
@@ -48,7 +53,7 @@ def prune(
     global_ranking: bool = False, max_ratio: Optional[float] = None, round_to: Optional[int] = None, steps: int = 1,
     schedule: Union[str, Callable[[int, int], float]] = "linear", target_flops: Optional[float] = None,
     target_params: Optional[float] = None, target_latency: Optional[float] = None, tolerance: float = 0.02,
-    return_result: bool = False, report: Optional[Report] = None,
+    return_result: bool = False, report: Optional[Report] = None, capture: str = "auto",
 ) -> Union[nn.Module, PruneResult]:
     """Remove ``floor(ratio * n)`` channels from every prunable group of ``n`` channels.
 
@@ -57,7 +62,7 @@ def prune(
     ``verify=True`` (default) the pruned model is traced again and every tensor must have
     the shape the analysis predicts; groups that fail this audit are blocked (with the
     reason) and dropped from the plan. ``analyze``'s options (``leaf_modules``,
-    ``ignored_layers``, ``prune_heads``) apply. Returns the pruned model, or with
+    ``ignored_layers``, ``prune_heads``, ``capture``) apply. Returns the pruned model, or with
     ``return_result=True`` a :class:`PruneResult` (the budget reached, FLOPs and
     parameters before and after, one :class:`StepResult` per step).
 
@@ -84,8 +89,9 @@ def prune(
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")
     criterion = get_criterion(criterion)
+    check_capture(capture)
     session = None if report is None else session_of(report, model, example_inputs, inplace, leaf_modules,
-                                                     ignored_layers, prune_heads)
+                                                     ignored_layers, prune_heads, capture=capture)
     model = copy.deepcopy(model) if session is None and not inplace else model
     # Until the surgery's final copy, any exception restores the model. Where work follows
     # that copy (more steps, a budget, measurements), the originals are held to the end.
@@ -93,7 +99,7 @@ def prune(
     transaction = ModelTransaction(model, keep_tensors=keep_tensors)
     with transaction, eval_mode(model), gc_paused(pause=not criterion.requires_data):  # a data pass may run long
         session = session or PruningSession(model, example_inputs, leaf_modules=leaf_modules,
-                                            ignored_layers=ignored_layers, prune_heads=prune_heads)
+                                            ignored_layers=ignored_layers, prune_heads=prune_heads, capture=capture)
         if not session.report.prunable_groups:
             warn_caller(f"{session.report.model_name} has no prunable channel group; the model is unchanged")
             result = PruneResult(model, target and target[0], target and target[1], None, target is None, {}, {}, [])

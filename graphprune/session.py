@@ -25,6 +25,7 @@ from .analysis.reasons import BlockKind, Reason
 from .pruning.audit import AuditError, audit
 from .pruning.surgery import ChannelSurgery, PruningError
 from .reporting.report import Report
+from .tracer.fallback import check_capture
 
 T = TypeVar("T")
 
@@ -40,8 +41,8 @@ class PruningSession:
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any = None, *, leaf_modules: Iterable[tracer.LeafSpec] = (),
-                 ignored_layers: Iterable[LayerRef] = (), prune_heads: bool = False):
-        self.analysis: Analysis = run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads)
+                 ignored_layers: Iterable[LayerRef] = (), prune_heads: bool = False, capture: str = "auto"):
+        self.analysis: Analysis = run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads, capture)
         self.surgery = ChannelSurgery(self.analysis.state, self.analysis.roots, self.analysis.groups)
         self.report.session = self
         for group in self.report.groups:
@@ -64,7 +65,7 @@ class PruningSession:
         """A session on the model as it is now (after pruning), with the same inputs and options."""
         a = self.analysis
         return PruningSession(a.model, a.inputs, leaf_modules=a.leaf_modules, ignored_layers=a.ignored_layers,
-                              prune_heads=a.prune_heads)
+                              prune_heads=a.prune_heads, capture=a.capture)
 
     def apply(self, plan: Mapping[Group, Sequence[int]], *, verify: bool = True, strict: bool = False,
               on_commit: Optional[Callable[[], None]] = None) -> list:
@@ -148,11 +149,14 @@ class PruningSession:
 
     def _audit(self, removed: np.ndarray, filled: bool) -> None:
         a = self.analysis
-        audit(a.model, a.inputs, traced_leaves(a.leaf_modules), a.state, a.roots, removed, filled)
+        audit(a.model, a.inputs, traced_leaves(a.leaf_modules), a.state, a.roots, removed, filled, capture=a.capture)
 
 
-def session_of(report: Any, model: nn.Module, example_inputs: Any, inplace: bool, *analysis_options: Any) -> PruningSession:
-    """The session behind ``report`` (from :func:`graphprune.analyze`), checked to still describe ``model``."""
+def session_of(report: Any, model: nn.Module, example_inputs: Any, inplace: bool, *analysis_options: Any,
+               capture: str = "auto") -> PruningSession:
+    """The session behind ``report`` (from :func:`graphprune.analyze`), checked to still describe
+    ``model``; ``capture`` other than ``"auto"`` must be the report's."""
+    check_capture(capture)
     if not isinstance(report, Report):
         raise TypeError(f"report must be a Report from graphprune.analyze, got {type(report).__name__}")
     session = getattr(report, "session", None)
@@ -164,6 +168,9 @@ def session_of(report: Any, model: nn.Module, example_inputs: Any, inplace: bool
         raise ValueError("a report prunes the analysed model itself; with inplace=False, deep-copy the model and analyze the copy")
     if not all(option is False or (isinstance(option, (tuple, list, set)) and not option) for option in analysis_options):
         raise ValueError("leaf_modules, ignored_layers and prune_heads were fixed by analyze(); pass them there, not with report")
+    if capture not in ("auto", session.analysis.capture):
+        raise ValueError(f"the report was made with capture={session.analysis.capture!r}, not {capture!r}; "
+                         "pass capture to analyze(), not with report")
     session.check_unchanged()
     if session.surgery.pruned:
         raise ValueError(f"{report.model_name} changed since it was analysed: this report's groups were pruned "

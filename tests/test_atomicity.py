@@ -133,11 +133,11 @@ def test_a_failure_the_audit_cannot_place_is_isolated_by_bisection(monkeypatch):
     inner = next(g for g in report.groups if g.root == "conva")
     audit, trials = graphprune.session.audit, []
 
-    def unplaced(model, inputs, leaves, state, roots, removed, filled=True):
+    def unplaced(model, inputs, leaves, state, roots, removed, filled=True, **options):
         trials.append(filled)
         if removed[inner.units].any():
             raise AuditError("the pruned model breaks somewhere (injected)", np.zeros(0, dtype=np.int64))
-        audit(model, inputs, leaves, state, roots, removed, filled)
+        audit(model, inputs, leaves, state, roots, removed, filled, **options)
 
     monkeypatch.setattr(graphprune.session, "audit", unplaced)
     graphprune.prune(model, 0.5, X, report=report)

@@ -72,8 +72,8 @@ def test_functional_layers_prune_like_their_modules():
     assert {(m.name, m.role) for m in stem.members} >= {("bn.weight", "scale"), ("bn.running_mean", "stat"),
                                                         ("dw.weight", "out"), ("pw.weight", "in")}
     assert group_of(report, "pw.weight", 0).prunable and group_of(report, "fc1.weight", 0).prunable
-    kernel = group_of(report, "dw.weight", 2)
-    assert not kernel.prunable and "kernel" in kernel.blocked[0]  # a kernel dim read in the graph is no channel
+    in_groups = {(m.name, m.dim) for g in report.groups for m in g.members}
+    assert ("dw.weight", 2) not in in_groups and ("dw.weight", 3) not in in_groups  # kernel dims are no channels
     run_oracle(Net().eval(), X, groups=3)
 
     model = Net().eval()

@@ -155,9 +155,9 @@ def test_a_model_whose_shapes_need_values_is_audited_after_the_values_are_copied
     only be recorded on real values is audited once the kept values are in place."""
     audits, audit = [], graphprune.session.audit
 
-    def spying(*args):
+    def spying(*args, **options):
         audits.append(args[-1])  # filled
-        return audit(*args)
+        return audit(*args, **options)
 
     monkeypatch.setattr(graphprune.session, "audit", spying)
     for needs_values, expected in ((False, [False]), (True, [False, True])):

@@ -7,6 +7,10 @@
    traced on its own inputs (recursively). The children's graphs are merged into one graph
    whose node keys are prefixed with ``"<child name>/"``; that prefix is each node's ``part``.
    Whatever flows into or out of a traced part crosses untraced code, so it is blocked.
+
+``capture`` chooses the front-end: ``"fx"`` (the above), ``"export"`` (torch.export only,
+:mod:`graphprune.tracer.export_capture`) or ``"auto"``: torch.fx where it can capture the
+root's forward, else torch.export, and if that fails too, the per-child tracing of step 2.
 """
 from __future__ import annotations
 
@@ -17,11 +21,19 @@ import networkx as nx
 import torch
 from torch import nn
 
-from .fx_capture import LeafSpec, TraceError, capture
+from .export_capture import export_graph
+from .fx_capture import LeafSpec, TraceError, capture, check_leaf_names
 from .graph import build_graph, call_model
 from .state import attributes_kept
 
 _MAX_OPAQUE = 64
+CAPTURES = ("fx", "export", "auto")
+
+
+def check_capture(capture: Any) -> None:
+    """Raise ValueError unless ``capture`` names a front-end (:data:`CAPTURES`)."""
+    if not isinstance(capture, str) or capture not in CAPTURES:
+        raise ValueError(f"capture must be 'fx', 'export' or 'auto', got {capture!r}")
 
 
 def _trace_with_opaque_leaves(model: nn.Module, example_inputs: Any, leaf_modules: list) -> nx.DiGraph:
@@ -30,7 +42,7 @@ def _trace_with_opaque_leaves(model: nn.Module, example_inputs: Any, leaf_module
     while True:
         try:
             graph = build_graph(model, capture(model, leaf_modules + list(opaque)), example_inputs)
-            graph.graph["opaque"] = opaque
+            graph.graph.update(opaque=opaque, front_end="fx")
             return graph
         except TraceError as exc:
             if exc.module_name is None or exc.module_name in opaque or len(opaque) >= _MAX_OPAQUE:
@@ -66,7 +78,8 @@ def _as_inputs(child: nn.Module, args: tuple, kwargs: dict) -> Any:
 
 
 def _merge(parts: list[tuple[str, nx.DiGraph]], model: nn.Module, opaque: dict) -> nx.DiGraph:
-    merged = nx.DiGraph(model=model, opaque=opaque, recorded_on_meta=False)  # the parts' inputs came from a real run
+    front_ends = "+".join(sorted({graph.graph["front_end"] for _, graph in parts}))
+    merged = nx.DiGraph(model=model, opaque=opaque, recorded_on_meta=False, front_end=front_ends)  # inputs from a real run
     offset = 0
     for prefix, graph in parts:
         owner = prefix[:-1]
@@ -81,30 +94,47 @@ def _merge(parts: list[tuple[str, nx.DiGraph]], model: nn.Module, opaque: dict) 
     return merged
 
 
-def trace(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[LeafSpec] = ()) -> nx.DiGraph:
-    """Capture ``model`` with torch.fx and return its annotated networkx graph, falling back
-    to opaque leaves and to per-child tracing where fx fails (see the module docstring).
+def trace(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[LeafSpec] = (), capture: str = "auto") -> nx.DiGraph:
+    """Capture ``model`` and return its annotated networkx graph: with torch.fx, falling back
+    to opaque leaves, to torch.export and to per-child tracing where it fails (see the module
+    docstring; ``capture`` chooses the front-end).
 
     ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of keyword inputs.
-    ``leaf_modules`` lists module names, classes, instances or predicates not to trace into.
+    ``leaf_modules`` lists module names, classes, instances or predicates torch.fx does not
+    trace into (torch.export captures every module).
     The graph's ``opaque`` attribute maps every module treated as opaque to the reason;
-    ``recorded_on_meta`` says whether its shapes were found without reading the model's values.
+    ``recorded_on_meta`` says whether its shapes were found without reading the model's values;
+    ``front_end`` which front-end captured it (``"fx"``, ``"export"``, or both joined by ``+``
+    for a graph merged from parts).
     Whatever tracing or running the forward leaves on the model's modules is taken back.
     """
+    check_capture(capture)
     with attributes_kept(model):  # analysis never changes the model
-        return _trace(model, example_inputs, list(leaf_modules))
+        return _trace(model, example_inputs, list(leaf_modules), capture)
 
 
-def _trace(model: nn.Module, example_inputs: Any, leaf_modules: list) -> nx.DiGraph:
+def _trace(model: nn.Module, example_inputs: Any, leaf_modules: list, capture: str) -> nx.DiGraph:
+    if capture == "export":
+        check_leaf_names(model, leaf_modules)
+        return export_graph(model, example_inputs)
     try:
         return _trace_with_opaque_leaves(model, example_inputs, leaf_modules)
     except TraceError as exc:
-        if exc.module_name is not None or not dict(model.named_children()):
+        if exc.module_name is not None:
             raise
-        return _trace_children(model, example_inputs, leaf_modules, exc)
+        root_error = exc
+    if capture == "auto":
+        try:
+            return export_graph(model, example_inputs)
+        except TraceError:
+            pass  # the per-child tracing follows, and its failure names torch.fx's error
+    if not dict(model.named_children()):
+        raise root_error
+    return _trace_children(model, example_inputs, leaf_modules, root_error, capture)
 
 
-def _trace_children(model: nn.Module, example_inputs: Any, leaf_modules: list, root_error: TraceError) -> nx.DiGraph:
+def _trace_children(model: nn.Module, example_inputs: Any, leaf_modules: list, root_error: TraceError,
+                    capture: str) -> nx.DiGraph:
     parts, opaque = [], {"": f"its forward could not be traced ({root_error.location})"}
     names = [x for x in leaf_modules if isinstance(x, str)]
     others = [x for x in leaf_modules if not isinstance(x, str)]
@@ -117,7 +147,7 @@ def _trace_children(model: nn.Module, example_inputs: Any, leaf_modules: list, r
         if name in names:
             continue
         try:
-            graph = _trace(child, _as_inputs(child, *calls[0]), child_leaves)
+            graph = _trace(child, _as_inputs(child, *calls[0]), child_leaves, capture)
         except Exception as exc:  # a child that cannot be captured stays opaque
             opaque[name] = f"could not be traced ({type(exc).__name__})"
             continue

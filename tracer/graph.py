@@ -116,18 +116,29 @@ def _container_hint(model: nn.Module, example_inputs: Any) -> str:
     return ""
 
 
-def _explain_failure(model: nn.Module, example_inputs: Any, node: Optional[fx.Node], exc: Exception) -> NoReturn:
-    """Raise InputError if ``model`` itself rejects the inputs, else TraceError naming ``node``."""
+def input_error(model: nn.Module, example_inputs: Any, node: Optional[fx.Node] = None) -> Optional[InputError]:
+    """The InputError to raise if ``model`` itself rejects ``example_inputs`` (run once, no
+    grad), or None if it runs on them; ``node`` is the captured node that failed, if known."""
     try:
         with torch.no_grad():
             call_model(model, example_inputs)
     except Exception as model_exc:
-        raise InputError(
+        error = InputError(
             f"{type(model).__name__} raised {type(model_exc).__name__} on the example inputs: "
             f"{str(model_exc).rstrip('.')}. Pass example_inputs that the model accepts."
             + _container_hint(model, example_inputs),
             node_name=node.name if node is not None else None,
-        ) from model_exc
+        )
+        error.__cause__ = model_exc
+        return error
+    return None
+
+
+def _explain_failure(model: nn.Module, example_inputs: Any, node: Optional[fx.Node], exc: Exception) -> NoReturn:
+    """Raise InputError if ``model`` itself rejects the inputs, else TraceError naming ``node``."""
+    rejected = input_error(model, example_inputs, node)
+    if rejected is not None:
+        raise rejected from rejected.__cause__
     module = (node.target if node.op == "call_module" else _scope(node)) if node is not None else None
     where = f"node '{node.name}'" if node is not None else "unknown node"
     raise TraceError(

@@ -11,6 +11,7 @@ from torch import nn
 from graphprune import tracer
 from graphprune.reporting.report import Report
 from graphprune.tracer.devices import describe_value
+from graphprune.tracer.fallback import check_capture
 from graphprune.validation import check_materialised, check_model
 
 from .channels import per_array
@@ -87,8 +88,9 @@ class Analysis:
     """What one analysis found (``state``, ``roots``, ``groups``, ``report``) and what it was
     made from (``model``, the resolved ``inputs`` and the options)."""
 
-    def __init__(self, model: nn.Module, example_inputs: Any, description: str, leaf_modules, ignored: set[str], prune_heads: bool):
-        graph = tracer.trace(model, example_inputs, traced_leaves(leaf_modules))
+    def __init__(self, model: nn.Module, example_inputs: Any, description: str, leaf_modules, ignored: set[str], prune_heads: bool,
+                 capture: str = "auto"):
+        graph = tracer.trace(model, example_inputs, traced_leaves(leaf_modules), capture)
         self.state = propagate(graph, prune_heads)
         self.roots = self.state.space.all_roots()
         self.groups = build_groups(self.state, self.roots)
@@ -99,6 +101,7 @@ class Analysis:
         self.leaf_modules = list(leaf_modules)
         self.ignored_layers = ignored
         self.prune_heads = prune_heads
+        self.capture = capture  # the front-end asked for; the audit re-traces the pruned model with it
         self.fingerprint = fingerprint(model)
         self.report = Report(type(model).__name__, self.groups, graph, description)
 
@@ -114,17 +117,18 @@ def fingerprint(model: nn.Module) -> tuple:
     return tuple(modules), tuple(tensors)
 
 
-def run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads=False) -> Analysis:
+def run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads=False, capture="auto") -> Analysis:
     """Check the arguments and analyse ``model``; the resolved inputs are ``.inputs``."""
     check_model(model)
     if not isinstance(prune_heads, bool):
         raise TypeError(f"prune_heads must be True or False, got {type(prune_heads).__name__}")
+    check_capture(capture)
     ignored = _layer_names(model, ignored_layers, "ignored_layers")
     inputs, inferred = resolve_example_inputs(model, example_inputs)
     _check_devices(model, inputs)
     description = "inferred " + describe_inputs(inputs) if inferred else describe_inputs(inputs)
     try:
-        return Analysis(model, inputs, description, leaf_modules, ignored, prune_heads)
+        return Analysis(model, inputs, description, leaf_modules, ignored, prune_heads, capture)
     except tracer.InputError as exc:
         if inferred:
             raise ValueError(f"{exc} The inferred input was {describe_inputs(inputs)}; pass example_inputs.") from exc

@@ -147,6 +147,8 @@ def build_groups(state: Propagation, roots: np.ndarray) -> list[Group]:
         ids = np.concatenate([np.arange(set_starts[s], set_starts[s] + set_sizes[s]) for s in set_indices])
         units = np.unique(roots[ids])
         blocked = list(dict.fromkeys(space.sets[s].blocked for s in set_indices if space.sets[s].blocked))
+        if all(pd.role == "param" for pd in param_dims) and blocked and all(getattr(r, "kind", None) is BlockKind.NOT_A_CHANNEL for r in blocked):
+            continue  # dims read in the graph that never carry channels (a kernel's): no group
         if len(param_dims) == 1 and len(set_indices) == 1 and param_dims[0].role == "param":
             blocked.append(_UNMET)  # a dim read in the graph that no op took as channels (a kernel, a vocabulary)
         notes = list(dict.fromkeys(state.notes[s] for s in set_indices if s in state.notes))

@@ -38,14 +38,13 @@ def _dims(labels: Any, value: Any) -> list:
 
 
 def _inputs_of(state: Propagation, roots: np.ndarray, node: str, removed: np.ndarray) -> np.ndarray:
-    """Root ids of the removed channels that flow into the graph node ``node`` (all removed
-    ones if that node is unknown)."""
+    """Root ids of the removed channels that flow into the graph node ``node``; none if that
+    node is unknown (the session then finds the failing groups by bisection)."""
     fx_node = state.graph.nodes[node]["fx"] if node in state.graph.nodes else None
     ids = [a for n in (fx_node.all_input_nodes if fx_node is not None else ()) for a in iter_arrays(state.labels.get(n.name))]
     ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
     suspects = np.unique(roots[ids[ids >= 0]])
-    suspects = suspects[removed[suspects]]
-    return suspects if suspects.size else np.unique(roots[np.flatnonzero(removed)])
+    return suspects[removed[suspects]]
 
 
 def audit(
@@ -56,16 +55,18 @@ def audit(
     roots: np.ndarray,
     removed: np.ndarray,
     filled: bool = True,
+    capture: str = "auto",
 ) -> None:
     """Raise :class:`AuditError` unless every node of the re-traced ``model`` has the predicted shape.
 
     With ``filled=False`` the model's tensors hold placeholders of their new shapes: the audit
     then only judges a model whose shapes can be found without values (on meta tensors) and
-    raises :class:`ValuesNeeded` for any other.
+    raises :class:`ValuesNeeded` for any other. ``capture`` is the front-end the analysis
+    asked for (see :func:`graphprune.tracer.trace`), so the pruned model is captured alike.
     """
     if not filled and not state.graph.graph["recorded_on_meta"]:
         raise ValuesNeeded("the model's shapes depend on its values")
-    graph = _retraced(model, example_inputs, leaf_modules, state, roots, removed, filled)
+    graph = _retraced(model, example_inputs, leaf_modules, state, roots, removed, filled, capture)
     if not filled and not graph.graph["recorded_on_meta"]:
         raise ValuesNeeded("the pruned model's shapes depend on its values")
     mismatches, suspects = _Predictions(state, roots, removed).compare(graph)
@@ -77,11 +78,11 @@ def audit(
 
 
 def _retraced(model, example_inputs, leaf_modules, state: Propagation, roots: np.ndarray, removed: np.ndarray,
-              filled: bool):
+              filled: bool, capture: str):
     """The pruned model's graph; a model that no longer runs is an :class:`AuditError` blaming
     the groups that flow into the node where it fails."""
     try:
-        return tracer.trace(model, example_inputs, leaf_modules)
+        return tracer.trace(model, example_inputs, leaf_modules, capture)
     except Exception as exc:
         if not filled:
             raise ValuesNeeded(f"tracing on placeholders failed: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,140 @@
+"""Capture a model with ``torch.export`` (non-strict) into the networkx graph that
+:func:`graphprune.tracer.build_graph` makes from torch.fx, for models torch.fx cannot trace
+(Python control flow on shapes, iterated sizes, code torch.fx no longer supports).
+
+The graph's ops are aten operators (``aten.conv2d.default``, ``aten.view.default`` …); each is
+written as the torch call it stands for (:mod:`graphprune.tracer.aten_ops`), so the rule
+table serves both front-ends, and the checks torch.export inserts are left out. Shapes come from the program's fake
+tensors (``node.meta["val"]``), so the model is never run on its values; each node's
+module is the innermost module of its ``nn_module_stack``. A placeholder that the graph
+signature maps to a parameter or buffer becomes a ``get_attr`` node of the user's own
+tensor, placed before its first user as torch.fx places it; a lifted constant becomes a
+``get_attr`` node without a tensor (a constant created by the tracer); user inputs stay
+placeholders. Every module is captured down to aten ops: ``leaf_modules`` are for torch.fx.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils._pytree import tree_map_only
+
+from .aten_ops import is_check, torch_call
+from .fx_capture import TraceError
+from .graph import _resolve_attr, _scope, _target_name, input_error
+from .record import describe
+from .state import interrupts_deferred
+
+
+def _args_kwargs(example_inputs: Any) -> tuple:
+    """``(args, kwargs)`` in the tensor / tuple / kwargs-dict convention of :func:`call_model`."""
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, tuple):
+        return example_inputs, {}
+    return (example_inputs,), {}
+
+
+def export_program(model: nn.Module, example_inputs: Any) -> "torch.export.ExportedProgram":
+    """``torch.export.export(model, …, strict=False)``; InputError if the model itself rejects
+    the inputs, else TraceError for any failure (what the export left on the model stays
+    until the caller restores it, as :func:`graphprune.tracer.trace` does)."""
+    args, kwargs = _args_kwargs(example_inputs)
+    try:
+        with interrupts_deferred():  # torch.export patches modules and global state while it runs
+            return torch.export.export(model, args, kwargs, strict=False)
+    except Exception as exc:
+        rejected = input_error(model, example_inputs)
+        if rejected is not None:
+            raise rejected from exc
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise TraceError(
+            f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {first}",
+            location=f"torch.export, {type(exc).__name__}",
+        ) from exc
+
+
+def _rebuilt(program: "torch.export.ExportedProgram") -> tuple:
+    """The program's graph with every parameter, buffer and constant placeholder replaced by a
+    ``get_attr`` node (target: its state-dict name) placed before its first user, every aten
+    op written as its torch call, and no inserted checks; and the names of the nodes that
+    read a constant."""
+    signature = program.graph_signature
+    constants = dict(signature.inputs_to_lifted_tensor_constants)
+    attributes = {**signature.inputs_to_parameters, **signature.inputs_to_buffers, **constants}
+    graph: fx.Graph = fx.Graph()
+    env: dict = {}
+
+    def read(node: fx.Node) -> fx.Node:
+        if node not in env:
+            env[node] = graph.create_node("get_attr", attributes[node.name], name=node.name)
+            env[node].meta = dict(node.meta)
+        return env[node]
+
+    for node in program.graph.nodes:
+        if node.name in attributes or node.op == "call_function" and is_check(node.target) and not node.users:
+            continue
+        call = _torch_call(node)
+        if call is None:
+            env[node] = graph.node_copy(node, read)
+        else:
+            op, target, args, kwargs = call
+            env[node] = graph.create_node(op, target, fx.node.map_arg(args, read), fx.node.map_arg(kwargs, read),
+                                          name=node.name)
+            env[node].meta = dict(node.meta)
+    return graph, set(constants)
+
+
+def _torch_call(node: fx.Node):
+    """The torch call an aten node stands for (see :func:`torch_call`), or None."""
+    if node.op != "call_function":
+        return None
+    first = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], fx.Node) else None
+    return torch_call(node.target, node.args, node.kwargs, first.dim() if isinstance(first, torch.Tensor) else None)
+
+
+def _size(value: Any) -> int:
+    hint = value.node.hint
+    if hint is None:
+        raise TraceError("torch.export found a size that depends on the values (no example size to record)",
+                         location="torch.export, a data-dependent size")
+    return int(hint)
+
+
+def _concrete(tensor: torch.Tensor) -> torch.Tensor:
+    if all(isinstance(d, int) for d in tensor.shape):
+        return tensor
+    return torch.empty([_size(d) for d in tensor.shape], dtype=tensor.dtype, device="meta")
+
+
+def _value(node: fx.Node) -> Any:
+    """The node's output described as :func:`describe` does, from its fake value (symbolic
+    sizes replaced by the example's)."""
+    value = node.meta.get("val")
+    if node.op == "output":
+        value = fx.node.map_arg(node.args[0], lambda n: n.meta.get("val"))
+    return describe(tree_map_only(torch.SymInt, _size, tree_map_only(torch.Tensor, _concrete, value)))
+
+
+def _name_of(node: fx.Node) -> str:
+    return str(node.target) if isinstance(node.target, torch._ops.OpOverload) else _target_name(node)
+
+
+def export_graph(model: nn.Module, example_inputs: Any) -> nx.DiGraph:
+    """Capture ``model`` with torch.export and return the annotated networkx graph (the same
+    node attributes as :func:`graphprune.tracer.build_graph`; ``front_end`` is ``"export"``)."""
+    program = export_program(model, example_inputs)
+    fx_graph, constants = _rebuilt(program)
+    graph = nx.DiGraph(model=model, opaque={}, recorded_on_meta=False, front_end="export")
+    for index, node in enumerate(fx_graph.nodes):
+        attrs = dict(index=index, part="", op=node.op, target=node.target, target_name=_name_of(node),
+                     module=_scope(node), value=_value(node), fx=node)
+        if node.op == "get_attr":
+            attrs["tensor"] = None if node.name in constants else _resolve_attr(model, node.target)
+        graph.add_node(node.name, **attrs)
+        for source in node.all_input_nodes:
+            graph.add_edge(source.name, node.name)
+    return graph
