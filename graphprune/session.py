@@ -76,10 +76,17 @@ class PruningSession:
         (those the audit blames, or else by bisecting the plan in trials), blocked with the
         reason (kind :attr:`BlockKind.AUDIT`), and the rest of the plan is applied without
         them; with ``strict`` the model is restored and :class:`PruningError` raised instead.
-        The model ends unpruned only when every group fails. Returns the groups blocked.
+        The model ends unpruned only when every group fails. Without ``verify``, groups whose
+        sizes only the audit can confirm (``Group.assumptions``) are blocked, not pruned.
+        Returns the groups blocked.
         """
         self.check_unchanged()
         blocked, plan = [], dict(plan)
+        if not verify:
+            blocked = [g for g in plan if g.assumptions]
+            for group in blocked:
+                group.blocked.append(Reason(BlockKind.FIXED_SIZE, f"{group.assumptions[0]} (verify=False: nothing checks it)"))
+            plan = {g: index for g, index in plan.items() if not g.assumptions}
         while plan:
             try:
                 self.surgery.prune_groups(plan, verify=self._audit if verify else None, on_commit=on_commit)

@@ -85,7 +85,7 @@ def dead_channel_oracle(
     model = model.double().eval()
     inputs = to_double(example_inputs)
     report = graphprune.analyze(model, inputs, **analyze_options)
-    candidates = [g for g in report.prunable_groups if g.exact]
+    candidates = [g for g in report.prunable_groups if g.exact and not g.assumptions]  # those the audit proves
     if max_groups is not None and len(candidates) > max_groups:
         candidates = [candidates[i] for i in sorted(rng.choice(len(candidates), max_groups, replace=False))]
     zeroed = copy.deepcopy(model)

@@ -156,3 +156,38 @@ def test_a_group_that_breaks_the_forward_is_found_by_bisection():
     assert [r.kind for r in query.blocked] == [BlockKind.AUDIT]
     assert model.q.out_features == 32 and model.head_dim == 8  # left whole, and its attribute with it
     assert model.mlp[0].out_features == 32 and model(x).shape == (2, 6, 32)  # the MLP was pruned all the same
+
+
+class LiteralChannels(nn.Module):
+    """``view(1, 8, -1)`` with the channel count written as a number: once channels are gone
+    it regroups the values and the forward fails. torch.export records ``x.size(1)`` the same
+    way, so the size is taken to follow, which only the audit can confirm."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Conv2d(3, 8, 1), nn.Linear(8, 5)
+        self.b, self.d = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        if x.shape[-1] > 64:
+            x = x[..., :64]
+        return self.c(self.a(x).view(1, 8, -1).mean(-1)), self.d(self.b(x).relu())
+
+
+def test_a_literal_size_under_export_is_an_assumption_the_audit_checks():
+    report = graphprune.analyze(LiteralChannels().eval(), X)
+    a = group_of(report, "a.weight", 0)
+    assert a.prunable and a.assumptions and "torch.export recorded the size 8" in a.assumptions[0]
+    assert not group_of(graphprune.analyze(LiteralChannels().eval(), X, capture="fx"), "a.weight", 0).prunable
+
+    model = LiteralChannels().eval()
+    report = graphprune.analyze(model, X)
+    graphprune.prune(model, 0.5, report=report)
+    assert model.a.out_channels == 8 and group_of(report, "a.weight", 0).blocked[0].kind is BlockKind.AUDIT
+    assert model.b.out_channels == 3  # the rest is pruned
+
+    model = LiteralChannels().eval()
+    report = graphprune.analyze(model, X)
+    graphprune.prune(model, 0.5, report=report, verify=False)  # nothing would check the size: not pruned
+    assert model.a.out_channels == 8 and model.b.out_channels == 3
+    assert "verify=False" in group_of(report, "a.weight", 0).blocked[0]

@@ -4,10 +4,11 @@ shape, and split sizes held in attributes (fasternet's partial convolution)."""
 from __future__ import annotations
 
 import torch
+from conftest import group_of, run_oracle
 from torch import nn
 
 import graphprune
-from conftest import group_of, run_oracle
+from graphprune.analysis.reasons import BlockKind
 
 X = torch.randn(1, 3, 5, 5, generator=torch.Generator().manual_seed(0))
 
@@ -89,3 +90,60 @@ def test_split_sizes_held_in_attributes_follow_each_part():
     mixer = model.mixer
     assert mixer.dim_conv3 == mixer.partial_conv3.in_channels < 4 and mixer.dim_untouched < 12
     assert model(X).shape == (1, 4, 5, 5)
+
+
+class _Normalized(nn.Module):
+    """``F.normalize`` over the channels (as xcit's cross-covariance attention normalises q
+    and k) couples them; over the positions, the channels pass through."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.normalize(self.a(x), dim=self.dim))
+
+
+def test_normalize_collapses_the_dim_it_normalises_over():
+    x = torch.randn(1, 3, 6, 6)
+    for capture in ("fx", "export"):
+        over_channels = group_of(graphprune.analyze(_Normalized(1).eval(), x, capture=capture), "a.weight", 0)
+        assert not over_channels.prunable and over_channels.blocked[0].kind is BlockKind.COLLAPSED
+        assert group_of(graphprune.analyze(_Normalized(-1).eval(), x, capture=capture), "a.weight", 0).prunable
+    run_oracle(_Normalized(-1).eval(), x, groups=1)
+
+
+class _Conv1D(nn.Module):
+    """GPT-2's ``Conv1D``: a Linear whose weight is stored as ``(in, out)``, applied with
+    ``torch.addmm`` and its width held in ``nf``."""
+
+    def __init__(self, nx: int, nf: int):
+        super().__init__()
+        self.nf = nf
+        self.weight, self.bias = nn.Parameter(torch.randn(nx, nf) / nx**0.5), nn.Parameter(torch.randn(nf))
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class _TransposedMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c_fc, self.c_proj = _Conv1D(6, 16), _Conv1D(16, 6)
+
+    def forward(self, x):
+        return self.c_proj(torch.nn.functional.gelu(self.c_fc(x)))
+
+
+def test_addmm_with_a_transposed_weight():
+    x = torch.randn(2, 5, 6)
+    for capture in ("fx", "export"):
+        group = group_of(graphprune.analyze(_TransposedMLP().eval(), x, capture=capture), "c_fc.weight", 1)
+        assert group.prunable and {(m.name, m.dim, m.role) for m in group.members} == {
+            ("c_fc.weight", 1, "out"), ("c_fc.bias", 0, "out"), ("c_proj.weight", 0, "in")}
+    run_oracle(_TransposedMLP().eval(), x, groups=1)
+    model = _TransposedMLP().eval()
+    graphprune.prune(model, 0.5, x)
+    assert model.c_fc.nf == 8 and model.c_proj.weight.shape == (8, 6) and model(x).shape == (2, 5, 6)

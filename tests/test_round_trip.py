@@ -26,6 +26,28 @@ ATTENTION = {
     "mha": (lambda: build("mha"), None, {}),
     "mha_heads": (lambda: build("mha"), None, {"prune_heads": True}),
 }
+
+
+class _SplitBias(torch.nn.Module):
+    """A qkv bias put together from two parameters and a non-persistent zero buffer (as in
+    BEiT): pruning shrinks the buffer, which is no state_dict entry."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.embed = torch.nn.Linear(3, dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias, self.v_bias = torch.nn.Parameter(torch.randn(dim)), torch.nn.Parameter(torch.randn(dim))
+        self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        x = self.embed(x)
+        qkv = torch.nn.functional.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        q, k, v = qkv.chunk(3, dim=-1)
+        return self.proj(q * k.sigmoid() + v)
+
+
+ATTENTION["split_bias"] = (_SplitBias, None, {})
 CNNS = {name: (lambda name=name: getattr(torchvision.models, name)(weights=None, **MODELS[name]), 64, {}) for name in MODELS}
 
 
@@ -39,7 +61,8 @@ def test_pruned_model_saves_and_loads_bit_identical(name, tmp_path):
     build_model, size, options = {**CNNS, **ATTENTION}[name]
     torch.manual_seed(0)
     model = build_model().eval()
-    x = torch.randn(2, 7, 12) if size is None else torch.randn(1, 3, size, size)
+    x = torch.randn(2, 5, 3) if name == "split_bias" else torch.randn(2, 7, 12) if size is None \
+        else torch.randn(1, 3, size, size)
     graphprune.prune(model, 0.5, x, **options)
     path = tmp_path / f"{name}.safetensors"
     graphprune.save(model, path)
@@ -50,5 +73,6 @@ def test_pruned_model_saves_and_loads_bit_identical(name, tmp_path):
     assert size_attrs(fresh) == size_attrs(model)
     for key, tensor in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], tensor), key
+    assert {k: b.shape for k, b in fresh.named_buffers()} == {k: b.shape for k, b in model.named_buffers()}
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))

@@ -68,6 +68,13 @@ def _reduced(target: Any) -> Callable:
     return call
 
 
+def _vector_norm(args: tuple, kwargs: dict) -> Call:
+    """``aten.linalg_vector_norm(x, ord, dim, keepdim)``: a reduction over ``dim``."""
+    dim = args[2] if len(args) > 2 else kwargs.get("dim")
+    keepdim = args[3] if len(args) > 3 else kwargs.get("keepdim", False)
+    return "call_function", torch.sum, (args[0], dim), {"keepdim": keepdim}
+
+
 def _sized(args: tuple, kwargs: dict) -> Call:
     return "call_method", "size", args, {}
 
@@ -85,7 +92,7 @@ _UNARY = {
     aten.dropout_: F.dropout, aten.feature_dropout: F.dropout, aten.alpha_dropout: F.dropout,
     aten.exp: torch.exp, aten.abs: torch.abs, aten.neg: torch.neg, aten.sqrt: torch.sqrt, aten.rsqrt: torch.rsqrt,
     aten.clamp: torch.clamp, aten.clamp_: torch.clamp, aten.clip: torch.clip, aten.erf: torch.erf, aten.log: torch.log,
-    aten.square: torch.square,
+    aten.square: torch.square, aten.clamp_min: torch.clamp, aten.clamp_max: torch.clamp,
 }
 _METHODS = {aten.contiguous: "contiguous", aten.clone: "clone", aten.detach: "detach", aten.alias: "clone",
             aten.lift_fresh_copy: "clone", aten.to: "to", aten._to_copy: "to", aten.type_as: "type_as"}
@@ -121,6 +128,7 @@ TORCH_FORMS: dict = {
     aten.max: _reduced(torch.max), aten.min: _reduced(torch.min), aten.logsumexp: _reduced(torch.logsumexp),
     aten.view: _method("view"), aten._unsafe_view: _method("view"), aten.reshape: _method("reshape"),
     aten.expand: lambda args, kwargs: _method("expand")(args[:2], {}), aten.repeat: _method("repeat"),
+    aten.expand_as: lambda args, kwargs: ("call_method", "expand_as", args[:2], {}),
     aten.permute: _same(torch.permute), aten.transpose: _same(torch.transpose), aten.t: _same(torch.t),
     aten.unsqueeze: _same(torch.unsqueeze), aten.squeeze: _same(torch.squeeze),
     aten.flatten: _same(torch.flatten), aten.unflatten: _same(torch.unflatten),
@@ -128,8 +136,9 @@ TORCH_FORMS: dict = {
     aten.split: _same(torch.split), aten.split_with_sizes: _same(torch.split), aten.chunk: _same(torch.chunk),
     aten.unbind: _same(torch.unbind),
     aten.matmul: _same(torch.matmul), aten.mm: _same(torch.matmul), aten.bmm: _same(torch.bmm),
+    aten.addmm: _same(torch.addmm, 3),
     aten.scaled_dot_product_attention: _same(F.scaled_dot_product_attention),
-    aten.sym_size: _sized,
+    aten.linalg_vector_norm: _vector_norm, aten.sym_size: _sized,
 }
 # ops that index one dim of their first argument: they need its number of dims
 _INDEXING: dict = {aten.slice: _slice, aten.select: _select, aten.index: _advanced}

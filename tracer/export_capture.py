@@ -131,7 +131,7 @@ def export_graph(model: nn.Module, example_inputs: Any) -> nx.DiGraph:
     graph = nx.DiGraph(model=model, opaque={}, recorded_on_meta=False, front_end="export")
     for index, node in enumerate(fx_graph.nodes):
         attrs = dict(index=index, part="", op=node.op, target=node.target, target_name=_name_of(node),
-                     module=_scope(node), value=_value(node), fx=node)
+                     module=_scope(node), value=_value(node), fx=node, front_end="export")
         if node.op == "get_attr":
             attrs["tensor"] = None if node.name in constants else _resolve_attr(model, node.target)
         graph.add_node(node.name, **attrs)

@@ -46,6 +46,7 @@ class Group:
     blocked: list  # reasons; empty when prunable
     notes: list  # why pruning is approximate rather than exact; empty when exact
     param_share: float = 0.0
+    assumptions: list = field(default_factory=list)  # sizes only the shape audit confirms (torch.export literals)
     units: np.ndarray = field(repr=False, default=None)  # root id of each channel
     _surgery: Optional[object] = field(repr=False, default=None)  # the ChannelSurgery it belongs to
     _session: Optional[object] = field(repr=False, default=None)  # the PruningSession that analysed it
@@ -152,6 +153,7 @@ def build_groups(state: Propagation, roots: np.ndarray) -> list[Group]:
         if len(param_dims) == 1 and len(set_indices) == 1 and param_dims[0].role == "param":
             blocked.append(_UNMET)  # a dim read in the graph that no op took as channels (a kernel, a vocabulary)
         notes = list(dict.fromkeys(state.notes[s] for s in set_indices if s in state.notes))
+        assumptions = list(dict.fromkeys(state.assumptions[s] for s in set_indices if s in state.assumptions))
         index_map = per_array(lambda ids: np.searchsorted(units, roots[ids]))
         members = [
             Member(pd.owners[0][0], pd.owners[0][1], pd.dim, index_map(pd.ids), pd.role, pd.tensor, pd.owners[1:])
@@ -166,6 +168,7 @@ def build_groups(state: Propagation, roots: np.ndarray) -> list[Group]:
                 blocked=blocked,
                 notes=notes,
                 param_share=sum(distinct.values()) / total,
+                assumptions=assumptions,
                 units=units,
             )
         )

@@ -75,6 +75,7 @@ class Propagation:
         self.param_dims: dict[tuple[int, int], ParamDim] = {}
         self.attr_members: list[AttrMember] = []
         self.notes: dict[int, str] = {}  # set index -> why pruning it is approximate
+        self.assumptions: dict[int, str] = {}  # set index -> a size only the shape audit can confirm follows
         # node key -> (ids of the tensor dim a size was read off, divisor), or a tuple of
         # them for a whole shape: sizes computed from shapes, which follow the pruning
         self.size_sources: dict[str, Any] = {}
@@ -209,9 +210,18 @@ class Propagation:
 
     def note(self, ids: np.ndarray, why: str) -> None:
         """Record that pruning ``ids`` is not exact (e.g. it changes normalisation statistics)."""
-        ids = ids[ids >= 0]
-        for set_index in np.unique(self.space.set_of(ids)) if ids.size else ():
-            self.notes.setdefault(int(set_index), why)
+        _record(self.space, self.notes, ids, why)
+
+    def assume(self, ids: np.ndarray, why: str) -> None:
+        """Record that pruning ``ids`` relies on a size that only the shape audit can confirm."""
+        _record(self.space, self.assumptions, ids, why)
+
+
+def _record(space: ChannelSpace, table: dict, ids: np.ndarray, why: str) -> None:
+    """``table[set index] = why`` (the first reason kept) for every set ``ids`` fall in."""
+    ids = ids[ids >= 0]
+    for set_index in np.unique(space.set_of(ids)) if ids.size else ():
+        table.setdefault(int(set_index), why)
 
 
 def iter_arrays(labels: Any):

@@ -3,7 +3,9 @@
 On-disk layout: **one safetensors file** (``.safetensors`` is the suggested suffix).
 
 * The tensors are the model's ``state_dict()`` entries, stored under their state-dict names
-  (CPU, contiguous). A name whose tensor is the very same tensor as an earlier name (tied
+  (CPU, contiguous), and its non-persistent buffers under the same kind of name (pruning
+  shrinks them too, and the model's code may read them: BEiT's ``k_bias``; files saved
+  without them still load, the fresh model's then stay). A name whose tensor is the very same tensor as an earlier name (tied
   weights) is stored once and listed in the spec's ``aliases``.
 * The file's string metadata holds three keys:
 
@@ -91,10 +93,23 @@ def _integer_attributes(module: nn.Module) -> dict:
     return values
 
 
+def _non_persistent(model: nn.Module) -> dict:
+    """``{name: buffer}`` of every buffer registered with ``persistent=False``."""
+    return {f"{prefix}.{name}" if prefix else name: module._buffers[name]
+            for prefix, module in model.named_modules(remove_duplicate=False)
+            for name in module._non_persistent_buffers_set if module._buffers.get(name) is not None}
+
+
+def model_tensors(model: nn.Module) -> dict:
+    """What :func:`save` stores: the ``state_dict`` (tensors kept as they are) and the
+    non-persistent buffers."""
+    return {**model.state_dict(keep_vars=True), **_non_persistent(model)}
+
+
 def pruning_spec(model: nn.Module) -> dict:
     """The spec :func:`save` writes for ``model`` (see the module docstring)."""
     tensors, aliases, seen = {}, {}, {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
+    for name, tensor in model_tensors(model).items():
         if id(tensor) in seen:
             aliases[name] = seen[id(tensor)]
             continue
@@ -148,7 +163,7 @@ def save(model: nn.Module, path: PathLike) -> None:
     st, _ = _safetensors()
     path = _file_path(path, "save to")
     spec = pruning_spec(model)
-    state = model.state_dict(keep_vars=True)
+    state = model_tensors(model)
     tensors, storages = {}, set()
     for name in spec["tensors"]:
         if state[name].layout != torch.strided:
@@ -259,9 +274,9 @@ def _new_attributes(module: nn.Module, name: str, entry: Any, path: str) -> dict
 
 def _plan(model: nn.Module, spec: dict, stored: dict, path: str) -> tuple[dict, list]:
     """Check the file against ``model``; return ({state name: new tensor}, [(module, attr, value)])."""
-    state = model.state_dict(keep_vars=True)
+    state = model_tensors(model)
     wanted = set(spec["tensors"]) | set(spec["aliases"])
-    if wanted != set(state):
+    if wanted != set(state) - (set(_non_persistent(model)) - wanted):  # older files lack non-persistent buffers
         missing, unexpected = sorted(set(state) - wanted), sorted(wanted - set(state))
         raise ValueError(
             f"{path} does not fit {type(model).__name__}: it was saved from {spec.get('model')!r}; "
@@ -319,7 +334,7 @@ def load(model: nn.Module, path: PathLike) -> nn.Module:
     spec, stored = _read(path)
     values, changes = _plan(model, spec, stored, path)
 
-    state = model.state_dict(keep_vars=True)
+    state = model_tensors(model)
     try:
         with ModelTransaction(model), torch.no_grad():
             for name, value in values.items():

@@ -18,7 +18,7 @@ from graphprune.tracer.fx_capture import forward_hooks
 
 from ..propagation import Propagation
 from ..reasons import BlockKind, Reason
-from . import attention, contraction, functional, layers, pointwise, shape
+from . import attention, contraction, functional, layers, pointwise, reshape, shape
 
 Rule = Callable
 
@@ -85,14 +85,14 @@ RULES: dict = {
     **{op: pointwise.metadata for op in _METADATA},
     F.softmax: pointwise.softmax, F.log_softmax: pointwise.softmax, torch.softmax: pointwise.softmax,
     "softmax": pointwise.softmax, "log_softmax": pointwise.softmax,
-    F.layer_norm: pointwise.layer_norm,
+    F.layer_norm: pointwise.layer_norm, F.normalize: pointwise.normalize,
     F.conv1d: functional.conv, F.conv2d: functional.conv, F.conv3d: functional.conv,
     F.conv_transpose1d: functional.conv, F.conv_transpose2d: functional.conv, F.conv_transpose3d: functional.conv,
     F.linear: functional.linear, F.batch_norm: functional.batch_norm, F.instance_norm: functional.instance_norm,
     F.group_norm: functional.group_norm, F.embedding: functional.embedding, F.prelu: functional.prelu,
-    "view_as": shape.view_as, "reshape_as": shape.view_as,
-    torch.flatten: shape.flatten, "flatten": shape.flatten, torch.unflatten: shape.unflatten, "unflatten": shape.unflatten,
-    "view": shape.view, "reshape": shape.view, torch.reshape: shape.view,
+    "view_as": reshape.view_as, "reshape_as": reshape.view_as,
+    torch.flatten: reshape.flatten, "flatten": reshape.flatten, torch.unflatten: reshape.unflatten, "unflatten": reshape.unflatten,
+    "view": reshape.view, "reshape": reshape.view, torch.reshape: reshape.view,
     torch.permute: shape.permute, "permute": shape.permute,
     torch.transpose: shape.transpose, "transpose": shape.transpose, "t": shape.transpose, torch.t: shape.transpose,
     torch.unsqueeze: shape.unsqueeze, "unsqueeze": shape.unsqueeze, torch.squeeze: shape.squeeze, "squeeze": shape.squeeze,
@@ -101,7 +101,7 @@ RULES: dict = {
     torch.split: shape.split, "split": shape.split, torch.chunk: shape.chunk, "chunk": shape.chunk,
     operator.getitem: shape.getitem,
     operator.matmul: contraction.matmul, torch.matmul: contraction.matmul, torch.bmm: contraction.matmul,
-    "matmul": contraction.matmul, "bmm": contraction.matmul,
+    "matmul": contraction.matmul, "bmm": contraction.matmul, torch.addmm: contraction.addmm,
     F.scaled_dot_product_attention: contraction.scaled_dot_product_attention,
     torch.unbind: contraction.unbind, "unbind": contraction.unbind,
 }

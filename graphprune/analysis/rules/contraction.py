@@ -1,4 +1,4 @@
-"""Rules for products that contract a dimension: matmul / bmm and scaled dot-product attention.
+"""Rules for products that contract a dimension: matmul / bmm, addmm and scaled dot-product attention.
 
 A contracted dimension must shrink on both operands together, so its two label arrays are
 unified; a dead channel contributes nothing to the sum, so removing it is exact.
@@ -35,6 +35,17 @@ def matmul(state: Propagation, node: fx.Node):
         return state.fresh(state.value(node), node.name, reason)
     state.unify(a[-1], b[-2])
     return _broadcast_batch(state, a[:-2], b[:-2]) + (a[-2], b[-1])
+
+
+def addmm(state: Propagation, node: fx.Node):
+    """``torch.addmm(bias, x, w)`` is ``bias + x @ w`` (GPT-2's ``Conv1D`` keeps its weight as
+    ``(in, out)``): ``w``'s rows take ``x``'s channels, its columns and the bias are the output's."""
+    bias, x, w = node.args[:3]
+    x_ids = state.labels_of(x)
+    state.bind(x_ids[-1], w, 0, "in")
+    out_ids = state.tensor_ids(w, 1, "out")
+    state.bind(out_ids, bias, len(state.shape_of(bias)) - 1, "out")
+    return (x_ids[0], out_ids)
 
 
 def scaled_dot_product_attention(state: Propagation, node: fx.Node):

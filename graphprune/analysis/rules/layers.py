@@ -10,7 +10,7 @@ from torch import nn
 from graphprune.analysis.propagation import Propagation
 
 from ..reasons import BlockKind, Reason
-from .shape import merge_dims
+from .reshape import merge_dims
 
 SPATIAL = Reason(BlockKind.NOT_A_CHANNEL, "spatial dimension")
 KERNEL = Reason(BlockKind.NOT_A_CHANNEL, "a convolution kernel's spatial dimension")

@@ -78,6 +78,15 @@ def softmax(state: Propagation, node: fx.Node):
     return x
 
 
+def normalize(state: Propagation, node: fx.Node):
+    """``F.normalize(x, p, dim)``: every value is divided by the norm over ``dim``, so that dim
+    is normalised over (as by softmax) and the others pass through."""
+    x = state.labels_of(node.args[0])
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 1)
+    state.block(x[dim], Reason(BlockKind.COLLAPSED, f"{node.name} normalises over this dimension"))
+    return x
+
+
 def layer_norm(state: Propagation, node: fx.Node):
     """F.layer_norm: the shape literal must come from a module attribute we can update."""
     x = state.labels_of(node.args[0])
@@ -97,7 +106,7 @@ def metadata(state: Propagation, node: fx.Node):
     """size(), dim(), .shape, len() and arithmetic on them: values, not tensors. A size read
     off a tensor's dim (``x.shape[2]``, ``x.size(-1)``, ``C // heads``) is remembered with
     that dim's ids, so that a reshape sized by it follows the pruning (see
-    :func:`graphprune.analysis.rules.shape.reshape_labels`)."""
+    :func:`graphprune.analysis.rules.reshape.reshape_labels`)."""
     source = _size_source(state, node)
     if source is not None:
         state.size_sources[state.part + node.name] = source
@@ -114,12 +123,25 @@ def _size_source(state: Propagation, node: fx.Node):
         dim = args[1] if node.target == "size" and len(args) > 1 else node.kwargs.get("dim")
         return (x[dim], 1) if isinstance(dim, int) else tuple((ids, 1) for ids in x)
     source = state.size_source(args[0]) if args else None
-    if node.target is operator.getitem and isinstance(source, tuple) and isinstance(args[1], int):
+    if node.target is operator.getitem and isinstance(source, tuple) and isinstance(args[1], (int, slice)):
         return source[args[1]] if not isinstance(source[0], np.ndarray) else None
+    if node.target is operator.add and len(args) == 2 and all(isinstance(a, (fx.Node, tuple)) for a in args):
+        return _joined_shape(state, args)
     if node.target is operator.floordiv and source is not None and isinstance(source[0], np.ndarray) \
             and isinstance(args[1], int) and args[1] > 0:
         return source[0], source[1] * args[1]
     return None
+
+
+def _joined_shape(state: Propagation, parts: tuple):
+    """``shape + shape``: the sources of both (literal sizes kept as ints), or None."""
+    joined = ()
+    for part in parts:
+        source = state.size_source(part) if isinstance(part, fx.Node) else tuple(part)
+        if not isinstance(source, tuple) or source and isinstance(source[0], np.ndarray):
+            return None  # not a whole shape
+        joined += source
+    return joined
 
 
 def placeholder(state: Propagation, node: fx.Node):
