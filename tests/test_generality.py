@@ -147,3 +147,26 @@ def test_addmm_with_a_transposed_weight():
     model = _TransposedMLP().eval()
     graphprune.prune(model, 0.5, x)
     assert model.c_fc.nf == 8 and model.c_proj.weight.shape == (8, 6) and model(x).shape == (2, 5, 6)
+
+
+class _ChannelsLastPad(nn.Module):
+    """Padding a channels-last tensor (as Swin V2's patch merging does): the pair for the
+    channels is (0, 0), so they pass; padding them makes new ones, which blocks them."""
+
+    def __init__(self, channel_pad: int):
+        super().__init__()
+        self.channel_pad = channel_pad
+        self.a, self.b = nn.Linear(3, 8), nn.Linear(8 + 2 * channel_pad, 4)
+
+    def forward(self, x):
+        y = torch.nn.functional.pad(self.a(x), (self.channel_pad, self.channel_pad, 0, 1, 1, 0))
+        return self.b(y)
+
+
+def test_a_pad_changes_only_the_dims_it_pads():
+    x = torch.randn(1, 5, 5, 3)
+    for capture in ("fx", "export"):
+        assert group_of(graphprune.analyze(_ChannelsLastPad(0).eval(), x, capture=capture), "a.weight", 0).prunable
+        padded = group_of(graphprune.analyze(_ChannelsLastPad(1).eval(), x, capture=capture), "a.weight", 0)
+        assert not padded.prunable and padded.blocked[0].kind is BlockKind.COLLAPSED
+    run_oracle(_ChannelsLastPad(0).eval(), x, groups=1)

@@ -9,8 +9,10 @@
    Whatever flows into or out of a traced part crosses untraced code, so it is blocked.
 
 ``capture`` chooses the front-end: ``"fx"`` (the above), ``"export"`` (torch.export only,
-:mod:`graphprune.tracer.export_capture`) or ``"auto"``: torch.fx where it can capture the
-root's forward, else torch.export, and if that fails too, the per-child tracing of step 2.
+:mod:`graphprune.tracer.export_capture`) or ``"auto"``: torch.fx where it captures the whole
+model; where it had to leave modules opaque (step 1) or could not trace the root's forward,
+torch.export, and if that fails too, what torch.fx found (step 1, or the per-child tracing of
+step 2).
 """
 from __future__ import annotations
 
@@ -118,19 +120,19 @@ def _trace(model: nn.Module, example_inputs: Any, leaf_modules: list, capture: s
         check_leaf_names(model, leaf_modules)
         return export_graph(model, example_inputs)
     try:
-        return _trace_with_opaque_leaves(model, example_inputs, leaf_modules)
+        graph, fx_error = _trace_with_opaque_leaves(model, example_inputs, leaf_modules), None
     except TraceError as exc:
-        if exc.module_name is not None:
-            raise
-        root_error = exc
-    if capture == "auto":
+        graph, fx_error = None, exc
+    if capture == "auto" and (graph is None or graph.graph["opaque"]):  # torch.fx could not capture all of it
         try:
             return export_graph(model, example_inputs)
         except TraceError:
-            pass  # the per-child tracing follows, and its failure names torch.fx's error
-    if not dict(model.named_children()):
-        raise root_error
-    return _trace_children(model, example_inputs, leaf_modules, root_error, capture)
+            pass  # keep what torch.fx found, or trace the children
+    if graph is not None:
+        return graph
+    if fx_error.module_name is not None or not dict(model.named_children()):
+        raise fx_error
+    return _trace_children(model, example_inputs, leaf_modules, fx_error, capture)
 
 
 def _trace_children(model: nn.Module, example_inputs: Any, leaf_modules: list, root_error: TraceError,

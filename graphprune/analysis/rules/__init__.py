@@ -59,7 +59,7 @@ _REDUCTIONS = (
 )
 _SPATIAL = (
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d, F.avg_pool1d,
-    F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.interpolate, F.pad, F.upsample,
+    F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.interpolate, F.upsample,
 )
 _METADATA = ("size", "dim", "numel", "type", getattr, len)
 
@@ -85,7 +85,7 @@ RULES: dict = {
     **{op: pointwise.metadata for op in _METADATA},
     F.softmax: pointwise.softmax, F.log_softmax: pointwise.softmax, torch.softmax: pointwise.softmax,
     "softmax": pointwise.softmax, "log_softmax": pointwise.softmax,
-    F.layer_norm: pointwise.layer_norm, F.normalize: pointwise.normalize,
+    F.layer_norm: pointwise.layer_norm, F.normalize: pointwise.normalize, F.pad: pointwise.pad,
     F.conv1d: functional.conv, F.conv2d: functional.conv, F.conv3d: functional.conv,
     F.conv_transpose1d: functional.conv, F.conv_transpose2d: functional.conv, F.conv_transpose3d: functional.conv,
     F.linear: functional.linear, F.batch_norm: functional.batch_norm, F.instance_norm: functional.instance_norm,

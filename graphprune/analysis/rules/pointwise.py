@@ -5,14 +5,13 @@ import operator
 
 import numpy as np
 import torch.fx as fx
-import torch.nn.functional as F
 
 from graphprune.analysis.channels import NO_ID
 from graphprune.analysis.propagation import Propagation
 from graphprune.tracer import TensorSpec
 
 from ..reasons import BlockKind, Reason
-from .layers import normalize_over, resampled
+from .layers import SPATIAL, normalize_over, resampled
 
 
 def elementwise(state: Propagation, node: fx.Node):
@@ -57,18 +56,30 @@ def reduction(state: Propagation, node: fx.Node):
 
 
 def spatial(state: Propagation, node: fx.Node):
-    """Functional pooling, interpolation and padding: the dims they change are those the
-    name says (``avg_pool2d``: two), those ``pad`` covers, or every dim after the channels."""
+    """Functional pooling and interpolation: the dims they change are those the name says
+    (``avg_pool2d``: two), or every dim after the channels."""
     x = state.labels_of(node.args[0])
     name = getattr(node.target, "__name__", "")
-    if node.target is F.pad:
-        pad = node.args[1] if len(node.args) > 1 else node.kwargs["pad"]
-        n_dims = len(pad) // 2
-    elif name[-2:] in ("1d", "2d", "3d"):
+    if name[-2:] in ("1d", "2d", "3d"):
         n_dims = int(name[-2])
     else:
         n_dims = len(x) - 2
     return resampled(state, node, x, n_dims)
+
+
+def pad(state: Propagation, node: fx.Node):
+    """``F.pad(x, pad)``: ``pad`` holds a (before, after) pair per dim, from the last dim
+    back. A dim padded by (0, 0) passes through; any other gets new positions (its ids blocked)."""
+    x = state.labels_of(node.args[0])
+    amounts = node.args[1] if len(node.args) > 1 else node.kwargs["pad"]
+    out, fresh = list(x), state.fresh(state.value(node), f"{node.name} padded", SPATIAL)
+    for i in range(len(amounts) // 2):
+        d = len(x) - 1 - i
+        if amounts[2 * i] == 0 and amounts[2 * i + 1] == 0:  # Nodes (computed amounts) compare unequal
+            continue
+        state.block(x[d], Reason(BlockKind.COLLAPSED, f"{node.name} pads this dimension"))
+        out[d] = fresh[d]
+    return tuple(out)
 
 
 def softmax(state: Propagation, node: fx.Node):
