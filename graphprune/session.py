@@ -106,8 +106,11 @@ class PruningSession:
 
     def _culprits(self, plan: dict, failure: AuditError) -> dict:
         """``{group: why}`` for the groups of ``plan`` behind the audit's ``failure``: those it
-        blames, else those whose pruning fails alone (bisection, :meth:`_failing`)."""
+        blames; among those it suspects, or else among all, those whose pruning fails alone
+        (bisection, :meth:`_failing`)."""
         blamed = {g: str(failure) for g in plan if np.isin(g.units, failure.suspects).any()}
+        if blamed and not failure.precise:
+            return self._failing({g: plan[g] for g in blamed}, str(failure))
         return blamed or self._failing(plan, str(failure))
 
     def _failing(self, plan: dict, why: str) -> dict:
@@ -156,7 +159,7 @@ class PruningSession:
 
     def _audit(self, removed: np.ndarray, filled: bool) -> None:
         a = self.analysis
-        audit(a.model, a.inputs, traced_leaves(a.leaf_modules), a.state, a.roots, removed, filled, capture=a.capture)
+        audit(a.model, a.inputs, traced_leaves(a.leaf_modules), a.state, a.roots, removed, filled, capture=a.front_end)
 
 
 def session_of(report: Any, model: nn.Module, example_inputs: Any, inplace: bool, *analysis_options: Any,

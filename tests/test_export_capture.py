@@ -191,3 +191,25 @@ def test_a_literal_size_under_export_is_an_assumption_the_audit_checks():
     graphprune.prune(model, 0.5, report=report, verify=False)  # nothing would check the size: not pruned
     assert model.a.out_channels == 8 and model.b.out_channels == 3
     assert "verify=False" in group_of(report, "a.weight", 0).blocked[0]
+
+
+class _Wrapped(nn.Module):
+    """StreamSizedHeads' attention inside a submodule, beside a second, sound block."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn, self.other = StreamSizedHeads(), nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 32))
+
+    def forward(self, x):
+        y = self.attn(x)
+        return y + self.other(y)
+
+
+def test_the_audit_names_the_module_torch_export_failed_in():
+    x = torch.randn(2, 6, 8)
+    model = _Wrapped().eval()
+    report = graphprune.analyze(model, x)
+    graphprune.prune(model, 0.5, report=report)
+    query = group_of(report, "attn.q.weight", 0)
+    assert query.blocked[0].kind is BlockKind.AUDIT and "at module 'attn'" in query.blocked[0]
+    assert model.other[0].out_features == 24 and model.attn.mlp[0].out_features == 32

@@ -332,3 +332,25 @@ def test_save_writes_regular_files_only_and_through_links(saved, tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "mode.safetensors").stat().st_mode & 0o777 == 0o644  # as open() creates files
+
+
+class _Cached(nn.Module):
+    """A non-persistent buffer that a forward replaces with a larger one (a cache, as ConViT's
+    ``rel_indices``, whose channels may be pruned), and one that pruning shrinks (as BEiT's
+    ``k_bias``): both load as saved."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("cache", torch.zeros(1), persistent=False)
+        self.register_buffer("k_bias", torch.zeros(4), persistent=False)
+
+
+def test_non_persistent_buffers_are_saved_and_loaded_as_saved(tmp_path):
+    model = _Cached()
+    model.cache = torch.arange(7.0)  # grown by a forward
+    model.k_bias = torch.ones(2)  # shrunk by pruning
+    graphprune.save(model, tmp_path / "m.safetensors")
+    fresh = graphprune.load(_Cached(), tmp_path / "m.safetensors")
+    assert torch.equal(fresh.cache, torch.arange(7.0)) and torch.equal(fresh.k_bias, torch.ones(2))
+    assert torch.equal(fresh.fc.weight, model.fc.weight)

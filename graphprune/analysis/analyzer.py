@@ -101,7 +101,9 @@ class Analysis:
         self.leaf_modules = list(leaf_modules)
         self.ignored_layers = ignored
         self.prune_heads = prune_heads
-        self.capture = capture  # the front-end asked for; the audit re-traces the pruned model with it
+        self.capture = capture  # the front-end asked for
+        # the one that captured the model, which the audit captures the pruned model with
+        self.front_end = graph.graph["front_end"] if graph.graph["front_end"] in ("fx", "export") else capture
         self.fingerprint = fingerprint(model)
         self.report = Report(type(model).__name__, self.groups, graph, description)
 

@@ -4,8 +4,10 @@ On-disk layout: **one safetensors file** (``.safetensors`` is the suggested suff
 
 * The tensors are the model's ``state_dict()`` entries, stored under their state-dict names
   (CPU, contiguous), and its non-persistent buffers under the same kind of name (pruning
-  shrinks them too, and the model's code may read them: BEiT's ``k_bias``; files saved
-  without them still load, the fresh model's then stay). A name whose tensor is the very same tensor as an earlier name (tied
+  shrinks them too, and the model's code may read them: BEiT's ``k_bias``). They may be
+  caches a forward built (ConViT's ``rel_indices``), larger than the fresh model's, and are
+  loaded as saved all the same, so the loaded model is the saved one; one of another rank or
+  dtype than the fresh model's, or one the file lacks, is left as built. A name whose tensor is the very same tensor as an earlier name (tied
   weights) is stored once and listed in the spec's ``aliases``.
 * The file's string metadata holds three keys:
 
@@ -289,12 +291,14 @@ def _plan(model: nn.Module, spec: dict, stored: dict, path: str) -> tuple[dict, 
         if target not in spec["tensors"] or state[alias] is not state[target]:
             raise ValueError(f"{path}: {alias!r} is saved as an alias of {target!r}, but they are distinct tensors in the model")
 
-    values, shapes = {}, {}
+    values, shapes, caches = {}, {}, set(_non_persistent(model))
     for name, entry in spec["tensors"].items():
         shape, current, tensor = _shape(entry, name), state[name], stored[name]
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)} but the spec says {shape}")
-        if len(shape) != current.dim() or any(s > c for s, c in zip(shape, current.shape)):
+        if name in caches and (len(shape) != current.dim() or tensor.dtype != current.dtype):
+            continue  # a non-persistent buffer that is something else in the fresh model: left as built
+        if name not in caches and (len(shape) != current.dim() or any(s > c for s, c in zip(shape, current.shape))):
             raise ValueError(
                 f"{path} does not fit {type(model).__name__}: {name!r} is {shape} in the file but {tuple(current.shape)} "
                 "in the model (a pruned model is never larger than the unpruned one)"
@@ -304,7 +308,8 @@ def _plan(model: nn.Module, spec: dict, stored: dict, path: str) -> tuple[dict, 
         values[name] = tensor
         shapes[name] = shape
     for alias, target in spec["aliases"].items():
-        shapes[alias] = shapes[target]
+        if target in shapes:
+            shapes[alias] = shapes[target]
 
     modules = dict(model.named_modules())
     unknown = sorted(set(spec["modules"]) - set(modules))

@@ -3,7 +3,8 @@ channel labels predict. A mismatch means a rule or a size attribute did not foll
 pruning; the audit names the groups involved so that the caller can block them."""
 from __future__ import annotations
 
-from typing import Any, Iterable
+import traceback
+from typing import Any, Iterable, Optional
 
 import numpy as np
 from torch import nn
@@ -18,11 +19,14 @@ from .surgery import ValuesNeeded
 
 
 class AuditError(RuntimeError):
-    """The pruned model's shapes differ from the prediction; ``suspects`` are root ids involved."""
+    """The pruned model's shapes differ from the prediction; ``suspects`` are root ids involved:
+    those at the failing node, or with ``precise=False`` all that reach the failing module
+    (the groups to blame are among them)."""
 
-    def __init__(self, message: str, suspects: np.ndarray):
+    def __init__(self, message: str, suspects: np.ndarray, precise: bool = True):
         super().__init__(message)
         self.suspects = suspects
+        self.precise = precise
 
 
 def _dims(labels: Any, value: Any) -> list:
@@ -89,11 +93,34 @@ def _retraced(model, example_inputs, leaf_modules, state: Propagation, roots: np
         if not isinstance(exc, (tracer.InputError, tracer.TraceError)):
             raise
         node = getattr(exc, "node_name", None)
+        module = _failing_module(model, exc) if node is None else None
+        where = f"node '{node}'" if node is not None else f"module '{module}'" if module is not None else "an unknown place"
+        suspects = _inputs_of(state, roots, node, removed) if module is None else _inputs_of_module(state, roots, module, removed)
         raise AuditError(
             f"the pruned model no longer runs on the example inputs, which the model took before pruning "
-            f"(at node '{node}': {exc.__cause__ or exc}); a rule or a size did not follow the pruning",
-            _inputs_of(state, roots, node, removed),
+            f"(at {where}: {exc.__cause__ or exc}); a rule or a size did not follow the pruning",
+            suspects, precise=module is None,
         ) from exc
+
+
+def _failing_module(model: nn.Module, exc: BaseException) -> Optional[str]:
+    """The qualified name of the innermost module of ``model`` whose forward was running where
+    the error behind ``exc`` was raised (read off the traceback's frames), or None."""
+    names = {id(m): name for name, m in model.named_modules()}
+    cause, found = exc.__cause__ or exc, None
+    for frame, _ in traceback.walk_tb(cause.__traceback__):
+        owner = frame.f_locals.get("self")
+        if id(owner) in names and frame.f_code.co_name == "forward":
+            found = names[id(owner)]
+    return found
+
+
+def _inputs_of_module(state: Propagation, roots: np.ndarray, module: str, removed: np.ndarray) -> np.ndarray:
+    """Root ids of the removed channels that flow into any node run by ``module`` or within it."""
+    inside = [key for key, attrs in state.graph.nodes(data=True)
+              if (attrs["module"] or "") == module or (attrs["module"] or "").startswith(module + ".")]
+    found = [_inputs_of(state, roots, key, removed) for key in inside]
+    return np.unique(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
 
 
 class _Predictions:
