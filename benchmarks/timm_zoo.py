@@ -21,9 +21,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import re
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,16 +39,13 @@ sys.path.append(_HERE)
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from timm_report import GP, TP, line, print_saved, status, summary, table  # noqa: E402
 from zoo import flops_or_none, round_trip  # noqa: E402
 from oracle import dead_channel_oracle, flat_outputs  # noqa: E402  (tests/, put on sys.path by zoo)
 import graphprune  # noqa: E402
 from graphprune.reporting.measure import count_parameters  # noqa: E402
 
 INPUT_CAP = 224  # largest spatial side used, unless the model declares a fixed input size
-SLOW_S = 10.0  # analyze + prune above this is listed as slow
-SHALLOW = 0.6  # params left above this is listed as shallow
-BUCKETS = [(0.0, 0.3), (0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (0.6, 0.8), (0.8, 1.0), (1.0, float("inf"))]
-GP, TP = "graphprune", "torch_pruning"
 
 
 # ---------------------------------------------------------------------------- both sides
@@ -61,12 +56,6 @@ def _quiet_timm():
     import timm
 
     return timm
-
-
-def _line(text: str, width: int = 120) -> str:
-    """First line of ``text``, without markdown table separators, at most ``width`` characters."""
-    first = (text.strip().splitlines() or [""])[0].replace("|", "/")
-    return first if len(first) <= width else first[: width - 1] + "…"
 
 
 # ---------------------------------------------------------------------------- worker side
@@ -227,7 +216,7 @@ def run_graphprune(name: str, ratio: float, oracle_groups: int, rec: Recorder, o
             start = time.perf_counter()
             graphprune.prune(model, ratio, x, report=report)
             rec.put(prune_s=time.perf_counter() - start)
-        rec.put(warnings=[_line(str(w.message), 200) for w in caught][:5], **_blocked_summary(report))
+        rec.put(warnings=[line(str(w.message), 200) for w in caught][:5], **_blocked_summary(report))
         _run_checks(name, model, x, shape, reference, rec)
     except Exception as exc:
         rec.failure("prune", exc)
@@ -388,133 +377,11 @@ def run_worker(tool: str, name: str, args: argparse.Namespace, shape: Optional[l
         result["failures"].append({"stage": result.get("stage", "start"), "type": "timeout",
                                    "message": f"timeout (> {args.timeout:g} s) in {result.get('stage', 'start')}"})
     elif not result.get("done"):
-        tail = _line(stderr.strip().splitlines()[-1] if stderr.strip() else "", 300)
+        tail = line(stderr.strip().splitlines()[-1] if stderr.strip() else "", 300)
         why = f"signal {-code}" if code < 0 else f"exit status {code}"
         result["failures"].append({"stage": result.get("stage", "start"), "type": "crash",
                                    "message": f"worker crashed ({why}; out of memory?) {tail}"})
     return result
-
-
-def status(result: dict) -> str:
-    """``ok``, or the first failure: ``stage: Type: message``."""
-    if not result.get("failures"):
-        return "ok"
-    first = result["failures"][0]
-    if first["type"] in ("timeout", "crash"):
-        return first["message"]
-    return f"{first['stage']}: {first['type']}: {first['message']}"
-
-
-def _ratio(result: dict, before: str, after: str) -> Optional[float]:
-    if result.get(before) and result.get(after) is not None:
-        return result[after] / result[before]
-    return None
-
-
-def _fmt(value: Optional[float], spec: str = ".2f") -> str:
-    return format(value, spec) if value is not None else "–"
-
-
-def table(rows: list, peer: Optional[str]) -> list:
-    header = ["family", "model (params)", "input", "status", "params left", "FLOPs left", "analyze+prune s", "oracle",
-              "save/load"]
-    if peer:
-        header += ["TP status", "TP params left", "TP s"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for row in rows:
-        gp = row[GP]
-        params = gp.get("params_before") or row.get("meta_params")
-        cells = [
-            row["family"], f"{row['model']} ({params / 1e6:.2f}M)" if params else row["model"],
-            "×".join(map(str, gp["input"][2:])) if gp.get("input") else "–", _line(status(gp)),
-            _fmt(_ratio(gp, "params_before", "params_after")), _fmt(_ratio(gp, "flops_before", "flops_after")),
-            _fmt(gp.get("total_s")), gp.get("oracle", "–"), gp.get("save_load", "–"),
-        ]
-        if peer:
-            tp = row.get(TP, {})
-            cells += [_line(status(tp), 60) if tp else "–", _fmt(_ratio(tp, "params_before", "params_after")),
-                      _fmt(tp.get("prune_s"))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def failure_class(failure: dict) -> str:
-    """A coarse class for grouping failures: the stage, the exception type and the message's
-    first clause with numbers and quoted names blanked."""
-    if failure["type"] in ("timeout", "crash"):
-        return f"{failure['type']} in {failure['stage']}"
-    text = re.sub(r"'[^']*'|\"[^\"]*\"|`[^`]*`", "'…'", failure["message"])
-    text = re.sub(r"\d+", "N", text)
-    text = re.split(r"[:;(]", text, maxsplit=1)[0].strip()
-    return f"{failure['stage']}: {failure['type']}: {text[:90]}"
-
-
-def summary(rows: list, peer: Optional[str], wall_s: float) -> list:
-    gp_ok = [r for r in rows if status(r[GP]) == "ok"]
-    out = [f"\n**{len(gp_ok)}/{len(rows)} families pass** every graphprune check (analyze, prune, params dropped, "
-           "output shape kept and finite, train step, save/load bit-identical, oracle)."]
-    left = {r["family"]: _ratio(r[GP], "params_before", "params_after") for r in rows}
-    if gp_ok:
-        out.append(f"Median params left over the passing families: {statistics.median(left[r['family']] for r in gp_ok):.2f}.")
-    if peer:
-        tp_ok = [r for r in rows if r.get(TP) and status(r[TP]) == "ok"]
-        both = [r for r in gp_ok if r in tp_ok]
-        out.append(f"Torch-Pruning {peer}: {len(tp_ok)}/{len(rows)} families pruned and still running with the same "
-                   f"output shape.")
-        if both:
-            gp_median = statistics.median(left[r["family"]] for r in both)
-            tp_median = statistics.median(_ratio(r[TP], "params_before", "params_after") for r in both)
-            out.append(f"Median params left on the {len(both)} families both pass: graphprune {gp_median:.2f}, "
-                       f"Torch-Pruning {tp_median:.2f}.")
-    mismatches = [r["family"] for r in rows if r[GP].get("oracle") == "MISMATCH"]
-    out.append(f"Oracle mismatches: {len(mismatches)}" + (f" ({', '.join(mismatches)})" if mismatches else "") + ".")
-    timed = sorted((r for r in rows if r[GP].get("total_s") is not None), key=lambda r: -r[GP]["total_s"])
-    slow = [f"{r['family']} {r[GP]['total_s']:.1f} s" for r in timed if r[GP]["total_s"] > SLOW_S]
-    out.append(f"Models over {SLOW_S:g} s (analyze + prune): {len(slow)}" + (f" ({', '.join(slow)})" if slow else "") + ".")
-    out.append("Slowest 15 (analyze + prune s; worker wall s incl. build, checks and oracle): "
-               + ", ".join(f"{r['family']} {r[GP]['total_s']:.1f} ({r[GP]['wall_s']:.0f})" for r in timed[:15]) + ".")
-    out.append(f"Sweep wall time: {wall_s:.0f} s.")
-    out += ["", "Depth (params left, families where prune returned):", "", "| params left | families |", "|---|---|"]
-    for low, high in BUCKETS:
-        names = [f for f, v in left.items() if v is not None and low <= v < high]
-        label = "1.00 (nothing pruned)" if low == 1.0 else f"{low:.1f}–{high:.1f}"
-        out.append(f"| {label} | {len(names)}" + (f": {', '.join(names)}" if names else "") + " |")
-    out += _failure_lists(rows, peer)
-    return out
-
-
-def _failure_lists(rows: list, peer: Optional[str]) -> list:
-    out = []
-    failed = [r for r in rows if r[GP].get("failures")]
-    if failed:
-        classes: dict = {}
-        for r in failed:
-            classes.setdefault(failure_class(r[GP]["failures"][0]), []).append(r["family"])
-        out += ["", f"Failure classes (first failure of each of the {len(failed)} failing families):", ""]
-        for key, families in sorted(classes.items(), key=lambda kv: -len(kv[1])):
-            out.append(f"- {len(families)} × `{key.replace('`', '')}`: {', '.join(families)}")
-        out += ["", "Failures (every failed check):", ""]
-        for r in failed:
-            for f in r[GP]["failures"]:
-                out.append(f"- {r['family']} ({r['model']}) {f['stage']}: {f['type']}: {f['message']}")
-    shallow = [r for r in rows if (_ratio(r[GP], "params_before", "params_after") or 0) > SHALLOW]
-    if shallow:
-        out += ["", f"Shallow families (params left > {SHALLOW}): blocked groups by kind (how many, the largest one's "
-                "share of the parameters); then the biggest blocked groups (root, channels, share [kinds]: reasons):", ""]
-        for r in shallow:
-            gp = r[GP]
-            kinds = ", ".join(f"{k} {n} (largest {share:.0%})" for k, (n, share) in
-                              sorted(gp.get("blocked_kinds", {}).items(), key=lambda kv: -kv[1][1]))
-            out.append(f"- {r['family']} ({r['model']}, {_ratio(gp, 'params_before', 'params_after'):.2f} left): {kinds}")
-            for g in gp.get("blocked_top", []):
-                out.append(f"  - {g['root']} ({g['size']} ch, {g['share']:.0%}) [{', '.join(g['kinds'])}]: "
-                           f"{_line(g['reason'], 200)}")
-    if peer:
-        tp_failed = [r for r in rows if r.get(TP, {}).get("failures")]
-        if tp_failed:
-            out += ["", "Torch-Pruning failures:", ""]
-            out += [f"- {r['family']} ({r['model']}): {_line(status(r[TP]), 300)}" for r in tp_failed]
-    return out
 
 
 def parse_args(argv: Optional[list]) -> argparse.Namespace:
@@ -530,6 +397,8 @@ def parse_args(argv: Optional[list]) -> argparse.Namespace:
     parser.add_argument("--json", help="also write the raw results to this file")
     parser.add_argument("--no-peer", action="store_true", help="do not run Torch-Pruning even if it is installed")
     parser.add_argument("--verbose", action="store_true", help="show the workers' stderr")
+    parser.add_argument("--from-json", help="comma-separated --json files of earlier runs (e.g. two halves run side by "
+                                            "side): print their rows as one table instead of running anything")
     parser.add_argument("--worker", choices=[GP, TP], help=argparse.SUPPRESS)
     parser.add_argument("--record", help=argparse.SUPPRESS)
     parser.add_argument("--input-shape", type=lambda s: [int(d) for d in s.split(",")], help=argparse.SUPPRESS)
@@ -540,6 +409,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker_main(args)
+    if args.from_json:
+        return print_saved(args.from_json.split(","))
     timm = _quiet_timm()
     peer = None
     if not args.no_peer and importlib.util.find_spec("torch_pruning") is not None:
@@ -554,10 +425,10 @@ def main(argv=None) -> int:
             gp = row[GP] = run_worker(GP, name, args, None)
             if gp.get("analyze_s") is not None and gp.get("prune_s") is not None:
                 gp["total_s"] = gp["analyze_s"] + gp["prune_s"]
-            print(f"    {_line(status(gp))} ({gp['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+            print(f"    {line(status(gp))} ({gp['wall_s']:.0f} s)", file=sys.stderr, flush=True)
             if peer:
                 row[TP] = run_worker(TP, name, args, gp.get("input"))
-                print(f"    Torch-Pruning: {_line(status(row[TP]))} ({row[TP]['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+                print(f"    Torch-Pruning: {line(status(row[TP]))} ({row[TP]['wall_s']:.0f} s)", file=sys.stderr, flush=True)
             rows.append(row)
     except KeyboardInterrupt:
         print(f"interrupted after {len(rows)} families; partial results follow", file=sys.stderr)
@@ -568,7 +439,8 @@ def main(argv=None) -> int:
     print("\n".join(table(rows, peer) + summary(rows, peer, time.perf_counter() - started)))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "timm": timm.__version__, "torch_pruning": peer, "rows": rows}, fh, indent=1)
+            json.dump({"args": vars(args), "timm": timm.__version__, "torch_pruning": peer, "rows": rows,
+                       "wall_s": time.perf_counter() - started}, fh, indent=1)
     return 0 if rows and all(status(r[GP]) == "ok" for r in rows) else 1
 
 

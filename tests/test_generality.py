@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from conftest import group_of, run_oracle
+from oracle import dead_channel_oracle
 from torch import nn
 
 import graphprune
@@ -170,3 +171,25 @@ def test_a_pad_changes_only_the_dims_it_pads():
         padded = group_of(graphprune.analyze(_ChannelsLastPad(1).eval(), x, capture=capture), "a.weight", 0)
         assert not padded.prunable and padded.blocked[0].kind is BlockKind.COLLAPSED
     run_oracle(_ChannelsLastPad(0).eval(), x, groups=1)
+
+
+class _SpatialAttention(nn.Module):
+    """CBAM-style spatial attention (timm's csatv2): the channel mean and max, each of size 1,
+    joined into 2 channels. Those 2 cannot shrink: their producers make one each."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.conv = nn.Conv2d(3, 8, 1), nn.Conv2d(2, 1, 3, padding=1)
+
+    def forward(self, x):
+        y = self.a(x)
+        pooled = torch.cat([y.mean(dim=1, keepdim=True), y.amax(dim=1, keepdim=True)], dim=1)
+        return y * self.conv(pooled).sigmoid()
+
+
+def test_size_1_pieces_of_a_concat_cannot_shrink():
+    for capture in ("fx", "export"):
+        report = graphprune.analyze(_SpatialAttention().eval(), X, capture=capture)
+        joined = group_of(report, "conv.weight", 1)
+        assert not joined.prunable and joined.blocked[0].kind is BlockKind.FIXED_SIZE
+    assert dead_channel_oracle(_SpatialAttention().eval(), X)["groups_tested"] == 0  # nothing exact to prune

@@ -14,7 +14,11 @@ placeholders. Every module is captured down to aten ops: ``leaf_modules`` are fo
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+import contextlib
+import io
+import logging
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 import networkx as nx
 import torch
@@ -38,13 +42,26 @@ def _args_kwargs(example_inputs: Any) -> tuple:
     return (example_inputs,), {}
 
 
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Hold back what torch.export prints or logs (up to ERROR) while it runs: where it fails
+    it prints the graphs it had, and graphprune reports the failure itself (or falls back)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
 def export_program(model: nn.Module, example_inputs: Any) -> "torch.export.ExportedProgram":
     """``torch.export.export(model, …, strict=False)``; InputError if the model itself rejects
     the inputs, else TraceError for any failure (what the export left on the model stays
     until the caller restores it, as :func:`graphprune.tracer.trace` does)."""
     args, kwargs = _args_kwargs(example_inputs)
     try:
-        with interrupts_deferred():  # torch.export patches modules and global state while it runs
+        with interrupts_deferred(), _quiet():  # torch.export patches modules and global state while it runs
             return torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:
         rejected = input_error(model, example_inputs)

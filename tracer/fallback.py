@@ -149,7 +149,8 @@ def _trace_children(model: nn.Module, example_inputs: Any, leaf_modules: list, r
         if name in names:
             continue
         try:
-            graph = _trace(child, _as_inputs(child, *calls[0]), child_leaves, capture)
+            # torch.export is not tried on each child: it fails slowly where the root failed
+            graph = _trace(child, _as_inputs(child, *calls[0]), child_leaves, "fx" if capture == "auto" else capture)
         except Exception as exc:  # a child that cannot be captured stays opaque
             opaque[name] = f"could not be traced ({type(exc).__name__})"
             continue

@@ -163,9 +163,12 @@ def training_flags_kept(*models: nn.Module) -> Iterator[None]:
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run the block in eval mode, then put every submodule's own training flag back."""
+    """Run the block in eval mode, then put every submodule's own training flag back. A model
+    already in eval mode is left alone: ``eval()`` may do more than set flags (timm's LeViT
+    empties its attention-bias cache)."""
     with training_flags_kept(model):
-        model.eval()
+        if any(m.training for m in model.modules()):
+            model.eval()
         yield
 
 
