@@ -119,3 +119,32 @@ class LiteralGroups(nn.Module):
 def test_a_literal_count_blocks_the_channels_it_ties(model):
     group = group_of(graphprune.analyze(model().eval(), X), "stem.weight", 0)
     assert not group.prunable and "groups=4 is no 'groups' attribute" in group.blocked[0]
+
+
+class _StandardisedConv(nn.Conv2d):
+    """A conv whose weight is standardised per output channel on every call (timm's
+    ScaledStdConv2d in NFNet), with F.batch_norm in training mode over the weight's input
+    channels and kernel: pruning input channels changes the statistics, so it is approximate."""
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                              momentum=0.0, eps=1e-5).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding)
+
+
+class _Standardised(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), _StandardisedConv(8, 4, 1)  # 1x1: its input channels are the merged dim
+
+    def forward(self, x):
+        return self.b(self.a(x).relu())
+
+
+def test_statistics_computed_over_channels_make_their_pruning_approximate():
+    report = graphprune.analyze(_Standardised().eval(), X)
+    into_standardised = group_of(report, "a.weight", 0)
+    assert into_standardised.prunable and not into_standardised.exact
+    assert "normalisation statistics" in into_standardised.notes[0]
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8, track_running_stats=False), nn.Conv2d(8, 4, 1)).eval()
+    assert group_of(graphprune.analyze(model, X), "0.weight", 0).exact  # batch statistics per channel: exact

@@ -16,7 +16,14 @@ import torch.fx as fx
 
 from ..propagation import Propagation
 from ..reasons import BlockKind, Reason
-from .layers import conv_labels, linear_labels, per_channel, prelu_labels, tie_blocks
+from .layers import (
+    conv_labels,
+    linear_labels,
+    note_statistics,
+    per_channel,
+    prelu_labels,
+    tie_blocks,
+)
 
 _CONV_TRANSPOSED = ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 
@@ -50,18 +57,26 @@ def linear(state: Propagation, node: fx.Node):
 
 
 def batch_norm(state: Propagation, node: fx.Node):
-    """``F.batch_norm(x, running_mean, running_var, weight, bias, …)``: per channel along dim 1."""
+    """``F.batch_norm(x, running_mean, running_var, weight, bias, training, …)``: per channel
+    along dim 1; with ``training`` (or no running statistics) the statistics are computed over
+    the other dims, so pruning those is approximate (NFNet standardises its conv weights so,
+    over their input channels)."""
     x = state.labels_of(node.args[0])
     per_channel(state, x[1], {_arg(node, 1, "running_mean"): "stat", _arg(node, 2, "running_var"): "stat",
                               _arg(node, 3, "weight"): "scale", _arg(node, 4, "bias"): "shift"})
+    if _arg(node, 5, "training", False) or _arg(node, 1, "running_mean") is None:
+        note_statistics(state, node, x, keep=1)
     return x
 
 
 def instance_norm(state: Propagation, node: fx.Node):
-    """``F.instance_norm(x, running_mean, running_var, weight, bias, …)``: per channel along dim 1."""
+    """``F.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, …)``: per
+    channel along dim 1; with input statistics (the default) they are over the dims after it."""
     x = state.labels_of(node.args[0])
     per_channel(state, x[1], {_arg(node, 1, "running_mean"): "stat", _arg(node, 2, "running_var"): "stat",
                               _arg(node, 3, "weight"): "scale", _arg(node, 4, "bias"): "shift"})
+    if _arg(node, 5, "use_input_stats", True):
+        note_statistics(state, node, x, keep=1, first=2)
     return x
 
 

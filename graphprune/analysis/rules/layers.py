@@ -119,6 +119,8 @@ def batch_norm(state: Propagation, node: fx.Node):
     m = state.module(state.qualname(node))
     x, _, _ = _input(state, node)
     _per_channel(state, node, m, x[1], "num_features")
+    if m.training or not m.track_running_stats:  # statistics of the batch, over every other dim
+        note_statistics(state, node, x, keep=1)
     return x
 
 
@@ -127,7 +129,17 @@ def instance_norm(state: Propagation, node: fx.Node):
     x, _, _ = _input(state, node)
     c = 0 if len(x) == m._get_no_batch_dim() else 1
     _per_channel(state, node, m, x[c], "num_features")
+    if m.training or not m.track_running_stats:  # statistics of each instance, over the dims after the channels
+        note_statistics(state, node, x, keep=c, first=c + 1)
     return x
+
+
+def note_statistics(state: Propagation, node: fx.Node, x: tuple, keep: int, first: int = 0) -> None:
+    """Note every dim of ``x`` from ``first`` on but ``keep`` (the channels) as normalised over:
+    statistics computed over them change when they are pruned."""
+    for d in range(first, len(x)):
+        if d != keep:
+            state.note(x[d], f"{node.name} computes normalisation statistics over this dimension")
 
 
 def group_norm(state: Propagation, node: fx.Node):
