@@ -63,6 +63,15 @@ class InterruptAt:
         return self._line
 
 
+@pytest.fixture(autouse=True)
+def _python_ctrl_c():
+    """Python's own Ctrl-C handler, whatever this process started with: a process started in
+    the background (``cmd &`` in a script, nohup) ignores SIGINT, and Python then installs none."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _traced(call, trace: InterruptAt):
     sys.settrace(trace)
     try:
