@@ -148,3 +148,25 @@ def test_statistics_computed_over_channels_make_their_pruning_approximate():
     assert "normalisation statistics" in into_standardised.notes[0]
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8, track_running_stats=False), nn.Conv2d(8, 4, 1)).eval()
     assert group_of(graphprune.analyze(model, X), "0.weight", 0).exact  # batch statistics per channel: exact
+
+
+class _RMSNormed(nn.Module):
+    """nn.RMSNorm (F.rms_norm): normalises over the channels like LayerNorm, without a bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm, self.b = nn.Linear(3, 8), nn.RMSNorm(8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.b(self.norm(self.a(x)))
+
+
+def test_rms_norm_prunes_approximately_with_its_weight():
+    x = torch.randn(2, 5, 3)
+    for capture in ("fx", "export"):
+        group = group_of(graphprune.analyze(_RMSNormed().eval(), x, capture=capture), "a.weight", 0)
+        assert group.prunable and not group.exact
+        assert ("norm.weight", 0, "scale") in {(m.name, m.dim, m.role) for m in group.members}
+    model = _RMSNormed().eval()
+    graphprune.prune(model, 0.5, x)
+    assert model.norm.normalized_shape == (4,) and model(x).shape == (2, 5, 4)

@@ -106,7 +106,8 @@ _SPATIAL = {aten.max_pool1d: F.max_pool1d, aten.max_pool2d: F.max_pool2d, aten.m
             aten.adaptive_avg_pool1d: F.adaptive_avg_pool1d, aten.adaptive_avg_pool2d: F.adaptive_avg_pool2d,
             aten.adaptive_avg_pool3d: F.adaptive_avg_pool3d}
 _UPSAMPLE = (aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d, aten.upsample_linear1d,
-             aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.upsample_trilinear3d)
+             aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.upsample_trilinear3d, aten._upsample_bilinear2d_aa,
+             aten._upsample_bicubic2d_aa)
 
 # aten overload packet -> how its call is written as the torch call the rule table knows
 TORCH_FORMS: dict = {
@@ -117,7 +118,7 @@ TORCH_FORMS: dict = {
     **{packet: (lambda args, kwargs: ("call_function", F.interpolate, args[:1], {})) for packet in _UPSAMPLE},
     **{packet: (lambda args, kwargs, name=name: ("call_method", name, args[:1], {})) for packet, name in _METHODS.items()},
     aten.linear: _same(F.linear), aten.prelu: _same(F.prelu),
-    aten.layer_norm: _same(F.layer_norm, 5), aten.group_norm: _same(F.group_norm, 5),
+    aten.layer_norm: _same(F.layer_norm, 5), aten.group_norm: _same(F.group_norm, 5), aten.rms_norm: _same(F.rms_norm, 4),
     aten.batch_norm: _reordered(F.batch_norm, (0, 3, 4, 1, 2, 5, 6, 7)),
     aten.instance_norm: _reordered(F.instance_norm, (0, 3, 4, 1, 2, 5, 6, 7)),
     aten.embedding: _reordered(F.embedding, (1, 0)),

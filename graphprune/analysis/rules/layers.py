@@ -153,9 +153,10 @@ def group_norm(state: Propagation, node: fx.Node):
 
 
 def layer_norm(state: Propagation, node: fx.Node):
+    """nn.LayerNorm, and nn.RMSNorm (no bias)."""
     m: nn.LayerNorm = state.module(state.qualname(node))
     x, _, _ = _input(state, node)
-    normalize_over(state, state.qualname(node), x, m.weight, m.bias, len(m.normalized_shape))
+    normalize_over(state, state.qualname(node), x, m.weight, getattr(m, "bias", None), len(m.normalized_shape))
     return x
 
 

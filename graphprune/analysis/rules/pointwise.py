@@ -98,12 +98,17 @@ def normalize(state: Propagation, node: fx.Node):
     return x
 
 
-def layer_norm(state: Propagation, node: fx.Node):
+def rms_norm(state: Propagation, node: fx.Node):
+    """``F.rms_norm(x, normalized_shape, weight, eps)``: as :func:`layer_norm`, without a bias."""
+    return layer_norm(state, node, has_bias=False)
+
+
+def layer_norm(state: Propagation, node: fx.Node, has_bias: bool = True):
     """F.layer_norm: the shape literal must come from a module attribute we can update."""
     x = state.labels_of(node.args[0])
     shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
     weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
-    bias = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+    bias = (node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")) if has_bias else None
     owner = state.qualname(node)
     module = state.module(owner)
     if tuple(getattr(module, "normalized_shape", ())) != tuple(shape):
