@@ -36,9 +36,9 @@ def analyze(
     modules as blocked. With ``prune_heads`` attention heads are whole channels (``num_heads``
     shrinks); by default every head keeps the same width and ``head_dim`` shrinks.
     ``capture`` chooses how the model is captured: ``"fx"`` (torch.fx), ``"export"``
-    (``torch.export``, for models torch.fx cannot trace) or ``"auto"`` (torch.fx, else
-    torch.export where torch.fx cannot trace the model's own forward). The model is not
-    modified. The report's ``session`` (a :class:`PruningSession`) prunes it.
+    (``torch.export``, for models torch.fx cannot trace) or ``"auto"`` (torch.fx where it
+    captures the whole model, else torch.export, else what torch.fx could capture). The model
+    is not modified. The report's ``session`` (a :class:`PruningSession`) prunes it.
     """
     check_model(model)
     with eval_mode(model), gc_paused():

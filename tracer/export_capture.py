@@ -18,7 +18,7 @@ import contextlib
 import io
 import logging
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
 import networkx as nx
 import torch
@@ -28,18 +28,9 @@ from torch.utils._pytree import tree_map_only
 
 from .aten_ops import is_check, torch_call
 from .fx_capture import TraceError
-from .graph import _resolve_attr, _scope, _target_name, input_error
+from .graph import _resolve_attr, _scope, _target_name, call_args, input_error
 from .record import describe
 from .state import interrupts_deferred
-
-
-def _args_kwargs(example_inputs: Any) -> tuple:
-    """``(args, kwargs)`` in the tensor / tuple / kwargs-dict convention of :func:`call_model`."""
-    if isinstance(example_inputs, Mapping):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, tuple):
-        return example_inputs, {}
-    return (example_inputs,), {}
 
 
 @contextmanager
@@ -59,7 +50,7 @@ def export_program(model: nn.Module, example_inputs: Any) -> "torch.export.Expor
     """``torch.export.export(model, …, strict=False)``; InputError if the model itself rejects
     the inputs, else TraceError for any failure (what the export left on the model stays
     until the caller restores it, as :func:`graphprune.tracer.trace` does)."""
-    args, kwargs = _args_kwargs(example_inputs)
+    args, kwargs = call_args(example_inputs)
     try:
         with interrupts_deferred(), _quiet():  # torch.export patches modules and global state while it runs
             return torch.export.export(model, args, kwargs, strict=False)

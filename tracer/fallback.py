@@ -132,11 +132,10 @@ def _trace(model: nn.Module, example_inputs: Any, leaf_modules: list, capture: s
         return graph
     if fx_error.module_name is not None or not dict(model.named_children()):
         raise fx_error
-    return _trace_children(model, example_inputs, leaf_modules, fx_error, capture)
+    return _trace_children(model, example_inputs, leaf_modules, fx_error)
 
 
-def _trace_children(model: nn.Module, example_inputs: Any, leaf_modules: list, root_error: TraceError,
-                    capture: str) -> nx.DiGraph:
+def _trace_children(model: nn.Module, example_inputs: Any, leaf_modules: list, root_error: TraceError) -> nx.DiGraph:
     parts, opaque = [], {"": f"its forward could not be traced ({root_error.location})"}
     names = [x for x in leaf_modules if isinstance(x, str)]
     others = [x for x in leaf_modules if not isinstance(x, str)]
@@ -149,8 +148,8 @@ def _trace_children(model: nn.Module, example_inputs: Any, leaf_modules: list, r
         if name in names:
             continue
         try:
-            # torch.export is not tried on each child: it fails slowly where the root failed
-            graph = _trace(child, _as_inputs(child, *calls[0]), child_leaves, "fx" if capture == "auto" else capture)
+            # torch.fx only: torch.export, tried on the root already, fails slowly on children too
+            graph = _trace(child, _as_inputs(child, *calls[0]), child_leaves, "fx")
         except Exception as exc:  # a child that cannot be captured stays opaque
             opaque[name] = f"could not be traced ({type(exc).__name__})"
             continue

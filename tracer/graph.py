@@ -65,13 +65,20 @@ def positional_inputs(graph: fx.Graph, example_inputs: Any) -> tuple:
     return (example_inputs,)
 
 
-def call_model(model: nn.Module, example_inputs: Any) -> Any:
-    """Call ``model`` with ``example_inputs`` in the tensor / tuple / kwargs-dict convention."""
+def call_args(example_inputs: Any) -> tuple:
+    """``(args, kwargs)`` of ``example_inputs`` in the tensor / tuple / kwargs-dict convention:
+    a dict holds keyword inputs, a tuple positional inputs, anything else is the one input."""
     if isinstance(example_inputs, Mapping):
-        return model(**example_inputs)
+        return (), dict(example_inputs)
     if isinstance(example_inputs, tuple):
-        return model(*example_inputs)
-    return model(example_inputs)
+        return example_inputs, {}
+    return (example_inputs,), {}
+
+
+def call_model(model: nn.Module, example_inputs: Any) -> Any:
+    """Call ``model`` with ``example_inputs`` (see :func:`call_args`)."""
+    args, kwargs = call_args(example_inputs)
+    return model(*args, **kwargs)
 
 
 def _scope(node: fx.Node) -> Optional[str]:

@@ -276,9 +276,9 @@ def _new_attributes(module: nn.Module, name: str, entry: Any, path: str) -> dict
 
 def _plan(model: nn.Module, spec: dict, stored: dict, path: str) -> tuple[dict, list]:
     """Check the file against ``model``; return ({state name: new tensor}, [(module, attr, value)])."""
-    state = model_tensors(model)
+    state, caches = model_tensors(model), set(_non_persistent(model))
     wanted = set(spec["tensors"]) | set(spec["aliases"])
-    if wanted != set(state) - (set(_non_persistent(model)) - wanted):  # older files lack non-persistent buffers
+    if wanted != set(state) - (caches - wanted):  # older files lack non-persistent buffers
         missing, unexpected = sorted(set(state) - wanted), sorted(wanted - set(state))
         raise ValueError(
             f"{path} does not fit {type(model).__name__}: it was saved from {spec.get('model')!r}; "
@@ -291,7 +291,7 @@ def _plan(model: nn.Module, spec: dict, stored: dict, path: str) -> tuple[dict, 
         if target not in spec["tensors"] or state[alias] is not state[target]:
             raise ValueError(f"{path}: {alias!r} is saved as an alias of {target!r}, but they are distinct tensors in the model")
 
-    values, shapes, caches = {}, {}, set(_non_persistent(model))
+    values, shapes = {}, {}
     for name, entry in spec["tensors"].items():
         shape, current, tensor = _shape(entry, name), state[name], stored[name]
         if tuple(tensor.shape) != shape:

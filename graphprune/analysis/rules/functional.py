@@ -24,12 +24,9 @@ from .layers import (
     prelu_labels,
     tie_blocks,
 )
+from .reshape import arg
 
 _CONV_TRANSPOSED = ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
-
-
-def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
 def _count_attribute(state: Propagation, node: fx.Node, attribute: str, value: Any) -> bool:
@@ -40,7 +37,7 @@ def _count_attribute(state: Propagation, node: fx.Node, attribute: str, value: A
 def conv(state: Propagation, node: fx.Node):
     """``F.conv{1,2,3}d`` / ``F.conv_transpose{1,2,3}d``: as the convolution modules."""
     x = state.labels_of(node.args[0])
-    weight, bias, groups = _arg(node, 1, "weight"), _arg(node, 2, "bias"), _arg(node, 6, "groups", 1)
+    weight, bias, groups = arg(node, 1, "weight"), arg(node, 2, "bias"), arg(node, 6, "groups", 1)
     n_spatial = len(state.shape_of(weight)) - 2
     transposed = getattr(node.target, "__name__", "") in _CONV_TRANSPOSED
     followed = groups == 1 or _count_attribute(state, node, "groups", groups)
@@ -53,7 +50,7 @@ def conv(state: Propagation, node: fx.Node):
 
 def linear(state: Propagation, node: fx.Node):
     """``F.linear(x, weight, bias)``."""
-    return linear_labels(state, state.labels_of(node.args[0]), _arg(node, 1, "weight"), _arg(node, 2, "bias"))
+    return linear_labels(state, state.labels_of(node.args[0]), arg(node, 1, "weight"), arg(node, 2, "bias"))
 
 
 def batch_norm(state: Propagation, node: fx.Node):
@@ -62,9 +59,9 @@ def batch_norm(state: Propagation, node: fx.Node):
     the other dims, so pruning those is approximate (NFNet standardises its conv weights so,
     over their input channels)."""
     x = state.labels_of(node.args[0])
-    per_channel(state, x[1], {_arg(node, 1, "running_mean"): "stat", _arg(node, 2, "running_var"): "stat",
-                              _arg(node, 3, "weight"): "scale", _arg(node, 4, "bias"): "shift"})
-    if _arg(node, 5, "training", False) or _arg(node, 1, "running_mean") is None:
+    per_channel(state, x[1], {arg(node, 1, "running_mean"): "stat", arg(node, 2, "running_var"): "stat",
+                              arg(node, 3, "weight"): "scale", arg(node, 4, "bias"): "shift"})
+    if arg(node, 5, "training", False) or arg(node, 1, "running_mean") is None:
         note_statistics(state, node, x, keep=1)
     return x
 
@@ -73,9 +70,9 @@ def instance_norm(state: Propagation, node: fx.Node):
     """``F.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, …)``: per
     channel along dim 1; with input statistics (the default) they are over the dims after it."""
     x = state.labels_of(node.args[0])
-    per_channel(state, x[1], {_arg(node, 1, "running_mean"): "stat", _arg(node, 2, "running_var"): "stat",
-                              _arg(node, 3, "weight"): "scale", _arg(node, 4, "bias"): "shift"})
-    if _arg(node, 5, "use_input_stats", True):
+    per_channel(state, x[1], {arg(node, 1, "running_mean"): "stat", arg(node, 2, "running_var"): "stat",
+                              arg(node, 3, "weight"): "scale", arg(node, 4, "bias"): "shift"})
+    if arg(node, 5, "use_input_stats", True):
         note_statistics(state, node, x, keep=1, first=2)
     return x
 
@@ -83,8 +80,8 @@ def instance_norm(state: Propagation, node: fx.Node):
 def group_norm(state: Propagation, node: fx.Node):
     """``F.group_norm(x, num_groups, weight, bias, eps)``: a whole norm group is one channel."""
     x = state.labels_of(node.args[0])
-    groups = _arg(node, 1, "num_groups")
-    per_channel(state, x[1], {_arg(node, 2, "weight"): "scale", _arg(node, 3, "bias"): "shift"})
+    groups = arg(node, 1, "num_groups")
+    per_channel(state, x[1], {arg(node, 2, "weight"): "scale", arg(node, 3, "bias"): "shift"})
     if not _count_attribute(state, node, "num_groups", groups):
         state.block(x[1], Reason(BlockKind.FIXED_SIZE, f"{node.name}: num_groups={groups!r} is no 'num_groups' attribute of its module"))
         return x
@@ -96,9 +93,9 @@ def group_norm(state: Propagation, node: fx.Node):
 
 def embedding(state: Propagation, node: fx.Node):
     """``F.embedding(indices, weight, …)``: a new last dim, the weight's dim 1."""
-    return tuple(state.labels_of(node.args[0])) + (state.tensor_ids(_arg(node, 1, "weight"), 1, "out"),)
+    return tuple(state.labels_of(node.args[0])) + (state.tensor_ids(arg(node, 1, "weight"), 1, "out"),)
 
 
 def prelu(state: Propagation, node: fx.Node):
     """``F.prelu(x, weight)``."""
-    return prelu_labels(state, state.labels_of(node.args[0]), _arg(node, 1, "weight"))
+    return prelu_labels(state, state.labels_of(node.args[0]), arg(node, 1, "weight"))

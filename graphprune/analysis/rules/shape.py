@@ -100,12 +100,12 @@ def cat(state: Propagation, node: fx.Node):
         for k in range(len(out)):
             if k != d:
                 state.unify(out[k], other[k])
-    out[d] = np.concatenate([_own_ids(state, node, p[d], d) for p in parts])
+    out[d] = np.concatenate([_own_ids(state, node, p[d]) for p in parts])
     return tuple(out)
 
 
-def _own_ids(state: Propagation, node: fx.Node, ids: np.ndarray, dim: int) -> np.ndarray:
-    """``ids`` of a piece a concat joins along ``dim``; a size-1 piece (a reduction's
+def _own_ids(state: Propagation, node: fx.Node, ids: np.ndarray) -> np.ndarray:
+    """``ids`` of a piece along the dim a concat joins; a size-1 piece (a reduction's
     ``keepdim`` output, say) has none, so it gets one of its own, blocked: nothing can shrink it."""
     if ids.size == 1 and ids[0] == NO_ID:
         return state.space.new_set(1, f"{node.name} size-1 piece", Reason(
