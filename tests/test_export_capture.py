@@ -213,3 +213,25 @@ def test_the_audit_names_the_module_torch_export_failed_in():
     query = group_of(report, "attn.q.weight", 0)
     assert query.blocked[0].kind is BlockKind.AUDIT and "at module 'attn'" in query.blocked[0]
     assert model.other[0].out_features == 24 and model.attn.mlp[0].out_features == 32
+
+
+class _AntialiasedResize(nn.Module):
+    """A position embedding resized with ``antialias=True`` (timm's ``resample_abs_pos_embed``):
+    torch.export records ``aten._upsample_bicubic2d_aa``, which resamples the spatial dims only."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, 8, 4, 4))
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        pos = F.interpolate(self.pos, size=x.shape[-2:], mode="bicubic", antialias=True)
+        return self.b(self.a(x) + pos)
+
+
+def test_antialiased_resampling_keeps_the_channels_under_export():
+    report = graphprune.analyze(_AntialiasedResize().eval(), X, capture="export")
+    group = group_of(report, "a.weight", 0)
+    assert group.prunable and ("pos", 1, "param") in {(m.name, m.dim, m.role) for m in group.members}
+    summary = dead_channel_oracle(_AntialiasedResize().eval(), X, capture="export")
+    assert summary["groups_tested"] >= 1 and summary["params_after"] < summary["params_before"]
