@@ -96,6 +96,7 @@ class PruningSession:
                 if not (verify and exc.restored and isinstance(exc.__cause__, AuditError)):
                     raise  # not the pruned model's failure: no group is to blame
                 culprits = self._culprits(plan, exc.__cause__)
+                culprits.update(_same_code(plan, culprits))
                 for group, why in culprits.items():
                     group.blocked.append(Reason(BlockKind.AUDIT, f"shape audit: {why}"))
                 if strict:
@@ -160,6 +161,19 @@ class PruningSession:
     def _audit(self, removed: np.ndarray, filled: bool) -> None:
         a = self.analysis
         audit(a.model, a.inputs, traced_leaves(a.leaf_modules), a.state, a.roots, removed, filled, capture=a.front_end)
+
+
+def _same_code(plan: dict, culprits: dict) -> dict:
+    """``{group: why}`` for the groups of ``plan`` outside ``culprits`` with an assumption made
+    at the same source line as a culprit's (see :class:`~.analysis.reasons.Assumption`): the same code, run by
+    other modules, which would fail the audit alike, each found with one more capture."""
+    sites = {a.site: g for g in culprits for a in g.assumptions if a.site}
+    found = {}
+    for group in plan:
+        site = next((a.site for a in group.assumptions if a.site in sites), None)
+        if group not in culprits and site is not None:
+            found[group] = f"the size it relies on at {site} failed the audit in group {sites[site].id}"
+    return found
 
 
 def session_of(report: Any, model: nn.Module, example_inputs: Any, inplace: bool, *analysis_options: Any,

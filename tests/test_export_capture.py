@@ -235,3 +235,36 @@ def test_antialiased_resampling_keeps_the_channels_under_export():
     assert group.prunable and ("pos", 1, "param") in {(m.name, m.dim, m.role) for m in group.members}
     summary = dead_channel_oracle(_AntialiasedResize().eval(), X, capture="export")
     assert summary["groups_tested"] >= 1 and summary["params_after"] < summary["params_before"]
+
+
+class _LiteralBlock(nn.Module):
+    """A view with the channel count written as a number, which fails once channels are gone."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Conv2d(3, 8, 1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.c(self.a(x).view(x.shape[0], 8, x.shape[2] * x.shape[3]).mean(-1))
+
+
+class _TwoLiteralBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = _LiteralBlock(), _LiteralBlock()
+        self.b, self.d = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.first(x) + self.second(x), self.d(self.b(x).relu())
+
+
+def test_a_failed_assumption_blocks_the_groups_of_the_same_code_with_it():
+    model = _TwoLiteralBlocks().eval()
+    report = graphprune.analyze(model, X, capture="export")
+    sites = {a.site for b in ("first", "second") for a in group_of(report, f"{b}.a.weight", 0).assumptions}
+    assert len(sites) == 1 and "test_export_capture.py:" in sites.pop()
+    graphprune.prune(model, 0.5, report=report)
+    reasons = [group_of(report, f"{b}.a.weight", 0).blocked for b in ("first", "second")]
+    assert all(r and r[0].kind is BlockKind.AUDIT for r in reasons)
+    assert sum("failed the audit in group" in r[0] for r in reasons) == 1  # found with the other, not alone
+    assert model.first.a.out_channels == model.second.a.out_channels == 8 and model.b.out_channels == 3

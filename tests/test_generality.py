@@ -193,3 +193,51 @@ def test_size_1_pieces_of_a_concat_cannot_shrink():
         joined = group_of(report, "conv.weight", 1)
         assert not joined.prunable and joined.blocked[0].kind is BlockKind.FIXED_SIZE
     assert dead_channel_oracle(_SpatialAttention().eval(), X)["groups_tested"] == 0  # nothing exact to prune
+
+
+class _SharedHeadDim(nn.Module):
+    """q, k and v each viewed with the one ``head_dim`` attribute: v's head width cannot shrink
+    alone, since the attribute sizes the views of q and k too (timm's Gemma 4 ViT)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = (p(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        attn = (q @ k.transpose(-2, -1)).softmax(-1)
+        return self.o((attn @ v).transpose(1, 2).reshape(B, N, -1))
+
+
+class _SharedGroupCount(nn.Module):
+    """One ``num_groups`` attribute for group norms over 8 and 16 channels: no pruning keeps
+    both counts consistent with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_groups = 4
+        self.a, self.b, self.c, self.d = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 16, 1), nn.Conv2d(8, 2, 1), nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        y = torch.nn.functional.group_norm(self.a(x), self.num_groups)
+        z = torch.nn.functional.group_norm(self.b(x), self.num_groups)
+        return self.c(y) + self.d(z)
+
+
+def test_dims_that_follow_one_attribute_prune_together():
+    x = torch.randn(2, 5, 16)
+    report = graphprune.analyze(_SharedHeadDim().eval(), x)
+    group = group_of(report, "v.weight", 0)
+    assert group.prunable and {"q", "k", "v", "o"} <= set(group.layers())
+    summary = dead_channel_oracle(_SharedHeadDim().eval(), x)  # q @ k consumes without weights: zero producers
+    assert summary["groups_tested"] == 1 and summary["params_after"] < summary["params_before"]
+    model = _SharedHeadDim().eval()
+    graphprune.prune(model, 0.5, x)
+    assert model.head_dim == 4 and model.v.out_features == 8 and model(x).shape == (2, 5, 16)
+
+    report = graphprune.analyze(_SharedGroupCount().eval(), X)
+    for name in ("a.weight", "b.weight"):
+        blocked = group_of(report, name, 0).blocked
+        assert blocked and any("num_groups sizes dims that cannot keep one count" in r for r in blocked)

@@ -29,8 +29,27 @@ def propagate(graph: nx.DiGraph, prune_heads: bool = False) -> Propagation:
         if stored_as is not None:  # a second output, kept on a module for later
             state.block(state.labels[name], Reason(BlockKind.MODEL_OUTPUT,
                                                    f"stored on {stored_as} by forward (an output outside the graph)"))
+    share_attributes(state)
     enforce_sizes(state)
     return state
+
+
+def share_attributes(state: Propagation) -> None:
+    """Tie together the dims that follow one module attribute: the attribute holds one value
+    (a ``head_dim`` that sizes the views of q, k and v alike), so each must keep the same count.
+    Dims of equal length are tied position by position (they then prune together); dims of
+    different lengths cannot keep one count for any pruning, and block."""
+    by_attribute: dict = {}
+    for member in state.attr_members:
+        by_attribute.setdefault((member.module, member.attr), []).append(member.ids)
+    for (module, attr), arrays in by_attribute.items():
+        first = arrays[0]
+        for ids in arrays[1:]:
+            if ids.size == first.size and (ids >= 0).all() and (first >= 0).all():
+                state.unify(first, ids)
+            else:
+                state.block((first, ids), Reason(BlockKind.FIXED_SIZE, f"{module}.{attr} sizes dims that cannot keep "
+                                                 "one count (of different lengths)"))
 
 
 def enforce_sizes(state: Propagation) -> None:

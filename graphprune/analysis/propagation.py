@@ -20,7 +20,7 @@ from torch import nn
 from graphprune.tracer import TensorSpec
 
 from .channels import NO_ID, ChannelSpace
-from .reasons import BlockKind, Reason
+from .reasons import Assumption, BlockKind, Reason
 
 
 @dataclass
@@ -75,7 +75,7 @@ class Propagation:
         self.param_dims: dict[tuple[int, int], ParamDim] = {}
         self.attr_members: list[AttrMember] = []
         self.notes: dict[int, str] = {}  # set index -> why pruning it is approximate
-        self.assumptions: dict[int, str] = {}  # set index -> a size only the shape audit can confirm follows
+        self.assumptions: dict[int, Assumption] = {}  # set index -> a size only the shape audit can confirm follows
         # node key -> (ids of the tensor dim a size was read off, divisor), or a tuple of
         # them for a whole shape: sizes computed from shapes, which follow the pruning
         self.size_sources: dict[str, Any] = {}
@@ -212,7 +212,7 @@ class Propagation:
         """Record that pruning ``ids`` is not exact (e.g. it changes normalisation statistics)."""
         _record(self.space, self.notes, ids, why)
 
-    def assume(self, ids: np.ndarray, why: str) -> None:
+    def assume(self, ids: np.ndarray, why: Assumption) -> None:
         """Record that pruning ``ids`` relies on a size that only the shape audit can confirm."""
         _record(self.space, self.assumptions, ids, why)
 

@@ -38,3 +38,20 @@ class Reason(str):
 
     def __reduce__(self):
         return Reason, (self.kind, str(self))
+
+
+class Assumption(str):
+    """A size that only the shape audit can confirm follows the pruning (a number torch.export
+    recorded): the message, with ``.site``, the source line that used the size ("" if
+    unknown). Groups whose assumptions share a site run the same code, so where one fails the
+    audit the session blocks the others with it rather than finding them one audit at a time."""
+
+    site: str
+
+    def __new__(cls, message: str, site: str) -> "Assumption":
+        assumption = super().__new__(cls, message)
+        assumption.site = site
+        return assumption
+
+    def __reduce__(self):
+        return Assumption, (str(self), self.site)

@@ -9,6 +9,7 @@ shape as an assumption the shape audit checks. Any other literal blocks the dim.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Optional
 
 import numpy as np
@@ -18,7 +19,7 @@ from graphprune.analysis.channels import NO_ID
 from graphprune.tracer import TensorSpec
 
 from ..propagation import Propagation, SizeConstraint
-from ..reasons import BlockKind, Reason
+from ..reasons import Assumption, BlockKind, Reason
 from ..sizes import head_attributes
 
 NEW_DIMENSION = Reason(BlockKind.NOT_A_CHANNEL, "reshape")  # a dimension a reshape creates, which carries no channel
@@ -178,10 +179,17 @@ def literal_size(state: Propagation, node: fx.Node, ids: np.ndarray, size: int, 
     if len(matches) == 1 and carries_ids(state, ids):
         state.attr(scope, matches[0], ids, lambda _, kept: kept)
     elif state.node_attrs(node).get("front_end") == "export" and carries_ids(state, ids):
-        state.assume(ids, f"{node.name}: torch.export recorded the size {size} {where} as a number; it is taken to be "
-                          "read off a shape, which only the shape audit can confirm")
+        state.assume(ids, Assumption(f"{node.name}: torch.export recorded the size {size} {where} as a number; it is "
+                                     "taken to be read off a shape, which only the shape audit can confirm",
+                                     _source_line(node)))
     else:
         state.block(ids, Reason(BlockKind.FIXED_SIZE, f"{node.name} has a fixed size {size} {where}"))
+
+
+def _source_line(node: fx.Node) -> str:
+    """``file:line`` of the innermost frame of the node's recorded stack trace, or ""."""
+    frames = re.findall(r'File "([^"]+)", line (\d+)', node.meta.get("stack_trace") or "")
+    return ":".join(frames[-1]) if frames else ""
 
 
 def shape_args(node: fx.Node, first: int) -> list:
