@@ -72,6 +72,7 @@ def dead_channel_oracle(
     rtol: float = 1e-4,
     atol: float = 1e-5,
     zero_producers: bool = True,
+    assumed: bool = False,
     **analyze_options: Any,
 ) -> dict:
     """Run the oracle on ``model`` (converted to float64 and eval mode, then pruned in place).
@@ -85,7 +86,9 @@ def dead_channel_oracle(
     model = model.double().eval()
     inputs = to_double(example_inputs)
     report = graphprune.analyze(model, inputs, **analyze_options)
-    candidates = [g for g in report.prunable_groups if g.exact and not g.assumptions]  # those the audit proves
+    # Groups whose sizes only the audit confirms (torch.export's numbers) are left out, unless
+    # ``assumed``: for a model whose numbers are known to be read off shapes.
+    candidates = [g for g in report.prunable_groups if g.exact and (assumed or not g.assumptions)]
     if max_groups is not None and len(candidates) > max_groups:
         candidates = [candidates[i] for i in sorted(rng.choice(len(candidates), max_groups, replace=False))]
     zeroed = copy.deepcopy(model)

@@ -92,7 +92,8 @@ _UNARY = {
     aten.dropout_: F.dropout, aten.feature_dropout: F.dropout, aten.alpha_dropout: F.dropout,
     aten.exp: torch.exp, aten.abs: torch.abs, aten.neg: torch.neg, aten.sqrt: torch.sqrt, aten.rsqrt: torch.rsqrt,
     aten.clamp: torch.clamp, aten.clamp_: torch.clamp, aten.clip: torch.clip, aten.erf: torch.erf, aten.log: torch.log,
-    aten.square: torch.square, aten.clamp_min: torch.clamp, aten.clamp_max: torch.clamp,
+    aten.square: torch.square, aten.cos: torch.cos, aten.sin: torch.sin,
+    aten.reciprocal: torch.reciprocal, aten.clamp_min: torch.clamp, aten.clamp_max: torch.clamp,
 }
 _METHODS = {aten.contiguous: "contiguous", aten.clone: "clone", aten.detach: "detach", aten.alias: "clone",
             aten.lift_fresh_copy: "clone", aten.to: "to", aten._to_copy: "to", aten.type_as: "type_as"}

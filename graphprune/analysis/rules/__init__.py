@@ -47,11 +47,11 @@ _UNARY = (
     F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
     F.hardtanh, F.softplus, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.sigmoid, F.tanh, F.logsigmoid,
     torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg, torch.sqrt, torch.rsqrt, torch.clamp,
-    torch.clip, torch.erf, torch.log, torch.square, torch.nn.functional.relu6, operator.neg, operator.pos,
+    torch.clip, torch.erf, torch.log, torch.square, torch.cos, torch.sin, torch.reciprocal, operator.neg, operator.pos,
     torchvision.ops.stochastic_depth,
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "abs", "neg", "sqrt", "rsqrt", "clamp", "clamp_", "clip",
-    "square", "erf", "log", "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type_as",
-    "requires_grad_",
+    "square", "erf", "log", "cos", "sin", "reciprocal", "contiguous", "clone", "detach", "float", "double", "half",
+    "bfloat16", "to", "type_as", "requires_grad_",
 )
 _REDUCTIONS = (
     torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.max, torch.min, torch.logsumexp,

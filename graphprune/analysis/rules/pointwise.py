@@ -37,8 +37,13 @@ def unary(state: Propagation, node: fx.Node):
     return state.labels_of(node.args[0])
 
 
+_AVERAGES = ("mean", "var", "std")  # statistics divided by the count of what they reduce
+
+
 def reduction(state: Propagation, node: fx.Node):
-    """sum/mean/amax...: reduced dims vanish (or become size 1) and are blocked."""
+    """sum/mean/amax...: reduced dims vanish (or become size 1). A sum over channels is exact
+    (dead channels add nothing); an average over them (a hand-written RMSNorm's ``mean``)
+    changes with their count, which makes pruning approximate; any other reduction blocks."""
     x = state.labels_of(node.args[0])
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis"))
     if isinstance(dims, fx.Node):  # torch.max(a, b) is elementwise
@@ -47,8 +52,12 @@ def reduction(state: Propagation, node: fx.Node):
     if dims is None:
         dims = range(len(x))
     dims = {d % len(x) for d in (dims if isinstance(dims, (tuple, list, range)) else [dims])}
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     for d in dims:
-        state.block(x[d], Reason(BlockKind.COLLAPSED, f"{node.name} reduces over this dimension"))
+        if name in _AVERAGES:
+            state.note(x[d], f"{node.name} averages over this dimension (a {name} of fewer values after pruning)")
+        elif name != "sum":
+            state.block(x[d], Reason(BlockKind.COLLAPSED, f"{node.name} reduces over this dimension"))
     out = tuple(np.array([NO_ID]) if d in dims else ids for d, ids in enumerate(x) if keepdim or d not in dims)
     if not isinstance(state.value(node), TensorSpec):  # max/min with a dim also return indices
         return (out, out)

@@ -178,12 +178,20 @@ def literal_size(state: Propagation, node: fx.Node, ids: np.ndarray, size: int, 
         matches = [k for k, v in vars(module).items() if type(v) is int and v == size and not k.startswith("_")]
     if len(matches) == 1 and carries_ids(state, ids):
         state.attr(scope, matches[0], ids, lambda _, kept: kept)
-    elif state.node_attrs(node).get("front_end") == "export" and carries_ids(state, ids):
-        state.assume(ids, Assumption(f"{node.name}: torch.export recorded the size {size} {where} as a number; it is "
-                                     "taken to be read off a shape, which only the shape audit can confirm",
-                                     _source_line(node)))
-    else:
+    elif not assume_read_off_shape(state, node, ids, size, where):
         state.block(ids, Reason(BlockKind.FIXED_SIZE, f"{node.name} has a fixed size {size} {where}"))
+
+
+def assume_read_off_shape(state: Propagation, node: fx.Node, ids: np.ndarray, size: int, where: str) -> bool:
+    """Under torch.export, which records every size as a number, take the number ``size`` on
+    the channel dim ``ids`` to be read off a shape: recorded as an assumption the shape audit
+    checks (see ``Group.assumptions``); returns whether it was (never under torch.fx)."""
+    if state.node_attrs(node).get("front_end") != "export" or not carries_ids(state, ids):
+        return False
+    state.assume(ids, Assumption(f"{node.name}: torch.export recorded the size {size} {where} as a number; it is "
+                                 "taken to be read off a shape, which only the shape audit can confirm",
+                                 _source_line(node)))
+    return True
 
 
 def _source_line(node: fx.Node) -> str:

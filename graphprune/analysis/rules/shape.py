@@ -16,7 +16,14 @@ from graphprune.tracer import TensorSpec
 
 from ..propagation import Propagation
 from ..reasons import BlockKind, Reason
-from .reshape import arg, carries_ids, fresh_dims, literal_size, shape_args
+from .reshape import (
+    arg,
+    assume_read_off_shape,
+    carries_ids,
+    fresh_dims,
+    literal_size,
+    shape_args,
+)
 
 
 def permute(state: Propagation, node: fx.Node):
@@ -200,11 +207,46 @@ def getitem(state: Propagation, node: fx.Node):
         if item is None:
             out.append(np.array([NO_ID]))
             continue
+        part = _equal_part(state, node, x[d], item) if isinstance(item, slice) and item != slice(None) else None
         if item == slice(None):
             out.append(x[d])
+        elif part is not None:
+            out.append(part)
         else:
             state.block(x[d], fixed)
             if isinstance(item, slice):
                 out.append(fresh[len(out)])
         d += 1
     return tuple(out) + tuple(x[d:])
+
+
+def _equal_part(state: Propagation, node: fx.Node, ids: np.ndarray, item: slice) -> Optional[np.ndarray]:
+    """The ids of a slice that takes one of ``n`` equal parts of the dim ``ids``, with bounds
+    that follow its size (``x[..., : x.shape[-1] // 2]``, RoPE's ``rotate_half``), or None.
+    Position ``j`` of every part is then one unit, as for :func:`chunk`, so that the parts
+    stay equal. A bound follows when read off that dim's shape; under torch.export, a number
+    is taken to be, as an assumption the audit checks; any other literal does not."""
+    bounds = [item.start, item.stop]
+    values = [state.value(b) if isinstance(b, fx.Node) else b for b in bounds]
+    if item.step not in (None, 1) or not all(v is None or type(v) is int for v in values) or not carries_ids(state, ids):
+        return None
+    size = ids.size
+    start, stop, _ = slice(*values).indices(size)
+    length = stop - start
+    if not 0 < length < size or size % length or start % length:
+        return None
+    inner = [(b, v) for b, v in zip(bounds, (start, stop)) if 0 < v < size]
+    for bound, value in inner:
+        source = state.size_source(bound) if isinstance(bound, fx.Node) else None
+        if source is not None and isinstance(source[0], np.ndarray) and np.array_equal(source[0], ids) \
+                and value * source[1] == size:
+            continue
+        if isinstance(bound, fx.Node) or state.node_attrs(node).get("front_end") != "export":
+            return None
+    for bound, value in inner:
+        if not isinstance(bound, fx.Node):
+            assume_read_off_shape(state, node, ids, value, "as a slice bound")
+    parts = ids.reshape(size // length, length)
+    for k in range(1, len(parts)):
+        state.unify(parts[0], parts[k])
+    return ids[start:stop]

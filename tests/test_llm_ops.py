@@ -1,0 +1,115 @@
+"""Self-written models of the ops transformers are written with, without transformers: a
+hand-written RMSNorm (a mean over the channels), rotary position embeddings (cos/sin of a
+frequency buffer, ``rotate_half`` slicing head_dim in halves) and a sum over channels."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import group_of
+from oracle import dead_channel_oracle
+from torch import nn
+
+import graphprune
+from graphprune.analysis.reasons import BlockKind
+
+
+class _Rotary(nn.Module):
+    """Attention with rotary embeddings, as LLaMA writes it: the frequencies repeated over
+    both halves of head_dim, and ``rotate_half`` cutting head_dim at ``x.shape[-1] // 2``.
+    Channel ``i`` of a head is tied to ``i + head_dim / 2`` (and to ``inv_freq[i]``)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        steps = torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim
+        self.register_buffer("inv_freq", 1.0 / 10000**steps, persistent=False)
+
+    @staticmethod
+    def rotate_half(x):
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    def forward(self, x, positions):
+        B, N, _ = x.shape
+        freqs = positions[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        q, k, v = (p(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        q, k = (t * cos + self.rotate_half(t) * sin for t in (q, k))
+        attn = (q @ k.transpose(-2, -1)).softmax(-1)
+        return self.o((attn @ v).transpose(1, 2).reshape(B, N, -1))
+
+
+ROTARY_INPUTS = (torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0)), torch.arange(5.0))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_rotary_embeddings_tie_the_halves_of_head_dim(capture):
+    report = graphprune.analyze(_Rotary().eval(), ROTARY_INPUTS, capture=capture)
+    group = group_of(report, "q.weight", 0)
+    assert group.prunable and group.exact and group.size == 4  # pairs (i, i + 4) of head_dim 8
+    assert {"q", "k", "v", "o"} <= set(group.layers()) and ("inv_freq", 0) in {(m.name, m.dim) for m in group.members}
+    # Under fx the cut is read off the shape; torch.export records it as a number the audit checks.
+    assert bool(group.assumptions) is (capture == "export")
+    summary = dead_channel_oracle(_Rotary().eval(), ROTARY_INPUTS, capture=capture, assumed=True)
+    assert summary["groups_tested"] == 1 and summary["params_after"] < summary["params_before"]
+    model = _Rotary().eval()
+    graphprune.prune(model, 0.5, ROTARY_INPUTS, capture=capture)
+    assert model.head_dim == 4 and model.inv_freq.shape == (2,) and model(*ROTARY_INPUTS).shape == (2, 5, 16)
+
+
+class _LiteralHalf(nn.Module):
+    """A slice at a literal 4 of 8 channels: under fx nothing says the cut follows the pruning."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(y[..., :4] * y[..., 4:])
+
+
+def test_a_slice_at_a_literal_blocks_under_fx():
+    group = group_of(graphprune.analyze(_LiteralHalf().eval(), torch.randn(2, 4), capture="fx"), "a.weight", 0)
+    assert not group.prunable and group.blocked[0].kind is BlockKind.COLLAPSED
+
+
+class _RMSNormMLP(nn.Module):
+    """A hand-written RMSNorm between two linears (LLaMA's ``LlamaRMSNorm``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.weight, self.b = nn.Linear(4, 8), nn.Parameter(torch.ones(8)), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.b(self.weight * h)
+
+
+class _ChannelSum(nn.Module):
+    """A sum over the channels added back: dead channels add nothing, so it prunes exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(y) + y.sum(1, keepdim=True)
+
+
+def test_an_average_over_channels_is_approximate_and_a_sum_exact():
+    x = torch.randn(2, 4)
+    group = group_of(graphprune.analyze(_RMSNormMLP().eval(), x), "a.weight", 0)
+    assert group.prunable and not group.exact and "averages over this dimension" in group.notes[0]
+    assert ("weight", 0) in {(m.name, m.dim) for m in group.members}
+    model = _RMSNormMLP().eval()
+    graphprune.prune(model, 0.5, x)
+    assert model.weight.shape == (4,) and model(x).shape == (2, 3)
+
+    images = torch.randn(1, 3, 4, 4)
+    assert group_of(graphprune.analyze(_ChannelSum().eval(), images), "a.weight", 0).exact
+    assert dead_channel_oracle(_ChannelSum().eval(), images)["groups_tested"] == 1
