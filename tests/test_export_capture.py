@@ -268,3 +268,35 @@ def test_a_failed_assumption_blocks_the_groups_of_the_same_code_with_it():
     assert all(r and r[0].kind is BlockKind.AUDIT for r in reasons)
     assert sum("failed the audit in group" in r[0] for r in reasons) == 1  # found with the other, not alone
     assert model.first.a.out_channels == model.second.a.out_channels == 8 and model.b.out_channels == 3
+
+
+class _State:
+    """State a model hands back beside its result (as a Hugging Face KV cache), of a type
+    torch.export cannot flatten."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+class _WithState(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        if x.shape[-1] > 64:  # torch.fx cannot trace this: torch.export is used
+            y = y[..., :64]
+        return self.b(y), _State(y)
+
+
+def test_an_output_torch_export_cannot_flatten_is_left_out():
+    import torch.utils._pytree as pytree
+
+    report = graphprune.analyze(_WithState().eval(), X)
+    assert report.session.analysis.front_end == "export" and f"{__name__}._State" in str(report)
+    assert group_of(report, "a.weight", 0).prunable  # the state's tensor is no output of fixed shape
+    assert _State not in pytree.SUPPORTED_NODES  # its registration was taken back
+    model = _WithState().eval()
+    graphprune.prune(model, 0.5, X)
+    assert model.a.out_channels == 4 and model(X)[1].tensor.shape[1] == 4

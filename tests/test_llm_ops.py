@@ -113,3 +113,33 @@ def test_an_average_over_channels_is_approximate_and_a_sum_exact():
     images = torch.randn(1, 3, 4, 4)
     assert group_of(graphprune.analyze(_ChannelSum().eval(), images), "a.weight", 0).exact
     assert dead_channel_oracle(_ChannelSum().eval(), images)["groups_tested"] == 1
+
+
+class _FusedQKV(nn.Module):
+    """q, k and v from one projection, split by one size (GPT-2's ``split(self.split_size)``);
+    ``embed_dim`` has the same value but only ``__init__`` reads it."""
+
+    def __init__(self, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.embed_dim = dim
+        self.num_heads, self.head_dim, self.split_size = heads, self.embed_dim // heads, self.embed_dim
+        self.qkv, self.o = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        parts = self.qkv(x).split(self.split_size, dim=-1)
+        q, k, v = (parts[i].view(B, N, self.num_heads, -1).transpose(1, 2) for i in range(3))
+        attn = (q @ k.transpose(-2, -1)).softmax(-1)
+        return self.o((attn @ v).transpose(1, 2).reshape(B, N, -1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_split_by_one_size_ties_its_equal_parts(capture):
+    x = torch.randn(2, 5, 16)
+    group = group_of(graphprune.analyze(_FusedQKV().eval(), x, capture=capture), "qkv.weight", 0)
+    assert group.prunable and group.exact and group.size == 8 and "o" in group.layers()  # (q_j, k_j, v_j) per unit
+    summary = dead_channel_oracle(_FusedQKV().eval(), x, capture=capture, assumed=True)
+    assert summary["groups_tested"] == 1 and summary["params_after"] < summary["params_before"]
+    model = _FusedQKV().eval()
+    graphprune.prune(model, 0.5, x, capture=capture)
+    assert model.split_size == 8 and model.embed_dim == 16 and model.qkv.out_features == 24 and model(x).shape == x.shape

@@ -17,12 +17,15 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
+import sys
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import networkx as nx
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
@@ -46,23 +49,65 @@ def _quiet() -> Iterator[None]:
         logging.disable(previous)
 
 
-def export_program(model: nn.Module, example_inputs: Any) -> "torch.export.ExportedProgram":
-    """``torch.export.export(model, …, strict=False)``; InputError if the model itself rejects
-    the inputs, else TraceError for any failure (what the export left on the model stays
-    until the caller restores it, as :func:`graphprune.tracer.trace` does)."""
+def export_program(model: nn.Module, example_inputs: Any) -> tuple:
+    """``(torch.export.export(model, …, strict=False), names of output types left out)``;
+    InputError if the model itself rejects the inputs, else TraceError for any failure (what
+    the export left on the model stays until the caller restores it, as
+    :func:`graphprune.tracer.trace` does).
+
+    An output object of a type torch.export cannot flatten (a Hugging Face model's KV cache,
+    ``DynamicCache``) is left out of the outputs: its tensors are state the model makes for
+    itself, whose sizes follow the pruning, not a result of fixed shape."""
     args, kwargs = call_args(example_inputs)
+    left_out: list = []
+    while True:
+        try:
+            with interrupts_deferred(), _quiet(), _leafless(left_out):  # export patches modules and global state
+                return torch.export.export(model, args, kwargs, strict=False), [_type_name(t) for t in left_out]
+        except Exception as exc:
+            unknown = _unknown_output_type(exc)
+            if unknown is not None and unknown not in left_out:
+                left_out.append(unknown)
+                continue
+            rejected = input_error(model, example_inputs)
+            if rejected is not None:
+                raise rejected from exc
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise TraceError(
+                f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {first}",
+                location=f"torch.export, {type(exc).__name__}",
+            ) from exc
+
+
+_UNKNOWN_OUTPUT = re.compile(r"Found <class '([\w.]+)'> in output, which is not a known type")
+
+
+def _unknown_output_type(exc: Exception) -> Optional[type]:
+    """The class torch.export named as an output type it cannot flatten, if that was the failure."""
+    found = _UNKNOWN_OUTPUT.search(str(exc))
+    if found is None:
+        return None
+    module, _, name = found.group(1).rpartition(".")
+    cls = getattr(sys.modules.get(module), name, None)
+    return cls if isinstance(cls, type) else None
+
+
+def _type_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@contextmanager
+def _leafless(types: list) -> Iterator[None]:
+    """While it runs, each class of ``types`` flattens to no tensors (and is left out of the
+    outputs); their registration is taken back afterwards."""
+    for cls in types:
+        pytree.register_pytree_node(cls, lambda obj: ([], None), lambda children, context: None,
+                                    serialized_type_name=_type_name(cls))
     try:
-        with interrupts_deferred(), _quiet():  # torch.export patches modules and global state while it runs
-            return torch.export.export(model, args, kwargs, strict=False)
-    except Exception as exc:
-        rejected = input_error(model, example_inputs)
-        if rejected is not None:
-            raise rejected from exc
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise TraceError(
-            f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {first}",
-            location=f"torch.export, {type(exc).__name__}",
-        ) from exc
+        yield
+    finally:
+        for cls in types:
+            pytree._deregister_pytree_node(cls)
 
 
 def _rebuilt(program: "torch.export.ExportedProgram") -> tuple:
@@ -134,9 +179,9 @@ def _name_of(node: fx.Node) -> str:
 def export_graph(model: nn.Module, example_inputs: Any) -> nx.DiGraph:
     """Capture ``model`` with torch.export and return the annotated networkx graph (the same
     node attributes as :func:`graphprune.tracer.build_graph`; ``front_end`` is ``"export"``)."""
-    program = export_program(model, example_inputs)
+    program, left_out = export_program(model, example_inputs)
     fx_graph, constants = _rebuilt(program)
-    graph = nx.DiGraph(model=model, opaque={}, recorded_on_meta=False, front_end="export")
+    graph = nx.DiGraph(model=model, opaque={}, recorded_on_meta=False, front_end="export", left_out=left_out)
     for index, node in enumerate(fx_graph.nodes):
         attrs = dict(index=index, part="", op=node.op, target=node.target, target_name=_name_of(node),
                      module=_scope(node), value=_value(node), fx=node, front_end="export")

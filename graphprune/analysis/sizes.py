@@ -18,6 +18,9 @@ attributes against its tensors, and the tests read it to compare models.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import types
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
@@ -59,7 +62,8 @@ _CONV_TRANSPOSED = SizeRule(
 _EMBEDDING = SizeRule({"num_embeddings": Follows("weight", 0), "embedding_dim": Follows("weight", 1)})
 _LAYER_NORM = SizeRule({"normalized_shape": Follows("weight", None)})
 
-#: Module class -> its size attributes; see the module docstring.
+#: Module class -> its size attributes; see the module docstring. A class of an optional library
+#: is named by its module and qualified name (never imported).
 SIZE_ATTRIBUTES: dict = {
     nn.modules.conv._ConvNd: _CONV,
     nn.modules.conv._ConvTransposeNd: _CONV_TRANSPOSED,
@@ -77,6 +81,8 @@ SIZE_ATTRIBUTES: dict = {
          "vdim": Follows("in_proj_weight", 1), "head_dim": Follows("in_proj_weight", 1, per="num_heads")},
         counts=("num_heads",), divides=(("num_heads", "embed_dim"),),
     ),
+    # GPT-2's linear layer, with its weight stored as (in, out)
+    "transformers.pytorch_utils.Conv1D": SizeRule({"nx": Follows("weight", 0), "nf": Follows("weight", 1)}),
 }
 
 
@@ -101,18 +107,49 @@ HEAD_ATTRIBUTES = (
 def head_attributes(module: nn.Module, heads: int, width: int) -> Optional[HeadAttributes]:
     """The pair of :data:`HEAD_ATTRIBUTES` by which ``module`` declares ``heads`` heads of
     ``width`` channels (its width attribute may be absent, as where the width is computed
-    inline); None when it declares no such heads."""
+    inline, or its count, as where that is; not both); None when it declares no such heads."""
     values = vars(module)
     for pair in HEAD_ATTRIBUTES:
         if values.get(pair.count) == heads and values.get(pair.width, width) == width:
             return pair
+    for pair in HEAD_ATTRIBUTES:  # a count computed from the shape (``view(…, -1, self.head_dim)``)
+        if pair.count not in values and values.get(pair.width) == width:
+            return pair
     return None
+
+
+def attributes_of_value(module: nn.Module, value: int, exclude: tuple = ()) -> list:
+    """The names of ``module``'s public int attributes equal to ``value`` (but ``exclude``)."""
+    return [k for k, v in vars(module).items() if type(v) is int and v == value and not k.startswith("_") and k not in exclude]
+
+
+def read_after_init(module: nn.Module, names: list) -> list:
+    """Those of the attribute ``names`` that ``module``'s class reads outside ``__init__``:
+    of GPT-2's ``split_size`` and ``embed_dim`` (one value), its forward reads ``split_size``."""
+    read = _names_read(type(module))
+    return [name for name in names if name in read]
+
+
+@functools.lru_cache(maxsize=None)
+def _names_read(cls: type) -> frozenset:
+    """Every name the methods of ``cls`` (and its bases up to nn.Module) but ``__init__`` use."""
+    names: set = set()
+    for klass in cls.__mro__[: cls.__mro__.index(nn.Module)] if nn.Module in cls.__mro__ else ():
+        for name, member in vars(klass).items():
+            function = inspect.unwrap(getattr(member, "__func__", member))  # past decorators
+            if name != "__init__" and isinstance(getattr(function, "__code__", None), types.CodeType):
+                names |= _code_names(function.__code__)
+    return frozenset(names)
+
+
+def _code_names(code: types.CodeType) -> set:
+    return set(code.co_names).union(*(_code_names(c) for c in code.co_consts if isinstance(c, types.CodeType)))
 
 
 def size_rule(module: nn.Module) -> Optional[SizeRule]:
     """The :class:`SizeRule` of the closest class of ``module`` in the table, if any."""
     for cls in type(module).__mro__:
-        rule = SIZE_ATTRIBUTES.get(cls)
+        rule = SIZE_ATTRIBUTES.get(cls) or SIZE_ATTRIBUTES.get(f"{cls.__module__}.{cls.__qualname__}")
         if rule is not None:
             return rule
     return None

@@ -81,6 +81,10 @@ class Report:
         if not self.groups:
             return title + "\nno channel groups found: nothing in this model can be pruned"
         body = [text_table(header, lines, right=(0, 2, 5))]
+        left_out = self.graph.graph.get("left_out")
+        if left_out:
+            body.append(f"outputs left out (state the model makes for itself; their sizes follow the pruning): "
+                        f"{', '.join(left_out)}")
         if not self.prunable_groups:
             body.append("no prunable group: prune() would leave this model unchanged")
         return "\n".join([title, *body])

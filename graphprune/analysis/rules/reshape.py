@@ -20,7 +20,7 @@ from graphprune.tracer import TensorSpec
 
 from ..propagation import Propagation, SizeConstraint
 from ..reasons import Assumption, BlockKind, Reason
-from ..sizes import head_attributes
+from ..sizes import attributes_of_value, head_attributes
 
 NEW_DIMENSION = Reason(BlockKind.NOT_A_CHANNEL, "reshape")  # a dimension a reshape creates, which carries no channel
 
@@ -175,7 +175,7 @@ def literal_size(state: Propagation, node: fx.Node, ids: np.ndarray, size: int, 
     if attribute is not None:
         matches = [attribute] if vars(module).get(attribute) == size else []
     else:
-        matches = [k for k, v in vars(module).items() if type(v) is int and v == size and not k.startswith("_")]
+        matches = attributes_of_value(module, size)
     if len(matches) == 1 and carries_ids(state, ids):
         state.attr(scope, matches[0], ids, lambda _, kept: kept)
     elif not assume_read_off_shape(state, node, ids, size, where):

@@ -16,6 +16,7 @@ from graphprune.tracer import TensorSpec
 
 from ..propagation import Propagation
 from ..reasons import BlockKind, Reason
+from ..sizes import attributes_of_value, read_after_init
 from .reshape import (
     arg,
     assume_read_off_shape,
@@ -98,9 +99,11 @@ _REPEATED = Reason(BlockKind.NOT_A_CHANNEL, "repeat")
 
 
 def cat(state: Propagation, node: fx.Node):
+    """Dims other than ``dim`` unify; ``dim`` joins the pieces' ids. A 1-d empty piece is
+    skipped, as torch.cat skips it (an empty KV cache that a first step appends to)."""
     tensors = arg(node, 0, "tensors")
     dim = arg(node, 1, "dim", 0)
-    parts = [state.labels_of(t) for t in tensors]
+    parts = [state.labels_of(t) for t in tensors if getattr(state.value(t), "shape", None) != (0,)]
     d = dim % len(parts[0])
     out = list(parts[0])
     for other in parts[1:]:
@@ -135,29 +138,70 @@ def stack(state: Propagation, node: fx.Node):
 def split(state: Propagation, node: fx.Node):
     """``split`` at given sizes: each part prunes on its own when every size is the one int
     attribute of its value on the calling module (``[self.dim_conv3, self.dim_untouched]``),
-    which then follows its part's kept count; any other size (a bare literal, a size split
-    evenly by a single int) cannot follow the pruning, and the split dim blocks."""
+    which then follows its part's kept count. ``split`` by one size into equal parts (GPT-2's
+    ``split(self.split_size)`` of q, k and v) ties position ``j`` of every part, as
+    :func:`chunk` does, when that size follows the pruning (see :func:`_follows`). Any other
+    size cannot follow, and the split dim blocks."""
     x = state.labels_of(node.args[0])
     dim = arg(node, 2, "dim", 0) % len(x)
     sizes = [o.shape[dim] for o in state.value(node)]
     split_sizes = arg(node, 1, "split_size_or_sections")
     pieces = _pieces(x, dim, sizes)
-    attributes = _attributes_of(state, node, split_sizes) if isinstance(split_sizes, (list, tuple)) else None
-    if attributes is None or not carries_ids(state, x[dim]):
+    equal = not isinstance(split_sizes, (list, tuple))
+    if not carries_ids(state, x[dim]):
+        attributes = None
+    elif equal:
+        attributes = [] if len(set(sizes)) == 1 and _follows(state, node, x[dim], split_sizes, len(sizes)) else None
+    else:
+        attributes = _attributes_of(state, node, split_sizes)
+    if attributes is None:
         state.block(x[dim], Reason(BlockKind.FIXED_SIZE, f"{node.name} splits at sizes that cannot follow pruning"))
         return pieces
     for attribute, piece in zip(attributes, pieces):
         state.attr(state.qualname(node), attribute, piece[dim], lambda _, kept: kept)
+    if equal:
+        _tie_parts(state, x[dim], len(sizes))
     return pieces
+
+
+def _follows(state: Propagation, node: fx.Node, ids: np.ndarray, size, parts: int) -> bool:
+    """Whether the size of each of ``parts`` equal parts of the dim ``ids`` follows the pruning:
+    read off that dim's shape, or the one int attribute of its value on the calling module
+    (then updated), or under torch.export a number taken to be read off a shape (audited)."""
+    if isinstance(size, fx.Node):
+        source = state.size_source(size)
+        return source is not None and isinstance(source[0], np.ndarray) and np.array_equal(source[0], ids) \
+            and source[1] == parts
+    if type(size) is not int:
+        return False
+    names = _split_attributes(state.module(state.qualname(node)), size)
+    if len(names) == 1:
+        state.attr(state.qualname(node), names[0], ids[:size], lambda _, kept: kept)
+        return True
+    return assume_read_off_shape(state, node, ids[:size], size, "as a split size")
+
+
+def _tie_parts(state: Propagation, ids: np.ndarray, parts: int) -> None:
+    """Position ``j`` of each of ``parts`` equal parts of ``ids`` becomes one unit."""
+    blocks = ids.reshape(parts, -1)
+    for k in range(1, parts):
+        state.unify(blocks[0], blocks[k])
+
+
+def _split_attributes(module, size: int, exclude: tuple = ()) -> list:
+    """The int attributes of ``module`` that may hold a split size ``size``: where several
+    have that value, those its code reads outside ``__init__`` (a split size is read there)."""
+    names = attributes_of_value(module, size, exclude)
+    return names if len(names) < 2 else read_after_init(module, names)
 
 
 def _attributes_of(state: Propagation, node: fx.Node, sizes) -> Optional[list]:
     """The calling module's int attribute holding each size (each the only one of its value),
     all different; None when any size is not such an attribute."""
-    values = {k: v for k, v in vars(state.module(state.qualname(node))).items() if type(v) is int and not k.startswith("_")}
+    module = state.module(state.qualname(node))
     names = []
     for size in sizes:
-        matches = [k for k, v in values.items() if v == size and k not in names] if isinstance(size, int) else []
+        matches = _split_attributes(module, size, exclude=tuple(names)) if isinstance(size, int) else []
         if len(matches) != 1:
             return None
         names.append(matches[0])
@@ -174,9 +218,7 @@ def chunk(state: Propagation, node: fx.Node):
     if size % n:
         state.block(x[dim], Reason(BlockKind.FIXED_SIZE, f"{node.name} chunks {size} into unequal parts"))
     elif size > 1:
-        blocks = x[dim].reshape(n, -1)
-        for k in range(1, n):
-            state.unify(blocks[0], blocks[k])
+        _tie_parts(state, x[dim], n)
     return _pieces(x, dim, [o.shape[dim] for o in outs])
 
 
@@ -246,7 +288,5 @@ def _equal_part(state: Propagation, node: fx.Node, ids: np.ndarray, item: slice)
     for bound, value in inner:
         if not isinstance(bound, fx.Node):
             assume_read_off_shape(state, node, ids, value, "as a slice bound")
-    parts = ids.reshape(size // length, length)
-    for k in range(1, len(parts)):
-        state.unify(parts[0], parts[k])
+    _tie_parts(state, ids, size // length)
     return ids[start:stop]
