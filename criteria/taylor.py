@@ -30,13 +30,14 @@ def activation_sites(report) -> dict:
     than once) and ``dim`` (never the batch dim 0) is the output dim holding the channels.
     For each group the sites are, by preference: the outputs of its normalisation layers
     (members with role ``"scale"``), else of its producer layers (role ``"out"``), else of
-    every module whose output carries the group.
+    every module whose output carries the group. torch.export records no module calls: there
+    a call's output is the node of a module without children whose users are all outside it.
     """
     graph = report.graph
     calls: dict = defaultdict(int)
     found: dict = defaultdict(list)
-    for _, attrs in sorted(graph.nodes(data=True), key=lambda item: item[1]["index"]):
-        if attrs["op"] != "call_module":
+    for key, attrs in sorted(graph.nodes(data=True), key=lambda item: item[1]["index"]):
+        if not (attrs["op"] == "call_module" or _leaf_call_output(report, key, attrs)):
             continue
         name = attrs["module"]  # qualified (``target`` is relative inside a per-child part)
         index = calls[name]
@@ -63,6 +64,17 @@ def activation_sites(report) -> dict:
 
 
 
+
+
+def _leaf_call_output(report, key: str, attrs: dict) -> bool:
+    """Whether the node ``key`` of a torch.export graph is the output of a call of a module
+    without children (a Linear, a norm): its users all lie outside that module."""
+    name = attrs.get("module")
+    if attrs.get("front_end") != "export" or attrs["op"] != "call_function" or not name:
+        return False
+    if next(report.session.model.get_submodule(name).children(), None) is not None:
+        return False
+    return all(report.graph.nodes[user]["module"] != name for user in report.graph.successors(key))
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

@@ -190,7 +190,7 @@ def test_main_help_lists_commands_and_model_syntax(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     for word in ("analyze", "prune", "finetune", "sensitivity", "report", "export", "cifar:NAME", "timm:NAME",
-                 "SOURCE=FILE"):
+                 "hf:DIR", "yolo:CFG.yaml", "SOURCE=FILE"):
         assert word in out, word
 
 
@@ -251,3 +251,35 @@ def test_timm_prefix_without_timm_is_a_usage_error(capsys):
     assert stderr_lines(err) == [
         "graphprune analyze: error: 'timm:resnet18' needs timm, which is not installed (pip install timm)"
     ]
+
+
+def test_a_hugging_face_checkpoint_directory_is_a_model(capsys, tmp_path):
+    pytest.importorskip("transformers")
+    from test_hf import build
+
+    build("bert")[0].save_pretrained(tmp_path / "bert")
+    code, out, err = run_cli(capsys, ["prune", f"hf:{tmp_path / 'bert'}", "--ratio", "0.3", "--quiet", "--output",
+                                      str(tmp_path / "pruned.safetensors")])
+    assert code == 0, err
+    assert "transformers.BertForSequenceClassification.from_pretrained" in " ".join(out.split())
+    code, out, err = run_cli(capsys, ["report", f"hf:{tmp_path / 'bert'}", str(tmp_path / "pruned.safetensors"),
+                                      "--no-latency", "--json", "--quiet"])
+    assert code == 0, err
+    assert json.loads(out)["input"] == "{input_ids: tensor(1, 16)}"
+
+
+def test_a_yolo_config_is_a_model(capsys):
+    pytest.importorskip("ultralytics")
+    code, out, err = run_cli(capsys, ["analyze", "yolo:yolov8n.yaml", "--input-shape", "1,3,64,64", "--json", "--quiet"])
+    assert code == 0, err
+    assert json.loads(out)["prunable_groups"] > 0
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("hf:/no/such/dir", "not a directory with a Hugging Face config.json"),
+    ("yolo:yolov8n.pt", "give a model config such as yolov8n.yaml"),
+])
+def test_bad_hf_and_yolo_names_are_usage_errors(capsys, spec, message):
+    pytest.importorskip("transformers" if spec.startswith("hf") else "ultralytics")
+    code, out, err = run_cli(capsys, ["analyze", spec])
+    assert code == 2 and out == "" and message in err

@@ -216,4 +216,4 @@ def test_cli_rejected_input_shape_names_the_remedy(capsys):
     assert code == 2 and out == ""
     (line,) = stderr_lines(err)
     assert "does not accept a random tensor of shape (1, 2, 8, 8)" in line
-    assert line.endswith("give an --input-shape N,C,H,W that it accepts")
+    assert line.endswith("give an --input-shape that it accepts (N,C,H,W for images, N,L for token ids)")

@@ -37,6 +37,11 @@ MODEL is one of:
                     which mean torchvision's without it
   torchvision:NAME  a torchvision model, explicitly
   timm:NAME         timm.create_model(NAME, pretrained=False) (needs timm)
+  hf:DIR            a Hugging Face checkpoint saved in DIR (save_pretrained),
+                    with its weights (needs transformers); example input:
+                    token ids 1x16 (--input-shape N,L) or the config's images
+  yolo:CFG.yaml     an ultralytics YOLO model built from its config, random
+                    weights (needs ultralytics); example input 1x3x640x640
   FILE              a model written by --output (graphprune.save safetensors);
                     FILE.json beside it names the model to load it into
   SOURCE=FILE       a graphprune.save file without FILE.json, such as

@@ -64,16 +64,18 @@ def _load_with_inputs(args: argparse.Namespace, status: Status) -> tuple[ModelSp
 def _rejects(name: str, description: str, exc: Exception) -> UsageError:
     """The usage error for a model that rejects the example input, with the remedy."""
     return UsageError(f"{name} does not accept {description}: {one_line(exc).rstrip('.')}; "
-                      "give an --input-shape N,C,H,W that it accepts")
+                      "give an --input-shape that it accepts (N,C,H,W for images, N,L for token ids)")
 
 
 def _check_accepts(model, inputs, name: str, description: str):
     """Run one forward pass; a model that rejects the input is a bad command line. Returns the output."""
     import torch
 
+    from graphprune.tracer import call_model
+
     try:
         with torch.no_grad():
-            return model(inputs)
+            return call_model(model, inputs)
     except Exception as exc:
         raise _rejects(name, description, exc) from exc
 

@@ -8,6 +8,9 @@ A MODEL argument is one of
   ``mobilenet_v2``, ...) mean **torchvision**; write ``cifar:NAME`` for the CIFAR one;
 * ``torchvision:NAME``, ``cifar:NAME`` (:func:`graphprune.models.get_model`, 10 classes,
   32x32 input) or ``timm:NAME`` (``timm.create_model(NAME, pretrained=False)``; needs timm);
+* ``hf:DIR`` (a Hugging Face checkpoint saved in DIR, with its weights; needs transformers)
+  or ``yolo:CFG.yaml`` (an ultralytics YOLO model from its config; needs ultralytics), see
+  :mod:`graphprune.cli.sources`;
 * ``FILE``: a model written by ``graphprune prune/finetune --output``. The weights are a
   :func:`graphprune.save` safetensors file; beside it, ``FILE.json`` (the *sidecar*) names
   the model it was built from (e.g. ``cifar:resnet20``) and the input shape it was used with,
@@ -29,14 +32,17 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
-SOURCES = ("torchvision", "cifar", "timm")
+from . import sources
+
+SOURCES = ("torchvision", "cifar", "timm", *sources.OPTIONAL)
 SIDECAR_FORMAT = "graphprune.cli-model"
 SIDECAR_VERSION = 1
 _PATH_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".st")
 
 MODEL_HELP = (
     "a torchvision model name (weights=None), cifar:NAME for graphprune.models (names torchvision also has, "
-    "such as resnet18, mean torchvision unless prefixed), torchvision:NAME, timm:NAME, or a FILE written by "
+    "such as resnet18, mean torchvision unless prefixed), torchvision:NAME, timm:NAME, hf:DIR (a Hugging Face "
+    "checkpoint), yolo:CFG.yaml (an ultralytics config), or a FILE written by "
     "--output (FILE.json beside it names its model; SOURCE=FILE when there is none)"
 )
 
@@ -80,6 +86,12 @@ def _unknown(text: str, candidates: list, where: str) -> UsageError:
 
 def _named(text: str, source: Optional[str], name: str) -> ModelSpec:
     """A model named (not loaded from a file); ``source`` None: torchvision first, then cifar."""
+    if source in sources.OPTIONAL:
+        try:
+            sources.check(source, name)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        return ModelSpec(text, source, name)
     if source == "timm":
         try:
             import timm
@@ -172,7 +184,7 @@ def parse_model(text: str) -> ModelSpec:
     _check_file(text)
     base, shape = _read_sidecar(text)
     base_source, base_name = _split_source(base)
-    if base_source is None or _looks_like_path(base_name) or "=" in base_name:
+    if base_source is None or (base_source != sources.HF and _looks_like_path(base_name)) or "=" in base_name:
         raise UsageError(f"{sidecar_path(text)!r}: 'model' must be SOURCE:NAME such as cifar:resnet20, got {base!r}")
     spec = _named(text, base_source, base_name)
     spec.path, spec.input_shape = text, shape
@@ -188,7 +200,12 @@ def build_model(spec: ModelSpec, status=None):
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # builder notices (init schemes, deprecations) are noise here
-        if spec.source == "timm":
+        if spec.source in sources.OPTIONAL:
+            try:
+                model = sources.build(spec.source, spec.name)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+        elif spec.source == "timm":
             import timm
 
             model = timm.create_model(spec.name, pretrained=False)
@@ -229,6 +246,8 @@ def example_inputs(model, spec: ModelSpec, shape: Optional[tuple]) -> tuple[Any,
 
     from graphprune.analysis.inputs import infer_example_inputs
 
+    if spec.source in sources.OPTIONAL:
+        return sources.example_inputs(spec.source, model, shape or spec.input_shape)
     shape = shape or default_input_shape(spec)
     if shape is None:
         try:
@@ -260,6 +279,8 @@ def save_model(model, path: str, spec: ModelSpec, inputs: Any, command: str) -> 
 
 def python_builder(spec: ModelSpec) -> str:
     """The Python expression that builds ``spec``'s fresh model (for messages)."""
+    if spec.source in sources.OPTIONAL:
+        return sources.builder(spec.source, spec.name)
     if spec.source == "timm":
         return f"timm.create_model({spec.name!r}, pretrained=False)"
     if spec.source == "cifar":
