@@ -120,7 +120,8 @@ def head_attributes(module: nn.Module, heads: int, width: int) -> Optional[HeadA
 
 def attributes_of_value(module: nn.Module, value: int, exclude: tuple = ()) -> list:
     """The names of ``module``'s public int attributes equal to ``value`` (but ``exclude``)."""
-    return [k for k, v in vars(module).items() if type(v) is int and v == value and not k.startswith("_") and k not in exclude]
+    return [k for k, v in vars(module).items()
+            if type(v) is int and v == value and not k.startswith("_") and k not in exclude]
 
 
 def read_after_init(module: nn.Module, names: list) -> list:
