@@ -169,9 +169,7 @@ def _follows(state: Propagation, node: fx.Node, ids: np.ndarray, size, parts: in
     read off that dim's shape, or the one int attribute of its value on the calling module
     (then updated), or under torch.export a number taken to be read off a shape (audited)."""
     if isinstance(size, fx.Node):
-        source = state.size_source(size)
-        return source is not None and isinstance(source[0], np.ndarray) and np.array_equal(source[0], ids) \
-            and source[1] == parts
+        return _divisor_read_off(state, size, ids) == parts
     if type(size) is not int:
         return False
     names = _split_attributes(state.module(state.qualname(node)), size)
@@ -179,6 +177,15 @@ def _follows(state: Propagation, node: fx.Node, ids: np.ndarray, size, parts: in
         state.attr(state.qualname(node), names[0], ids[:size], lambda _, kept: kept)
         return True
     return assume_read_off_shape(state, node, ids[:size], size, "as a split size")
+
+
+def _divisor_read_off(state: Propagation, size: fx.Node, ids: np.ndarray) -> Optional[int]:
+    """``n`` where the size node ``size`` is the length of the dim ``ids`` divided by ``n``
+    (``x.shape[-1] // n``, see :func:`~graphprune.analysis.rules.pointwise.metadata`), else None."""
+    source = state.size_source(size)
+    if source is None or not isinstance(source[0], np.ndarray) or not np.array_equal(source[0], ids):
+        return None
+    return source[1]
 
 
 def _tie_parts(state: Propagation, ids: np.ndarray, parts: int) -> None:
@@ -249,10 +256,11 @@ def getitem(state: Propagation, node: fx.Node):
         if item is None:
             out.append(np.array([NO_ID]))
             continue
-        part = _equal_part(state, node, x[d], item) if isinstance(item, slice) and item != slice(None) else None
         if item == slice(None):
-            out.append(x[d])
-        elif part is not None:
+            part = x[d]
+        else:
+            part = _equal_part(state, node, x[d], item) if isinstance(item, slice) else None
+        if part is not None:
             out.append(part)
         else:
             state.block(x[d], fixed)
@@ -279,11 +287,11 @@ def _equal_part(state: Propagation, node: fx.Node, ids: np.ndarray, item: slice)
         return None
     inner = [(b, v) for b, v in zip(bounds, (start, stop)) if 0 < v < size]
     for bound, value in inner:
-        source = state.size_source(bound) if isinstance(bound, fx.Node) else None
-        if source is not None and isinstance(source[0], np.ndarray) and np.array_equal(source[0], ids) \
-                and value * source[1] == size:
-            continue
-        if isinstance(bound, fx.Node) or state.node_attrs(node).get("front_end") != "export":
+        if isinstance(bound, fx.Node):
+            divisor = _divisor_read_off(state, bound, ids)
+            if divisor is None or value * divisor != size:
+                return None
+        elif state.node_attrs(node).get("front_end") != "export":
             return None
     for bound, value in inner:
         if not isinstance(bound, fx.Node):
