@@ -27,6 +27,7 @@ from .analysis.inputs import InferredInputWarning
 from .api import analyze, prune
 from .io.persist import load, save
 from .pruning.budget import BudgetWarning
+from .pruning.model_config import ConfigWarning
 from .pruning.run import PruneResult
 from .pruning.surgery import PruningError
 from .reporting.compare import Comparison, report
@@ -49,7 +50,7 @@ __all__ = [
     # around pruning
     "finetune", "evaluate", "prune_schedule", "sensitivity", "SensitivityResult",
     # errors and warnings
-    "PruningError", "TraceError", "InputError", "InferredInputWarning", "BudgetWarning",
+    "PruningError", "TraceError", "InputError", "InferredInputWarning", "BudgetWarning", "ConfigWarning",
     # subpackages and example assets
     "criteria", "models", "data", "__version__",
 ]

@@ -53,7 +53,7 @@ def prune(
     global_ranking: bool = False, max_ratio: Optional[float] = None, round_to: Optional[int] = None, steps: int = 1,
     schedule: Union[str, Callable[[int, int], float]] = "linear", target_flops: Optional[float] = None,
     target_params: Optional[float] = None, target_latency: Optional[float] = None, tolerance: float = 0.02,
-    return_result: bool = False, report: Optional[Report] = None, capture: str = "auto",
+    return_result: bool = False, report: Optional[Report] = None, capture: str = "auto", uniform: bool = False,
 ) -> Union[nn.Module, PruneResult]:
     """Remove ``floor(ratio * n)`` channels from every prunable group of ``n`` channels.
 
@@ -69,7 +69,13 @@ def prune(
     How much goes, and how: ``ratio`` (a float, or ``{module name or glob: ratio}``),
     ``global_ranking`` with ``max_ratio``, ``round_to``, ``steps`` with a ``schedule``, or a
     budget instead of a ratio (``target_flops``, ``target_params``, ``target_latency``,
-    met within ``tolerance``); :mod:`graphprune.pruning.options` describes each one.
+    met within ``tolerance``); ``uniform`` prunes a group repeated layer after layer alike in
+    every layer; :mod:`graphprune.pruning.options` describes each one.
+
+    A model built from a config (``model.config``, as Hugging Face's) gets the config that
+    describes the pruned model, and its attributes that only ``__init__`` reads follow; where
+    no config can (layers pruned unequally), a :class:`ConfigWarning` says why
+    (:mod:`graphprune.pruning.model_config`).
 
     ``report`` (from :func:`analyze` on this ``model``, unchanged since) skips the
     analysis: the groups pruned are those of the report, with its options and inputs.
@@ -84,7 +90,7 @@ def prune(
     ratio = check_ratio(model, ratio)
     target = check_target(ratio, {"flops": target_flops, "params": target_params, "latency": target_latency})
     options = check_options(ratio, global_ranking=global_ranking, max_ratio=max_ratio, round_to=round_to, steps=steps,
-                            schedule=schedule, tolerance=tolerance, verify=verify)
+                            schedule=schedule, tolerance=tolerance, verify=verify, uniform=uniform)
     for flag, name in ((return_result, "return_result"), (inplace, "inplace")):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")

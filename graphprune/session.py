@@ -23,9 +23,12 @@ from .analysis.analyzer import (
 from .analysis.groups import Group
 from .analysis.reasons import BlockKind, Reason
 from .pruning.audit import AuditError, audit
+from .pruning.model_config import ConfigWarning, builds_from_config, describe_pruned
 from .pruning.surgery import ChannelSurgery, PruningError
 from .reporting.report import Report
 from .tracer.fallback import check_capture
+from .tracer.state import interrupts_deferred
+from .validation import warn_caller
 
 T = TypeVar("T")
 
@@ -88,9 +91,11 @@ class PruningSession:
                 group.blocked.append(Reason(BlockKind.FIXED_SIZE, f"{group.assumptions[0]} (verify=False: nothing checks it)"))
             plan = {g: index for g, index in plan.items() if not g.assumptions}
         while plan:
+            found: list = []  # the config update, described while the pruned sizes are in place
             try:
-                self.surgery.prune_groups(plan, verify=self._audit if verify else None, on_commit=on_commit)
+                self.surgery.prune_groups(plan, verify=self._checks(verify, found), on_commit=on_commit)
                 self.analysis.fingerprint = fingerprint(self.model)  # this session's own change
+                self._update_config(found)
                 return blocked
             except PruningError as exc:
                 if not (verify and exc.restored and isinstance(exc.__cause__, AuditError)):
@@ -104,6 +109,34 @@ class PruningSession:
                 blocked += list(culprits)
                 plan = {g: index for g, index in plan.items() if g not in culprits}
         return blocked
+
+    def _checks(self, verify: bool, found: list) -> Optional[Callable[[np.ndarray, bool], None]]:
+        """What runs on the pruned sizes before they are committed: the audit (with ``verify``),
+        and for a model built from a config the config update, put in ``found``."""
+        describe = builds_from_config(self.model)
+        if not (verify or describe):
+            return None
+
+        def check(removed: np.ndarray, filled: bool) -> None:
+            if verify:
+                self._audit(removed, filled)
+            if describe:
+                found[:] = [describe_pruned(self.model)]
+
+        return check
+
+    def _update_config(self, found: list) -> None:
+        """Make ``model.config`` describe the pruned model, or warn why it cannot."""
+        if not found:
+            return
+        update = found[0]
+        if update.problem is None:
+            with interrupts_deferred():
+                update.apply(self.model)
+            return
+        warn_caller(f"model.config no longer describes the pruned {type(self.model).__name__}: {update.problem}; "
+                    "graphprune.save / load round-trip it, but save_pretrained would not reload it (prune with "
+                    "uniform=True, and keep sizes the config ties together whole)", ConfigWarning)
 
     def _culprits(self, plan: dict, failure: AuditError) -> dict:
         """``{group: why}`` for the groups of ``plan`` behind the audit's ``failure``: those it

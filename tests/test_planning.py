@@ -16,7 +16,7 @@ import graphprune.reporting.measure
 from graphprune.pruning.budget import BudgetWarning
 from graphprune.pruning.run import PruneResult, kept_fraction, step_ratio
 from graphprune.reporting.measure import count_flops, count_parameters
-from graphprune.pruning.planner import plan_removal, removal_counts, round_count, score_groups
+from graphprune.pruning.planner import plan_removal, removal_counts, repeated_groups, round_count, score_groups
 
 X64 = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
@@ -144,6 +144,30 @@ def test_global_ranking_differs_from_uniform_and_prunes():
     assert all(removed[r] <= math.floor(0.7 * before[r]) for r in before)
     assert len({round(removed[r] / before[r], 2) for r in before}) > 1  # not uniform
     assert result.after["params"] < result.before["params"]
+
+
+def test_uniform_prunes_a_group_repeated_layer_after_layer_alike():
+    report = graphprune.analyze(torchvision.models.resnet18(), X64)
+    scores = score_groups(report.groups, criteria.L1())
+    classes = {tuple(g.root for g in c) for c in repeated_groups(report.prunable_groups)}
+    assert ("layer1.0.conv1", "layer1.1.conv1") in classes and ("layer4.0.conv1", "layer4.1.conv1") in classes
+    by_root = {g.root: g for g in report.prunable_groups}
+    useless, twin = by_root["layer1.1.conv1"], by_root["layer1.0.conv1"]
+    scores[useless] = np.full(useless.size, 1e-9)  # one layer looks useless: ranked alone, it loses more
+    scores[useless][0] = 1.0
+    total = sum(g.size for g in report.prunable_groups)
+    free = plan_removal(report.groups, 0.4, scores=scores, global_ranking=True, max_ratio=0.8)
+    assert len(free[useless]) > len(free.get(twin, ()))
+    for kwargs in ({"global_ranking": True, "max_ratio": 0.8}, {}):
+        plan = plan_removal(report.groups, 0.4, scores=scores, uniform=True, **kwargs)
+        for repeated in repeated_groups(report.prunable_groups):
+            assert len({len(plan.get(g, ())) for g in repeated}) == 1, [g.root for g in repeated]
+        assert len(plan[useless]) == len(plan[twin]) > 0
+        assert 0.3 * total < sum(map(len, plan.values())) <= math.floor(0.4 * total)
+    # a group blocked in one layer leaves the group whole in every layer
+    blocked = graphprune.analyze(torchvision.models.resnet18(), X64, ignored_layers=["layer2.1.conv1"])
+    pruned = {g.root for g in plan_removal(blocked.groups, 0.4, criteria.L1(), uniform=True)}
+    assert not pruned & {"layer2.0.conv1", "layer2.1.conv1"} and "layer3.0.conv1" in pruned
 
 
 def test_removal_counts_uniform_and_mapping():

@@ -100,7 +100,7 @@ class _Search:
     def plan_for(self, ratio: float) -> dict:
         o = self.options
         return plan_removal(self.session.report.groups, ratio, scores=self.scores, global_ranking=o.global_ranking,
-                            max_ratio=o.max_ratio, round_to=o.round_to)
+                            max_ratio=o.max_ratio, round_to=o.round_to, uniform=o.uniform)
 
     def measure(self, key) -> float:
         plan = self.tried[key][1]

@@ -20,6 +20,10 @@
   ``tolerance`` (relative, default 2%) of the target; otherwise the closest model is kept
   and a :class:`~graphprune.pruning.budget.BudgetWarning` is issued. The achieved value is
   logged on the ``"graphprune"`` logger;
+* ``uniform=True``: a group repeated layer after layer (same size, members named alike but
+  for their numbers) loses as many channels in every layer, and none if it is blocked in
+  one, so that a config with one size per kind of layer (Hugging Face's) describes the
+  pruned model (see :mod:`graphprune.pruning.planner`);
 * ``verify``: audit the pruned model's shapes (default on).
 """
 from __future__ import annotations
@@ -46,6 +50,7 @@ class PlanOptions:
     schedule: Schedule = "linear"
     tolerance: float = 0.02
     verify: bool = True
+    uniform: bool = False
 
 
 def check_ratio(model: nn.Module, ratio: Any) -> Union[float, dict, None]:
@@ -89,9 +94,9 @@ def check_target(ratio: Any, targets: Mapping[str, Any]) -> Optional[tuple]:
 
 
 def check_options(ratio: Any, *, global_ranking: Any, max_ratio: Any, round_to: Any, steps: Any, schedule: Any,
-                  tolerance: Any, verify: Any) -> PlanOptions:
+                  tolerance: Any, verify: Any, uniform: Any = False) -> PlanOptions:
     """The :class:`PlanOptions`, each checked (``ratio`` as :func:`check_ratio` returned it)."""
-    for flag, name in ((global_ranking, "global_ranking"), (verify, "verify")):
+    for flag, name in ((global_ranking, "global_ranking"), (verify, "verify"), (uniform, "uniform")):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")
     if global_ranking and isinstance(ratio, dict):
@@ -103,4 +108,5 @@ def check_options(ratio: Any, *, global_ranking: Any, max_ratio: Any, round_to: 
     if not (schedule in ("linear", "geometric") or callable(schedule)):
         raise ValueError(f"schedule must be 'linear', 'geometric' or a callable(step, steps), got {schedule!r}")
     tolerance = check_fraction(tolerance, "tolerance", low_open=True)
-    return PlanOptions(global_ranking, max_ratio, round_to, check_int(steps, "steps", 1), schedule, tolerance, verify)
+    return PlanOptions(global_ranking, max_ratio, round_to, check_int(steps, "steps", 1), schedule, tolerance, verify,
+                       uniform)

@@ -9,6 +9,12 @@ floats) and a criterion's scores into ``{group: channel indices}``. Two modes:
   all prunable groups' channels are ranked together and the globally lowest
   ``floor(ratio * total)`` go, no group losing more than ``floor(max_ratio * n)``.
 
+With ``uniform=True`` a group repeated layer after layer (the MLP of every transformer block)
+loses as many channels in every layer, as a model config with one size per kind of layer
+needs: per group, each loses the fewest that any of them would; with global ranking, the
+layers' normalised scores are averaged position by position and ranked as one. A group
+blocked in one layer is left whole in all.
+
 In both modes every member keeps its best channel (so no layer is emptied), and with
 ``round_to=N`` each pruned group keeps a multiple of ``N`` channels (the nearest one to
 the plan that respects ``max_ratio``; groups with fewer than ``N`` channels are left alone).
@@ -95,6 +101,47 @@ def _cap(group: Group, scores: np.ndarray, max_ratio: Optional[float]) -> int:
     return max(cap, 0)
 
 
+def repeated_groups(groups: Iterable[Group]) -> list:
+    """The groups in classes of one group repeated layer after layer: equal in size, with members
+    whose names differ only in their numbers (``layers.3.mlp.up_proj`` and ``layers.5.mlp.up_proj``)."""
+    classes: dict = {}
+    for group in groups:
+        pattern = tuple(sorted((".".join("#" if p.isdigit() else p for p in m.name.split(".")), m.dim, m.role)
+                               for m in group.members))
+        classes.setdefault((group.size, pattern), []).append(group)
+    return list(classes.values())
+
+
+def _uniform(counts: dict, classes: list) -> dict:
+    """``counts`` with every group of a class cut to the class's smallest count (0 for a
+    class with a group that loses nothing, or that is blocked)."""
+    for repeated in classes:
+        least = min(counts.get(g, 0) for g in repeated)
+        counts.update({g: least for g in repeated if g in counts})
+    return {g: c for g, c in counts.items() if c > 0}
+
+
+def _ranked_counts(scores: Mapping, classes: list, target: int, max_ratio: float) -> dict:
+    """Global ranking over ``classes`` of groups pruned alike: each class ranks by the mean of
+    its groups' normalised removal curves, each position counting once per group."""
+    pooled, owners, weights = [], [], []
+    for index, repeated in enumerate(classes):
+        cap = min(_cap(g, scores[g], max_ratio) for g in repeated)
+        curves = []
+        for group in repeated:
+            values = scores[group]
+            scale = float(np.mean(np.abs(values)))
+            normalised = values / scale if scale > 0 else np.zeros_like(values)
+            curves.append(normalised[removal_order(group, values)[:cap]])
+        pooled.append(np.mean(curves, axis=0) if cap else np.zeros(0))
+        owners.append(np.full(cap, index))
+        weights.append(np.full(cap, len(repeated)))
+    order = np.argsort(np.concatenate(pooled), kind="stable")
+    taken = order[np.cumsum(np.concatenate(weights)[order]) <= target]
+    taken_counts = np.bincount(np.concatenate(owners)[taken], minlength=len(classes))
+    return {g: int(taken_counts[i]) for i, repeated in enumerate(classes) for g in repeated}
+
+
 def removal_counts(
     scores: Mapping,
     ratio: RatioSpec,
@@ -102,42 +149,29 @@ def removal_counts(
     global_ranking: bool = False,
     max_ratio: Optional[float] = None,
     round_to: Optional[int] = None,
+    uniform: Optional[list] = None,
 ) -> dict:
-    """``{group: number of channels to remove}`` for the groups in ``scores`` (see module doc)."""
-    counts = {}
+    """``{group: number of channels to remove}`` for the groups in ``scores`` (see module doc).
+
+    With ``uniform`` (classes of groups, as :func:`repeated_groups` makes) every group of a
+    class loses as many channels as the others, and none where one of them is not in ``scores``."""
     if not global_ranking:
+        counts = {}
         for group, values in scores.items():
             r = group_ratio(group, ratio)
-            if r <= 0:
-                continue
-            cap = _cap(group, values, max_ratio)
-            counts[group] = round_count(group.size, min(floor_count(r, group.size), cap), round_to, cap)
-        return {g: c for g, c in counts.items() if c > 0}
+            if r > 0:
+                cap = _cap(group, values, max_ratio)
+                counts[group] = round_count(group.size, min(floor_count(r, group.size), cap), round_to, cap)
+        return _uniform(counts, uniform) if uniform else {g: c for g, c in counts.items() if c > 0}
     if isinstance(ratio, Mapping):
         raise ValueError("global_ranking needs a single float ratio, not a per-layer mapping")
     max_ratio = DEFAULT_MAX_RATIO if max_ratio is None else max_ratio
-    groups = list(scores)
-    total = sum(g.size for g in groups)
-    target = floor_count(float(ratio), total)
-    if target <= 0:
+    target = floor_count(float(ratio), sum(g.size for g in scores))
+    classes = [c for c in uniform if all(g in scores for g in c)] if uniform else [[g] for g in scores]
+    if target <= 0 or not classes:
         return {}
-    caps, pooled, owners = {}, [], []
-    for index, group in enumerate(groups):
-        values = scores[group]
-        caps[group] = _cap(group, values, max_ratio)
-        scale = float(np.mean(np.abs(values)))
-        normalised = values / scale if scale > 0 else np.zeros_like(values)
-        candidates = removal_order(group, values)[: caps[group]]
-        pooled.append(normalised[candidates])
-        owners.append(np.full(candidates.size, index))
-    if not pooled:
-        return {}
-    pooled_scores, pooled_owner = np.concatenate(pooled), np.concatenate(owners)
-    taken = pooled_owner[np.argsort(pooled_scores, kind="stable")[:target]]
-    taken_counts = np.bincount(taken, minlength=len(groups))
-    for index, group in enumerate(groups):
-        if taken_counts[index] > 0:
-            counts[group] = round_count(group.size, int(taken_counts[index]), round_to, caps[group])
+    counts = {g: round_count(g.size, c, round_to, _cap(g, scores[g], max_ratio))
+              for g, c in _ranked_counts(scores, classes, target, max_ratio).items() if c > 0}
     return {g: c for g, c in counts.items() if c > 0}
 
 
@@ -150,6 +184,7 @@ def plan_removal(
     global_ranking: bool = False,
     max_ratio: Optional[float] = None,
     round_to: Optional[int] = None,
+    uniform: bool = False,
 ) -> dict:
     """``{group: sorted channel indices to remove}`` for the prunable ``groups``.
 
@@ -157,8 +192,12 @@ def plan_removal(
     floats (groups that no key names are left alone). Scores come from ``scores`` (as made
     by :func:`score_groups`, reused across calls) or from ``criterion``. ``global_ranking``,
     ``max_ratio`` and ``round_to`` are described in the module docstring; ``max_ratio``
-    defaults to 0.9 with global ranking and to no limit otherwise.
+    defaults to 0.9 with global ranking and to no limit otherwise. With ``uniform`` a group
+    repeated layer after layer (:func:`repeated_groups`) loses as many channels in every layer,
+    and none where it is blocked in one.
     """
+    groups = list(groups)
+    classes = repeated_groups(groups) if uniform else None
     groups = [g for g in groups if g.prunable]
     if scores is None:
         if criterion is None:
@@ -168,7 +207,8 @@ def plan_removal(
         scores = score_groups(groups, criterion)
     else:
         scores = {g: scores[g] for g in groups if g in scores}
-    counts = removal_counts(scores, ratio, global_ranking=global_ranking, max_ratio=max_ratio, round_to=round_to)
+    counts = removal_counts(scores, ratio, global_ranking=global_ranking, max_ratio=max_ratio, round_to=round_to,
+                            uniform=classes)
     return {group: lowest_channels(group, scores[group], count) for group, count in counts.items()}
 
 

@@ -113,7 +113,7 @@ def run_pruning(session: Any, criterion: Any, *, ratio: Optional[RatioSpec], tar
             step_value = _nominal_ratio(ratio, step, options)
             plan = plan_removal(session.report.groups, _step_ratio(ratio, step, options, session.report.groups, originals),
                                 criterion, global_ranking=options.global_ranking, max_ratio=options.max_ratio,
-                                round_to=options.round_to)
+                                round_to=options.round_to, uniform=options.uniform)
         else:
             goal = kept_fraction(budget.goal, step, options.steps, options.schedule)
             step_value, plan, achieved = budget.search(session, score_groups(session.report.groups, criterion), goal, options)

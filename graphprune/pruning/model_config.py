@@ -1,0 +1,183 @@
+"""The config of a model built from one (Hugging Face's ``model.config``), made to describe the
+pruned model.
+
+Which sizes a config field sets, and how, is read off the model class itself rather than
+written per architecture: the class is rebuilt on the meta device (no memory, milliseconds)
+from the config with one field doubled, and every tensor dimension and module attribute that
+moves follows that field, in proportion, offset or inversely (``head_dim = hidden / heads``).
+After pruning, each such size implies a value of its field; the combinations of implied
+values are rebuilt in turn, and the one whose model has the pruned model's every tensor shape,
+every attribute the pruning changed and every attribute its modules' methods read is the new
+config. Module attributes that only ``__init__`` reads, which no rule follows (LlamaMLP's
+``intermediate_size``), then take the value the new config gives them, as ``from_pretrained``
+would.
+
+When no combination fits, the config cannot describe the pruned model (layers pruned
+unequally, or a config that ties sizes the pruning separated, such as BERT's attention width
+and hidden width); it is left as it was and :func:`describe_pruned` says why.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from graphprune.analysis.sizes import read_after_init
+
+_MAX_TRIALS = 256  # combinations of implied field values rebuilt at most
+
+
+class ConfigWarning(UserWarning):
+    """The pruned model's config no longer describes it (see :mod:`graphprune.pruning.model_config`)."""
+
+
+@dataclass
+class ConfigUpdate:
+    """What :func:`describe_pruned` found: ``fields`` to set on the config (empty when it
+    already fits), ``attributes`` as ``{(module name, attribute): value}`` to set on modules,
+    or ``problem``, why no config fits (None when one does)."""
+
+    fields: dict = field(default_factory=dict)
+    attributes: dict = field(default_factory=dict)
+    problem: Optional[str] = None
+
+    def apply(self, model: nn.Module) -> None:
+        """Set the fields on ``model.config`` and the attributes on its modules."""
+        for name, value in self.fields.items():
+            setattr(model.config, name, value)
+        for (module, attr), value in self.attributes.items():
+            setattr(model.get_submodule(module), attr, value)
+
+
+def builds_from_config(model: nn.Module) -> bool:
+    """Whether ``model`` has a config object (``model.config`` with ``to_dict``) to keep true."""
+    return callable(getattr(getattr(model, "config", None), "to_dict", None))
+
+
+def _rebuild(model_class: type, config: Any) -> Optional[nn.Module]:
+    """``model_class(config)`` on the meta device, or None when the class refuses the config."""
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            return model_class(config)
+    except Exception:  # noqa: BLE001 - a config the class refuses is simply not a candidate
+        return None
+
+
+def _refusal(config: Any) -> Optional[str]:
+    """Why ``config``'s own ``validate()`` (run by ``save_pretrained``) refuses it; None if it
+    accepts it or has none."""
+    validate = getattr(config, "validate", None)
+    try:
+        if callable(validate):
+            validate()
+    except Exception as exc:  # noqa: BLE001 - its reason is the answer
+        cause = exc.__cause__ or exc
+        return f"{type(cause).__name__}: {cause}"
+    return None
+
+
+def _attributes(model: nn.Module) -> dict:
+    """``{(module name, attribute): value}`` for every public int or float attribute."""
+    found = {}
+    for name, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if type(value) in (int, float) and not attr.startswith("_"):
+                found[(name, attr)] = value
+    return found
+
+
+def _shapes(model: nn.Module) -> dict:
+    """``{(tensor name, dim): size}`` for every parameter and buffer."""
+    tensors = itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+    return {(name, dim): size for name, tensor in tensors for dim, size in enumerate(tensor.shape)}
+
+
+def _implied(value: int, doubled: int, base: float, moved: float, pruned: float) -> Optional[int]:
+    """The field value that gives a size ``pruned``, where it gives ``base`` at ``value`` and
+    ``moved`` at ``doubled``: a linear size (``a * value + b``) or an inverse one (``a / value``)."""
+    if pruned == base or not all(isinstance(x, int) for x in (base, moved, pruned)):
+        return None
+    slope, rest = divmod(moved - base, doubled - value)
+    if slope and not rest and (pruned - base) % slope == 0:
+        implied = value + (pruned - base) // slope
+        return implied if implied > 0 else None
+    if base * value == moved * doubled and pruned and (base * value) % pruned == 0:
+        return base * value // pruned
+    return None
+
+
+def _candidates(model_class: type, config: Any, base: dict, pruned: dict) -> dict:
+    """``{field: values}``: the values each int field of ``config`` may take, its own first."""
+    candidates = {}
+    for name, value in config.to_dict().items():
+        if type(value) is not int or value < 1 or getattr(config, name, None) != value:
+            continue
+        varied = copy.deepcopy(config)
+        setattr(varied, name, 2 * value)
+        rebuilt = _rebuild(model_class, varied)
+        moved = {} if rebuilt is None else {**_shapes(rebuilt), **_attributes(rebuilt)}
+        implied = {_implied(value, 2 * value, base[key], moved[key], pruned[key])
+                   for key in base.keys() & moved.keys() & pruned.keys() if moved[key] != base[key]}
+        candidates[name] = [value, *sorted(v for v in implied - {None, value})]
+    return candidates
+
+
+def _mismatches(model: nn.Module, rebuilt: nn.Module, base_attributes: dict) -> tuple:
+    """``(how the rebuilt model differs from the pruned one, attributes to set)``.
+
+    Every shape must agree, and every attribute the pruning changed or a method reads; the
+    attributes only ``__init__`` reads are to take the rebuilt value."""
+    shapes, rebuilt_shapes = _shapes(model), _shapes(rebuilt)
+    problems = [f"{key[0]} would have {rebuilt_shapes[key]} along dim {key[1]}, not {shapes[key]}"
+                for key in sorted(shapes.keys() & rebuilt_shapes.keys()) if shapes[key] != rebuilt_shapes[key]]
+    attributes, rebuilt_attributes, stale = _attributes(model), _attributes(rebuilt), {}
+    for key in sorted(attributes.keys() & rebuilt_attributes.keys()):
+        value, wanted = attributes[key], rebuilt_attributes[key]
+        if value == wanted:
+            continue
+        if value != base_attributes.get(key) or read_after_init(model.get_submodule(key[0]), [key[1]]):
+            problems.append(f"{key[0] or type(model).__name__}.{key[1]} would be {wanted!r}, not {value!r}")
+        else:
+            stale[key] = wanted
+    return problems, stale
+
+
+def describe_pruned(model: nn.Module) -> ConfigUpdate:
+    """The :class:`ConfigUpdate` that makes ``model.config`` describe the pruned ``model``
+    (see the module docstring); ``model`` is not changed."""
+    model_class, config = type(model), model.config
+    original = _rebuild(model_class, copy.deepcopy(config))
+    if original is None:
+        return ConfigUpdate(problem=f"{model_class.__name__} cannot be rebuilt from its config on the meta device")
+    base, pruned = {**_shapes(original), **_attributes(original)}, {**_shapes(model), **_attributes(model)}
+    candidates = _candidates(model_class, config, base, pruned)
+    choices = [[(name, v) for v in values] for name, values in candidates.items() if len(values) > 1]
+    base_attributes, closest = _attributes(original), None
+    for combination in itertools.islice(itertools.product(*choices), _MAX_TRIALS):
+        varied = copy.deepcopy(config)
+        for name, value in combination:
+            setattr(varied, name, value)
+        rebuilt = _rebuild(model_class, varied)
+        if rebuilt is None:
+            continue
+        problems, stale = _mismatches(model, rebuilt, base_attributes)
+        fields = {name: value for name, value in combination if value != getattr(config, name)}
+        if not problems:
+            refusal = _refusal(varied)
+            if refusal is None:
+                return ConfigUpdate(fields, stale)
+            problems = [f"{type(config).__name__} refuses it: {refusal}"]
+        if closest is None or len(problems) < len(closest[1]):
+            closest = fields, problems
+    if closest is None:
+        return ConfigUpdate(problem="no value of its fields builds a model")
+    fields, problems = closest
+    setting = ", ".join(f"{k}={v}" for k, v in fields.items()) or "the config as it is"
+    more = f" (and {len(problems) - 1} more sizes)" if len(problems) > 1 else ""
+    return ConfigUpdate(problem=f"with {setting}, {problems[0]}{more}")

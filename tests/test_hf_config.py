@@ -1,0 +1,107 @@
+"""A pruned Hugging Face model's config describes it: the fields follow the pruning, found by
+rebuilding the model class on the meta device; attributes only ``__init__`` reads follow too;
+with ``uniform=True`` ``save_pretrained`` -> ``from_pretrained`` gives the same outputs. Where no
+config can describe the pruned model, it is left alone and a ConfigWarning says why."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import assert_model_unchanged, model_state
+from test_hf import IDS, build, logits
+
+import graphprune
+from graphprune.pruning import model_config
+
+transformers = pytest.importorskip("transformers")
+
+
+def reloaded(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return type(model).from_pretrained(tmp_path).eval()
+
+
+def int_fields(config) -> dict:
+    return {k: v for k, v in config.to_dict().items() if type(v) is int}
+
+
+def test_a_uniform_plan_of_llama_heads_round_trips_through_save_pretrained(tmp_path):
+    model, inputs = build("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", graphprune.ConfigWarning)
+        graphprune.prune(model, 0.25, inputs, prune_heads=True, uniform=True)
+    fields = int_fields(model.config)
+    assert {k: fields[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                                   "head_dim")} == {"hidden_size": 72, "intermediate_size": 96, "num_attention_heads": 6,
+                                                    "num_key_value_heads": 3, "head_dim": 12}
+    mlp = model.model.layers[1].mlp  # attributes only __init__ reads follow the config
+    assert (mlp.hidden_size, mlp.intermediate_size) == (72, 96)
+    loaded = reloaded(model, tmp_path)
+    assert torch.equal(logits(loaded, inputs), logits(model, inputs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tokens = loaded.generate(IDS[:1, :5], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert tokens.shape == (1, 8)
+
+
+@pytest.mark.parametrize("name, ratio", [("bert", {"*intermediate.dense": 0.3}), ("qwen2", {"*mlp.up_proj": 0.3})])
+def test_pruning_only_what_the_config_can_say_round_trips(name, ratio, tmp_path):
+    model, inputs = build(name)
+    size = model.config.intermediate_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", graphprune.ConfigWarning)
+        graphprune.prune(model, ratio, inputs, uniform=True)
+    assert model.config.intermediate_size == size - int(0.3 * size)
+    assert torch.equal(logits(reloaded(model, tmp_path), inputs), logits(model, inputs))
+
+
+def test_a_config_that_cannot_describe_the_model_is_left_alone_with_a_warning(tmp_path):
+    model, inputs = build("llama")
+    fields = int_fields(model.config)
+    with pytest.warns(graphprune.ConfigWarning, match="no longer describes the pruned LlamaForCausalLM: with "):
+        graphprune.prune(model, 0.3, inputs, prune_heads=True, global_ranking=True)  # layers pruned unequally
+    assert int_fields(model.config) == fields
+    produced = logits(model, inputs)
+    graphprune.save(model, tmp_path / "m.safetensors")
+    assert torch.equal(logits(graphprune.load(build("llama")[0], tmp_path / "m.safetensors"), inputs), produced)
+
+
+def test_a_config_its_own_validation_refuses_is_not_written():
+    model, inputs = build("llama")  # layers alike, but a hidden width that is no multiple of the head count
+    with pytest.warns(graphprune.ConfigWarning, match="LlamaConfig refuses it"):
+        graphprune.prune(model, 0.3, inputs, prune_heads=True, global_ranking=True, uniform=True)
+    assert model.config.hidden_size == 96
+
+
+def test_head_width_under_rotary_embeddings_is_not_what_the_config_says():
+    # the rotary frequencies and the attention scale depend on head_dim: a config with a
+    # smaller head_dim would build another function, so the config stays and says so
+    model, inputs = build("llama")
+    with pytest.warns(graphprune.ConfigWarning, match="rotary_emb"):
+        graphprune.prune(model, 0.25, inputs, uniform=True)
+    assert model.config.head_dim == 12
+
+
+def test_an_interrupt_while_describing_the_config_leaves_the_model_as_it_was(monkeypatch):
+    model, inputs = build("llama")
+    before, config = model_state(model), int_fields(model.config)
+
+    def interrupted(model):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("graphprune.session.describe_pruned", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        graphprune.prune(model, 0.25, inputs, prune_heads=True, uniform=True)
+    assert_model_unchanged(model, before)
+    assert int_fields(model.config) == config
+
+
+def test_describing_the_config_does_not_change_the_model():
+    model, _ = build("llama")
+    before = model_state(model)
+    update = model_config.describe_pruned(model)
+    assert update.problem is None and update.fields == {} and update.attributes == {}
+    assert_model_unchanged(model, before)
