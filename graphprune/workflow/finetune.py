@@ -5,8 +5,10 @@ made of PyTorch's own schedulers: :class:`~torch.optim.lr_scheduler.LinearLR` wa
 chained by :class:`~torch.optim.lr_scheduler.SequentialLR` to
 :class:`~torch.optim.lr_scheduler.CosineAnnealingLR` decay to zero. Options: MixUp / CutMix
 (``torchvision.transforms.v2``), knowledge distillation from an unpruned teacher, per-epoch
-test accuracy (:mod:`.evaluation`), and :class:`~torch.nn.parallel.DistributedDataParallel`
-when ``torch.distributed`` is initialised (run the same script under ``torchrun``).
+test accuracy (:mod:`.evaluation`), group-level sparse training (a
+:class:`~graphprune.workflow.sparse.GroupRegularizer`), and
+:class:`~torch.nn.parallel.DistributedDataParallel` when ``torch.distributed`` is initialised
+(run the same script under ``torchrun``).
 Iterative pruning (prune, fine-tune, repeat) lives in :mod:`.schedule`.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ from graphprune.validation import check_int, check_model, check_real
 
 from . import distributed as gdist
 from .evaluation import Device, accuracy, check_loader, resolve_device
+from .sparse import GroupRegularizer
 
 __all__ = ["finetune", "distillation_loss"]
 
@@ -37,7 +40,7 @@ def finetune(
     weight_decay: float = 5e-4, warmup_epochs: float = 1, teacher: Optional[nn.Module] = None,
     temperature: float = 4.0, alpha: float = 0.5, mixup: float = 0.0, cutmix: float = 0.0,
     num_classes: Optional[int] = None, eval_loader: Optional[Iterable] = None, device: Device = None,
-    progress: bool = True,
+    progress: bool = True, regularizer: Optional[GroupRegularizer] = None,
 ) -> list:
     """Fine-tune ``model`` in place and return its history, one dict per epoch.
 
@@ -58,6 +61,12 @@ def finetune(
     ``alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * CE`` with
     ``T = temperature`` (:func:`distillation_loss`); the teacher sees the same (mixed) inputs.
 
+    **Sparse training.** With a ``regularizer`` (a :class:`~graphprune.workflow.sparse.GroupRegularizer`
+    built on ``model``), its ``step()`` adds the penalty's gradient after every
+    ``loss.backward()`` (under DDP, to the averaged gradients), and a growing one's
+    ``update()`` runs at the start of every epoch. Prune afterwards with
+    ``criterion="group_norm"`` (``"bn_scale"`` after ``mode="bn_scale"``).
+
     **Devices.** ``device`` (default: the model's device; the current CUDA device under NCCL)
     is where the model is moved and every batch is sent.
 
@@ -69,16 +78,18 @@ def finetune(
     the reported loss and accuracy are global. Every rank must call ``finetune`` with
     loaders of the same length.
 
-    The history holds, per epoch: ``epoch`` (1-based), ``loss`` (mean training loss), ``lr``
-    (the rate of the epoch's last iteration), ``accuracy`` (top-1 on ``eval_loader`` after the
-    epoch, see :func:`evaluate`; None without one) and ``seconds``. A ``tqdm`` bar shows
+    The history holds, per epoch: ``epoch`` (1-based), ``loss`` (mean training loss, without
+    the penalty), ``lr`` (the rate of the epoch's last iteration), ``accuracy`` (top-1 on
+    ``eval_loader`` after the epoch, see :func:`evaluate`; None without one), ``seconds``, and
+    with a ``regularizer`` its ``penalty`` after the epoch. A ``tqdm`` bar shows
     progress on rank 0 when ``progress`` is true. The model's training flags are restored
     at the end, and its gradients cleared.
     """
     settings = _Settings.checked(model, train_loader, epochs=epochs, lr=lr, momentum=momentum,
                                  weight_decay=weight_decay, warmup_epochs=warmup_epochs, teacher=teacher,
                                  temperature=temperature, alpha=alpha, mixup=mixup, cutmix=cutmix,
-                                 num_classes=num_classes, eval_loader=eval_loader, progress=progress)
+                                 num_classes=num_classes, eval_loader=eval_loader, progress=progress,
+                                 regularizer=regularizer)
     device = resolve_device(model, device)
     with training_flags_kept(model, *([teacher] if teacher is not None else [])):
         trainer = _Trainer(model, train_loader, settings, device)
@@ -106,6 +117,7 @@ class _Settings:
     num_classes: Optional[int]
     eval_loader: Optional[Iterable]
     progress: bool
+    regularizer: Optional[GroupRegularizer]
 
     @classmethod
     def checked(cls, model: nn.Module, train_loader: Iterable, **options) -> "_Settings":
@@ -132,6 +144,8 @@ class _Settings:
             o["num_classes"] = check_int(o["num_classes"], "num_classes", 2)
         if o["eval_loader"] is not None:
             check_loader(o["eval_loader"], "eval_loader")
+        if o["regularizer"] is not None:
+            _check_regularizer(o["regularizer"], model)
         if not isinstance(o["progress"], bool):
             raise TypeError(f"progress must be True or False, got {type(o['progress']).__name__}")
         if not any(p.requires_grad for p in model.parameters()):
@@ -176,6 +190,8 @@ class _Trainer:
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         bar = tqdm(self.loader, total=self.s.steps_per_epoch, desc=f"fine-tune {epoch + 1}/{self.s.epochs}",
                    unit="batch", disable=not self.s.progress or self.rank != 0, leave=False)
+        if self.s.regularizer is not None and self.s.regularizer.growing:
+            self.s.regularizer.update()
         for index, batch in enumerate(bar):
             loss, count = self.step(LoaderBatch(batch, index, "train_loader", self.device, "cross-entropy"), epoch)
             loss_sum += loss.detach().double() * count
@@ -194,6 +210,8 @@ class _Trainer:
             raise FloatingPointError(f"the training loss became {loss.item()} at epoch {epoch + 1}; lower lr (now {self.last_lr:g})")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.s.regularizer is not None:
+            self.s.regularizer.step()
         self.optimizer.step()
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
@@ -208,10 +226,22 @@ class _Trainer:
         top1 = accuracy(self.model, eval_loader, "eval_loader", self.device, None) if eval_loader is not None else None
         record = {"epoch": epoch + 1, "loss": total_loss / max(total_seen, 1), "lr": self.last_lr, "accuracy": top1,
                   "seconds": seconds}
+        if self.s.regularizer is not None:
+            with torch.no_grad():
+                record["penalty"] = float(self.s.regularizer.penalty())
         if self.s.progress and self.rank == 0:
             text = f"epoch {epoch + 1}/{self.s.epochs}: loss {record['loss']:.4f}, lr {self.last_lr:.3g}"
             tqdm.write(text + (f", accuracy {100 * top1:.2f}%" if top1 is not None else ""))
         return record
+
+
+def _check_regularizer(regularizer: object, model: nn.Module) -> None:
+    if not isinstance(regularizer, GroupRegularizer):
+        raise TypeError(f"regularizer must be a graphprune.GroupRegularizer, got {type(regularizer).__name__}")
+    if regularizer.model is not model:
+        raise ValueError(f"the regularizer was built on another {type(regularizer.model).__name__} object than the model "
+                         "given; build it on this model (after any pruning)")
+    regularizer.check()
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Iterative pruning: :func:`prune_schedule` alternates :func:`graphprune.prune` and
-:func:`graphprune.finetune` over a list of cumulative ratios, e.g. ``ratios=[0.2, 0.35, 0.5]``.
+:func:`graphprune.finetune` over a list of cumulative ratios, e.g. ``ratios=[0.2, 0.35, 0.5]``,
+optionally with group-level sparse training (:mod:`.sparse`) between the pruning steps.
 """
 from __future__ import annotations
 
@@ -10,15 +11,18 @@ from torch import nn
 from graphprune.api import prune
 from graphprune.criteria import get_criterion
 from graphprune.reporting.measure import count_parameters
-from graphprune.validation import check_int, check_model, check_real
+from graphprune.validation import check_int, check_model, check_real, warn_caller
 
 from . import distributed as gdist
 from .finetune import finetune
+from .sparse import GroupRegularizer, check_settings
 
 __all__ = ["prune_schedule"]
 
 _RESERVED = ("ratio", "example_inputs", "criterion", "inplace", "return_result", "target_flops", "target_params",
              "target_latency")
+_SETTINGS = ("coefficient", "mode", "delta", "max_coefficient")  # GroupRegularizer's, the schedule sets the rest
+_ANALYSIS = ("prune_heads", "ignored_layers", "leaf_modules", "capture")
 
 
 def prune_schedule(
@@ -30,6 +34,7 @@ def prune_schedule(
     epochs_per_step: int,
     criterion: Any = "l1",
     prune_kwargs: Optional[Mapping[str, Any]] = None,
+    regularizer: Optional[Mapping[str, Any]] = None,
     **finetune_kwargs: Any,
 ) -> list:
     """Iterative pruning: for each entry of ``ratios``, prune then fine-tune; the model is pruned in place.
@@ -46,6 +51,16 @@ def prune_schedule(
     :func:`graphprune.workflow.distributed.sync_criterion` so that every rank removes the same channels.
     ``prune_kwargs`` may not set ``ratio``, ``criterion``, ``inplace``, budgets or
     ``return_result``.
+
+    ``regularizer`` adds group-level sparse training: the settings (``coefficient``, ``mode``,
+    ``delta``, ``max_coefficient``) of a :class:`~graphprune.workflow.sparse.GroupRegularizer`,
+    not an instance, because every pruning step changes the groups. After each step but the
+    last, a fresh regulariser is built on the pruned model (with ``example_inputs`` and
+    ``prune_kwargs``' analysis options) and passed to that step's fine-tune, so that it
+    prepares the next step; the last fine-tune, after which nothing is pruned, runs without.
+    With ``delta`` (or ``max_coefficient``) it is a growing regulariser whose ``target_ratio``
+    is the next step's ratio. Pair it with ``criterion="group_norm"`` (or ``"bn_scale"`` for
+    ``mode="bn_scale"``).
 
     Returns one dict per step: ``step`` (1-based), ``ratio`` (cumulative), ``step_ratio``
     (passed to prune), ``parameters`` (after pruning) and ``finetune`` (its history).
@@ -64,16 +79,52 @@ def prune_schedule(
         raise ValueError(f"prune_kwargs may not set {', '.join(clash)}: prune_schedule sets them")
     if "epochs" in finetune_kwargs:
         raise ValueError("pass epochs_per_step, not epochs: prune_schedule fine-tunes that many epochs per step")
+    settings = _checked_settings(regularizer, len(checked))
     criterion = get_criterion(criterion)
     if gdist.is_distributed():
         criterion = gdist.sync_criterion(criterion)
     history, previous = [], 0.0
     for step, target in enumerate(checked, start=1):
-        # +1e-9: 1 - 0.5 / 0.75 must floor like 1/3 does
-        step_ratio = min(1.0 - (1.0 - target) / (1.0 - previous) + 1e-9, 1.0 - 1e-9)
+        step_ratio = _step_ratio(target, previous)
         prune(model, step_ratio, example_inputs, criterion=criterion, inplace=True, **prune_kwargs)
         record = {"step": step, "ratio": target, "step_ratio": step_ratio, "parameters": count_parameters(model)}
-        record["finetune"] = finetune(model, train_loader, epochs=epochs_per_step, **finetune_kwargs)
+        options = dict(finetune_kwargs)
+        if settings is not None and step < len(checked):
+            next_ratio = _step_ratio(checked[step], target) if "delta" in settings else None
+            analysis = {key: prune_kwargs[key] for key in _ANALYSIS if key in prune_kwargs}
+            options["regularizer"] = GroupRegularizer(model, example_inputs, target_ratio=next_ratio, **settings,
+                                                      **analysis)
+        record["finetune"] = finetune(model, train_loader, epochs=epochs_per_step, **options)
         history.append(record)
         previous = target
     return history
+
+
+def _step_ratio(target: float, previous: float) -> float:
+    """The ratio that takes a model pruned to ``previous`` to ``target`` (both cumulative)."""
+    # +1e-9: 1 - 0.5 / 0.75 must floor like 1/3 does
+    return min(1.0 - (1.0 - target) / (1.0 - previous) + 1e-9, 1.0 - 1e-9)
+
+
+def _checked_settings(regularizer: Any, steps: int) -> Optional[dict]:
+    """The regulariser's settings, checked before anything is pruned (growing ones with
+    ``delta`` set, so that each step's regulariser grows)."""
+    if regularizer is None:
+        return None
+    if isinstance(regularizer, GroupRegularizer) or not isinstance(regularizer, Mapping):
+        raise TypeError(
+            f"regularizer must be a mapping of GroupRegularizer settings such as {{'coefficient': 1e-3}}, got "
+            f"{type(regularizer).__name__}: every pruning step changes the groups, so prune_schedule builds a fresh "
+            "regulariser on each pruned model")
+    unknown = [key for key in regularizer if key not in _SETTINGS]
+    if unknown:
+        raise ValueError(f"regularizer may set only {', '.join(_SETTINGS)}, not {', '.join(map(str, unknown))} "
+                         "(the analysis options come from prune_kwargs, target_ratio from the next step's ratio)")
+    growing = "delta" in regularizer or "max_coefficient" in regularizer
+    checked = check_settings(**regularizer, growing=growing)
+    if steps == 1:
+        warn_caller("regularizer has no effect with a single ratio: it trains the fine-tunes between pruning steps")
+    settings = dict(regularizer)
+    if growing:
+        settings["delta"] = checked.delta
+    return settings
