@@ -3,9 +3,11 @@
 A channel that no consumer reads is dead: removing it (from its producers, norms, scales and
 consumers alike) must leave every output unchanged. The oracle makes random channels dead in a
 copy of the model by zeroing the consumer ("in") weights that read them and, by default, the
-producer ("out") rows that write them (so that a weightless consumer such as the q·k product
-of attention also sees zeros), prunes exactly those channels from the model itself through the
-engine's surgery, and compares both in float64. A wrong group (a wrong index map, a wrong
+producer ("out") rows that write them and the parameters read directly (role "param": a
+weight a matmul reads, ``x @ self.weight.T``, a scale, a position embedding), so that a
+weightless consumer such as the q·k product of attention also sees zeros; it prunes exactly
+those channels from the model itself through the engine's surgery, and compares both in
+float64. A wrong group (a wrong index map, a wrong
 offset in a concat, a member that should not have been coupled) shows up as a mismatch or as
 a forward error.
 
@@ -99,7 +101,7 @@ def dead_channel_oracle(
             continue
         plan[group] = chosen
         for member in group.members:
-            if member.role != "in" and not (zero_producers and member.role == "out"):
+            if member.role != "in" and not (zero_producers and member.role in ("out", "param")):
                 continue
             tensor = getattr(zeroed.get_submodule(member.module), member.param)
             positions = np.flatnonzero(np.isin(member.index_map, chosen))

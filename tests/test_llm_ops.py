@@ -3,6 +3,8 @@ hand-written RMSNorm (a mean over the channels), rotary position embeddings (cos
 frequency buffer, ``rotate_half`` slicing head_dim in halves) and a sum over channels."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import group_of
@@ -143,3 +145,126 @@ def test_a_split_by_one_size_ties_its_equal_parts(capture):
     model = _FusedQKV().eval()
     graphprune.prune(model, 0.5, x, capture=capture)
     assert model.split_size == 8 and model.embed_dim == 16 and model.qkv.out_features == 24 and model(x).shape == x.shape
+
+
+class _AlibiAttention(nn.Module):
+    """Scores as BLOOM computes them: ``baddbmm(alibi, q, k.T)``, a per-head linear bias added
+    to the product in one op, on q, k, v of shape (batch * heads, tokens, head_dim); the
+    values are multiplied by the transposed probabilities' transpose (``x.T`` of a matrix)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.qkv, self.o = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.inv_norm_factor = self.head_dim**-0.5  # set once, as BLOOM does: pruning keeps the scale
+        self.register_buffer("slopes", torch.tensor([0.5, 0.25]), persistent=False)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).reshape(
+            3, B * self.num_heads, N, self.head_dim)
+        alibi = (self.slopes[:, None] * torch.arange(N, dtype=x.dtype)).repeat(B, 1)[:, None, :]
+        probs = torch.baddbmm(alibi, q, k.transpose(1, 2), beta=1.0, alpha=self.inv_norm_factor).softmax(-1)
+        out = torch.bmm(probs, v).view(B, self.num_heads, N, self.head_dim).transpose(1, 2).reshape(B, N, -1)
+        return self.o(out) + (x.sum(-1).T @ x.sum(-1)).mean()
+
+
+def test_baddbmm_contracts_head_width_and_a_transposed_matrix_reverses():
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    report = graphprune.analyze(_AlibiAttention().eval(), x, capture="fx")
+    q_width = group_of(report, "qkv.weight", 0)
+    assert q_width.prunable and {"qkv", "o"} <= set(q_width.layers())
+    summary = dead_channel_oracle(_AlibiAttention().eval(), x, capture="fx")
+    assert summary["groups_tested"] >= 1 and summary["params_after"] < summary["params_before"]
+    # torch.export records aten.baddbmm and aten.numpy_T: both have a rule there too
+    exported = graphprune.analyze(_AlibiAttention().eval(), x, capture="export")
+    assert not [r for g in exported.groups for r in g.blocked if "baddbmm" in r or "numpy_T" in r]
+
+
+class _TransposedLinear(nn.Linear):
+    """A linear layer written as ``x @ self.weight.T`` (Falcon's ``FalconLinear``): the weight
+    is read directly by a matmul, through a transpose that is an attribute."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class _TransposedMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = _TransposedLinear(8, 32), _TransposedLinear(32, 8)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)).mT.mT)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_weight_read_through_its_transpose_attribute_prunes_exactly(capture):
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    group = group_of(graphprune.analyze(_TransposedMLP().eval(), x, capture=capture), "up.weight", 0)
+    assert group.prunable and group.exact and {("down.weight", 1), ("up.bias", 0)} <= {(m.name, m.dim) for m in group.members}
+    summary = dead_channel_oracle(_TransposedMLP().eval(), x, capture=capture)
+    assert summary["groups_tested"] == 1 and summary["params_after"] < summary["params_before"]
+
+
+class _ScaledInForward(nn.Module):
+    """Attention that divides its scores by ``math.sqrt(self.head_dim)`` in forward (MPNet does):
+    the scale follows the pruned head width, so pruning it is approximate. With the scale set
+    once in ``__init__`` (``set_once``), it stays and pruning is exact."""
+
+    def __init__(self, set_once: bool, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.scaling = self.head_dim**-0.5 if set_once else None
+        self.qkv, self.o = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-2, -1)
+        scores = scores * self.scaling if self.scaling is not None else scores / math.sqrt(self.head_dim)
+        return self.o((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, N, -1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("set_once", [False, True])
+def test_a_scale_computed_from_the_head_width_in_forward_makes_its_pruning_approximate(capture, set_once):
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    group = group_of(graphprune.analyze(_ScaledInForward(set_once).eval(), x, capture=capture), "qkv.weight", 0)
+    assert group.prunable and group.exact is set_once
+    if not set_once:
+        assert "scales by 2.82843, computed from head_dim = 8 in forward" in group.status
+    else:
+        summary = dead_channel_oracle(_ScaledInForward(True).eval(), x, capture=capture, assumed=True)
+        assert summary["groups_tested"] == 1
+
+
+class _BiasedAttention(nn.Module):
+    """T5-style attention: a learned bias per head (an embedding of the relative position) goes
+    to ``scaled_dot_product_attention`` as its ``attn_mask``, added to every head's scores."""
+
+    def __init__(self, dim: int = 16, heads: int = 4):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.qkv, self.o = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.relative_bias = nn.Embedding(9, heads)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        positions = torch.arange(N, device=x.device)
+        bias = self.relative_bias((positions[None, :] - positions[:, None]).clamp(-4, 4) + 4).permute(2, 0, 1)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias[None], scale=1.0)
+        return self.o(out.transpose(1, 2).reshape(B, N, -1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_per_head_bias_given_as_attn_mask_goes_with_the_heads(capture):
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    widths = graphprune.analyze(_BiasedAttention().eval(), x, capture=capture)
+    assert not group_of(widths, "relative_bias.weight", 1).prunable  # the heads stay: their bias too
+    heads = graphprune.analyze(_BiasedAttention().eval(), x, capture=capture, prune_heads=True)
+    group = group_of(heads, "relative_bias.weight", 1)
+    assert group.prunable and group.size == 4 and "qkv" in group.layers()
+    summary = dead_channel_oracle(_BiasedAttention().eval(), x, capture=capture, prune_heads=True, assumed=True)
+    assert summary["groups_tested"] >= 1

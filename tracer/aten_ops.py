@@ -132,18 +132,25 @@ TORCH_FORMS: dict = {
     aten.expand: lambda args, kwargs: _method("expand")(args[:2], {}), aten.repeat: _method("repeat"),
     aten.expand_as: lambda args, kwargs: ("call_method", "expand_as", args[:2], {}),
     aten.permute: _same(torch.permute), aten.transpose: _same(torch.transpose), aten.t: _same(torch.t),
+    **{packet: (lambda args, kwargs: ("call_function", torch.transpose, (args[0], -2, -1), {}))
+       for packet in (aten.mT, aten.mH, aten.adjoint)},  # x.mT: the last two dims swapped
     aten.unsqueeze: _same(torch.unsqueeze), aten.squeeze: _same(torch.squeeze),
     aten.flatten: _same(torch.flatten), aten.unflatten: _same(torch.unflatten),
     aten.cat: _same(torch.cat), aten.concat: _same(torch.cat), aten.stack: _same(torch.stack),
     aten.split: _same(torch.split), aten.split_with_sizes: _same(torch.split), aten.chunk: _same(torch.chunk),
     aten.unbind: _same(torch.unbind),
     aten.matmul: _same(torch.matmul), aten.mm: _same(torch.matmul), aten.bmm: _same(torch.bmm),
-    aten.addmm: _same(torch.addmm, 3),
+    aten.addmm: _same(torch.addmm, 3), aten.baddbmm: _same(torch.baddbmm),
     aten.scaled_dot_product_attention: _same(F.scaled_dot_product_attention),
     aten.linalg_vector_norm: _vector_norm, aten.sym_size: _sized,
 }
-# ops that index one dim of their first argument: they need its number of dims
-_INDEXING: dict = {aten.slice: _slice, aten.select: _select, aten.index: _advanced}
+def _reversed_dims(args: tuple, kwargs: dict, ndim: int) -> Call:
+    """``aten.numpy_T(x)`` (``x.T``) is ``x.permute(ndim - 1, …, 0)``."""
+    return "call_function", torch.permute, (args[0], tuple(range(ndim - 1, -1, -1))), {}
+
+
+# ops whose torch form needs the number of dims of their first argument
+_INDEXING: dict = {aten.slice: _slice, aten.select: _select, aten.index: _advanced, aten.numpy_T: _reversed_dims}
 # checks torch.export inserts; they compute nothing
 _CHECKS = (aten._assert_tensor_metadata, aten._assert_scalar, aten._assert_async, aten.sym_constrain_range_for_size,
            aten.sym_constrain_range)

@@ -3,6 +3,7 @@ order (the rules are in :mod:`graphprune.analysis.rules`, their shared state in
 :mod:`graphprune.analysis.propagation`)."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import networkx as nx
@@ -30,6 +31,7 @@ def propagate(graph: nx.DiGraph, prune_heads: bool = False) -> Propagation:
             state.block(state.labels[name], Reason(BlockKind.MODEL_OUTPUT,
                                                    f"stored on {stored_as} by forward (an output outside the graph)"))
     share_attributes(state)
+    note_computed_scales(state)
     enforce_sizes(state)
     return state
 
@@ -50,6 +52,28 @@ def share_attributes(state: Propagation) -> None:
             else:
                 state.block((first, ids), Reason(BlockKind.FIXED_SIZE, f"{module}.{attr} sizes dims that cannot keep "
                                                  "one count (of different lengths)"))
+
+
+def note_computed_scales(state: Propagation) -> None:
+    """A number in the graph equal to ``sqrt(n)`` or ``1 / sqrt(n)``, where ``n`` is the value of
+    an attribute a rule follows, and held by no float attribute of the model, was computed from
+    that attribute in the forward (``scores / math.sqrt(self.head_dim)``): it changes with the
+    pruning, so the dims that follow the attribute prune approximately (a note). A scale set
+    once (``self.scaling = head_dim ** -0.5`` in ``__init__``) stays, and the pruning is exact."""
+    followed: dict = {}
+    for member in state.attr_members:
+        value = getattr(state.module(member.module), member.attr, None)
+        if type(value) is int and value > 1:
+            followed.setdefault(value, []).append(member)
+    held = {v for m in state.model.modules() for v in vars(m).values() if type(v) is float}
+    for _, attrs in state.graph.nodes(data=True):
+        for number in (a for a in (*attrs["fx"].args, *attrs["fx"].kwargs.values()) if type(a) is float):
+            for value, members in followed.items():
+                if number not in held and any(math.isclose(number, r, rel_tol=1e-6) for r in (value**0.5, value**-0.5)):
+                    for member in members:
+                        attribute = f"{member.module}.{member.attr}".lstrip(".")
+                        state.note(member.ids, f"{attrs['fx'].name} scales by {number:g}, computed from "
+                                               f"{attribute} = {value} in forward")
 
 
 def enforce_sizes(state: Propagation) -> None:

@@ -3,8 +3,9 @@ pruned model.
 
 Which sizes a config field sets, and how, is read off the model class itself rather than
 written per architecture: the class is rebuilt on the meta device (no memory, milliseconds)
-from the config with one field doubled, and every tensor dimension and module attribute that
-moves follows that field, in proportion, offset or inversely (``head_dim = hidden / heads``).
+from the config with one int field (or one int of a list field, as a stage's width in
+``hidden_sizes``) doubled, and every tensor dimension and module attribute that moves follows
+that field, in proportion, offset or inversely (``head_dim = hidden / heads``).
 After pruning, each such size implies a value of its field; the combinations of implied
 values are rebuilt in turn, and the one whose model has the pruned model's every tensor shape,
 every attribute the pruning changed and every attribute its modules' methods read is the new
@@ -59,14 +60,16 @@ def builds_from_config(model: nn.Module) -> bool:
     return callable(getattr(getattr(model, "config", None), "to_dict", None))
 
 
-def _rebuild(model_class: type, config: Any) -> Optional[nn.Module]:
-    """``model_class(config)`` on the meta device, or None when the class refuses the config."""
+def _rebuild(model_class: type, config: Any, values: dict) -> tuple:
+    """``(config with {(field, index): value} set, model_class(that config) on the meta device)``,
+    or ``(None, None)`` when the config or the class refuses the values."""
     try:
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
-            return model_class(config)
-    except Exception:  # noqa: BLE001 - a config the class refuses is simply not a candidate
-        return None
+            varied = _varied(config, values)
+            return varied, model_class(varied)
+    except Exception:  # noqa: BLE001 - values a config or class refuses are simply not a candidate
+        return None, None
 
 
 def _refusal(config: Any) -> Optional[str]:
@@ -112,19 +115,40 @@ def _implied(value: int, doubled: int, base: float, moved: float, pruned: float)
     return None
 
 
-def _candidates(model_class: type, config: Any, base: dict, pruned: dict) -> dict:
-    """``{field: values}``: the values each int field of ``config`` may take, its own first."""
-    candidates = {}
+def _size_fields(config: Any) -> dict:
+    """``{(field, index): value}`` for every positive int field of ``config``, and every int
+    of a list field (a stage's width in ``hidden_sizes``), index None for a plain int."""
+    found = {}
     for name, value in config.to_dict().items():
-        if type(value) is not int or value < 1 or getattr(config, name, None) != value:
+        if getattr(config, name, None) != value:
             continue
-        varied = copy.deepcopy(config)
-        setattr(varied, name, 2 * value)
-        rebuilt = _rebuild(model_class, varied)
+        items = [(None, value)] if type(value) is int else enumerate(value) if isinstance(value, list) else ()
+        found.update({(name, i): v for i, v in items if type(v) is int and v >= 1})
+    return found
+
+
+def _varied(config: Any, values: dict) -> Any:
+    """A copy of ``config`` with ``{(field, index): value}`` set."""
+    varied = copy.deepcopy(config)
+    for (name, index), value in values.items():
+        if index is None:
+            setattr(varied, name, value)
+        else:
+            items = list(getattr(varied, name))
+            items[index] = value
+            setattr(varied, name, items)
+    return varied
+
+
+def _candidates(model_class: type, config: Any, base: dict, pruned: dict) -> dict:
+    """``{(field, index): values}``: the values each size field of ``config`` may take, its own first."""
+    candidates = {}
+    for key, value in _size_fields(config).items():
+        rebuilt = _rebuild(model_class, config, {key: 2 * value})[1]
         moved = {} if rebuilt is None else {**_shapes(rebuilt), **_attributes(rebuilt)}
-        implied = {_implied(value, 2 * value, base[key], moved[key], pruned[key])
-                   for key in base.keys() & moved.keys() & pruned.keys() if moved[key] != base[key]}
-        candidates[name] = [value, *sorted(v for v in implied - {None, value})]
+        implied = {_implied(value, 2 * value, base[k], moved[k], pruned[k])
+                   for k in base.keys() & moved.keys() & pruned.keys() if moved[k] != base[k]}
+        candidates[key] = [value, *sorted(v for v in implied - {None, value})]
     return candidates
 
 
@@ -152,7 +176,7 @@ def describe_pruned(model: nn.Module) -> ConfigUpdate:
     """The :class:`ConfigUpdate` that makes ``model.config`` describe the pruned ``model``
     (see the module docstring); ``model`` is not changed."""
     model_class, config = type(model), model.config
-    original = _rebuild(model_class, copy.deepcopy(config))
+    original = _rebuild(model_class, config, {})[1]
     if original is None:
         return ConfigUpdate(problem=f"{model_class.__name__} cannot be rebuilt from its config on the meta device")
     base, pruned = {**_shapes(original), **_attributes(original)}, {**_shapes(model), **_attributes(model)}
@@ -160,14 +184,11 @@ def describe_pruned(model: nn.Module) -> ConfigUpdate:
     choices = [[(name, v) for v in values] for name, values in candidates.items() if len(values) > 1]
     base_attributes, closest = _attributes(original), None
     for combination in itertools.islice(itertools.product(*choices), _MAX_TRIALS):
-        varied = copy.deepcopy(config)
-        for name, value in combination:
-            setattr(varied, name, value)
-        rebuilt = _rebuild(model_class, varied)
+        varied, rebuilt = _rebuild(model_class, config, dict(combination))
         if rebuilt is None:
             continue
         problems, stale = _mismatches(model, rebuilt, base_attributes)
-        fields = {name: value for name, value in combination if value != getattr(config, name)}
+        fields = {name: getattr(varied, name) for (name, _), _ in combination if getattr(varied, name) != getattr(config, name)}
         if not problems:
             refusal = _refusal(varied)
             if refusal is None:

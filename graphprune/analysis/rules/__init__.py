@@ -61,7 +61,7 @@ _SPATIAL = (
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d, F.avg_pool1d,
     F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.interpolate, F.upsample,
 )
-_METADATA = ("size", "dim", "numel", "type", getattr, len)
+_METADATA = ("size", "dim", "numel", "type", len)
 
 RULES: dict = {
     nn.Conv1d: layers.conv, nn.Conv2d: layers.conv, nn.Conv3d: layers.conv,
@@ -82,7 +82,7 @@ RULES: dict = {
     **{op: pointwise.unary for op in _UNARY},
     **{op: pointwise.reduction for op in _REDUCTIONS},
     **{op: pointwise.spatial for op in _SPATIAL},
-    **{op: pointwise.metadata for op in _METADATA},
+    **{op: pointwise.metadata for op in _METADATA}, getattr: pointwise.attribute,
     F.softmax: pointwise.softmax, F.log_softmax: pointwise.softmax, torch.softmax: pointwise.softmax,
     "softmax": pointwise.softmax, "log_softmax": pointwise.softmax,
     F.layer_norm: pointwise.layer_norm, F.rms_norm: pointwise.rms_norm, F.normalize: pointwise.normalize,
@@ -103,6 +103,7 @@ RULES: dict = {
     operator.getitem: shape.getitem,
     operator.matmul: contraction.matmul, torch.matmul: contraction.matmul, torch.bmm: contraction.matmul,
     "matmul": contraction.matmul, "bmm": contraction.matmul, torch.addmm: contraction.addmm,
+    torch.baddbmm: contraction.baddbmm, "baddbmm": contraction.baddbmm,
     F.scaled_dot_product_attention: contraction.scaled_dot_product_attention,
     torch.unbind: contraction.unbind, "unbind": contraction.unbind,
 }

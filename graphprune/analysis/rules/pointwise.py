@@ -138,6 +138,16 @@ def metadata(state: Propagation, node: fx.Node):
     return None
 
 
+def attribute(state: Propagation, node: fx.Node):
+    """``getattr(x, name)``: ``x.T`` / ``x.H`` reverse the dims, ``x.mT`` / ``x.mH`` swap the
+    last two (tensors, as ``transpose``); any other attribute (``x.shape``) is :func:`metadata`."""
+    name = node.args[1] if len(node.args) > 1 else None
+    if name in ("T", "H", "mT", "mH") and isinstance(state.value(node), TensorSpec):
+        x = state.labels_of(node.args[0])
+        return tuple(reversed(x)) if name in ("T", "H") else x[:-2] + (x[-1], x[-2])
+    return metadata(state, node)
+
+
 def _size_source(state: Propagation, node: fx.Node):
     """``(ids, divisor)`` of a size node, a tuple of them for a whole shape, or None."""
     args = node.args
