@@ -75,6 +75,8 @@ def build(kind: str) -> tuple:
                 setattr(config, name, value)
     if getattr(config, "pad_token_id", None) is not None and config.pad_token_id >= config.vocab_size:
         config.pad_token_id = 0
+    if isinstance(getattr(config, "layer_types", None), list) and hasattr(config, "num_hidden_layers"):  # one per layer
+        config.layer_types = config.layer_types[: config.num_hidden_layers]
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -149,18 +149,38 @@ def make_criterion(name: str, train: list, targets: list):
     return graphprune.criteria.Taylor(list(zip(train, targets)), loss_fn=loss, max_batches=8, progress=False)
 
 
-def distill(student, teacher_embeddings: list, train: list, epochs: int, lr: float, seed: int) -> None:
-    """``epochs`` passes over ``train`` minimising 1 - cos(student, teacher) of the embeddings."""
+def distill(student, teacher_embeddings: list, train: list, epochs: int, lr: float, seed: int,
+            regularizer=None) -> None:
+    """``epochs`` passes over ``train`` minimising 1 - cos(student, teacher) of the embeddings;
+    with a ``regularizer`` (a growing GroupRegularizer) its gradient joins after every backward
+    and its coefficients grow at the start of every epoch."""
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     student.train()
     for _ in range(epochs):
+        if regularizer is not None:
+            regularizer.update()
         for i in np.random.default_rng(seed).permutation(len(train)):
             loss = 1 - F.cosine_similarity(mean_pooled(student, train[i]), teacher_embeddings[i]).mean()
             optimizer.zero_grad()
             loss.backward()
+            if regularizer is not None:
+                regularizer.step()
             optimizer.step()
     student.eval()
+
+
+def sparse_then_prune(teacher, student, example: dict, removed: float, targets: list, train: list, args) -> None:
+    """Sparse distillation, then pruning: the ratio that meets the budget is found on a copy;
+    ``args.epochs`` of distillation with growing group regularisation at that ratio push the
+    channels to be removed toward zero; then the budget is pruned with the group_norm criterion."""
+    ratio = graphprune.prune(copy.deepcopy(teacher), example_inputs=example, prune_heads=True,
+                             target_params=1 - removed, return_result=True).ratio
+    regularizer = graphprune.GroupRegularizer(student, example, prune_heads=True, coefficient=args.sparse_coefficient,
+                                              target_ratio=ratio, delta=args.sparse_delta)
+    distill(student, targets, train, args.epochs, args.lr, args.seed, regularizer=regularizer)
+    graphprune.prune(student, example_inputs=example, criterion="group_norm", prune_heads=True,
+                     target_params=1 - removed)
 
 
 def run(args) -> list:
@@ -177,8 +197,11 @@ def run(args) -> list:
         for name in args.criteria:
             student = copy.deepcopy(teacher)
             start = time.perf_counter()
-            graphprune.prune(student, example_inputs=example, criterion=make_criterion(name, train, targets),
-                             prune_heads=True, target_params=1 - removed)
+            if name == "sparse":
+                sparse_then_prune(teacher, student, example, removed, targets, train, args)
+            else:
+                graphprune.prune(student, example_inputs=example, criterion=make_criterion(name, train, targets),
+                                 prune_heads=True, target_params=1 - removed)
             seconds = time.perf_counter() - start
             row = {"removed": removed, "criterion": name, "seconds": seconds,
                    "params": count_parameters(student) / base["params"],
@@ -221,7 +244,10 @@ def table(rows: list, args) -> str:
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--removed", default="0.2,0.3,0.5", help="fractions of the parameters to remove (default 0.2,0.3,0.5)")
-    parser.add_argument("--criteria", default="l1,taylor,random", help="comma-separated criteria (default l1,taylor,random)")
+    parser.add_argument("--criteria", default="l1,taylor,random", help="comma-separated criteria (default l1,taylor,random); "
+                        "'sparse': sparse distillation (growing group regularisation), then group_norm pruning")
+    parser.add_argument("--sparse-coefficient", type=float, default=1e-4, help="sparse: starting coefficient")
+    parser.add_argument("--sparse-delta", type=float, default=1e-3, help="sparse: rise per epoch of the scheduled channels")
     parser.add_argument("--train", type=int, default=4096, help="training sentences (default 4096)")
     parser.add_argument("--test", type=int, default=512, help="held-out sentences (default 512)")
     parser.add_argument("--epochs", type=int, default=3, help="distillation epochs (default 3)")

@@ -105,3 +105,46 @@ def test_describing_the_config_does_not_change_the_model():
     update = model_config.describe_pruned(model)
     assert update.problem is None and update.fields == {} and update.attributes == {}
     assert_model_unchanged(model, before)
+
+
+class _TinyConfig:
+    """Any config object with ``to_dict`` (not only Hugging Face's) is kept true."""
+
+    def __init__(self, inner: int = 32):
+        self.inner = inner
+
+    def to_dict(self) -> dict:
+        return {"inner": self.inner}
+
+
+class _Tiny(torch.nn.Module):
+    """A model built from its config, with a buffer computed from it (saved or not)."""
+
+    saved = True
+
+    def __init__(self, config: _TinyConfig):
+        super().__init__()
+        self.config = config
+        self.up, self.down = torch.nn.Linear(8, config.inner), torch.nn.Linear(config.inner, 8)
+        self.register_buffer("scale", torch.tensor(config.inner**-0.5), persistent=self.saved)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)) * self.scale)
+
+
+class _TinyUnsaved(_Tiny):
+    saved = False
+
+
+def test_any_config_object_follows_and_an_unsaved_buffer_computed_from_it_is_checked():
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
+    model = _Tiny(_TinyConfig()).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", graphprune.ConfigWarning)
+        graphprune.prune(model, 0.25, x)
+    assert model.config.inner == 24 and model.up.out_features == 24
+    # not saved, the buffer would be computed again from inner=24: another scale, another model
+    model = _TinyUnsaved(_TinyConfig()).eval()
+    with pytest.warns(graphprune.ConfigWarning, match="scale, computed from the config and not saved"):
+        graphprune.prune(model, 0.25, x)
+    assert model.config.inner == 32 and model.up.out_features == 24

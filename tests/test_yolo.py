@@ -1,5 +1,5 @@
-"""ultralytics YOLO, built from its yaml (no downloads): detect, segment and pose models prune
-at 0.3 through the one call, keep every output's shape, save and load, and still predict
+"""ultralytics YOLO, built from its yaml (no downloads): detect, segment and pose models (and
+YOLOv10's end-to-end head, never tuned for) prune at 0.3 through the one call, keep every output's shape, save and load, and still predict
 through the ``YOLO`` object; the Detect head's DFL bins and class channels are never pruned.
 A pruned model exports to ONNX and trains a step through ultralytics' own trainer.
 ultralytics is a test extra; without it these tests are skipped."""
@@ -35,7 +35,7 @@ def outputs(model) -> list:
         return flat_outputs(model(X))
 
 
-@pytest.mark.parametrize("config", ["yolov8n.yaml", "yolo11n.yaml", "yolov8n-seg.yaml", "yolov8n-pose.yaml"])
+@pytest.mark.parametrize("config", ["yolov8n.yaml", "yolo11n.yaml", "yolov8n-seg.yaml", "yolov8n-pose.yaml", "yolov10n.yaml"])
 def test_a_yolo_model_prunes_through_the_one_call(config, tmp_path):
     yolo = build(config)
     expected, params = outputs(yolo.model), count_params(yolo.model)

@@ -22,8 +22,9 @@ from __future__ import annotations
 import copy
 import itertools
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -70,6 +71,48 @@ def _rebuild(model_class: type, config: Any, values: dict) -> tuple:
             return varied, model_class(varied)
     except Exception:  # noqa: BLE001 - values a config or class refuses are simply not a candidate
         return None, None
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Build modules with every parameter on the meta device (no memory, no initialisation) and
+    every buffer real, as ``accelerate``'s ``init_empty_weights`` does: a buffer computed from the
+    config (rotary frequencies, an embedding scale) is not saved, so ``from_pretrained``
+    computes it again, and it must hold the pruned model's values. ``nn.Module.register_parameter``
+    is replaced meanwhile (in every thread)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, parameter: Optional[nn.Parameter]) -> None:
+        if parameter is not None and parameter.device.type != "meta":
+            parameter = nn.Parameter(parameter.to("meta"), requires_grad=parameter.requires_grad)
+        register(module, name, parameter)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _recomputed_buffers(model: nn.Module, model_class: type, config: Any) -> list:
+    """How the buffers ``model_class(config)`` computes and does not save (non-persistent ones)
+    differ in value from ``model``'s; empty when they agree."""
+    try:
+        with warnings.catch_warnings(), _parameters_on_meta():
+            warnings.simplefilter("ignore")
+            rebuilt = model_class(config)
+    except Exception as exc:  # noqa: BLE001 - then it cannot be rebuilt from this config
+        return [f"{model_class.__name__}(config) fails: {type(exc).__name__}: {exc}"]
+    own = dict(model.named_buffers())
+    problems = []
+    for prefix, module in rebuilt.named_modules():
+        for name in module._non_persistent_buffers_set:
+            key, value = f"{prefix}.{name}".lstrip("."), module._buffers.get(name)
+            mine = own.get(key)
+            if value is not None and mine is not None and value.shape == mine.shape \
+                    and not torch.equal(value.to(mine.device, mine.dtype), mine):
+                problems.append(f"{key}, computed from the config and not saved, would hold other values")
+    return problems
 
 
 def _refusal(config: Any) -> Optional[str]:
@@ -155,8 +198,9 @@ def _candidates(model_class: type, config: Any, base: dict, pruned: dict) -> dic
 def _mismatches(model: nn.Module, rebuilt: nn.Module, base_attributes: dict) -> tuple:
     """``(how the rebuilt model differs from the pruned one, attributes to set)``.
 
-    Every shape must agree, and every attribute the pruning changed or a method reads; the
-    attributes only ``__init__`` reads are to take the rebuilt value."""
+    Every shape must agree, and every float attribute (a scale), every attribute the pruning
+    changed and every one a method reads; the int attributes only ``__init__`` reads are to take
+    the rebuilt value."""
     shapes, rebuilt_shapes = _shapes(model), _shapes(rebuilt)
     problems = [f"{key[0]} would have {rebuilt_shapes[key]} along dim {key[1]}, not {shapes[key]}"
                 for key in sorted(shapes.keys() & rebuilt_shapes.keys()) if shapes[key] != rebuilt_shapes[key]]
@@ -165,7 +209,7 @@ def _mismatches(model: nn.Module, rebuilt: nn.Module, base_attributes: dict) -> 
         value, wanted = attributes[key], rebuilt_attributes[key]
         if value == wanted:
             continue
-        if value != base_attributes.get(key) or read_after_init(model.get_submodule(key[0]), [key[1]]):
+        if type(value) is float or value != base_attributes.get(key) or read_after_init(model.get_submodule(key[0]), [key[1]]):
             problems.append(f"{key[0] or type(model).__name__}.{key[1]} would be {wanted!r}, not {value!r}")
         else:
             stale[key] = wanted
@@ -191,9 +235,10 @@ def describe_pruned(model: nn.Module) -> ConfigUpdate:
         fields = {name: getattr(varied, name) for (name, _), _ in combination if getattr(varied, name) != getattr(config, name)}
         if not problems:
             refusal = _refusal(varied)
-            if refusal is None:
+            problems = [f"{type(config).__name__} refuses it: {refusal}"] if refusal else \
+                _recomputed_buffers(model, model_class, varied)
+            if not problems:
                 return ConfigUpdate(fields, stale)
-            problems = [f"{type(config).__name__} refuses it: {refusal}"]
         if closest is None or len(problems) < len(closest[1]):
             closest = fields, problems
     if closest is None:
