@@ -268,3 +268,35 @@ def test_a_per_head_bias_given_as_attn_mask_goes_with_the_heads(capture):
     assert group.prunable and group.size == 4 and "qkv" in group.layers()
     summary = dead_channel_oracle(_BiasedAttention().eval(), x, capture=capture, prune_heads=True, assumed=True)
     assert summary["groups_tested"] >= 1
+
+
+class _RepeatedKeyValueHeads(nn.Module):
+    """Grouped-query attention that repeats each key/value head for its query heads with
+    ``repeat_interleave`` (as many GQA implementations do, and GPT-J its rotary frequencies)."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, kv_heads: int = 2):
+        super().__init__()
+        self.num_heads, self.num_key_value_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.q, self.o = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q = self.q(x).view(B, N, -1, self.head_dim).transpose(1, 2)
+        kv = self.kv(x).chunk(2, dim=-1)
+        k, v = kv[0].view(B, N, -1, self.head_dim).transpose(1, 2), kv[1].view(B, N, -1, self.head_dim).transpose(1, 2)
+        groups = self.num_heads // self.num_key_value_heads
+        k, v = k.repeat_interleave(groups, dim=1), torch.repeat_interleave(v, groups, dim=1)
+        attn = (q @ k.transpose(-2, -1) * 0.3).softmax(-1)
+        return self.o((attn @ v).transpose(1, 2).reshape(B, N, -1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("prune_heads", [False, True])
+def test_key_value_heads_repeated_by_repeat_interleave_prune_with_their_query_heads(capture, prune_heads):
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    report = graphprune.analyze(_RepeatedKeyValueHeads().eval(), x, capture=capture, prune_heads=prune_heads)
+    assert not [r for g in report.groups for r in g.blocked if "repeat_interleave" in r]
+    summary = dead_channel_oracle(_RepeatedKeyValueHeads().eval(), x, capture=capture, prune_heads=prune_heads,
+                                  assumed=True)
+    assert summary["groups_tested"] >= 1 and summary["params_after"] < summary["params_before"]

@@ -130,6 +130,9 @@ TORCH_FORMS: dict = {
     aten.max: _reduced(torch.max), aten.min: _reduced(torch.min), aten.logsumexp: _reduced(torch.logsumexp),
     aten.view: _method("view"), aten._unsafe_view: _method("view"), aten.reshape: _method("reshape"),
     aten.expand: lambda args, kwargs: _method("expand")(args[:2], {}), aten.repeat: _method("repeat"),
+    aten.repeat_interleave: lambda args, kwargs: ("call_function", torch.repeat_interleave,
+                                                  (args[0], args[1] if len(args) > 1 else kwargs.get("repeats"),
+                                                   args[2] if len(args) > 2 else kwargs.get("dim")), {}),
     aten.expand_as: lambda args, kwargs: ("call_method", "expand_as", args[:2], {}),
     aten.permute: _same(torch.permute), aten.transpose: _same(torch.transpose), aten.t: _same(torch.t),
     **{packet: (lambda args, kwargs: ("call_function", torch.transpose, (args[0], -2, -1), {}))

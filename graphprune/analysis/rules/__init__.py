@@ -98,6 +98,7 @@ RULES: dict = {
     torch.transpose: shape.transpose, "transpose": shape.transpose, "t": shape.transpose, torch.t: shape.transpose,
     torch.unsqueeze: shape.unsqueeze, "unsqueeze": shape.unsqueeze, torch.squeeze: shape.squeeze, "squeeze": shape.squeeze,
     "expand": shape.expand, "expand_as": shape.expand, "repeat": shape.repeat,
+    torch.repeat_interleave: shape.repeat_interleave, "repeat_interleave": shape.repeat_interleave,
     torch.cat: shape.cat, torch.concat: shape.cat, torch.concatenate: shape.cat, torch.stack: shape.stack,
     torch.split: shape.split, "split": shape.split, torch.chunk: shape.chunk, "chunk": shape.chunk,
     operator.getitem: shape.getitem,

@@ -98,6 +98,23 @@ def repeat(state: Propagation, node: fx.Node):
 _REPEATED = Reason(BlockKind.NOT_A_CHANNEL, "repeat")
 
 
+def repeat_interleave(state: Propagation, node: fx.Node):
+    """``x.repeat_interleave(r, dim)``: each position of ``dim`` repeated ``r`` times in place,
+    so its ids ``r`` times each (``[a, a, b, b]``); a channel then owns ``r`` positions. Repeats
+    given as a tensor, or no ``dim`` (the flattened input), block."""
+    x = state.labels_of(node.args[0])
+    repeats = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if isinstance(repeats, int) and isinstance(dim, int):
+        out = list(x)
+        out[dim] = np.repeat(x[dim], repeats) if x[dim].size > 1 else fresh_dims(
+            state, node, (state.value(node).shape[dim],), _REPEATED)[0]
+        return tuple(out)
+    why = Reason(BlockKind.NO_RULE, f"{node.name} repeats by a tensor, or over the flattened input")
+    state.block(x, why)
+    return state.fresh(state.value(node), node.name, why)
+
+
 def cat(state: Propagation, node: fx.Node):
     """Dims other than ``dim`` unify; ``dim`` joins the pieces' ids. A 1-d empty piece is
     skipped, as torch.cat skips it (an empty KV cache that a first step appends to)."""
