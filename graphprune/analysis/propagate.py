@@ -67,9 +67,10 @@ def note_computed_scales(state: Propagation) -> None:
             followed.setdefault(value, []).append(member)
     held = {v for m in state.model.modules() for v in vars(m).values() if type(v) is float}
     for _, attrs in state.graph.nodes(data=True):
-        for number in (a for a in (*attrs["fx"].args, *attrs["fx"].kwargs.values()) if type(a) is float):
+        numbers = (a for a in (*attrs["fx"].args, *attrs["fx"].kwargs.values()) if type(a) is float and a not in held)
+        for number in numbers:
             for value, members in followed.items():
-                if number not in held and any(math.isclose(number, r, rel_tol=1e-6) for r in (value**0.5, value**-0.5)):
+                if any(math.isclose(number, r, rel_tol=1e-6) for r in (value**0.5, value**-0.5)):
                     for member in members:
                         attribute = f"{member.module}.{member.attr}".lstrip(".")
                         state.note(member.ids, f"{attrs['fx'].name} scales by {number:g}, computed from "

@@ -24,7 +24,7 @@ import itertools
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -61,14 +61,20 @@ def builds_from_config(model: nn.Module) -> bool:
     return callable(getattr(getattr(model, "config", None), "to_dict", None))
 
 
+def _construct(model_class: type, config: Any, placement: Any) -> nn.Module:
+    """``model_class(config)`` inside ``placement`` (the meta device, or
+    :func:`_parameters_on_meta`), its warnings silenced."""
+    with warnings.catch_warnings(), placement:
+        warnings.simplefilter("ignore")
+        return model_class(config)
+
+
 def _rebuild(model_class: type, config: Any, values: dict) -> tuple:
     """``(config with {(field, index): value} set, model_class(that config) on the meta device)``,
     or ``(None, None)`` when the config or the class refuses the values."""
     try:
-        with warnings.catch_warnings(), torch.device("meta"):
-            warnings.simplefilter("ignore")
-            varied = _varied(config, values)
-            return varied, model_class(varied)
+        varied = _varied(config, values)
+        return varied, _construct(model_class, varied, torch.device("meta"))
     except Exception:  # noqa: BLE001 - values a config or class refuses are simply not a candidate
         return None, None
 
@@ -98,9 +104,7 @@ def _recomputed_buffers(model: nn.Module, model_class: type, config: Any) -> lis
     """How the buffers ``model_class(config)`` computes and does not save (non-persistent ones)
     differ in value from ``model``'s; empty when they agree."""
     try:
-        with warnings.catch_warnings(), _parameters_on_meta():
-            warnings.simplefilter("ignore")
-            rebuilt = model_class(config)
+        rebuilt = _construct(model_class, config, _parameters_on_meta())
     except Exception as exc:  # noqa: BLE001 - then it cannot be rebuilt from this config
         return [f"{model_class.__name__}(config) fails: {type(exc).__name__}: {exc}"]
     own = dict(model.named_buffers())
@@ -126,6 +130,21 @@ def _refusal(config: Any) -> Optional[str]:
         cause = exc.__cause__ or exc
         return f"{type(cause).__name__}: {cause}"
     return None
+
+
+class _Sizes(NamedTuple):
+    """A model's shapes (``{(tensor name, dim): size}``) and its int and float attributes
+    (``{(module name, attribute): value}``), read once."""
+
+    shapes: dict
+    attributes: dict
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "_Sizes":
+        return cls(_shapes(model), _attributes(model))
+
+    def merged(self) -> dict:
+        return {**self.shapes, **self.attributes}
 
 
 def _attributes(model: nn.Module) -> dict:
@@ -188,23 +207,23 @@ def _candidates(model_class: type, config: Any, base: dict, pruned: dict) -> dic
     candidates = {}
     for key, value in _size_fields(config).items():
         rebuilt = _rebuild(model_class, config, {key: 2 * value})[1]
-        moved = {} if rebuilt is None else {**_shapes(rebuilt), **_attributes(rebuilt)}
+        moved = {} if rebuilt is None else _Sizes.of(rebuilt).merged()
         implied = {_implied(value, 2 * value, base[k], moved[k], pruned[k])
                    for k in base.keys() & moved.keys() & pruned.keys() if moved[k] != base[k]}
         candidates[key] = [value, *sorted(v for v in implied - {None, value})]
     return candidates
 
 
-def _mismatches(model: nn.Module, rebuilt: nn.Module, base_attributes: dict) -> tuple:
-    """``(how the rebuilt model differs from the pruned one, attributes to set)``.
+def _mismatches(model: nn.Module, pruned: _Sizes, rebuilt: nn.Module, base_attributes: dict) -> tuple:
+    """``(how the rebuilt model differs from the pruned ``model`` (of sizes ``pruned``), attributes to set)``.
 
     Every shape must agree, and every float attribute (a scale), every attribute the pruning
     changed and every one a method reads; the int attributes only ``__init__`` reads are to take
     the rebuilt value."""
-    shapes, rebuilt_shapes = _shapes(model), _shapes(rebuilt)
+    (shapes, attributes), (rebuilt_shapes, rebuilt_attributes) = pruned, _Sizes.of(rebuilt)
     problems = [f"{key[0]} would have {rebuilt_shapes[key]} along dim {key[1]}, not {shapes[key]}"
                 for key in sorted(shapes.keys() & rebuilt_shapes.keys()) if shapes[key] != rebuilt_shapes[key]]
-    attributes, rebuilt_attributes, stale = _attributes(model), _attributes(rebuilt), {}
+    stale = {}
     for key in sorted(attributes.keys() & rebuilt_attributes.keys()):
         value, wanted = attributes[key], rebuilt_attributes[key]
         if value == wanted:
@@ -223,15 +242,15 @@ def describe_pruned(model: nn.Module) -> ConfigUpdate:
     original = _rebuild(model_class, config, {})[1]
     if original is None:
         return ConfigUpdate(problem=f"{model_class.__name__} cannot be rebuilt from its config on the meta device")
-    base, pruned = {**_shapes(original), **_attributes(original)}, {**_shapes(model), **_attributes(model)}
-    candidates = _candidates(model_class, config, base, pruned)
+    base, pruned = _Sizes.of(original), _Sizes.of(model)
+    candidates = _candidates(model_class, config, base.merged(), pruned.merged())
     choices = [[(name, v) for v in values] for name, values in candidates.items() if len(values) > 1]
-    base_attributes, closest = _attributes(original), None
+    closest = None
     for combination in itertools.islice(itertools.product(*choices), _MAX_TRIALS):
         varied, rebuilt = _rebuild(model_class, config, dict(combination))
         if rebuilt is None:
             continue
-        problems, stale = _mismatches(model, rebuilt, base_attributes)
+        problems, stale = _mismatches(model, pruned, rebuilt, base.attributes)
         fields = {name: getattr(varied, name) for (name, _), _ in combination if getattr(varied, name) != getattr(config, name)}
         if not problems:
             refusal = _refusal(varied)
