@@ -22,6 +22,7 @@ import sys
 import warnings
 
 from . import criteria, data, models
+from .analysis.analyzer import AnalysisError
 from .analysis.groups import Group, Member
 from .analysis.inputs import InferredInputWarning
 from .api import analyze, prune
@@ -51,7 +52,7 @@ __all__ = [
     # around pruning
     "finetune", "evaluate", "prune_schedule", "sensitivity", "SensitivityResult", "GroupRegularizer",
     # errors and warnings
-    "PruningError", "TraceError", "InputError", "InferredInputWarning", "BudgetWarning", "ConfigWarning",
+    "PruningError", "TraceError", "InputError", "AnalysisError", "InferredInputWarning", "BudgetWarning", "ConfigWarning",
     # subpackages and example assets
     "criteria", "models", "data", "__version__",
 ]

@@ -107,7 +107,7 @@ def prune(
         session = session or PruningSession(model, example_inputs, leaf_modules=leaf_modules,
                                             ignored_layers=ignored_layers, prune_heads=prune_heads, capture=capture)
         if not session.report.prunable_groups:
-            warn_caller(f"{session.report.model_name} has no prunable channel group; the model is unchanged")
+            warn_caller(session.report.unchanged_message())
             result = PruneResult(model, target and target[0], target and target[1], None, target is None, {}, {}, [])
         else:
             result = run_pruning(session, criterion, ratio=ratio, target=target, options=options, measure=return_result,

@@ -283,8 +283,11 @@ def test_model_without_prunable_group_warns_and_is_returned_unchanged():
     snapshot = state_snapshot(model)
     report = graphprune.analyze(model, torch.randn(2, 4))
     assert report.groups and not report.prunable_groups
-    assert "no prunable group" in str(report)
-    with pytest.warns(UserWarning, match=r"^Sequential has no prunable channel group; the model is unchanged$") as record:
+    assert report.outcome == "error" and "ERROR: no prunable channel group" in str(report)
+    assert [reason for reason, _ in report.top_reasons()] == ["reaches output", "model input"]  # by params held
+    assert "blocked (80% of params): model input" in str(report)
+    with pytest.warns(UserWarning, match=r"^ERROR: no prunable channel group: prune\(\) leaves Sequential unchanged\n"
+                                         r"  blocked \(100% of params\): reaches output") as record:
         result = graphprune.prune(model, 0.5, torch.randn(2, 4))
     assert result is model
     assert record[0].filename == __file__

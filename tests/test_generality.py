@@ -95,7 +95,8 @@ def test_split_sizes_held_in_attributes_follow_each_part():
 
 class _Normalized(nn.Module):
     """``F.normalize`` over the channels (as xcit's cross-covariance attention normalises q
-    and k) couples them; over the positions, the channels pass through."""
+    and k): a dead channel adds nothing to the norm, so they prune exactly; over the
+    positions, the channels pass through."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -106,15 +107,13 @@ class _Normalized(nn.Module):
         return self.b(torch.nn.functional.normalize(self.a(x), dim=self.dim))
 
 
-def test_normalize_collapses_the_dim_it_normalises_over():
+def test_normalize_over_the_channels_prunes_them_exactly():
     x = torch.randn(1, 3, 6, 6)
-    for capture in ("fx", "export"):
-        over_channels = group_of(graphprune.analyze(_Normalized(1).eval(), x, capture=capture), "a.weight", 0)
-        # torch.export writes it out: the norm, then a division by it expanded over the channels
-        expected = BlockKind.COLLAPSED if capture == "fx" else BlockKind.NOT_A_CHANNEL
-        assert not over_channels.prunable and over_channels.blocked[0].kind is expected
-        assert group_of(graphprune.analyze(_Normalized(-1).eval(), x, capture=capture), "a.weight", 0).prunable
-    run_oracle(_Normalized(-1).eval(), x, groups=1)
+    for capture in ("fx", "export"):  # torch.export writes it out: the norm, then a division by it expanded
+        for dim in (1, -1):
+            group = group_of(graphprune.analyze(_Normalized(dim).eval(), x, capture=capture), "a.weight", 0)
+            assert group.prunable and group.exact
+            assert dead_channel_oracle(_Normalized(dim).eval(), x, capture=capture)["groups_tested"] == 1
 
 
 class _Conv1D(nn.Module):

@@ -99,16 +99,18 @@ def test_a_module_with_hooks_blocks_its_channels_and_keeps_its_hooks(kind):
 
 # --------------------------------------------------------------------------- parametrizations
 @pytest.mark.filterwarnings("ignore:.*weight_norm.*deprecated")
-@pytest.mark.parametrize("parametrize", [parametrizations.weight_norm, parametrizations.spectral_norm,
-                                         torch.nn.utils.weight_norm])
+@pytest.mark.parametrize("parametrize", [parametrizations.orthogonal, torch.nn.utils.weight_norm])
 def test_a_computed_weight_blocks_its_channels_with_the_remedy(parametrize):
+    """A parametrization that may mix channels (weight_norm and spectral_norm prune: see
+    tests/test_parametrized.py)."""
     model = TwoBranches().eval()
     parametrize(model.left_out)
     report = graphprune.analyze(model, X)
     if parametrize is torch.nn.utils.weight_norm:  # the old form recomputes the weight in a pre-hook
         _blocked_with(report, "left.weight", 0, "'left_out' (Conv2d) has forward hooks (WeightNorm)")
     else:
-        _blocked_with(report, "left.weight", 0, "a weight computed on each call", "remove_parametrizations")
+        _blocked_with(report, "left.weight", 0, "parametrization graphprune does not know (_Orthogonal)",
+                      "remove_parametrizations")
     assert group_of(report, "right.weight", 0).prunable
     graphprune.prune(model, 0.5, X)
     assert model.left.out_channels == 8 and model.right.out_channels == 3

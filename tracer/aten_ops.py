@@ -118,7 +118,7 @@ TORCH_FORMS: dict = {
     **{packet: _same(target) for packet, target in _SPATIAL.items()},
     **{packet: (lambda args, kwargs: ("call_function", F.interpolate, args[:1], {})) for packet in _UPSAMPLE},
     **{packet: (lambda args, kwargs, name=name: ("call_method", name, args[:1], {})) for packet, name in _METHODS.items()},
-    aten.linear: _same(F.linear), aten.prelu: _same(F.prelu),
+    aten.linear: _same(F.linear), aten.prelu: _same(F.prelu), aten._weight_norm: _same(torch._weight_norm),
     aten.layer_norm: _same(F.layer_norm, 5), aten.group_norm: _same(F.group_norm, 5), aten.rms_norm: _same(F.rms_norm, 4),
     aten.batch_norm: _reordered(F.batch_norm, (0, 3, 4, 1, 2, 5, 6, 7)),
     aten.instance_norm: _reordered(F.instance_norm, (0, 3, 4, 1, 2, 5, 6, 7)),
@@ -146,6 +146,34 @@ TORCH_FORMS: dict = {
     aten.addmm: _same(torch.addmm, 3), aten.baddbmm: _same(torch.baddbmm),
     aten.scaled_dot_product_attention: _same(F.scaled_dot_product_attention),
     aten.linalg_vector_norm: _vector_norm, aten.sym_size: _sized,
+    # ops that pick or write positions given by an index (graphprune/analysis/rules/indexing.py)
+    **{packet: _same(getattr(torch, packet.__name__.rstrip("_"))) for packet in (
+        aten.gather, aten.index_select, aten.topk, aten.sort, aten.argsort, aten.argmax, aten.argmin, aten.nonzero,
+        aten.argwhere, aten.scatter, aten.scatter_, aten.scatter_add, aten.scatter_add_, aten.scatter_reduce,
+        aten.scatter_reduce_, aten.index_add, aten.index_add_, aten.index_copy, aten.index_copy_, aten.index_fill,
+        aten.index_fill_, aten.index_put, aten.index_put_, aten.zeros_like, aten.ones_like, aten.empty_like,
+        aten.full_like, aten.rand_like, aten.randn_like)},
+    # tensors made from a size (graphprune/analysis/rules/creation.py)
+    **{getattr(aten, name): _same(getattr(torch, name), 2 if name == "full" else 1)
+       for name in ("zeros", "ones", "empty", "full")},
+    **{getattr(aten, f"new_{name}"): (lambda args, kwargs, n=f"new_{name}", k=3 if name == "full" else 2:
+                                      ("call_method", n, args[:k], {})) for name in ("zeros", "ones", "empty", "full")},
+    aten.nonzero_numpy: lambda args, kwargs: ("call_function", torch.where, args[:1], {}),
+    # grouped products of mixture-of-experts layers (torch >= 2.8); a library's op is named: it may not be loaded
+    **({aten._grouped_mm: _same(torch._grouped_mm), "transformers::grouped_mm_fallback": _same(torch._grouped_mm)}
+       if hasattr(torch, "_grouped_mm") else {}),
+    aten.einsum: lambda args, kwargs: ("call_function", torch.einsum, (args[0], *args[1]), {}),
+    aten.outer: _same(torch.outer), aten.glu: _same(F.glu), aten.tensor_split: _same(torch.tensor_split),
+    aten.pixel_shuffle: _same(F.pixel_shuffle), aten.pixel_unshuffle: _same(F.pixel_unshuffle),
+    aten.cosine_similarity: _same(F.cosine_similarity, 3), aten.masked_fill: _same(torch.masked_fill),
+    aten.masked_fill_: _same(torch.masked_fill), aten.view_as_complex: _same(torch.view_as_complex),
+    aten.view_as_real: _same(torch.view_as_real),
+    **{packet: _same(getattr(torch, packet.__name__)) for packet in (aten.lt, aten.le, aten.gt, aten.ge, aten.eq, aten.ne)},
+    **{packet: (lambda args, kwargs, name=name: ("call_method", name, args[:2], {}))
+       for packet, name in ((aten.reshape_as, "reshape_as"), (aten.view_as, "view_as"))},
+    # recurrent layers; both overloads (.input, and .data for a PackedSequence) are the one torch call
+    aten.lstm: _same(torch.lstm), aten.gru: _same(torch.gru), aten.rnn_tanh: _same(torch.rnn_tanh),
+    aten.rnn_relu: _same(torch.rnn_relu),
 }
 def _reversed_dims(args: tuple, kwargs: dict, ndim: int) -> Call:
     """``aten.numpy_T(x)`` (``x.T``) is ``x.permute(ndim - 1, …, 0)``."""
@@ -171,5 +199,5 @@ def torch_call(target: Any, args: tuple, kwargs: dict, ndim: Optional[int]) -> O
     packet = getattr(target, "overloadpacket", None)
     if packet in _INDEXING and ndim:
         return _INDEXING[packet](args, kwargs, ndim)
-    form = TORCH_FORMS.get(packet)
+    form = TORCH_FORMS.get(packet, TORCH_FORMS.get(getattr(packet, "_qualified_op_name", None)))
     return None if form is None else form(tuple(args), dict(kwargs))

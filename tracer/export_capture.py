@@ -10,7 +10,9 @@ module is the innermost module of its ``nn_module_stack``. A placeholder that th
 signature maps to a parameter or buffer becomes a ``get_attr`` node of the user's own
 tensor, placed before its first user as torch.fx places it; a lifted constant becomes a
 ``get_attr`` node without a tensor (a constant created by the tracer); user inputs stay
-placeholders. Every module is captured down to aten ops: ``leaf_modules`` are for torch.fx.
+placeholders. Every module is captured down to aten ops, but the leaves that
+:mod:`graphprune.tracer.export_calls` keeps whole (one ``call_module`` node, as under torch.fx);
+the scopes of ``torch.no_grad()`` and autocast blocks are inlined. The capture runs without grad.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import logging
 import re
 import sys
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import networkx as nx
 import torch
@@ -30,7 +32,9 @@ from torch import nn
 from torch.utils._pytree import tree_map_only
 
 from .aten_ops import is_check, torch_call
-from .fx_capture import TraceError
+from .export_calls import flat_graph, kept_whole
+from .export_sizes import DataDependentSize, value_reader
+from .fx_capture import DEFAULT_LEAVES, LeafSpec, TraceError
 from .graph import _resolve_attr, _scope, _target_name, call_args, input_error
 from .record import describe
 from .state import interrupts_deferred
@@ -49,11 +53,12 @@ def _quiet() -> Iterator[None]:
         logging.disable(previous)
 
 
-def export_program(model: nn.Module, example_inputs: Any) -> tuple:
-    """``(torch.export.export(model, …, strict=False), names of output types left out)``;
-    InputError if the model itself rejects the inputs, else TraceError for any failure (what
-    the export left on the model stays until the caller restores it, as
-    :func:`graphprune.tracer.trace` does).
+def export_program(model: nn.Module, example_inputs: Any, whole: tuple = ()) -> tuple:
+    """``(torch.export.export(model, …, strict=False), names of output types left out)``, with
+    the call signatures of the modules named in ``whole`` recorded; InputError if the model
+    itself rejects the inputs, else TraceError for any failure (what the export left on the
+    model stays until the caller restores it, as :func:`graphprune.tracer.trace` does).
+    Exported without grad, so that a ``torch.no_grad()`` block adds no scope.
 
     An output object of a type torch.export cannot flatten (a Hugging Face model's KV cache,
     ``DynamicCache``) is left out of the outputs: its tensors are state the model makes for
@@ -62,8 +67,10 @@ def export_program(model: nn.Module, example_inputs: Any) -> tuple:
     left_out: list = []
     while True:
         try:
-            with interrupts_deferred(), _quiet(), _leafless(left_out):  # export patches modules and global state
-                return torch.export.export(model, args, kwargs, strict=False), [_type_name(t) for t in left_out]
+            with interrupts_deferred(), _quiet(), _leafless(left_out), torch.no_grad():
+                # export patches modules and global state
+                program = torch.export.export(model, args, kwargs, strict=False, preserve_module_call_signature=whole)
+                return program, [_type_name(t) for t in left_out]
         except Exception as exc:
             unknown = _unknown_output_type(exc)
             if unknown is not None and unknown not in left_out:
@@ -110,11 +117,11 @@ def _leafless(types: list) -> Iterator[None]:
             pytree._deregister_pytree_node(cls)
 
 
-def _rebuilt(program: "torch.export.ExportedProgram") -> tuple:
-    """The program's graph with every parameter, buffer and constant placeholder replaced by a
-    ``get_attr`` node (target: its state-dict name) placed before its first user, every aten
-    op written as its torch call, and no inserted checks; and the names of the nodes that
-    read a constant."""
+def _rebuilt(program: "torch.export.ExportedProgram", whole: tuple) -> tuple:
+    """The program's flat graph (:func:`flat_graph`: the calls of the modules ``whole`` kept
+    whole) with every parameter, buffer and constant placeholder replaced by a ``get_attr``
+    node (target: its state-dict name) placed before its first user, every aten op written as
+    its torch call, and no inserted checks; and the names of the nodes that read a constant."""
     signature = program.graph_signature
     constants = dict(signature.inputs_to_lifted_tensor_constants)
     attributes = {**signature.inputs_to_parameters, **signature.inputs_to_buffers, **constants}
@@ -127,7 +134,7 @@ def _rebuilt(program: "torch.export.ExportedProgram") -> tuple:
             env[node].meta = dict(node.meta)
         return env[node]
 
-    for node in program.graph.nodes:
+    for node in flat_graph(program, whole).nodes:
         if node.name in attributes or node.op == "call_function" and is_check(node.target) and not node.users:
             continue
         call = _torch_call(node)
@@ -150,10 +157,11 @@ def _torch_call(node: fx.Node):
 
 
 def _size(value: Any) -> int:
+    if isinstance(value, int):  # a static dim beside a symbolic one: (2, u0)
+        return value
     hint = value.node.hint
     if hint is None:
-        raise TraceError("torch.export found a size that depends on the values (no example size to record)",
-                         location="torch.export, a data-dependent size")
+        raise DataDependentSize()
     return int(hint)
 
 
@@ -176,17 +184,34 @@ def _name_of(node: fx.Node) -> str:
     return str(node.target) if isinstance(node.target, torch._ops.OpOverload) else _target_name(node)
 
 
-def export_graph(model: nn.Module, example_inputs: Any) -> nx.DiGraph:
+def export_graph(model: nn.Module, example_inputs: Any,
+                 leaf_modules: Iterable[LeafSpec] = DEFAULT_LEAVES) -> nx.DiGraph:
     """Capture ``model`` with torch.export and return the annotated networkx graph (the same
-    node attributes as :func:`graphprune.tracer.build_graph`; ``front_end`` is ``"export"``)."""
-    program, left_out = export_program(model, example_inputs)
-    fx_graph, constants = _rebuilt(program)
+    node attributes as :func:`graphprune.tracer.build_graph`; ``front_end`` is ``"export"``).
+    Of ``leaf_modules``, those :func:`kept_whole` names are one node each."""
+    whole = kept_whole(model, leaf_modules)
+    program, left_out = export_program(model, example_inputs, whole)
+    try:
+        return _annotated(model, program, left_out, whole, value_reader(program, example_inputs, _value))
+    except TraceError:
+        raise
+    except Exception as exc:  # a graph this module cannot read: the capture failed, not the analysis
+        raise TraceError(f"the torch.export graph of {type(model).__name__} could not be read: {type(exc).__name__}: {exc}",
+                         location=f"torch.export graph, {type(exc).__name__}") from exc
+
+
+def _annotated(model: nn.Module, program: "torch.export.ExportedProgram", left_out: list, whole: tuple,
+               value_of: Callable[[fx.Node], Any]) -> nx.DiGraph:
+    fx_graph, constants = _rebuilt(program, whole)
     graph = nx.DiGraph(model=model, opaque={}, recorded_on_meta=False, front_end="export", left_out=left_out)
+    modules = dict(model.named_modules(remove_duplicate=False))
     for index, node in enumerate(fx_graph.nodes):
         attrs = dict(index=index, part="", op=node.op, target=node.target, target_name=_name_of(node),
-                     module=_scope(node), value=_value(node), fx=node, front_end="export")
+                     module=_scope(node, modules), value=value_of(node), fx=node, front_end="export")
         if node.op == "get_attr":
             attrs["tensor"] = None if node.name in constants else _resolve_attr(model, node.target)
+        elif node.op == "call_module":
+            attrs["module_type"] = type(model.get_submodule(node.target)).__name__
         graph.add_node(node.name, **attrs)
         for source in node.all_input_nodes:
             graph.add_edge(source.name, node.name)

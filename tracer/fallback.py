@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .export_capture import export_graph
-from .fx_capture import LeafSpec, TraceError, capture, check_leaf_names
+from .fx_capture import DEFAULT_LEAVES, LeafSpec, TraceError, capture, check_leaf_names
 from .graph import build_graph, call_model
 from .state import attributes_kept
 
@@ -96,14 +96,17 @@ def _merge(parts: list[tuple[str, nx.DiGraph]], model: nn.Module, opaque: dict) 
     return merged
 
 
-def trace(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[LeafSpec] = (), capture: str = "auto") -> nx.DiGraph:
+def trace(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[LeafSpec] = DEFAULT_LEAVES,
+          capture: str = "auto") -> nx.DiGraph:
     """Capture ``model`` and return its annotated networkx graph: with torch.fx, falling back
     to opaque leaves, to torch.export and to per-child tracing where it fails (see the module
     docstring; ``capture`` chooses the front-end).
 
     ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of keyword inputs.
     ``leaf_modules`` lists module names, classes, instances or predicates torch.fx does not
-    trace into (torch.export captures every module).
+    trace into (by default torch.nn's own, as torch.fx keeps them; graphprune's analysis names
+    those its rules read, so that no module without a rule stays a leaf); torch.export captures
+    every module (see :func:`graphprune.tracer.export_capture.export_graph` for those it keeps whole).
     The graph's ``opaque`` attribute maps every module treated as opaque to the reason;
     ``recorded_on_meta`` says whether its shapes were found without reading the model's values;
     ``front_end`` which front-end captured it (``"fx"``, ``"export"``, or both joined by ``+``
@@ -118,14 +121,14 @@ def trace(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[LeafSpec
 def _trace(model: nn.Module, example_inputs: Any, leaf_modules: list, capture: str) -> nx.DiGraph:
     if capture == "export":
         check_leaf_names(model, leaf_modules)
-        return export_graph(model, example_inputs)
+        return export_graph(model, example_inputs, leaf_modules)
     try:
         graph, fx_error = _trace_with_opaque_leaves(model, example_inputs, leaf_modules), None
     except TraceError as exc:
         graph, fx_error = None, exc
     if capture == "auto" and (graph is None or graph.graph["opaque"]):  # torch.fx could not capture all of it
         try:
-            return export_graph(model, example_inputs)
+            return export_graph(model, example_inputs, leaf_modules)
         except TraceError:
             pass  # keep what torch.fx found, or trace the children
     if graph is not None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import traceback
+from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
@@ -38,9 +39,56 @@ def forward_hooks(module: nn.Module) -> list:
     return [getattr(h, "__qualname__", None) or type(h).__name__ for h in hooks]
 
 
+def torch_nn_module(m: nn.Module, qualified_name: str = "") -> bool:
+    """torch.fx's own choice of leaves: torch.nn's modules, but Sequential."""
+    return type(m).__module__.startswith(("torch.nn", "torch.ao.nn")) and not isinstance(m, nn.Sequential)
+
+
+#: The leaves when the caller names none: torch.fx's own. graphprune's analysis names its own
+#: (the user's and those the rule table reads), so any other torch.nn module is traced into.
+DEFAULT_LEAVES: tuple = (torch_nn_module,)
+
+
+class LeafTest:
+    """Whether a module is one of ``leaf_modules`` (names, classes, instances or predicates)."""
+
+    def __init__(self, leaf_modules: Iterable[LeafSpec]):
+        leaves = list(leaf_modules)
+        self._types = tuple(x for x in leaves if isinstance(x, type))
+        self._names = {x for x in leaves if isinstance(x, str)}
+        self._ids = {id(x) for x in leaves if isinstance(x, nn.Module)}
+        self._tests = [x for x in leaves if callable(x) and not isinstance(x, (type, nn.Module))]
+
+    def __call__(self, m: nn.Module, qualified_name: str) -> bool:
+        return (
+            qualified_name in self._names
+            or id(m) in self._ids
+            or bool(self._types and isinstance(m, self._types))
+            or any(test(m, qualified_name) for test in self._tests)
+        )
+
+
+@contextmanager
+def reference_paths() -> Iterator[None]:
+    """While tracing, torch.nn's attention and transformer layers take their reference path.
+    The fused fast path they may choose at run time (``torch.backends.mha``) computes the same,
+    but the choice is a check of values torch.fx cannot trace (``src.dim() == 3``, ...).
+    (torch.export takes the reference path by itself: its fake tensors rule the fast path out.)"""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 class _LeafAwareTracer(fx.Tracer):
     """fx tracer that keeps user-chosen modules as leaves and remembers where tracing failed.
 
+    Every other module is traced into, torch.nn's own too unless the leaves name them
+    (:data:`DEFAULT_LEAVES` do): a leaf is opaque, so graphprune's analysis names only the
+    modules a rule reads and the user's. A module whose forward cannot be traced raises, and
+    is made opaque by :mod:`graphprune.tracer.fallback`, which may then try torch.export.
     Buffers are read through ``get_attr`` nodes like parameters (not folded into constants),
     and a module with forward hooks is a leaf, so that its hooks run when the graph is run.
     """
@@ -49,23 +97,11 @@ class _LeafAwareTracer(fx.Tracer):
 
     def __init__(self, leaf_modules: Iterable[LeafSpec]):
         super().__init__()
-        leaves = list(leaf_modules)
-        self._leaf_types = tuple(x for x in leaves if isinstance(x, type))
-        self._leaf_names = {x for x in leaves if isinstance(x, str)}
-        self._leaf_ids = {id(x) for x in leaves if isinstance(x, nn.Module)}
-        self._leaf_tests = [x for x in leaves if callable(x) and not isinstance(x, (type, nn.Module))]
+        self._is_leaf = LeafTest(leaf_modules)
         self.failed_module: Optional[str] = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if (
-            forward_hooks(m)
-            or module_qualified_name in self._leaf_names
-            or id(m) in self._leaf_ids
-            or (self._leaf_types and isinstance(m, self._leaf_types))
-            or any(test(m, module_qualified_name) for test in self._leaf_tests)
-        ):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
+        return bool(forward_hooks(m)) or self._is_leaf(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -119,9 +155,10 @@ def _mark_stored_values(model: nn.Module) -> None:
                 proxy.node.meta.setdefault("stored_as", f"{name}.{key}" if name else key)
 
 
-def capture(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.Graph:
+def capture(model: nn.Module, leaf_modules: Iterable[LeafSpec] = DEFAULT_LEAVES) -> fx.Graph:
     """Symbolically trace ``model`` into an fx Graph whose module and attribute targets are
-    qualified names in ``model`` itself (run it with ``fx.Interpreter(model, graph=...)``).
+    qualified names in ``model`` itself (run it with ``fx.Interpreter(model, graph=...)``),
+    tracing into every module but ``leaf_modules`` and those with forward hooks.
 
     What the trace leaves on the model (values stored by the forward, constants torch.fx
     attaches to it) stays until the caller restores it (:func:`graphprune.tracer.trace` does).
@@ -130,7 +167,7 @@ def capture(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> fx.Graph
     check_leaf_names(model, leaf_modules)
     tracer = _LeafAwareTracer(leaf_modules)
     try:
-        with interrupts_deferred():  # an interrupt inside fx's own patching would leave nn.Module patched
+        with interrupts_deferred(), reference_paths():  # an interrupt inside fx's patching would leave nn.Module patched
             graph = tracer.trace(model)
         _mark_stored_values(model)
     except Exception as exc:  # fx raises many types; all mean "not traceable as written"

@@ -15,6 +15,7 @@ Each graph node is one fx node and carries:
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any, Mapping, NoReturn, Optional
 
 import networkx as nx
@@ -81,14 +82,41 @@ def call_model(model: nn.Module, example_inputs: Any) -> Any:
     return model(*args, **kwargs)
 
 
-def _scope(node: fx.Node) -> Optional[str]:
+def _scope(node: fx.Node, modules: Optional[dict] = None) -> Optional[str]:
     """Qualified name of the innermost module whose forward issued ``node`` (the stack's keys
-    carry a call count, ``cpe@1``, for a module called again; its values the plain path)."""
+    carry a call count, ``cpe@1``, for a module called again; its values the plain path).
+    With ``modules`` (the model's modules by name), the innermost one among them: torch.export
+    names a module reached through a Sequential sliced in forward (``self.m[:-1]``) by that
+    slice, which :func:`_unsliced` resolves, and one made in forward by how it was reached."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None
-    path = next(reversed(stack.values()))
-    return path[0] if isinstance(path, tuple) else next(reversed(stack)).split("@")[0]
+    for key, path in reversed(stack.items()):
+        name = path[0] if isinstance(path, tuple) else key.split("@")[0]
+        if modules is None:
+            return name
+        name = _unsliced(name, modules)
+        if name in modules:
+            return name
+    return ""
+
+
+_SLICED = re.compile(r"^(.*?)\.slice\((-?\d+|None), (-?\d+|None), (-?\d+|None)\)\.(\d+)")
+
+
+def _unsliced(name: str, modules: dict) -> str:
+    """``a.m.slice(None, -1, None).2.conv`` as the submodule it is, ``a.m.2.conv``."""
+    while True:
+        match = _SLICED.match(name)
+        container = modules.get(match.group(1)) if match else None
+        if container is None or not hasattr(container, "__len__"):
+            return name
+        start, stop, step = (None if g == "None" else int(g) for g in match.group(2, 3, 4))
+        positions = range(len(container))[start:stop:step]
+        index = int(match.group(5))
+        if index >= len(positions):
+            return name
+        name = f"{match.group(1)}.{positions[index]}{name[match.end():]}"
 
 
 def _target_name(node: fx.Node) -> str:

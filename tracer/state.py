@@ -45,13 +45,31 @@ def _contents(value):
     return dict(vars(value))
 
 
-def _restore_contents(value, saved) -> None:
+def _unchanged(value, saved) -> bool:
+    """Whether ``value`` still holds exactly ``saved``: the same keys in the same order, each with
+    the very object it had (sets: equal members)."""
+    if isinstance(value, set):
+        return value == saved
     if isinstance(value, list):
-        value[:] = saved
+        return len(value) == len(saved) and all(a is b for a, b in zip(value, saved))
+    current = value if isinstance(value, dict) else vars(value)
+    return len(current) == len(saved) and all(
+        a == b and current[a] is saved[b] for a, b in zip(current, saved))
+
+
+def _restore_contents(value, saved) -> None:
+    """Put ``saved`` back into ``value`` if it changed, through the base types' own methods: a
+    container that refuses changes (diffusers' ``FrozenDict`` overrides ``update``) is left
+    alone when it was not changed, and is put back all the same when it was."""
+    if _unchanged(value, saved):
         return
+    if isinstance(value, list):
+        list.__setitem__(value, slice(None), saved)
+        return
+    kind = set if isinstance(value, set) else dict
     target = value if isinstance(value, (dict, set)) else vars(value)
-    target.clear()
-    target.update(saved)
+    kind.clear(target)
+    kind.update(target, saved)
 
 
 class ModelTransaction:

@@ -12,6 +12,7 @@ from graphprune import tracer
 from graphprune.reporting.report import Report
 from graphprune.tracer.devices import describe_value
 from graphprune.tracer.fallback import check_capture
+from graphprune.tracer.fx_capture import check_leaf_names
 from graphprune.validation import check_materialised, check_model
 
 from .channels import per_array
@@ -21,6 +22,7 @@ from .propagate import propagate
 from .propagation import Propagation
 from .reasons import BlockKind, Reason
 from .rules import has_module_rule
+from .unreached import block_unreached
 
 LayerRef = Union[str, nn.Module]
 
@@ -69,6 +71,8 @@ def _annotate_channels(state: Propagation, roots: np.ndarray, groups: list[Group
     def dims(labels):
         if labels is None:
             return None
+        if isinstance(labels, dict):
+            return {k: dims(v) for k, v in labels.items()}
         if labels and isinstance(labels[0], np.ndarray):
             return tuple(_dim_channels(ids) for ids in labels)
         return tuple(dims(item) for item in labels)
@@ -92,6 +96,7 @@ class Analysis:
                  capture: str = "auto"):
         graph = tracer.trace(model, example_inputs, traced_leaves(leaf_modules), capture)
         self.state = propagate(graph, prune_heads)
+        block_unreached(self.state, example_inputs)
         self.roots = self.state.space.all_roots()
         self.groups = build_groups(self.state, self.roots)
         _ignore(self.groups, ignored)
@@ -125,6 +130,7 @@ def run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_head
     if not isinstance(prune_heads, bool):
         raise TypeError(f"prune_heads must be True or False, got {type(prune_heads).__name__}")
     check_capture(capture)
+    check_leaf_names(model, leaf_modules)
     ignored = _layer_names(model, ignored_layers, "ignored_layers")
     inputs, inferred = resolve_example_inputs(model, example_inputs)
     _check_devices(model, inputs)
@@ -135,6 +141,16 @@ def run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_head
         if inferred:
             raise ValueError(f"{exc} The inferred input was {describe_inputs(inputs)}; pass example_inputs.") from exc
         raise ValueError(str(exc)) from exc
+    except tracer.TraceError:
+        raise
+    except Exception as exc:  # a failure of graphprune itself: one documented error, with its cause
+        raise AnalysisError(f"graphprune could not analyse {type(model).__name__}: {type(exc).__name__}: {exc} "
+                            "(an internal error; please report it with the model)") from exc
+
+
+class AnalysisError(RuntimeError):
+    """The analysis itself failed (not the capture, not the inputs): a graphprune bug. The
+    model is unchanged; the cause is chained."""
 
 
 def _input_tensors(inputs: Any) -> list:

@@ -69,6 +69,7 @@ class ChannelSpace:
         self._set_of_id = np.zeros(1024, dtype=np.int64)
         self._n_ids = 0
         self._links: list[tuple[np.ndarray, np.ndarray]] = []
+        self._blocks: list[int] = []  # the sets blocked, in order (so that a failed rule's blocks can be taken back)
         self.sets: list[ChannelSet] = []
 
     @property
@@ -98,6 +99,18 @@ class ChannelSpace:
         if keep.any():
             self._links.append((a[keep], b[keep]))
 
+    def checkpoint(self) -> tuple:
+        """The number of links and of blocks made so far (see :meth:`rollback`)."""
+        return len(self._links), len(self._blocks)
+
+    def rollback(self, mark: tuple) -> None:
+        """Drop the links made, and the blocks set, since :meth:`checkpoint`."""
+        links, blocks = mark
+        del self._links[links:]
+        for set_index in reversed(self._blocks[blocks:]):
+            self.sets[set_index].blocked = None
+        del self._blocks[blocks:]
+
     def block(self, ids: np.ndarray, reason: str) -> None:
         """Mark every set that owns one of ``ids`` as blocked (first reason wins)."""
         ids = np.asarray(ids, dtype=np.int64).ravel()
@@ -108,6 +121,7 @@ class ChannelSpace:
             channel_set = self.sets[set_index]
             if channel_set.blocked is None:
                 channel_set.blocked = reason
+                self._blocks.append(int(set_index))
 
     def set_of(self, ids: np.ndarray) -> np.ndarray:
         return self._set_of_id[ids]

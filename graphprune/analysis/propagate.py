@@ -9,6 +9,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 import torch.fx as fx
+from torch.nn.utils import parametrize
 
 from .propagation import Propagation, SizeConstraint
 from .reasons import BlockKind, Reason
@@ -21,15 +22,16 @@ def propagate(graph: nx.DiGraph, prune_heads: bool = False) -> Propagation:
     With ``prune_heads``, a reshape that splits a channel dim carries the ids on its
     second-innermost axis (the heads of ``(…, heads, head_dim)``) instead of the innermost.
     """
-    state = Propagation(graph, prune_heads)
-    for name, attrs in sorted(graph.nodes(data=True), key=lambda item: item[1]["index"]):
-        state.part = attrs["part"]
-        rule, why = rule_for(state, attrs)
-        state.labels[name] = rule(state, attrs["fx"]) if why is None else _block_unknown(state, attrs, why)
-        stored_as = attrs["fx"].meta.get("stored_as")
-        if stored_as is not None:  # a second output, kept on a module for later
-            state.block(state.labels[name], Reason(BlockKind.MODEL_OUTPUT,
-                                                   f"stored on {stored_as} by forward (an output outside the graph)"))
+    with parametrize.cached():  # a parametrized weight is one tensor throughout (see Propagation._computed_ids)
+        state = Propagation(graph, prune_heads)
+        for name, attrs in sorted(graph.nodes(data=True), key=lambda item: item[1]["index"]):
+            state.part = attrs["part"]
+            rule, why = rule_for(state, attrs)
+            state.labels[name] = _apply(state, rule, attrs) if why is None else _block_unknown(state, attrs, why)
+            stored_as = attrs["fx"].meta.get("stored_as")
+            if stored_as is not None:  # a second output, kept on a module for later
+                state.block(state.labels[name], Reason(BlockKind.MODEL_OUTPUT,
+                                                       f"stored on {stored_as} by forward (an output outside the graph)"))
     share_attributes(state)
     note_computed_scales(state)
     enforce_sizes(state)
@@ -105,6 +107,21 @@ def _holds(roots: np.ndarray, c: SizeConstraint) -> bool:
     units, counts = np.unique(roots[c.ids], return_counts=True)
     source_units, source_counts = np.unique(roots[c.source], return_counts=True)
     return np.array_equal(units, source_units) and np.array_equal(counts * c.divisor, source_counts)
+
+
+def _apply(state: Propagation, rule, attrs: dict) -> Any:
+    """The rule's output labels; a rule that fails on this node (an input it was not written
+    for) takes back what it recorded and blocks what the op touches, the exception in the
+    reason: analysis never raises for one op it cannot read."""
+    mark = state.checkpoint()
+    try:
+        return rule(state, attrs["fx"])
+    except Exception as exc:  # noqa: BLE001 - any failure of a rule is a block, never an escape
+        state.rollback(mark)
+        message = f"{exc}".splitlines()[0][:200] if f"{exc}" else ""
+        why = Reason(BlockKind.NO_RULE, f"the rule for {attrs['target_name']} ('{attrs['fx'].name}') failed: "
+                                        f"{type(exc).__name__}: {message}")
+        return _block_unknown(state, attrs, why)
 
 
 def _block_unknown(state: Propagation, attrs: dict, why: Reason) -> Any:

@@ -20,6 +20,7 @@ from torch import nn
 from graphprune.tracer import TensorSpec
 
 from .channels import NO_ID, ChannelSpace
+from .parametrized import follow, parametrized_weights
 from .reasons import Assumption, BlockKind, Reason
 
 
@@ -83,6 +84,8 @@ class Propagation:
         self.part = ""  # graph-key prefix of the traced part being processed (see tracer.fallback)
         self._modules = dict(self.model.named_modules(remove_duplicate=False))  # every path, for lookups
         self._owner_names = _tensor_owners(self._modules)
+        self._parametrized = parametrized_weights(self._modules)  # inside parametrize.cached(): see propagate()
+        self._computed: dict[tuple[int, int], np.ndarray] = {}  # (id of a parametrized weight, dim) -> ids
 
     # ----- reading the node being processed
     def node_attrs(self, node: fx.Node) -> dict:
@@ -123,6 +126,8 @@ class Propagation:
             )
         if isinstance(value, (tuple, list)):
             return tuple(self.fresh(v, description, blocked, first_dim) for v in value)
+        if isinstance(value, dict):
+            return {k: self.fresh(v, f"{description}[{k!r}]", blocked, first_dim) for k, v in value.items()}
         return None
 
     def param_ids(self, tensor: torch.Tensor, dim: int, role: str, like: Optional[np.ndarray] = None) -> np.ndarray:
@@ -139,6 +144,8 @@ class Propagation:
         member = self.param_dims.get(key)
         if member is None:
             owners = self._owner_names.get(id(tensor))
+            if owners is None and id(tensor) in self._parametrized:
+                return self._computed_ids(tensor, dim, role)
             if owners is None or not (tensor.is_floating_point() or tensor.is_complex()):
                 return self._not_a_member(tensor, dim, owners)
             size = tensor.shape[dim]
@@ -153,6 +160,31 @@ class Propagation:
         elif member.role == "param" and role != "param":  # read directly first, then found to be a layer's
             member.role = role
         return member.ids
+
+    def _computed_ids(self, weight: torch.Tensor, dim: int, role: str) -> np.ndarray:
+        """Ids of dim ``dim`` of a weight a parametrization computes, tied to the tensors it is
+        computed from (see :mod:`graphprune.analysis.parametrized`), or blocked."""
+        key = (id(weight), dim)
+        if key in self._computed:
+            return self._computed[key]
+        module, attr = self._parametrized[id(weight)]
+        if weight.shape[dim] == 1:
+            ids = np.array([NO_ID])
+        else:
+            ids = self.space.new_set(weight.shape[dim], f"{attr} of {type(module).__name__} dim {dim}")
+
+        def bind(source: torch.Tensor, source_dim: int, spread: Optional[Callable]) -> None:
+            kind = role if isinstance(source, nn.Parameter) else "stat"
+            self.unify(ids if spread is None else spread(ids), self.param_ids(source, source_dim, kind))
+
+        why, approximate = follow(bind, module, attr, weight, dim) if ids.size > 1 else (None, None)
+        if approximate is not None:
+            self.note(ids, approximate)
+        if why is not None:
+            self.space.block(ids, Reason(BlockKind.NOT_A_PARAMETER, f"{why}; remove it (torch.nn.utils.parametrize."
+                                                                    "remove_parametrizations) to prune these channels"))
+        self._computed[key] = ids
+        return ids
 
     def _not_a_member(self, tensor: torch.Tensor, dim: int, owners: Optional[list]) -> np.ndarray:
         """Blocked ids for a tensor dim that cannot be pruned: an integer tensor (indices,
@@ -171,6 +203,24 @@ class Propagation:
 
     def attr(self, module: str, attr: str, ids: np.ndarray, update: Callable[[Any, int], Any]) -> None:
         self.attr_members.append(AttrMember(module, attr, ids, update))
+
+    # ----- taking back a failed rule
+    def checkpoint(self) -> tuple:
+        """What :meth:`rollback` needs to take back everything recorded after this point (sizes
+        only: a checkpoint is taken before every rule)."""
+        return (self.space.checkpoint(), len(self.param_dims), len(self._computed), len(self.attr_members), len(self.size_constraints),
+                len(self.size_sources), len(self.notes), len(self.assumptions))
+
+    def rollback(self, mark: tuple) -> None:
+        """Forget the links, blocks, members, attributes, sizes and notes recorded since ``mark``
+        (sets allocated since stay, unlinked: they join no group)."""
+        space, members, computed, attrs, constraints, sources, notes, assumptions = mark
+        self.space.rollback(space)
+        for table, size in ((self.param_dims, members), (self._computed, computed), (self.size_sources, sources), (self.notes, notes),
+                            (self.assumptions, assumptions)):
+            for key in list(table)[size:]:  # dicts keep insertion order
+                del table[key]
+        del self.attr_members[attrs:], self.size_constraints[constraints:]
 
     # ----- relations
     def tensor_ids(self, ref: Any, dim: int, role: str, like: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
@@ -228,8 +278,8 @@ def iter_arrays(labels: Any):
     """Every id array in (nested) ``labels``."""
     if isinstance(labels, np.ndarray):
         yield labels
-    elif isinstance(labels, (tuple, list)):
-        for item in labels:
+    elif isinstance(labels, (tuple, list, dict)):
+        for item in labels.values() if isinstance(labels, dict) else labels:
             yield from iter_arrays(item)
 
 

@@ -10,6 +10,8 @@ attributes against its tensors, and the tests read it to compare models.
 * A count (a conv's ``groups``, a GroupNorm's ``num_groups``, an attention layer's head
   count ``num_heads``) cannot be read off a shape: the rule that prunes whole groups or
   heads sets it, and the table lists which sizes it must divide.
+* :data:`RESIZED_HOOKS` names what a module must do once its tensors were given new
+  storage (an ``nn.LSTM`` packs its weights into one buffer again).
 * :data:`HEAD_ATTRIBUTES` names the attributes that hold a head count, with the per-head
   width beside it, in attention layers written in any codebase (``num_heads`` /
   ``head_dim``, ``num_attention_heads`` / ``attention_head_size``, ``num_key_value_heads``
@@ -25,6 +27,7 @@ from typing import Any, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 
 class Follows(NamedTuple):
@@ -76,11 +79,17 @@ SIZE_ATTRIBUTES: dict = {
     nn.Embedding: _EMBEDDING,
     nn.EmbeddingBag: _EMBEDDING,
     nn.PReLU: SizeRule({"num_parameters": Follows("weight", 0)}),
+    # one size for every layer and direction (their dims keep one count: rules/recurrent.py)
+    nn.RNNBase: SizeRule({"input_size": Follows("weight_ih_l0", 1), "hidden_size": Follows(("weight_hr_l0", "weight_hh_l0"), 1),
+                          "proj_size": Follows("weight_hr_l0", 0)}),
     nn.MultiheadAttention: SizeRule(
-        {"embed_dim": Follows("in_proj_weight", 1), "kdim": Follows("in_proj_weight", 1),
-         "vdim": Follows("in_proj_weight", 1), "head_dim": Follows("in_proj_weight", 1, per="num_heads")},
+        {"embed_dim": Follows(("in_proj_weight", "q_proj_weight"), 1), "kdim": Follows(("in_proj_weight", "k_proj_weight"), 1),
+         "vdim": Follows(("in_proj_weight", "v_proj_weight"), 1),
+         "head_dim": Follows(("in_proj_weight", "q_proj_weight"), 1, per="num_heads")},
         counts=("num_heads",), divides=(("num_heads", "embed_dim"),),
     ),
+    # the model width it checks its inputs against, read off a child's tensor
+    nn.Transformer: SizeRule({"d_model": Follows("encoder.layers.0.linear1.weight", 1)}),
     # GPT-2's linear layer, with its weight stored as (in, out)
     "transformers.pytorch_utils.Conv1D": SizeRule({"nx": Follows("weight", 0), "nf": Follows("weight", 1)}),
 }
@@ -156,6 +165,21 @@ def size_rule(module: nn.Module) -> Optional[SizeRule]:
     return None
 
 
+#: Module class -> what to call on a module once its tensors hold new storage (after the surgery's
+#: final copy, after :func:`graphprune.load`): a recurrent layer packs its weights into one cuDNN
+#: buffer again (a no-op off CUDA; unpacked weights still run, copied on every call, with a warning).
+RESIZED_HOOKS: dict = {nn.RNNBase: nn.RNNBase.flatten_parameters}
+
+
+def after_resize(module: nn.Module) -> None:
+    """Run the :data:`RESIZED_HOOKS` entry of the closest class of ``module``, if any."""
+    for cls in type(module).__mro__:
+        hook = RESIZED_HOOKS.get(cls)
+        if hook is not None:
+            hook(module)
+            return
+
+
 def size_attribute_names(module: nn.Module) -> tuple:
     """Every size and count attribute the table lists for ``module`` (empty if none)."""
     rule = size_rule(module)
@@ -170,6 +194,9 @@ def _tensor(module: nn.Module, path: str) -> Optional[torch.Tensor]:
         if owner is None:
             return None
     tensor = owner._parameters.get(name, owner._buffers.get(name))
+    if tensor is None and parametrize.is_parametrized(owner, name):  # computed on each call from its own tensors
+        with torch.no_grad():
+            tensor = getattr(owner, name)
     return tensor if isinstance(tensor, torch.Tensor) and not isinstance(tensor, nn.parameter.UninitializedTensorMixin) else None
 
 

@@ -51,7 +51,8 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from graphprune.analysis.sizes import size_problems, size_rule, tensor_paths
+from graphprune.analysis.parametrized import shaped_like
+from graphprune.analysis.sizes import after_resize, size_problems, size_rule, tensor_paths
 from graphprune.tracer.state import ModelTransaction
 from graphprune.validation import check_materialised, check_model
 
@@ -252,7 +253,9 @@ def _module_shapes(module: nn.Module, name: str, shapes: dict) -> dict:
     """The new shapes of the tensors ``module``'s size attributes follow, by path within it."""
     rule = size_rule(module)
     paths = {path for follows in rule.sizes.values() for path in tensor_paths(follows)} if rule is not None else ()
-    full = {path: f"{name}.{path}" if name else path for path in paths}
+    # a parametrized weight has the shape of the tensor it is computed from
+    full = {path: shaped_like(module, path) or path for path in paths}
+    full = {path: f"{name}.{source}" if name else source for path, source in full.items()}
     return {path: shapes[key] for path, key in full.items() if key in shapes}
 
 
@@ -351,6 +354,8 @@ def load(model: nn.Module, path: PathLike) -> nn.Module:
                 setattr(module, attr, value)
     except Exception as exc:
         raise ValueError(f"loading {path} failed and the model was restored: {type(exc).__name__}: {exc}") from exc
+    for name in dict.fromkeys(name.rpartition(".")[0] for name in values):
+        after_resize(model.get_submodule(name))
     return model
 
 

@@ -35,6 +35,8 @@ def _dims(labels: Any, value: Any) -> list:
         if labels is None or len(labels) != len(value.shape):
             return [(None, size) for size in value.shape]
         return list(zip(labels, value.shape))
+    if isinstance(value, dict):
+        return [d for k, v in value.items() for d in _dims(labels.get(k) if isinstance(labels, dict) else None, v)]
     if isinstance(value, (tuple, list)):
         nested = isinstance(labels, (tuple, list)) and len(labels) == len(value) and not (labels and isinstance(labels[0], np.ndarray))
         return [d for i, v in enumerate(value) for d in _dims(labels[i] if nested else None, v)]

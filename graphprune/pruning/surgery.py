@@ -10,7 +10,8 @@ from torch import nn
 from graphprune.analysis.channels import per_array
 from graphprune.analysis.groups import Group
 from graphprune.analysis.propagation import Propagation
-from graphprune.analysis.sizes import derived_sizes, size_problems
+from graphprune.analysis.parametrized import parametrized_owner
+from graphprune.analysis.sizes import after_resize, derived_sizes, size_problems, size_rule
 from graphprune.tracer.shape_rules import dense_layout
 from graphprune.tracer.state import interrupts_deferred
 
@@ -243,7 +244,7 @@ class ChannelSurgery:
         removed = self._removed_after(checked)
         transaction = _Transaction()
         try:
-            self._apply(transaction, removed)
+            resized = self._apply(transaction, removed)
             filled = _verified(verify, removed, transaction)
         except BaseException as exc:
             transaction.rollback()
@@ -263,6 +264,8 @@ class ChannelSurgery:
                     raise _failure(exc, restored=not transaction.released) from exc
         self._removed = removed
         self._pruned.update(group.id for group in checked)
+        for name in resized:
+            after_resize(self.state.module(name))
 
     def trial(self, plan: Mapping[Group, Sequence[int]], measure: Callable[[np.ndarray], T]) -> T:
         """``measure(removed)`` while the model has ``plan`` applied, values included (the
@@ -284,7 +287,9 @@ class ChannelSurgery:
             removed[group.units[index]] = True
         return removed
 
-    def _apply(self, transaction: _Transaction, removed: np.ndarray) -> None:
+    def _apply(self, transaction: _Transaction, removed: np.ndarray) -> list:
+        """Give every member its new shape and every size attribute its value; returns the
+        names of the modules whose tensors changed."""
         roots = self.roots
 
         @per_array
@@ -308,6 +313,11 @@ class ChannelSurgery:
             if keep is not None:
                 shrinking.setdefault(id(member.tensor), (member.tensor, {}))[1][member.dim] = keep
                 owners.update(dict.fromkeys(module for module, _ in member.owners))
+        for name in list(owners):  # a parametrized weight, and sizes read off a child's tensor, follow too
+            parent = parametrized_owner(name)
+            if parent is not None:
+                owners.setdefault(parent, None)
+            owners.update(dict.fromkeys(a for a in _ancestors(name) if size_rule(self.state.module(a)) is not None))
         for tensor, keep in shrinking.values():
             transaction.shrink(tensor, keep)
         for attr in self.state.attr_members:  # counts (groups, heads) and sizes the rules follow
@@ -323,3 +333,10 @@ class ChannelSurgery:
                                      f"{attr} fractional ({'; '.join(size_problems(module))})")
                 if value != getattr(module, attr, None):
                     transaction.set_attr(module, attr, value)
+        return list(owners)
+
+
+def _ancestors(name: str) -> list:
+    """The names of the modules that hold the module ``name``, innermost first."""
+    parts = name.split(".") if name else []
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]

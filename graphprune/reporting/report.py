@@ -48,6 +48,26 @@ class Report:
                 found.setdefault(kind, []).append(group)
         return found
 
+    @property
+    def outcome(self) -> str:
+        """``"error"`` when no group is prunable (``prune`` would leave the model unchanged),
+        else ``"ok"``."""
+        return "ok" if self.prunable_groups else "error"
+
+    def top_reasons(self, count: int = 3) -> list[tuple[str, float]]:
+        """The ``count`` blocking reasons that hold back the largest share of the parameters,
+        ``(reason, share)``, largest first (a group's share counts for each of its reasons)."""
+        shares: dict = {}
+        for group in self.blocked_groups:
+            for reason in dict.fromkeys(group.blocked):
+                shares[reason] = shares.get(reason, 0.0) + group.param_share
+        return sorted(shares.items(), key=lambda item: -item[1])[:count]
+
+    def capture_failures(self) -> dict:
+        """``{module name: why}`` for every module the capture could not trace into ("" is the
+        root: its own forward), with the file and line where tracing failed."""
+        return dict(self.graph.graph.get("opaque", {}))
+
     def group_of(self, layer: str) -> list[Group]:
         """Groups with a member in module ``layer``."""
         return [g for g in self.groups if layer in g.layers()]
@@ -86,8 +106,17 @@ class Report:
             body.append(f"outputs left out (state the model makes for itself; their sizes follow the pruning): "
                         f"{', '.join(left_out)}")
         if not self.prunable_groups:
-            body.append("no prunable group: prune() would leave this model unchanged")
+            body.append(self.unchanged_message())
         return "\n".join([title, *body])
+
+    def unchanged_message(self) -> str:
+        """The error-level outcome of a report with no prunable group: what holds the model
+        back (its top blocking reasons, and where the capture failed)."""
+        lines = [f"ERROR: no prunable channel group: prune() leaves {self.model_name} unchanged"]
+        lines += [f"  blocked ({100 * min(share, 1.0):.0f}% of params): {_shorten(reason, 140)}"
+                  for reason, share in self.top_reasons()]
+        lines += [f"  not traced: {name or '<root>'} {why}" for name, why in list(self.capture_failures().items())[:3]]
+        return "\n".join(lines)
 
     def __repr__(self) -> str:
         return f"<Report {self.model_name}: {len(self.groups)} groups, {len(self.prunable_groups)} prunable>"

@@ -18,7 +18,7 @@ from graphprune.tracer.fx_capture import forward_hooks
 
 from ..propagation import Propagation
 from ..reasons import BlockKind, Reason
-from . import attention, contraction, functional, layers, pointwise, reshape, shape
+from . import attention, creation, contraction, functional, indexing, layers, pointwise, recurrent, reshape, shape
 
 Rule = Callable
 
@@ -40,8 +40,12 @@ _RESAMPLE = (
 _ELEMENTWISE = (
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow, operator.iadd,
     operator.isub, operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.true_divide,
-    torch.maximum, torch.minimum, torch.where, torch.pow,
+    torch.maximum, torch.minimum, torch.pow,
     "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "pow", "maximum", "minimum",
+)
+_MASKS = (  # masked_fill (its mask broadcast) and the comparisons that make masks
+    torch.masked_fill, "masked_fill", "masked_fill_", operator.lt, operator.le, operator.gt, operator.ge, operator.eq,
+    operator.ne, torch.lt, torch.le, torch.gt, torch.ge, torch.eq, torch.ne, "lt", "le", "gt", "ge", "eq", "ne",
 )
 _UNARY = (
     F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
@@ -61,6 +65,11 @@ _SPATIAL = (
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d, F.avg_pool1d,
     F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.interpolate, F.upsample,
 )
+_LIKE = (torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like)
+_SCATTERS = (torch.scatter, torch.scatter_add, torch.scatter_reduce, "scatter", "scatter_", "scatter_add",
+             "scatter_add_", "scatter_reduce", "scatter_reduce_")
+_INDEX_WRITES = (torch.index_add, torch.index_copy, torch.index_fill, "index_add", "index_add_", "index_copy",
+                 "index_copy_", "index_fill", "index_fill_")
 _METADATA = ("size", "dim", "numel", "type", len)
 
 RULES: dict = {
@@ -74,6 +83,8 @@ RULES: dict = {
     nn.GroupNorm: layers.group_norm, nn.LayerNorm: layers.layer_norm, nn.RMSNorm: layers.layer_norm, nn.PReLU: layers.prelu,
     nn.Embedding: layers.embedding, nn.Flatten: layers.flatten_module,
     nn.MultiheadAttention: attention.multihead_attention,
+    nn.LSTM: recurrent.recurrent_module, nn.GRU: recurrent.recurrent_module, nn.RNN: recurrent.recurrent_module,
+    **{op: recurrent.recurrent_function for op in (torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu)},
     nn.Softmax: layers.softmax, nn.LogSoftmax: layers.softmax,
     **{cls: layers.passthrough for cls in _ACTIVATIONS},
     **{cls: layers.pooling for cls in _POOLS},
@@ -82,7 +93,7 @@ RULES: dict = {
     **{op: pointwise.unary for op in _UNARY},
     **{op: pointwise.reduction for op in _REDUCTIONS},
     **{op: pointwise.spatial for op in _SPATIAL},
-    **{op: pointwise.metadata for op in _METADATA}, getattr: pointwise.attribute,
+    **{op: pointwise.metadata for op in _METADATA}, getattr: indexing.attribute,
     F.softmax: pointwise.softmax, F.log_softmax: pointwise.softmax, torch.softmax: pointwise.softmax,
     "softmax": pointwise.softmax, "log_softmax": pointwise.softmax,
     F.layer_norm: pointwise.layer_norm, F.rms_norm: pointwise.rms_norm, F.normalize: pointwise.normalize,
@@ -90,7 +101,7 @@ RULES: dict = {
     F.conv1d: functional.conv, F.conv2d: functional.conv, F.conv3d: functional.conv,
     F.conv_transpose1d: functional.conv, F.conv_transpose2d: functional.conv, F.conv_transpose3d: functional.conv,
     F.linear: functional.linear, F.batch_norm: functional.batch_norm, F.instance_norm: functional.instance_norm,
-    F.group_norm: functional.group_norm, F.embedding: functional.embedding, F.prelu: functional.prelu,
+    torch._weight_norm: functional.weight_norm, F.group_norm: functional.group_norm, F.embedding: functional.embedding, F.prelu: functional.prelu,
     "view_as": reshape.view_as, "reshape_as": reshape.view_as,
     torch.flatten: reshape.flatten, "flatten": reshape.flatten, torch.unflatten: reshape.unflatten, "unflatten": reshape.unflatten,
     "view": reshape.view, "reshape": reshape.view, torch.reshape: reshape.view,
@@ -102,11 +113,33 @@ RULES: dict = {
     torch.cat: shape.cat, torch.concat: shape.cat, torch.concatenate: shape.cat, torch.stack: shape.stack,
     torch.split: shape.split, "split": shape.split, torch.chunk: shape.chunk, "chunk": shape.chunk,
     operator.getitem: shape.getitem,
+    **{op: pointwise.unary for op in _LIKE},  # a new tensor of its argument's shape
+    **{getattr(torch, name): creation.factory for name in creation.FACTORIES},
+    **{f"new_{name}": creation.new_factory for name in creation.FACTORIES},
+    torch.gather: indexing.gather, "gather": indexing.gather,
+    torch.index_select: indexing.index_select, "index_select": indexing.index_select,
+    torch.index_put: indexing.index_put, "index_put": indexing.index_put,
+    "index_put_": indexing.index_put, torch.where: indexing.where, "where": indexing.where,
+    torch.nonzero: indexing.nonzero, "nonzero": indexing.nonzero, torch.argwhere: indexing.nonzero,
+    torch.topk: indexing.top_k, "topk": indexing.top_k, torch.sort: indexing.sort, "sort": indexing.sort,
+    torch.argsort: indexing.argsort, "argsort": indexing.argsort, torch.argmax: indexing.arg_extreme,
+    torch.argmin: indexing.arg_extreme, "argmax": indexing.arg_extreme, "argmin": indexing.arg_extreme,
+    **{op: indexing.scatter for op in _SCATTERS}, **{op: indexing.index_add for op in _INDEX_WRITES},
+    **{op: indexing.grouped_mm for op in (getattr(torch, "_grouped_mm", None), getattr(F, "grouped_mm", None))
+       if op},  # torch >= 2.8
     operator.matmul: contraction.matmul, torch.matmul: contraction.matmul, torch.bmm: contraction.matmul,
     "matmul": contraction.matmul, "bmm": contraction.matmul, torch.addmm: contraction.addmm,
     torch.baddbmm: contraction.baddbmm, "baddbmm": contraction.baddbmm,
     F.scaled_dot_product_attention: contraction.scaled_dot_product_attention,
     torch.unbind: contraction.unbind, "unbind": contraction.unbind,
+    torch.einsum: contraction.einsum, torch.outer: contraction.outer, torch.ger: contraction.outer,
+    "outer": contraction.outer, "ger": contraction.outer,
+    nn.PixelShuffle: layers.pixel_shuffle, F.pixel_shuffle: layers.pixel_shuffle,
+    nn.PixelUnshuffle: layers.pixel_unshuffle, F.pixel_unshuffle: layers.pixel_unshuffle,
+    nn.GLU: shape.glu, F.glu: shape.glu, torch.tensor_split: shape.tensor_split, "tensor_split": shape.tensor_split,
+    torch.view_as_complex: reshape.view_as_complex, torch.view_as_real: reshape.view_as_real,
+    nn.CosineSimilarity: pointwise.cosine_similarity, F.cosine_similarity: pointwise.cosine_similarity,
+    **{op: pointwise.elementwise for op in _MASKS},
 }
 
 _BOUNDARIES = {"placeholder": pointwise.placeholder, "get_attr": pointwise.get_attr, "output": pointwise.output}
@@ -129,6 +162,8 @@ def _module_rule(module: nn.Module) -> Optional[Rule]:
 def _has_tensor(value) -> bool:
     if isinstance(value, TensorSpec):
         return True
+    if isinstance(value, dict):
+        return any(_has_tensor(v) for v in value.values())
     return isinstance(value, (tuple, list)) and any(_has_tensor(v) for v in value)
 
 

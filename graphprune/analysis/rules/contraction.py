@@ -1,9 +1,12 @@
-"""Rules for products that contract a dimension: matmul / bmm, addmm, baddbmm and scaled dot-product attention.
+"""Rules for products that contract a dimension: matmul / bmm, addmm, baddbmm, einsum, outer and
+scaled dot-product attention.
 
 A contracted dimension must shrink on both operands together, so its two label arrays are
 unified; a dead channel contributes nothing to the sum, so removing it is exact.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 import torch.fx as fx
@@ -82,3 +85,67 @@ def unbind(state: Propagation, node: fx.Node):
     state.block(x[dim], Reason(BlockKind.COLLAPSED, f"{node.name} unbinds this dimension"))
     rest = tuple(x[:dim]) + tuple(x[dim + 1 :])
     return tuple(rest for _ in range(len(state.value(node))))
+
+
+def outer(state: Propagation, node: fx.Node):
+    """``torch.outer(a, b)``: the rows are ``a``'s positions, the columns ``b``'s."""
+    return state.labels_of(node.args[0]) + state.labels_of(node.args[1])
+
+
+def einsum(state: Propagation, node: fx.Node):
+    """``torch.einsum(equation, *operands)`` (or the operands as one list): the dims of each
+    letter (or of each position an ellipsis covers) unify across operands, a size-1 dim
+    broadcasting; a letter kept in the output carries them there, a summed one vanishes (a dead
+    channel adds nothing to the sum, so removing it is exact). The sublist form blocks."""
+    operands = node.args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    labels = [state.labels_of(o) if isinstance(o, fx.Node) else None for o in operands]
+    equation = node.args[0]
+    parsed = None
+    if isinstance(equation, str) and all(isinstance(x, tuple) for x in labels):
+        parsed = _einsum_dims(equation, [len(x) for x in labels])
+    if parsed is None or len(parsed[1]) != len(state.value(node).shape):
+        reason = Reason(BlockKind.NO_RULE, f"{node.name}: einsum equation {equation!r} not understood")
+        state.block([state.labels_of(a) for a in node.all_input_nodes], reason)
+        return state.fresh(state.value(node), node.name, reason)
+    terms, output = parsed
+    dims: dict = {}  # letter -> the ids of its dims of more than one position
+    for x, term in zip(labels, terms):
+        for ids, letter in zip(x, term):
+            if ids.size > 1:
+                dims.setdefault(letter, []).append(ids)
+    for arrays in dims.values():
+        for other in arrays[1:]:
+            state.unify(arrays[0], other)
+    return tuple(dims[letter][0] if letter in dims else np.array([NO_ID]) for letter in output)
+
+
+def _einsum_dims(equation: str, ndims: list) -> Optional[tuple]:
+    """``(terms, output)``: the letter of each dim of each operand and of the output (the
+    positions an ellipsis covers named ``...0``, ``...1``, right-aligned across operands),
+    or None for an equation that does not fit the operands."""
+    lhs, arrow, rhs = equation.replace(" ", "").partition("->")
+    inputs = lhs.split(",")
+    if len(inputs) != len(ndims):
+        return None
+    widths = [n - len(term.replace("...", "")) if "..." in term else 0 for term, n in zip(inputs, ndims)]
+    width = max(widths, default=0)
+    if not arrow:
+        letters = "".join(term.replace("...", "") for term in inputs)
+        once = sorted(c for c in set(letters) if letters.count(c) == 1)  # the implicit output: letters seen once
+        rhs = ("..." if any("..." in t for t in inputs) else "") + "".join(once)
+    terms = [_expanded(term, width - w, width) for term, w in zip(inputs, widths)]
+    output = _expanded(rhs, 0, width)
+    if any(t is None or len(t) != n for t, n in zip(terms, ndims)) or output is None or len(set(output)) != len(output):
+        return None
+    return terms, output
+
+
+def _expanded(term: str, first: int, width: int) -> Optional[list]:
+    """The letters of ``term``, its ellipsis as the positions ``first`` to ``width`` of the
+    ellipsis; None for a term that is not letters around at most one ellipsis."""
+    before, dots, after = term.partition("...")
+    if before + after and not (before + after).isalpha():
+        return None
+    return list(before) + ([f"...{k}" for k in range(first, width)] if dots else []) + list(after)

@@ -99,3 +99,16 @@ def embedding(state: Propagation, node: fx.Node):
 def prelu(state: Propagation, node: fx.Node):
     """``F.prelu(x, weight)``."""
     return prelu_labels(state, state.labels_of(node.args[0]), arg(node, 1, "weight"))
+
+
+def weight_norm(state: Propagation, node: fx.Node):
+    """``torch._weight_norm(v, g, dim)`` (what ``weight_norm`` computes, as torch.export records
+    it): ``g · v / ‖v‖``, each slice along ``dim`` with its own norm. The output has ``v``'s
+    labels; ``g``'s dims that are as long as ``v``'s join them. Removing a zero column leaves
+    every norm as it was: exact."""
+    v, g = node.args[0], node.args[1]
+    labels, scale = state.labels_of(v), state.labels_of(g)
+    for d, (size, other) in enumerate(zip(state.value(v).shape, state.value(g).shape)):
+        if size == other and size > 1:
+            state.unify(labels[d], scale[d])
+    return labels

@@ -7,6 +7,7 @@ import numpy as np
 import torch.fx as fx
 from torch import nn
 
+from graphprune.analysis.channels import NO_ID
 from graphprune.analysis.propagation import Propagation
 
 from ..reasons import BlockKind, Reason
@@ -230,3 +231,34 @@ def passthrough(state: Propagation, node: fx.Node):
     """Elementwise layers (activations, dropout, identity): labels pass unchanged."""
     x, _, _ = _input(state, node)
     return x
+
+
+def pixel_shuffle(state: Propagation, node: fx.Node):
+    """``F.pixel_shuffle(x, r)`` / ``nn.PixelShuffle``: channel ``c * r² + k`` goes to channel
+    ``c`` (at spatial offset ``k``), so each output channel owns ``r²`` input channels, one unit.
+    The spatial dims are resampled (new ids)."""
+    x = state.labels_of(node.args[0])
+    c = len(x) - 3
+    out = list(resampled(state, node, x, 2))
+    channels, count = x[c], state.value(node).shape[c]
+    if count == 1 and channels.size > 1:
+        state.block(channels, Reason(BlockKind.FIXED_SIZE, f"{node.name} shuffles these channels into a single one"))
+        out[c] = np.array([NO_ID])
+    elif channels.size > 1:
+        out[c] = tie_blocks(state, count, channels)
+    return tuple(out)
+
+
+def pixel_unshuffle(state: Propagation, node: fx.Node):
+    """``F.pixel_unshuffle(x, r)`` / ``nn.PixelUnshuffle``: channel ``c`` becomes channels
+    ``c * r² … c * r² + r² - 1`` (its spatial offsets), each carrying its id. The spatial dims
+    are resampled (new ids)."""
+    x = state.labels_of(node.args[0])
+    c = len(x) - 3
+    out = list(resampled(state, node, x, 2))
+    count = state.value(node).shape[c]
+    if x[c].size > 1:
+        out[c] = np.repeat(x[c], count // x[c].size)
+    elif count > 1:  # a single channel: the offsets are positions, not channels
+        out[c] = state.space.new_set(count, f"{node.name} offsets", SPATIAL)
+    return tuple(out)

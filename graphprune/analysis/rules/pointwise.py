@@ -4,6 +4,7 @@ from __future__ import annotations
 import operator
 
 import numpy as np
+import torch
 import torch.fx as fx
 
 from graphprune.analysis.channels import NO_ID
@@ -12,16 +13,19 @@ from graphprune.tracer import TensorSpec
 
 from ..reasons import BlockKind, Reason
 from .layers import SPATIAL, normalize_over, resampled
+from .reshape import carries_ids
 
 
 def elementwise(state: Propagation, node: fx.Node):
-    """Broadcasting n-ary op: dims of equal size unify; a size-1 dim couples nothing."""
-    out_shape = state.value(node).shape
-    operands = [
-        (state.labels_of(a), state.value(a).shape)
-        for a in list(node.args) + list(node.kwargs.values())
-        if isinstance(a, fx.Node) and isinstance(state.value(a), TensorSpec)
-    ]
+    """Broadcasting n-ary op (``masked_fill``'s mask and comparisons too): dims of equal size
+    unify; a size-1 dim couples nothing."""
+    tensors = [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, fx.Node)]
+    return broadcast(state, tensors, state.value(node).shape)
+
+
+def broadcast(state: Propagation, tensors: list, out_shape: tuple) -> tuple:
+    """The labels of ``tensors`` (fx arguments; non-tensors skipped) broadcast to ``out_shape``."""
+    operands = [(state.labels_of(a), state.value(a).shape) for a in tensors if isinstance(state.value(a), TensorSpec)]
     out = []
     for d, size in enumerate(out_shape):
         lead = len(out_shape) - d
@@ -40,10 +44,19 @@ def unary(state: Propagation, node: fx.Node):
 _AVERAGES = ("mean", "var", "std")  # statistics divided by the count of what they reduce
 
 
+def _uses_indices(node: fx.Node) -> bool:
+    """Whether the positions ``max`` / ``min`` found are read (``[1]``, ``.indices``): along
+    channels they are channel numbers, which pruning renumbers."""
+    return any((user.target is operator.getitem and user.args[1:] == (1,) or
+                user.target is getattr and user.args[1:] == ("indices",)) and user.users for user in node.users)
+
+
 def reduction(state: Propagation, node: fx.Node):
     """sum/mean/amax...: reduced dims vanish (or become size 1). A sum over channels is exact
     (dead channels add nothing); an average over them (a hand-written RMSNorm's ``mean``)
-    changes with their count, which makes pruning approximate; any other reduction blocks."""
+    changes with their count, and a max, a min or a logsumexp (CBAM's channel pooling) with
+    the values left, which makes pruning approximate (a note); the positions of a max or min
+    over channels are channel numbers, which block."""
     x = state.labels_of(node.args[0])
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis"))
     if isinstance(dims, fx.Node):  # torch.max(a, b) is elementwise
@@ -56,8 +69,10 @@ def reduction(state: Propagation, node: fx.Node):
     for d in dims:
         if name in _AVERAGES:
             state.note(x[d], f"{node.name} averages over this dimension (a {name} of fewer values after pruning)")
+        elif not isinstance(state.value(node), TensorSpec) and _uses_indices(node):
+            state.block(x[d], Reason(BlockKind.COLLAPSED, f"{node.name} finds positions along this dimension"))
         elif name != "sum":
-            state.block(x[d], Reason(BlockKind.COLLAPSED, f"{node.name} reduces over this dimension"))
+            state.note(x[d], f"{node.name} reduces over this dimension (a {name} of fewer values after pruning)")
     out = tuple(np.array([NO_ID]) if d in dims else ids for d, ids in enumerate(x) if keepdim or d not in dims)
     if not isinstance(state.value(node), TensorSpec):  # max/min with a dim also return indices
         return (out, out)
@@ -74,6 +89,21 @@ def spatial(state: Propagation, node: fx.Node):
     else:
         n_dims = len(x) - 2
     return resampled(state, node, x, n_dims)
+
+
+def cosine_similarity(state: Propagation, node: fx.Node):
+    """``F.cosine_similarity(x1, x2, dim, eps)`` and ``nn.CosineSimilarity``: ``x1 · x2 / (|x1| |x2|)``
+    over ``dim`` of the broadcast inputs, which unify as an elementwise product's and lose ``dim``.
+    A dead channel (zero in both) adds nothing to the dot product nor to either norm, so removing
+    it is exact, as for a sum."""
+    if node.op == "call_module":
+        dim = state.module(state.qualname(node)).dim
+    else:
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 1)
+    x1, x2 = node.args[:2]
+    full = broadcast(state, [x1, x2], torch.broadcast_shapes(state.value(x1).shape, state.value(x2).shape))
+    dim %= len(full)
+    return full[:dim] + full[dim + 1 :]
 
 
 def pad(state: Propagation, node: fx.Node):
@@ -99,11 +129,15 @@ def softmax(state: Propagation, node: fx.Node):
 
 
 def normalize(state: Propagation, node: fx.Node):
-    """``F.normalize(x, p, dim)``: every value is divided by the norm over ``dim``, so that dim
-    is normalised over (as by softmax) and the others pass through."""
+    """``F.normalize(x, p, dim)``: every value is divided by the p-norm over ``dim``. A dead
+    channel (zero) adds nothing to a norm of positive order, so removing it is exact, as for
+    a sum (torch.export writes the same as a norm, then a division by it expanded); a norm of
+    order 0 or below counts or inverts zeros, and blocks."""
     x = state.labels_of(node.args[0])
+    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 2.0)
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 1)
-    state.block(x[dim], Reason(BlockKind.COLLAPSED, f"{node.name} normalises over this dimension"))
+    if not isinstance(p, (int, float)) or p <= 0:
+        state.block(x[dim], Reason(BlockKind.COLLAPSED, f"{node.name} normalises over this dimension by a norm of order {p}"))
     return x
 
 
@@ -162,10 +196,29 @@ def _size_source(state: Propagation, node: fx.Node):
         return source[args[1]] if not isinstance(source[0], np.ndarray) else None
     if node.target is operator.add and len(args) == 2 and all(isinstance(a, (fx.Node, tuple)) for a in args):
         return _joined_shape(state, args)
+    if node.target is operator.mul and len(args) == 2:
+        return _product(state, args)
     if node.target is operator.floordiv and source is not None and isinstance(source[0], np.ndarray) \
             and isinstance(args[1], int) and args[1] > 0:
         return source[0], source[1] * args[1]
     return None
+
+
+def _product(state: Propagation, factors: tuple):
+    """``a * b`` of sizes read off shapes, one of a dim that may carry channels and the other of
+    one that does not (``c * h`` of ``b, c, h, w = x.shape``): the size of that dim flattened
+    with the other's positions (each of its ids as many times as the other's value), so that it
+    follows the pruning as a flatten does. None where both, or neither, may carry channels, or
+    a factor is not read off a shape (a literal, or ``c + 1``, may not stay what it was)."""
+    sources = [state.size_source(f) for f in factors]
+    if any(s is None or not isinstance(s[0], np.ndarray) for s in sources):
+        return None
+    carriers = [i for i, s in enumerate(sources) if carries_ids(state, s[0])]
+    other = state.value(factors[1 - carriers[0]]) if len(carriers) == 1 else None
+    if type(other) is not int or other < 1:
+        return None
+    ids, divisor = sources[carriers[0]]
+    return np.repeat(ids, other), divisor
 
 
 def _joined_shape(state: Propagation, parts: tuple):

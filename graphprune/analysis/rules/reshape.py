@@ -13,6 +13,7 @@ import re
 from typing import Any, Optional
 
 import numpy as np
+import torch
 import torch.fx as fx
 
 from graphprune.analysis.channels import NO_ID
@@ -75,17 +76,23 @@ def _head_split(state: Propagation, node: fx.Node, sizes: tuple) -> Optional[tup
     return (axes[-2], axes[-1], pair) if pair is not None else None
 
 
-def _split(state: Propagation, node: fx.Node, ids: np.ndarray, sizes: tuple) -> tuple:
+def _split(state: Propagation, node: fx.Node, ids: np.ndarray, sizes: tuple, pairs: bool = False) -> tuple:
     """One dim becomes several: one axis carries the ids and the positions along the others
     are tied to it. Returns the labels of the axes and ``{axis: attribute}`` for the carrier
     when a module attribute holds its size. The carrier is the innermost non-1 axis, except
     in a split into attention heads with ``prune_heads``: then the heads axis carries (whole
-    heads go) and the head-count attribute follows it; otherwise the width attribute."""
+    heads go) and the head-count attribute follows it; otherwise the width attribute. With
+    ``pairs`` (the last axis, of size 2, becomes the two parts of complex numbers) the axis
+    before it carries: a pair is one unit. Ids that vary along one axis only (a dim merged
+    with spatial positions, split again) keep it as the carrier: nothing is tied."""
     if not carries_ids(state, ids):
         return fresh_dims(state, node, sizes, NEW_DIMENSION), {}
     grid = ids.reshape(sizes)
-    heads = _head_split(state, node, sizes)
-    carrier = [i for i, s in enumerate(sizes) if s > 1][-1]
+    axes = [i for i, s in enumerate(sizes) if s > 1]
+    varying = [a for a in axes if (np.diff(grid, axis=a) != 0).any()]
+    pairs = pairs and len(axes) > 1 and axes[-1] == len(sizes) - 1 and sizes[-1] == 2
+    heads = None if pairs else _head_split(state, node, sizes)
+    carrier = axes[-2] if pairs else varying[0] if len(varying) == 1 else axes[-1]
     followed = {}
     if heads is not None:
         carrier = heads[0] if state.prune_heads else heads[1]
@@ -120,6 +127,18 @@ def _dim_groups(a: tuple, b: tuple) -> Optional[list]:
     return groups if i == len(ia) and j == len(ib) else None
 
 
+_CASTS = ("float", "double", "to", "contiguous", "type_as")
+
+
+def _makes_complex(node: fx.Node) -> bool:
+    """Whether every use of ``node``, through dtype casts, is ``torch.view_as_complex`` (Llama's
+    rotary embeddings: ``view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))``)."""
+    users = list(node.users)
+    return bool(users) and all(
+        u.target is torch.view_as_complex or u.op == "call_method" and u.target in _CASTS and _makes_complex(u)
+        for u in users)
+
+
 def reshape_labels(state: Propagation, node: fx.Node, x: tuple, in_shape: tuple, out_shape: tuple, size_args: Optional[list]) -> tuple:
     groups = _dim_groups(in_shape, out_shape)
     out: list = [np.array([NO_ID]) for _ in out_shape]
@@ -127,11 +146,13 @@ def reshape_labels(state: Propagation, node: fx.Node, x: tuple, in_shape: tuple,
         state.block(x, Reason(BlockKind.RESHAPE, f"{node.name}: reshape not understood"))
         return fresh_dims(state, node, out_shape, NEW_DIMENSION)
     followed = {}  # out dim -> the module attribute holding its size
+    pairs = _makes_complex(node)
     for ga, gb in groups:
         if len(gb) == 1:
             out[gb[0]] = x[ga[0]] if len(ga) == 1 else _merge(state, node, tuple(x[d] for d in ga))
         elif len(ga) == 1:
-            parts, attrs = _split(state, node, x[ga[0]], tuple(out_shape[d] for d in gb))
+            last = pairs and gb[-1] == len(out_shape) - 1
+            parts, attrs = _split(state, node, x[ga[0]], tuple(out_shape[d] for d in gb), last)
             for d, ids in zip(gb, parts):
                 out[d] = ids
             followed.update({gb[axis]: attr for axis, attr in attrs.items()})
@@ -140,12 +161,20 @@ def reshape_labels(state: Propagation, node: fx.Node, x: tuple, in_shape: tuple,
             for d, ids in zip(gb, fresh_dims(state, node, tuple(out_shape[d] for d in gb), NEW_DIMENSION)):
                 out[d] = ids
     if size_args is not None:
-        for d, arg in enumerate(size_args):
-            if isinstance(arg, int) and arg != -1 and out_shape[d] > 1:
-                literal_size(state, node, out[d], arg, "in its target shape", followed.get(d))
-            elif isinstance(arg, (fx.Node, tuple)) and out_shape[d] > 1:  # a size node, or where one was read
-                _size_from_shape(state, node, out[d], state.size_source(arg) if isinstance(arg, fx.Node) else arg)
+        follow_sizes(state, node, out, out_shape, size_args, followed)
     return tuple(out)
+
+
+def follow_sizes(state: Propagation, node: fx.Node, out: list, shape: tuple, size_args: list,
+                 followed: Optional[dict] = None) -> None:
+    """Make each dim ``d`` of the new tensor ``out`` (labels, of ``shape``) follow the size it was
+    given, ``size_args[d]``: a literal (:func:`literal_size`; ``followed`` names the module
+    attribute known to hold it) or a size read off a shape (:func:`_size_from_shape`)."""
+    for d, arg in enumerate(size_args):
+        if isinstance(arg, int) and arg != -1 and shape[d] > 1:
+            literal_size(state, node, out[d], arg, "in its target shape", (followed or {}).get(d))
+        elif isinstance(arg, (fx.Node, tuple)) and shape[d] > 1:  # a size node, or where one was read
+            _size_from_shape(state, node, out[d], state.size_source(arg) if isinstance(arg, fx.Node) else arg)
 
 
 def _size_from_shape(state: Propagation, node: fx.Node, ids: np.ndarray, source) -> None:
@@ -250,3 +279,19 @@ def unflatten(state: Propagation, node: fx.Node):
     sizes = list(arg(node, 2, "sizes"))
     size_args = [None] * dim + sizes + [None] * (len(out_spec.shape) - dim - len(sizes))
     return reshape_labels(state, node, x, in_spec.shape, out_spec.shape, size_args)
+
+
+def view_as_complex(state: Propagation, node: fx.Node):
+    """``torch.view_as_complex(x)``: the last dim (size 2) becomes the real and imaginary parts
+    of one value, so it carries no channel (a reshape feeding it keeps a pair as one unit, see
+    :func:`reshape_labels`); the other dims pass."""
+    x = state.labels_of(node.args[0])
+    state.block(x[-1], Reason(BlockKind.COLLAPSED, f"{node.name} makes complex numbers of this dimension's pairs"))
+    return x[:-1]
+
+
+def view_as_real(state: Propagation, node: fx.Node):
+    """``torch.view_as_real(x)``: the dims pass, and a new last dim holds each value's real and
+    imaginary parts (no channel)."""
+    x = state.labels_of(node.args[0])
+    return tuple(x) + fresh_dims(state, node, (2,), Reason(BlockKind.NOT_A_CHANNEL, "real and imaginary parts"))

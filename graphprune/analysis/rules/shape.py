@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
+import torch
 import torch.fx as fx
 
 from graphprune.analysis.channels import NO_ID
@@ -17,10 +18,12 @@ from graphprune.tracer import TensorSpec
 from ..propagation import Propagation
 from ..reasons import BlockKind, Reason
 from ..sizes import attributes_of_value, read_after_init
+from .indexing import advanced_getitem
 from .reshape import (
     arg,
     assume_read_off_shape,
     carries_ids,
+    follow_sizes,
     fresh_dims,
     literal_size,
     shape_args,
@@ -58,20 +61,32 @@ def squeeze(state: Propagation, node: fx.Node):
 
 
 def expand(state: Propagation, node: fx.Node):
+    """``x.expand(*sizes)`` / ``x.expand_as(y)``: a dim kept passes its ids; a size-1 dim
+    broadcast to ``n`` holds one value ``n`` times. Broadcast along ``y``'s dims
+    (``expand_as``), it takes their ids. An index or mask broadcast along the channels it
+    selects (``index.expand_as(src)`` for a scatter) may lose positions as they do, if its
+    size follows (:func:`follow_sizes`); a broadcast float dim is no channel dim (it blocks)."""
     x = state.labels_of(node.args[0])
     in_shape, out_shape = state.value(node.args[0]).shape, state.value(node).shape
+    like = state.labels_of(node.args[1]) if node.target == "expand_as" else None
     sizes = shape_args(node, 1) if node.target != "expand_as" else [None] * len(out_shape)
     lead = len(out_shape) - len(in_shape)
-    fresh = fresh_dims(state, node, out_shape, Reason(BlockKind.NOT_A_CHANNEL, "broadcast by expand"))
-    out = []
+    selects = not (state.value(node).dtype or torch.float32).is_floating_point
+    out = list(state.fresh(state.value(node), f"{node.name} broadcast",
+                           None if selects else Reason(BlockKind.NOT_A_CHANNEL, "broadcast by expand")))
+    broadcast = []
     for d, size in enumerate(out_shape):
         src = d - lead
         if src >= 0 and in_shape[src] == size:
             if isinstance(sizes[d], int) and sizes[d] != -1 and size > 1:
                 literal_size(state, node, x[src], sizes[d], "in expand")
-            out.append(x[src])
-        else:
-            out.append(fresh[d])
+            out[d] = x[src]
+        elif isinstance(like, tuple) and len(like) == len(out_shape) and isinstance(like[d], np.ndarray):
+            out[d] = like[d]
+        elif selects:
+            broadcast.append(d)
+    follow_sizes(state, node, [out[d] for d in broadcast], tuple(out_shape[d] for d in broadcast),
+                 [sizes[d] if sizes[d] is not None else node for d in broadcast])
     return tuple(out)
 
 
@@ -256,12 +271,12 @@ def getitem(state: Propagation, node: fx.Node):
     x = state.labels_of(source)
     value = state.value(source)
     if not isinstance(value, TensorSpec):
+        if isinstance(x, dict):  # a dict of tensors (one input holding several)
+            return x.get(index) if isinstance(index, (str, int)) else None
         return x[index] if isinstance(x, tuple) and isinstance(index, (int, slice)) else None
     index = index if isinstance(index, tuple) else (index,)
     if any(not isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in index):
-        reason = Reason(BlockKind.NO_RULE, f"{node.name}: advanced indexing")
-        state.block(x, reason)
-        return state.fresh(state.value(node), node.name, reason)
+        return advanced_getitem(state, node, source, index)  # index tensors, computed positions
     if Ellipsis in index:
         at = index.index(Ellipsis)
         used = sum(i is not None for i in index) - 1
@@ -315,3 +330,57 @@ def _equal_part(state: Propagation, node: fx.Node, ids: np.ndarray, item: slice)
             assume_read_off_shape(state, node, ids, value, "as a slice bound")
     _tie_parts(state, ids, size // length)
     return ids[start:stop]
+
+
+def glu(state: Propagation, node: fx.Node):
+    """``F.glu(x, dim)`` and ``nn.GLU``: ``a * sigmoid(b)`` of the two halves of ``dim``, so
+    channel ``i`` of the output is channels ``i`` and ``i + n/2`` of ``x``, one unit (as
+    :func:`chunk`'s parts)."""
+    x = state.labels_of(node.args[0])
+    dim = state.module(state.qualname(node)).dim if node.op == "call_module" else arg(node, 1, "dim", -1)
+    dim %= len(x)
+    halves = equal_parts(state, node, x, dim, [state.value(node).shape[dim]] * 2)
+    return halves[0]
+
+
+def equal_parts(state: Propagation, node: fx.Node, x: tuple, dim: int, sizes: list) -> tuple:
+    """The pieces of ``x`` cut along ``dim`` at ``sizes``: equal parts tie position ``j`` of
+    each (they stay equal); unequal ones block the dim."""
+    if len(set(sizes)) > 1:
+        state.block(x[dim], Reason(BlockKind.FIXED_SIZE, f"{node.name} cuts {sum(sizes)} into unequal parts"))
+    elif x[dim].size > 1:
+        _tie_parts(state, x[dim], len(sizes))
+    return _pieces(x, dim, sizes)
+
+
+def tensor_split(state: Propagation, node: fx.Node):
+    """``torch.tensor_split(x, sections_or_indices, dim)``: ``n`` sections of equal size are tied
+    as :func:`chunk`'s parts; split indices follow the pruning where each is the one int
+    attribute of its value on the calling module (updated to the kept count before it), or
+    under torch.export a number taken to be read off a shape (audited); otherwise the dim blocks."""
+    x = state.labels_of(node.args[0])
+    dim = arg(node, 2, "dim", 0) % len(x)
+    how = arg(node, 1, "indices_or_sections", node.kwargs.get("sections", node.kwargs.get("indices")))
+    sizes = [o.shape[dim] for o in state.value(node)]
+    if type(how) is int:
+        return equal_parts(state, node, x, dim, sizes)
+    if not (isinstance(how, (list, tuple)) and _bounds_follow(state, node, x[dim], how)):
+        state.block(x[dim], Reason(BlockKind.FIXED_SIZE, f"{node.name} splits at indices that cannot follow pruning"))
+    return _pieces(x, dim, sizes)
+
+
+def _bounds_follow(state: Propagation, node: fx.Node, ids: np.ndarray, bounds) -> bool:
+    """Whether every split index in ``bounds`` (increasing, inside the dim ``ids``) follows the
+    count of the positions before it: see :func:`tensor_split`."""
+    scope, names, last = state.qualname(node), [], 0
+    for bound in bounds:
+        if type(bound) is not int or not last < bound < ids.size:
+            return False
+        last = bound
+        found = _split_attributes(state.module(scope), bound, exclude=tuple(names))
+        if len(found) == 1:
+            names.append(found[0])
+            state.attr(scope, found[0], ids[:bound], lambda _, kept: kept)
+        elif not assume_read_off_shape(state, node, ids[:bound], bound, "as a split index"):
+            return False
+    return True

@@ -1,0 +1,61 @@
+"""Sizes torch.export cannot know: a dim that depends on the values (``nonzero``, a boolean
+mask, ``torch.unique``) is an unbacked symbol with no example value. They are read off one
+real run of the exported program on the example inputs, made only when such a size is met."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from .fx_capture import TraceError
+from .graph import call_args
+from .record import describe
+
+
+class DataDependentSize(TraceError):
+    """torch.export recorded a size that depends on the values, with no example value."""
+
+    def __init__(self) -> None:
+        super().__init__("torch.export found a size that depends on the values (no example size to record)",
+                         location="torch.export, a data-dependent size")
+
+
+class _Recorder(fx.Interpreter):
+    """Runs a graph and keeps every node's output described (shapes, not tensors)."""
+
+    def __init__(self, module: fx.GraphModule):
+        super().__init__(module)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, node: fx.Node) -> Any:
+        result = super().run_node(node)
+        self.values[node.name] = describe(result)
+        return result
+
+
+def real_values(program: "torch.export.ExportedProgram", example_inputs: Any) -> dict[str, Any]:
+    """Every node's output (described) from one run of ``program`` on the example inputs."""
+    args, kwargs = call_args(example_inputs)
+    recorder = _Recorder(program.graph_module)
+    with torch.no_grad():
+        recorder.run(*program._graph_module_flat_inputs(args, kwargs))
+    return recorder.values
+
+
+def value_reader(program: "torch.export.ExportedProgram", example_inputs: Any, read: Callable[[fx.Node], Any]):
+    """``read`` (a node's value from its fake tensor), falling back, for a value with a size
+    that depends on the values, to a real run of the program (made once, at the first need)."""
+    found: list = []
+
+    def value(node: fx.Node) -> Any:
+        try:
+            return read(node)
+        except DataDependentSize:
+            if not found:
+                found.append(real_values(program, example_inputs))
+            if node.name not in found[0]:
+                raise
+            return found[0][node.name]
+
+    return value
