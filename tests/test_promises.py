@@ -190,3 +190,77 @@ def test_a_model_left_unchanged_says_why_as_an_error_with_where_capture_failed()
     text = str(report)
     assert "ERROR: no prunable channel group" in text and "not traced: <root> its forward could not be traced" in text
     assert "test_promises.py" in text  # the file and line where tracing failed
+
+
+# --------------------------------------------------------------------------- models that try to break the promises
+class _Square(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class Adversarial(nn.Module):
+    """A forward that changes what it owns, reads values, makes data-dependent sizes and calls
+    what no rule knows, one ``kind`` at a time, around a conv chain."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.seen, self.calls, self.options = [], 0, {"scale": 1.0}
+        self.frozen = FrozenDict(width=8)
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        if self.kind == "mutates":  # its own list, dict, counter and buffer, in place
+            self.seen.append(y.shape[1])
+            self.options["last"] = 1
+            self.calls += 1
+            self.count += 1
+            dict.__setitem__(self.frozen, "touched", True)
+        elif self.kind == "where":  # one-argument where: index tensors, a data-dependent size
+            rows, cols = torch.where(y[:, 0, 0] > 0), torch.where(y.flatten(2).amax(-1) > 0)
+            y = y + len(rows[0]) * 0 + cols[1].sum() * 0
+        elif self.kind == "item":  # a value read in forward
+            y = y * float(y.abs().max().item() > -1)
+        elif self.kind == "unique":  # a size that depends on the values
+            y = y + torch.unique(torch.zeros(3)).sum()
+        elif self.kind == "autograd":  # a custom autograd function: no rule
+            y = _Square.apply(y)
+        elif self.kind == "dict_of_lists":
+            y = {"maps": [y, y * 2]}["maps"][1]
+        return self.b(y)
+
+
+KINDS = ["mutates", "where", "item", "unique", "autograd", "dict_of_lists"]
+
+
+def _contents(model: nn.Module) -> dict:
+    return {"seen": list(model.seen), "calls": model.calls, "options": dict(model.options),
+            "frozen": dict(model.frozen), "count": model.count.clone()}
+
+
+@pytest.mark.filterwarnings("ignore:ERROR. no prunable channel group")  # models no front-end can take whole
+@pytest.mark.parametrize("capture", ["auto", "fx", "export"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_analysis_of_an_adversarial_model_changes_nothing_and_raises_only_graphprune_errors(kind, capture):
+    model = Adversarial(kind).eval()
+    before, contents, frozen = model_state(model), _contents(model), model.frozen
+    try:
+        report = graphprune.analyze(model, X, capture=capture)
+    except graphprune.TraceError:  # documented: the front-end asked for cannot capture this model
+        assert capture != "auto"
+        report = None
+    assert_model_unchanged(model, before)
+    after = _contents(model)
+    assert after.pop("count").equal(contents.pop("count")) and after == contents and model.frozen is frozen
+    if report is not None:
+        assert report.groups  # every group is there, prunable or blocked with its reason
+        if kind != "autograd":
+            graphprune.prune(model, 0.5, X, capture=capture)
+            assert model(X).shape == (2, 4, 12, 12)

@@ -174,6 +174,8 @@ TORCH_FORMS: dict = {
     # recurrent layers; both overloads (.input, and .data for a PackedSequence) are the one torch call
     aten.lstm: _same(torch.lstm), aten.gru: _same(torch.gru), aten.rnn_tanh: _same(torch.rnn_tanh),
     aten.rnn_relu: _same(torch.rnn_relu),
+    **{getattr(aten, name): _same(getattr(torch, name))
+       for name in ("lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell")},
 }
 def _reversed_dims(args: tuple, kwargs: dict, ndim: int) -> Call:
     """``aten.numpy_T(x)`` (``x.T``) is ``x.permute(ndim - 1, …, 0)``."""

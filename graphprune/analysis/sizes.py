@@ -82,6 +82,7 @@ SIZE_ATTRIBUTES: dict = {
     # one size for every layer and direction (their dims keep one count: rules/recurrent.py)
     nn.RNNBase: SizeRule({"input_size": Follows("weight_ih_l0", 1), "hidden_size": Follows(("weight_hr_l0", "weight_hh_l0"), 1),
                           "proj_size": Follows("weight_hr_l0", 0)}),
+    nn.RNNCellBase: SizeRule({"input_size": Follows("weight_ih", 1), "hidden_size": Follows("weight_hh", 1)}),
     nn.MultiheadAttention: SizeRule(
         {"embed_dim": Follows(("in_proj_weight", "q_proj_weight"), 1), "kdim": Follows(("in_proj_weight", "k_proj_weight"), 1),
          "vdim": Follows(("in_proj_weight", "v_proj_weight"), 1),

@@ -85,6 +85,9 @@ RULES: dict = {
     nn.MultiheadAttention: attention.multihead_attention,
     nn.LSTM: recurrent.recurrent_module, nn.GRU: recurrent.recurrent_module, nn.RNN: recurrent.recurrent_module,
     **{op: recurrent.recurrent_function for op in (torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu)},
+    nn.LSTMCell: recurrent.cell_module, nn.GRUCell: recurrent.cell_module, nn.RNNCell: recurrent.cell_module,
+    **{op: recurrent.cell_function
+       for op in (torch.lstm_cell, torch.gru_cell, torch.rnn_tanh_cell, torch.rnn_relu_cell)},
     nn.Softmax: layers.softmax, nn.LogSoftmax: layers.softmax,
     **{cls: layers.passthrough for cls in _ACTIVATIONS},
     **{cls: layers.pooling for cls in _POOLS},

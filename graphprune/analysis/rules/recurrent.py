@@ -15,6 +15,13 @@ keep one count (see ``share_attributes``); the final states ``h_n`` and ``c_n`` 
 layer and direction along dim 0, which ties them position by position as well. Under
 torch.export the zero initial state that the layer's forward makes for itself is sized by those
 attributes, so it takes the final state's labels. A PackedSequence input blocks.
+
+A cell (``nn.LSTMCell``, ``nn.GRUCell``, ``nn.RNNCell``: one time step, called in a Python loop)
+is one such layer and direction, with ``weight_ih`` / ``weight_hh`` / ``bias_ih`` / ``bias_hh``
+unsuffixed: its input ``(N, input_size)`` or ``(input_size,)``, its states and its output
+``h'`` (LSTM: ``(h', c')``) carry the units on their last dim. Under torch.export it is the
+call ``torch.lstm_cell`` / ``gru_cell`` / ``rnn_tanh_cell`` / ``rnn_relu_cell``, and the zero
+state its forward makes when none is given takes the output's labels, as above.
 """
 from __future__ import annotations
 
@@ -35,7 +42,10 @@ from ..reasons import BlockKind, Reason
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 _WEIGHT_NAME = re.compile(r"(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(\d+)(_reverse)?")
 _ROWS = ("weight_hh", "bias_ih", "bias_hh")  # gate rows besides weight_ih's
-_TORCH_FORWARDS = (nn.LSTM.forward, nn.GRU.forward, nn.RNN.forward)
+_TORCH_FORWARDS = (nn.LSTM.forward, nn.GRU.forward, nn.RNN.forward, nn.LSTMCell.forward, nn.GRUCell.forward,
+                   nn.RNNCell.forward)
+_CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")  # a cell's, in the order its op reads them
+_CELL_GATES = {nn.LSTMCell: 4, nn.GRUCell: 3, nn.RNNCell: 1}
 STACKED = Reason(BlockKind.NOT_A_CHANNEL, "the layers and directions a recurrent layer's states are stacked along")
 
 
@@ -78,8 +88,7 @@ def _reads_weights_of(state: Propagation, module: nn.Module, params: Any) -> boo
     if not isinstance(module, nn.RNNBase) or not isinstance(params, (list, tuple)):
         return False
     weights = [getattr(module, name) for name in module._flat_weights_names]
-    tensors = [state.node_attrs(p).get("tensor") if isinstance(p, fx.Node) else p for p in params]
-    return len(tensors) == len(weights) and all(t is w for t, w in zip(tensors, weights))
+    return len(params) == len(weights) and all(_tensor_of(state, p) is w for p, w in zip(params, weights))
 
 
 def _zero_state(state: Propagation, module: nn.Module, owner: str, ref: Any) -> bool:
@@ -175,3 +184,54 @@ def _recurrence(state: Propagation, node: fx.Node, module: nn.RNNBase, owner: st
 
 def _state_labels(layers: np.ndarray, batch: Optional[np.ndarray], channels: np.ndarray) -> tuple:
     return (layers,) + ((batch,) if batch is not None else ()) + (channels,)
+
+
+def cell_module(state: Propagation, node: fx.Node):
+    """``nn.LSTMCell`` / ``nn.GRUCell`` / ``nn.RNNCell`` called as a module: ``(input, hx)``."""
+    owner = state.qualname(node)
+    module: nn.RNNCellBase = state.module(owner)
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    hx = node.args[1] if len(node.args) > 1 else node.kwargs.get("hx")
+    weights = {name: getattr(module, name) for name in _CELL_WEIGHTS}
+    gates = next(g for cls, g in _CELL_GATES.items() if isinstance(module, cls))
+    return _step(state, owner, x, _initial_states(state, hx), weights, gates)
+
+
+def cell_function(state: Propagation, node: fx.Node):
+    """``torch.lstm_cell(input, hx, w_ih, w_hh, b_ih, b_hh)`` and its GRU / RNN forms
+    (``torch._VF``), as torch.export records a cell's forward: the cell whose weights they are
+    holds ``hidden_size``; the zero state its forward made takes the output's labels."""
+    owner = state.qualname(node)
+    module = state.module(owner)
+    args = list(node.args) + [node.kwargs.get(name) for name in _CELL_WEIGHTS[len(node.args) - 2:]]
+    weights = dict(zip(_CELL_WEIGHTS, args[2:]))
+    if not isinstance(module, nn.RNNCellBase) or not all(_tensor_of(state, ref) is getattr(module, name)
+                                                        for name, ref in weights.items()):
+        return _blocked(state, node, "a recurrent cell op outside the nn.LSTMCell / GRUCell / RNNCell whose weights "
+                                     "it reads")
+    given = list(args[1]) if isinstance(args[1], (list, tuple)) else [args[1]]
+    own = [h for h in given if _zero_state(state, module, owner, h)]
+    hx = [labels for h in given if h not in own for labels in _initial_states(state, h)]
+    gates = 4 if node.target is torch.lstm_cell else 3 if node.target is torch.gru_cell else 1
+    labels = _step(state, owner, args[0], hx, weights, gates)
+    for h in own:  # its sizes are the output's: they follow the pruning as the output does
+        state.labels[state.part + h.name] = labels[0] if gates == 4 else labels
+    return labels
+
+
+def _tensor_of(state: Propagation, ref: Any) -> Any:
+    """The parameter or buffer an argument reads (itself if a tensor), or None."""
+    return state.node_attrs(ref).get("tensor") if isinstance(ref, fx.Node) else ref
+
+
+def _step(state: Propagation, owner: str, x_ref: Any, hx: list, weights: dict, gates: int) -> Any:
+    """One cell step: the output labels ``h'`` (an LSTM cell's ``(h', c')``); ``hx`` the labels
+    of the states given."""
+    x = state.labels_of(x_ref)
+    cell = {name: ref for name, ref in weights.items() if ref is not None}
+    units, _ = _cell(state, owner, cell, x[-1], gates)
+    out = tuple(x[:-1]) + (units,)
+    for given in hx:  # (N, H) or (H,), as the output
+        for a, b in zip(reversed(given), reversed(out)):
+            state.unify(a, b)
+    return (out, out) if gates == 4 else out
