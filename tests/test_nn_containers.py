@@ -209,3 +209,29 @@ def test_a_forward_under_no_grad_is_seen_through_by_export():
     assert sorted(g.size for g in by_export.prunable_groups) == [HEADS, 32]  # heads with the stream, the MLP's width
     result = dead_channel_oracle(NoGrad(), x, fraction=0.5, prune_heads=True, capture="export", assumed=True)
     assert result["groups_tested"] == 2
+
+
+class CausalSeq2Seq(Wrapped):
+    """nn.Transformer with the causal mask its own helper makes, as PyTorch's tutorials write it:
+    the layers check whether the mask is causal by its values, a branch torch.export decides on
+    the example (``draft_export``)."""
+
+    def __init__(self):
+        super().__init__("transformer")
+
+    def forward(self, x, y):
+        mask = self.body.generate_square_subsequent_mask(y.shape[1])
+        return self.head(self.body(self.src(x), self.tgt(y), tgt_mask=mask))
+
+
+def test_a_transformer_with_a_causal_mask_is_captured_on_the_example_values():
+    torch.manual_seed(0)
+    report = graphprune.analyze(CausalSeq2Seq().eval(), INPUTS)
+    assert report.session.analysis.front_end == "export"
+    assert group_of(report, "src.weight", 0).prunable
+    with reference_paths():
+        result = dead_channel_oracle(_without_norms(CausalSeq2Seq()), INPUTS, fraction=0.5, prune_heads=True)
+    assert result["groups_tested"] == 3
+    model = CausalSeq2Seq().eval()
+    graphprune.prune(model, 0.5, INPUTS)
+    assert model.body.d_model == 16 and model(*INPUTS).shape == (2, 5, 5)

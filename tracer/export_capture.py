@@ -58,23 +58,28 @@ def export_program(model: nn.Module, example_inputs: Any, whole: tuple = ()) -> 
     the call signatures of the modules named in ``whole`` recorded; InputError if the model
     itself rejects the inputs, else TraceError for any failure (what the export left on the
     model stays until the caller restores it, as :func:`graphprune.tracer.trace` does).
-    Exported without grad, so that a ``torch.no_grad()`` block adds no scope.
+    Exported without grad, so that a ``torch.no_grad()`` block adds no scope. A branch on the
+    values (a data-dependent guard) is decided on the example's values (``torch.export.draft_export``).
 
     An output object of a type torch.export cannot flatten (a Hugging Face model's KV cache,
     ``DynamicCache``) is left out of the outputs: its tensors are state the model makes for
     itself, whose sizes follow the pruning, not a result of fixed shape."""
     args, kwargs = call_args(example_inputs)
     left_out: list = []
+    export = torch.export.export
     while True:
         try:
             with interrupts_deferred(), _quiet(), _leafless(left_out), torch.no_grad():
                 # export patches modules and global state
-                program = torch.export.export(model, args, kwargs, strict=False, preserve_module_call_signature=whole)
+                program = export(model, args, kwargs, strict=False, preserve_module_call_signature=whole)
                 return program, [_type_name(t) for t in left_out]
         except Exception as exc:
             unknown = _unknown_output_type(exc)
             if unknown is not None and unknown not in left_out:
                 left_out.append(unknown)
+                continue
+            if export is torch.export.export and _data_dependent(exc):
+                export = torch.export.draft_export  # decides such branches on the example's values, as a run would
                 continue
             rejected = input_error(model, example_inputs)
             if rejected is not None:
@@ -84,6 +89,11 @@ def export_program(model: nn.Module, example_inputs: Any, whole: tuple = ()) -> 
                 f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {first}",
                 location=f"torch.export, {type(exc).__name__}",
             ) from exc
+
+
+def _data_dependent(exc: Exception) -> bool:
+    """Whether torch.export failed on a branch that depends on the values (``if mask.all():``)."""
+    return type(exc).__name__ in ("GuardOnDataDependentSymNode", "UserError") and "data-dependent" in str(exc)
 
 
 _UNKNOWN_OUTPUT = re.compile(r"Found <class '([\w.]+)'> in output, which is not a known type")
