@@ -20,11 +20,11 @@ from graphprune.workflow.sparse import GroupRegularizer
 
 
 class Net(nn.Module):
-    """stem -> conv-bn-conv block added back to the stream -> conv_c -> cumsum (no rule) -> head.
+    """stem -> conv-bn-conv block added back to the stream -> conv_c -> cumsum over channels (blocks) -> head.
 
     Prunable: the stream (8: stem, bn, conv_a's columns, conv_b, conv_c's columns) and the
     block's inner width (6: conv_a, bn_a, conv_b's columns). Blocked: the input, conv_c's
-    output and the head's input (cumsum has no rule), the head's output."""
+    output and the head's input (a cumsum over channels blocks), the head's output."""
 
     def __init__(self):
         super().__init__()

@@ -94,6 +94,7 @@ _UNARY = {
     aten.clamp: torch.clamp, aten.clamp_: torch.clamp, aten.clip: torch.clip, aten.erf: torch.erf, aten.log: torch.log,
     aten.square: torch.square, aten.cos: torch.cos, aten.sin: torch.sin,
     aten.reciprocal: torch.reciprocal, aten.clamp_min: torch.clamp, aten.clamp_max: torch.clamp,
+    aten.sign: torch.sign, aten.nan_to_num: torch.nan_to_num, aten.log_sigmoid: F.logsigmoid,
 }
 _METHODS = {aten.contiguous: "contiguous", aten.clone: "clone", aten.detach: "detach", aten.alias: "clone",
             aten.lift_fresh_copy: "clone", aten.to: "to", aten._to_copy: "to", aten.type_as: "type_as"}
@@ -101,6 +102,7 @@ _ELEMENTWISE = {
     aten.add: torch.add, aten.add_: torch.add, aten.sub: torch.sub, aten.sub_: torch.sub, aten.rsub: torch.sub,
     aten.mul: torch.mul, aten.mul_: torch.mul, aten.div: torch.div, aten.div_: torch.div,
     aten.maximum: torch.maximum, aten.minimum: torch.minimum, aten.where: torch.where, aten.pow: torch.pow,
+    aten.lerp: torch.lerp, aten.addcmul: torch.addcmul, aten.addcdiv: torch.addcdiv,
 }
 _SPATIAL = {aten.max_pool1d: F.max_pool1d, aten.max_pool2d: F.max_pool2d, aten.max_pool3d: F.max_pool3d,
             aten.avg_pool1d: F.avg_pool1d, aten.avg_pool2d: F.avg_pool2d, aten.avg_pool3d: F.avg_pool3d,
@@ -153,6 +155,12 @@ TORCH_FORMS: dict = {
         aten.scatter_reduce_, aten.index_add, aten.index_add_, aten.index_copy, aten.index_copy_, aten.index_fill,
         aten.index_fill_, aten.index_put, aten.index_put_, aten.zeros_like, aten.ones_like, aten.empty_like,
         aten.full_like, aten.rand_like, aten.randn_like)},
+    # ops that reorder, sample or accumulate along a dim (graphprune/analysis/rules/reorder.py)
+    aten.flip: _same(torch.flip), aten.roll: _same(torch.roll), aten.channel_shuffle: _same(torch.channel_shuffle),
+    **{getattr(aten, name): _same(getattr(torch, name), 2) for name in ("cumsum", "cumprod", "cummax", "cummin",
+                                                                         "logcumsumexp")},
+    aten.im2col: _same(F.unfold, 2), aten.col2im: _same(F.fold, 3),
+    aten.grid_sampler: _same(F.grid_sample, 2), aten.grid_sampler_2d: _same(F.grid_sample, 2),
     # tensors made from a size (graphprune/analysis/rules/creation.py)
     **{getattr(aten, name): _same(getattr(torch, name), 2 if name == "full" else 1)
        for name in ("zeros", "ones", "empty", "full")},

@@ -18,7 +18,7 @@ from graphprune.tracer.fx_capture import forward_hooks
 
 from ..propagation import Propagation
 from ..reasons import BlockKind, Reason
-from . import attention, creation, contraction, functional, indexing, layers, pointwise, recurrent, reshape, shape
+from . import attention, contraction, creation, functional, indexing, layers, pointwise, recurrent, reorder, reshape, shape
 
 Rule = Callable
 
@@ -40,7 +40,7 @@ _RESAMPLE = (
 _ELEMENTWISE = (
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow, operator.iadd,
     operator.isub, operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.true_divide,
-    torch.maximum, torch.minimum, torch.pow,
+    torch.maximum, torch.minimum, torch.pow, torch.lerp, torch.addcmul, torch.addcdiv, "lerp", "addcmul", "addcdiv",
     "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "pow", "maximum", "minimum",
 )
 _MASKS = (  # masked_fill (its mask broadcast) and the comparisons that make masks
@@ -55,7 +55,8 @@ _UNARY = (
     torchvision.ops.stochastic_depth,
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "abs", "neg", "sqrt", "rsqrt", "clamp", "clamp_", "clip",
     "square", "erf", "log", "cos", "sin", "reciprocal", "contiguous", "clone", "detach", "float", "double", "half",
-    "bfloat16", "to", "type_as", "requires_grad_",
+    "bfloat16", "to", "type_as", "requires_grad_", torch.sign, torch.nan_to_num, "sign", "nan_to_num", "clamp_min",
+    "clamp_max",
 )
 _REDUCTIONS = (
     torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.max, torch.min, torch.logsumexp,
@@ -70,6 +71,8 @@ _SCATTERS = (torch.scatter, torch.scatter_add, torch.scatter_reduce, "scatter", 
              "scatter_add_", "scatter_reduce", "scatter_reduce_")
 _INDEX_WRITES = (torch.index_add, torch.index_copy, torch.index_fill, "index_add", "index_add_", "index_copy",
                  "index_copy_", "index_fill", "index_fill_")
+_ACCUMULATIONS = (torch.cumsum, torch.cumprod, torch.cummax, torch.cummin, torch.logcumsumexp,
+                  "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp")
 _METADATA = ("size", "dim", "numel", "type", len)
 
 RULES: dict = {
@@ -118,6 +121,10 @@ RULES: dict = {
     operator.getitem: shape.getitem,
     **{op: pointwise.unary for op in _LIKE},  # a new tensor of its argument's shape
     **{getattr(torch, name): creation.factory for name in creation.FACTORIES},
+    torch.flip: reorder.flip, "flip": reorder.flip, torch.roll: reorder.roll, "roll": reorder.roll,
+    **{op: reorder.accumulate for op in _ACCUMULATIONS},
+    torch.channel_shuffle: reorder.channel_shuffle, nn.ChannelShuffle: reorder.channel_shuffle,
+    F.unfold: reorder.unfold, F.fold: reorder.fold, F.grid_sample: reorder.grid_sample,
     **{f"new_{name}": creation.new_factory for name in creation.FACTORIES},
     torch.gather: indexing.gather, "gather": indexing.gather,
     torch.index_select: indexing.index_select, "index_select": indexing.index_select,
