@@ -107,3 +107,33 @@ def test_grid_sample_passes_channels_and_takes_the_grids_positions(capture):
 def test_shifting_or_accumulating_the_channels_blocks_them(op, phrase, capture):
     group = group_of(graphprune.analyze(Between(op).eval(), X, capture=capture), "a.weight", 0)
     assert not group.prunable and any(phrase in reason for reason in group.blocked), group.blocked
+
+
+class Metric(nn.Module):
+    """A bilinear layer over two streams, distances between their positions, and a p-norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Linear(6, 8), nn.Linear(6, 10)
+        self.bil, self.head = nn.Bilinear(8, 10, 7), nn.Linear(7, 3)
+
+    def forward(self, x):
+        u, v = F.relu(self.a(x)), F.relu(self.c(x))
+        near = torch.cdist(u, u).mean(-1, keepdim=True) / torch.norm(v, dim=-1, keepdim=True).clamp(min=1)
+        return self.head(F.relu(self.bil(u, v)) * near + v.norm(p=2, dim=-1, keepdim=True))
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_bilinear_cdist_and_norms_prune_exactly(capture):
+    x = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(2))
+    report = graphprune.analyze(Metric().eval(), x, capture=capture)
+    for name in ("a.weight", "c.weight", "bil.weight"):
+        assert group_of(report, name, 0).prunable and group_of(report, name, 0).exact, name
+    assert dead_channel_oracle(Metric(), x, capture=capture, fraction=0.4)["groups_tested"] == 3
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_a_product_over_the_channels_blocks_them(capture):
+    op = lambda m, y: y * y.abs().add(1).prod(dim=1, keepdim=True)  # noqa: E731
+    group = group_of(graphprune.analyze(Between(op).eval(), X, capture=capture), "a.weight", 0)
+    assert not group.prunable and any("multiplies" in reason for reason in group.blocked), group.blocked

@@ -156,6 +156,8 @@ TORCH_FORMS: dict = {
         aten.index_fill_, aten.index_put, aten.index_put_, aten.zeros_like, aten.ones_like, aten.empty_like,
         aten.full_like, aten.rand_like, aten.randn_like)},
     # ops that reorder, sample or accumulate along a dim (graphprune/analysis/rules/reorder.py)
+    aten.cdist: _same(torch.cdist, 2), aten._cdist_forward: _same(torch.cdist, 2), aten.bilinear: _same(F.bilinear, 4),
+    aten.prod: _reduced(torch.prod),
     aten.flip: _same(torch.flip), aten.roll: _same(torch.roll), aten.channel_shuffle: _same(torch.channel_shuffle),
     **{getattr(aten, name): _same(getattr(torch, name), 2) for name in ("cumsum", "cumprod", "cummax", "cummin",
                                                                          "logcumsumexp")},

@@ -59,7 +59,7 @@ _UNARY = (
     "clamp_max",
 )
 _REDUCTIONS = (
-    torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.max, torch.min, torch.logsumexp,
+    torch.prod, "prod", torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.max, torch.min, torch.logsumexp,
     "mean", "sum", "amax", "amin", "std", "var", "max", "min", "logsumexp",
 )
 _SPATIAL = (
@@ -121,6 +121,8 @@ RULES: dict = {
     operator.getitem: shape.getitem,
     **{op: pointwise.unary for op in _LIKE},  # a new tensor of its argument's shape
     **{getattr(torch, name): creation.factory for name in creation.FACTORIES},
+    torch.norm: pointwise.vector_norm, "norm": pointwise.vector_norm, torch.linalg.vector_norm: pointwise.vector_norm,
+    torch.cdist: contraction.cdist, F.bilinear: functional.bilinear,
     torch.flip: reorder.flip, "flip": reorder.flip, torch.roll: reorder.roll, "roll": reorder.roll,
     **{op: reorder.accumulate for op in _ACCUMULATIONS},
     torch.channel_shuffle: reorder.channel_shuffle, nn.ChannelShuffle: reorder.channel_shuffle,

@@ -149,3 +149,11 @@ def _expanded(term: str, first: int, width: int) -> Optional[list]:
     if before + after and not (before + after).isalpha():
         return None
     return list(before) + ([f"...{k}" for k in range(first, width)] if dots else []) + list(after)
+
+
+def cdist(state: Propagation, node: fx.Node):
+    """``torch.cdist(x1, x2)``: ``(…, P, M)`` and ``(…, R, M)`` give the ``(…, P, R)`` distances over
+    ``M``, which both share. A dead channel (zero in both) adds nothing to any distance: exact."""
+    a, b = state.labels_of(node.args[0]), state.labels_of(node.args[1])
+    state.unify(a[-1], b[-1])
+    return _broadcast_batch(state, a[:-2], b[:-2]) + (a[-2], b[-2])

@@ -112,3 +112,20 @@ def weight_norm(state: Propagation, node: fx.Node):
         if size == other and size > 1:
             state.unify(labels[d], scale[d])
     return labels
+
+
+def bilinear(state: Propagation, node: fx.Node):
+    """``F.bilinear(x1, x2, weight, bias)`` (``nn.Bilinear``): ``weight`` is ``(out, in1, in2)``; its
+    dims 1 and 2 read ``x1``'s and ``x2``'s channels, its dim 0 (and the bias) make the output's."""
+    x1, x2 = state.labels_of(node.args[0]), state.labels_of(node.args[1])
+    weight = node.args[2] if len(node.args) > 2 else node.kwargs["weight"]
+    bias = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+    state.bind(x1[-1], weight, 1, "in")
+    state.bind(x2[-1], weight, 2, "in")
+    out = state.tensor_ids(weight, 0, "out")
+    if bias is not None:
+        state.bind(out, bias, 0, "out")
+    for a, b in zip(reversed(x1[:-1]), reversed(x2[:-1])):  # the batch dims broadcast
+        if a.size == b.size and a.size > 1:
+            state.unify(a, b)
+    return tuple(x1[:-1]) + (out,)

@@ -13,7 +13,7 @@ from graphprune.tracer import TensorSpec
 
 from ..reasons import BlockKind, Reason
 from .layers import SPATIAL, normalize_over, resampled
-from .reshape import carries_ids
+from .reshape import arg, carries_ids
 
 
 def elementwise(state: Propagation, node: fx.Node):
@@ -65,10 +65,12 @@ def reduction(state: Propagation, node: fx.Node):
     if dims is None:
         dims = range(len(x))
     dims = {d % len(x) for d in (dims if isinstance(dims, (tuple, list, range)) else [dims])}
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    name = _name(node)
     for d in dims:
         if name in _AVERAGES:
             state.note(x[d], f"{node.name} averages over this dimension (a {name} of fewer values after pruning)")
+        elif name == "prod":  # a zero (dead) channel zeroes the product
+            state.block(x[d], Reason(BlockKind.COLLAPSED, f"{node.name} multiplies over this dimension"))
         elif not isinstance(state.value(node), TensorSpec) and _uses_indices(node):
             state.block(x[d], Reason(BlockKind.COLLAPSED, f"{node.name} finds positions along this dimension"))
         elif name != "sum":
@@ -77,6 +79,26 @@ def reduction(state: Propagation, node: fx.Node):
     if not isinstance(state.value(node), TensorSpec):  # max/min with a dim also return indices
         return (out, out)
     return out
+
+
+def vector_norm(state: Propagation, node: fx.Node):
+    """``torch.norm(x, p, dim, keepdim)`` / ``x.norm(...)`` / ``torch.linalg.vector_norm(x, ord, dim,
+    keepdim)``: a p-norm over ``dim`` reduces as a sum does (a dead channel adds nothing to it),
+    exactly; a norm of order 0 or below (a count) blocks the dims it reduces."""
+    x = state.labels_of(node.args[0])
+    p = arg(node, 1, "ord" if "vector" in _name(node) else "p", 2)
+    p = 2 if p == "fro" else p  # torch.norm's default: the 2-norm over the dims
+    dims = arg(node, 2, "dim")
+    keepdim = bool(arg(node, 3, "keepdim", False))
+    dims = range(len(x)) if dims is None else dims if isinstance(dims, (tuple, list)) else [dims]
+    dims = {d % len(x) for d in dims}
+    if not isinstance(p, (int, float)) or p <= 0:
+        state.block(tuple(x[d] for d in dims), Reason(BlockKind.COLLAPSED, f"{node.name}: a norm of order {p!r}"))
+    return tuple(np.array([NO_ID]) if d in dims else ids for d, ids in enumerate(x) if keepdim or d not in dims)
+
+
+def _name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
 
 
 def spatial(state: Propagation, node: fx.Node):
