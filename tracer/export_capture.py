@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import networkx as nx
 import torch
+import torch._functorch.config
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
@@ -53,33 +54,34 @@ def _quiet() -> Iterator[None]:
         logging.disable(previous)
 
 
-def export_program(model: nn.Module, example_inputs: Any, whole: tuple = ()) -> tuple:
+def export_program(model: nn.Module, example_inputs: Any, whole: tuple = (), on_values: bool = True) -> tuple:
     """``(torch.export.export(model, …, strict=False), names of output types left out)``, with
     the call signatures of the modules named in ``whole`` recorded; InputError if the model
     itself rejects the inputs, else TraceError for any failure (what the export left on the
     model stays until the caller restores it, as :func:`graphprune.tracer.trace` does).
-    Exported without grad, so that a ``torch.no_grad()`` block adds no scope. A branch on the
-    values (a data-dependent guard) is decided on the example's values (``torch.export.draft_export``).
+    Exported without grad, so that a ``torch.no_grad()`` block adds no scope. With
+    ``on_values``, a branch on the values (a data-dependent guard) is decided on the example's
+    values (:func:`_real_values`); without, it fails the capture.
 
     An output object of a type torch.export cannot flatten (a Hugging Face model's KV cache,
     ``DynamicCache``) is left out of the outputs: its tensors are state the model makes for
     itself, whose sizes follow the pruning, not a result of fixed shape."""
     args, kwargs = call_args(example_inputs)
     left_out: list = []
-    export = torch.export.export
+    decide, on_values = on_values, False
     while True:
         try:
-            with interrupts_deferred(), _quiet(), _leafless(left_out), torch.no_grad():
+            with interrupts_deferred(), _quiet(), _leafless(left_out), torch.no_grad(), _real_values(on_values):
                 # export patches modules and global state
-                program = export(model, args, kwargs, strict=False, preserve_module_call_signature=whole)
+                program = torch.export.export(model, args, kwargs, strict=False, preserve_module_call_signature=whole)
                 return program, [_type_name(t) for t in left_out]
         except Exception as exc:
             unknown = _unknown_output_type(exc)
             if unknown is not None and unknown not in left_out:
                 left_out.append(unknown)
                 continue
-            if export is torch.export.export and _data_dependent(exc):
-                export = torch.export.draft_export  # decides such branches on the example's values, as a run would
+            if decide and not on_values and _data_dependent(exc) and hasattr(torch._functorch.config, _REAL_VALUES):
+                on_values = True  # decide such branches on the example's values, as a run would
                 continue
             rejected = input_error(model, example_inputs)
             if rejected is not None:
@@ -89,6 +91,16 @@ def export_program(model: nn.Module, example_inputs: Any, whole: tuple = ()) -> 
                 f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {first}",
                 location=f"torch.export, {type(exc).__name__}",
             ) from exc
+
+
+_REAL_VALUES = "fake_tensor_propagate_real_tensors"
+
+
+def _real_values(on: bool):
+    """With ``on``, torch.export computes the example's real values beside its fake ones and
+    decides a branch on the values by them (what ``torch.export.draft_export`` does, without
+    its logging): the graph holds for these inputs, as a torch.fx trace of one run does."""
+    return torch._functorch.config.patch(**{_REAL_VALUES: True}) if on else contextlib.nullcontext()
 
 
 def _data_dependent(exc: Exception) -> bool:
@@ -194,13 +206,14 @@ def _name_of(node: fx.Node) -> str:
     return str(node.target) if isinstance(node.target, torch._ops.OpOverload) else _target_name(node)
 
 
-def export_graph(model: nn.Module, example_inputs: Any,
-                 leaf_modules: Iterable[LeafSpec] = DEFAULT_LEAVES) -> nx.DiGraph:
+def export_graph(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[LeafSpec] = DEFAULT_LEAVES,
+                 on_values: bool = True) -> nx.DiGraph:
     """Capture ``model`` with torch.export and return the annotated networkx graph (the same
     node attributes as :func:`graphprune.tracer.build_graph`; ``front_end`` is ``"export"``).
-    Of ``leaf_modules``, those :func:`kept_whole` names are one node each."""
+    Of ``leaf_modules``, those :func:`kept_whole` names are one node each; ``on_values``: see
+    :func:`export_program`."""
     whole = kept_whole(model, leaf_modules)
-    program, left_out = export_program(model, example_inputs, whole)
+    program, left_out = export_program(model, example_inputs, whole, on_values)
     try:
         return _annotated(model, program, left_out, whole, value_reader(program, example_inputs, _value))
     except TraceError:

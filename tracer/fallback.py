@@ -12,7 +12,9 @@
 :mod:`graphprune.tracer.export_capture`) or ``"auto"``: torch.fx where it captures the whole
 model; where it had to leave modules opaque (step 1) or could not trace the root's forward,
 torch.export, and if that fails too, what torch.fx found (step 1, or the per-child tracing of
-step 2).
+step 2). Where torch.fx took the root, torch.export decides a branch on the values (as
+``nn.Transformer``'s check of a causal mask) on the example's values; where it could not, such
+a branch fails the export and step 2 runs.
 """
 from __future__ import annotations
 
@@ -128,7 +130,10 @@ def _trace(model: nn.Module, example_inputs: Any, leaf_modules: list, capture: s
         graph, fx_error = None, exc
     if capture == "auto" and (graph is None or graph.graph["opaque"]):  # torch.fx could not capture all of it
         try:
-            return export_graph(model, example_inputs, leaf_modules)
+            # where torch.fx could not take the root (a detector), a branch on the values fails the
+            # capture, and the children are traced: deciding it on the values costs a capture of
+            # every op of the whole model, in every audit
+            return export_graph(model, example_inputs, leaf_modules, on_values=graph is not None)
         except TraceError:
             pass  # keep what torch.fx found, or trace the children
     if graph is not None:
