@@ -22,11 +22,14 @@ from .reasons import BlockKind, Reason
 
 
 def unreached_layers(state: Propagation) -> dict[str, nn.Module]:
-    """The modules holding floating-point parameters of their own, none of which the graph reads."""
+    """The modules holding floating-point parameters of their own, none of which the graph
+    reads: neither a rule, nor a module call in the graph, nor a module left opaque (called by
+    code that was not traced, whose channels block where they cross it) holds them."""
     reached = {key[0] for key in state.param_dims}
-    for _, attrs in state.graph.nodes(data=True):
-        if attrs["op"] == "call_module":
-            reached.update(id(p) for p in state.module(attrs["module"]).parameters())
+    called = [attrs["module"] for _, attrs in state.graph.nodes(data=True) if attrs["op"] == "call_module"]
+    for name in called + list(state.graph.graph.get("opaque", {})):
+        module = state.module(name)
+        reached.update(id(p) for p in (module.parameters() if name else module.parameters(recurse=False)))
     found = {}
     for name, module in state.model.named_modules():
         own = [p for p in module._parameters.values() if p is not None and p.is_floating_point()]
