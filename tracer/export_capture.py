@@ -19,8 +19,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
 import sys
+import traceback
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -60,8 +62,9 @@ def export_program(model: nn.Module, example_inputs: Any, whole: tuple = (), on_
     itself rejects the inputs, else TraceError for any failure (what the export left on the
     model stays until the caller restores it, as :func:`graphprune.tracer.trace` does).
     Exported without grad, so that a ``torch.no_grad()`` block adds no scope. With
-    ``on_values``, a branch on the values (a data-dependent guard) is decided on the example's
-    values (:func:`_real_values`); without, it fails the capture.
+    ``on_values``, a branch on the values (a data-dependent guard) in torch.nn's own code is
+    decided on the example's values (:func:`_real_values`, :func:`_in_torch_layers`); any other
+    branch on the values, and any without ``on_values``, fails the capture.
 
     An output object of a type torch.export cannot flatten (a Hugging Face model's KV cache,
     ``DynamicCache``) is left out of the outputs: its tensors are state the model makes for
@@ -80,7 +83,8 @@ def export_program(model: nn.Module, example_inputs: Any, whole: tuple = (), on_
             if unknown is not None and unknown not in left_out:
                 left_out.append(unknown)
                 continue
-            if decide and not on_values and _data_dependent(exc) and hasattr(torch._functorch.config, _REAL_VALUES):
+            if decide and not on_values and _data_dependent(exc) and hasattr(torch._functorch.config, _REAL_VALUES) \
+                    and _in_torch_layers(exc):
                 on_values = True  # decide such branches on the example's values, as a run would
                 continue
             rejected = input_error(model, example_inputs)
@@ -101,6 +105,20 @@ def _real_values(on: bool):
     decides a branch on the values by them (what ``torch.export.draft_export`` does, without
     its logging): the graph holds for these inputs, as a torch.fx trace of one run does."""
     return torch._functorch.config.patch(**{_REAL_VALUES: True}) if on else contextlib.nullcontext()
+
+
+_TORCH = os.path.dirname(torch.__file__) + os.sep
+_TORCH_NN = os.path.join(_TORCH, "nn") + os.sep
+
+
+def _in_torch_layers(exc: Exception) -> bool:
+    """Whether the branch on values that stopped torch.export lies in torch.nn's own code (the
+    innermost frame that is no tracing machinery): there such a branch picks between paths that
+    compute the same (``nn.Transformer``'s check that a mask is causal, a fused fast path). A
+    branch in the user's code may do anything on the other path: it is never decided."""
+    frames = [f.filename for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(_TORCH) or f.filename.startswith(_TORCH_NN)]
+    return bool(frames) and frames[-1].startswith(_TORCH_NN) and not frames[-1].endswith(os.sep + "module.py")
 
 
 def _data_dependent(exc: Exception) -> bool:

@@ -12,9 +12,9 @@
 :mod:`graphprune.tracer.export_capture`) or ``"auto"``: torch.fx where it captures the whole
 model; where it had to leave modules opaque (step 1) or could not trace the root's forward,
 torch.export, and if that fails too, what torch.fx found (step 1, or the per-child tracing of
-step 2). Where torch.fx took the root, torch.export decides a branch on the values (as
-``nn.Transformer``'s check of a causal mask) on the example's values; where it could not, such
-a branch fails the export and step 2 runs.
+step 2). Where torch.fx took the root, torch.export decides a branch on the values in
+torch.nn's own code (``nn.Transformer``'s check of a causal mask) on the example's values; a
+branch on the values in the model's own code is never decided (the module stays opaque).
 """
 from __future__ import annotations
 
