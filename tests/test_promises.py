@@ -264,3 +264,28 @@ def test_analysis_of_an_adversarial_model_changes_nothing_and_raises_only_graphp
         if kind != "autograd":
             graphprune.prune(model, 0.5, X, capture=capture)
             assert model(X).shape == (2, 4, 12, 12)
+
+
+class HeadsThroughABuffer(nn.Module):
+    """Graph attention as torch_geometric writes it: features viewed as (heads, width) with a
+    per-head parameter, written into a buffer made from their shape, then merged back. The
+    buffer's heads dim is tied to the blocked heads dim only by the add; the merge must see it."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads, self.width = 4, 6
+        self.lin, self.att, self.out = nn.Linear(8, 24), nn.Parameter(torch.randn(1, 4, 6)), nn.Linear(24, 5)
+
+    def forward(self, x):
+        h = self.lin(x).view(-1, self.heads, self.width)
+        scores = (h * self.att).sum(-1, keepdim=True).sigmoid()
+        merged = h.new_zeros(h.shape) + h * scores
+        return self.out(merged.flatten(1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_dim_tied_to_a_blocked_one_does_not_stop_a_merge(capture):
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    group = group_of(graphprune.analyze(HeadsThroughABuffer().eval(), x, capture=capture), "lin.weight", 0)
+    assert group.prunable and group.size == 6  # the width; the heads stay
+    assert dead_channel_oracle(HeadsThroughABuffer(), x, capture=capture, assumed=True)["groups_tested"] == 1

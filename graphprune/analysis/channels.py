@@ -123,6 +123,16 @@ class ChannelSpace:
                 channel_set.blocked = reason
                 self._blocks.append(int(set_index))
 
+    def blocked_by_links(self, ids: np.ndarray) -> bool:
+        """Whether some id of ``ids`` is linked, through the links made so far, to a blocked set
+        (resolving every link: call it only where that is rare)."""
+        ids = ids[ids >= 0]
+        if not ids.size:
+            return False
+        components = self.set_components(self.all_roots())
+        blocked = {int(components[i]) for i, s in enumerate(self.sets) if s.blocked is not None}
+        return any(int(c) in blocked for c in components[self._set_of_id[ids]])
+
     def set_of(self, ids: np.ndarray) -> np.ndarray:
         return self._set_of_id[ids]
 

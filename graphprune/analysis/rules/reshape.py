@@ -55,6 +55,8 @@ def merge_dims(state: Propagation, node: fx.Node, x: tuple, start: int, end: int
 def _merge(state: Propagation, node: fx.Node, parts: tuple) -> np.ndarray:
     sizes = [p.size for p in parts]
     carriers = [i for i, p in enumerate(parts) if p.size > 1 and carries_ids(state, p)]
+    if len(carriers) > 1:  # a dim already tied to a blocked one never loses a position: it carries nothing
+        carriers = [i for i in carriers if not state.space.blocked_by_links(parts[i])]
     if len(carriers) > 1:
         state.block(parts, Reason(BlockKind.RESHAPE, f"{node.name} merges two channel dimensions"))
     if len(carriers) != 1:
