@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+import graphprune
+from graphprune.tracer import call_model
 from oracle import dead_channel_oracle
 
 # The suite runs many tiny forwards (float64 oracles, 64x64 inputs). On a small shared CPU,
@@ -186,3 +188,18 @@ def run_cli(capsys, argv: list) -> tuple:
 def stderr_lines(err: str) -> list:
     """The non-blank lines of ``err``."""
     return [line for line in err.splitlines() if line.strip()]
+
+
+def trained_and_reloaded(model: torch.nn.Module, build, inputs, layer: torch.nn.Module, path) -> torch.nn.Module:
+    """Run a training step on the pruned ``model`` (every parameter of ``layer`` gets a gradient
+    of its shape), save it to ``path`` and load it into ``build()``: the loaded model, whose
+    outputs are asserted equal to ``model``'s."""
+    model.train()
+    call_model(model, inputs).float().pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in layer.parameters())
+    model.eval()
+    graphprune.save(model, path)
+    fresh = graphprune.load(build().eval(), path)
+    with torch.no_grad():
+        assert torch.equal(call_model(fresh, inputs), call_model(model, inputs))
+    return fresh

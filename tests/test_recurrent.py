@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import count_params, group_of
+from conftest import count_params, group_of, trained_and_reloaded
 from oracle import dead_channel_oracle
 from torch import nn
 
 import graphprune
+from graphprune.tracer import call_model
 from graphprune.analysis import sizes
 from graphprune.analysis.reasons import BlockKind
 
@@ -121,10 +122,6 @@ CASES = {
 }
 
 
-def _call(model, inputs):
-    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
-
-
 @pytest.mark.parametrize("capture", ["fx", "export"])
 @pytest.mark.parametrize("name", CASES)
 def test_recurrent_layers_prune_exactly(name, capture):
@@ -148,25 +145,16 @@ def test_pruned_recurrent_models_run_train_and_round_trip(name, ratio, capture, 
     build, inputs = CASES[name]
     torch.manual_seed(0)
     model, x = build().eval(), inputs()
-    before, hidden, shape = count_params(model), model.rnn.hidden_size, _call(model, x).shape
+    before, hidden, shape = count_params(model), model.rnn.hidden_size, call_model(model, x).shape
     graphprune.prune(model, ratio, x, capture=capture)
     rnn = model.rnn
     assert count_params(model) < before and rnn.hidden_size == hidden - int(ratio * hidden)
     assert rnn.weight_hh_l0.shape[1] == (rnn.proj_size or rnn.hidden_size)
     assert rnn.input_size == rnn.weight_ih_l0.shape[1]
-    assert _call(model, x).shape == shape
-    model.train()
-    torch.optim.SGD(model.parameters(), lr=0.1).zero_grad()
-    _call(model, x).float().pow(2).mean().backward()
-    assert all(p.grad is not None and p.grad.shape == p.shape for p in rnn.parameters())
-    model.eval()
-    path = tmp_path / f"{name}.safetensors"
-    graphprune.save(model, path)
-    fresh = graphprune.load(build().eval(), path)
+    assert call_model(model, x).shape == shape
+    fresh = trained_and_reloaded(model, build, x, rnn, tmp_path / f"{name}.safetensors")
     assert (fresh.rnn.hidden_size, fresh.rnn.proj_size, fresh.rnn.input_size) == (rnn.hidden_size, rnn.proj_size,
                                                                                    rnn.input_size)
-    with torch.no_grad():
-        assert torch.equal(_call(fresh, x), _call(model, x))
 
 
 def test_a_module_built_with_the_pruned_sizes_loads_the_state_dict(tmp_path):

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import count_params, group_of
+from conftest import count_params, group_of, trained_and_reloaded
 from oracle import dead_channel_oracle
 from torch import nn
 
 import graphprune
+from graphprune.tracer import call_model
 from graphprune.analysis.reasons import BlockKind
 
 
@@ -82,10 +83,6 @@ FX_CASES = ("gru_cell_lm", "lstm_cell_decoder")
 RUNS = [(name, capture) for name in CASES for capture in ("fx", "export") if capture == "export" or name in FX_CASES]
 
 
-def _call(model, inputs):
-    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
-
-
 @pytest.mark.parametrize("name, capture", RUNS)
 def test_recurrent_cells_prune_exactly(name, capture):
     build, inputs, gates = CASES[name]
@@ -112,24 +109,15 @@ def test_pruned_cell_models_run_train_and_round_trip(name, capture, ratio, tmp_p
     build, inputs, _ = CASES[name]
     torch.manual_seed(0)
     model, x = build().eval(), inputs()
-    before, hidden, shape = count_params(model), model.cell.hidden_size, _call(model, x).shape
+    before, hidden, shape = count_params(model), model.cell.hidden_size, call_model(model, x).shape
     graphprune.prune(model, ratio, x, capture=capture)
     cell = model.cell
     assert count_params(model) < before and cell.hidden_size == hidden - int(ratio * hidden)
     assert cell.weight_hh.shape == (cell.weight_ih.shape[0], cell.hidden_size)
     assert cell.input_size == cell.weight_ih.shape[1]
-    assert _call(model, x).shape == shape
-    model.train()
-    torch.optim.SGD(model.parameters(), lr=0.1).zero_grad()
-    _call(model, x).float().pow(2).mean().backward()
-    assert all(p.grad is not None and p.grad.shape == p.shape for p in cell.parameters())
-    model.eval()
-    path = tmp_path / f"{name}.safetensors"
-    graphprune.save(model, path)
-    fresh = graphprune.load(build().eval(), path)
+    assert call_model(model, x).shape == shape
+    fresh = trained_and_reloaded(model, build, x, cell, tmp_path / f"{name}.safetensors")
     assert (fresh.cell.hidden_size, fresh.cell.input_size) == (cell.hidden_size, cell.input_size)
-    with torch.no_grad():
-        assert torch.equal(_call(fresh, x), _call(model, x))
 
 
 def test_a_state_from_a_model_input_blocks_the_hidden_units():

@@ -131,8 +131,9 @@ class ModelTransaction:
 def attributes_kept(model: nn.Module) -> Iterator[None]:
     """Run the block, then put every module attribute, container and held object of ``model``
     back as it was, and the values of any buffer written in place (a forward's step
-    counter): whatever a trace or a run of the forward left on it goes. Parameters are not
-    copied, so a forward that writes into its own parameters still does."""
+    counter; a BatchNorm's statistics in training mode, which its kernel updates without a
+    new tensor version): whatever a trace or a run of the forward left on it goes. Parameters
+    are not copied, so a forward that writes into its own parameters still does."""
     snapshot = ModelTransaction(model, keep_tensors=False)
     buffers = [(b, b._version, b.detach().clone()) for b in {id(b): b for b in model.buffers()}.values()]
     try:
@@ -141,7 +142,7 @@ def attributes_kept(model: nn.Module) -> Iterator[None]:
         snapshot.restore()
         with interrupts_deferred(), torch.no_grad():
             for buffer, version, values in buffers:
-                if buffer._version != version:
+                if buffer._version != version or not torch.equal(buffer, values):
                     buffer.copy_(values)
 
 

@@ -81,9 +81,3 @@ def follow(bind: Callable, module: nn.Module, attr: str, weight: torch.Tensor, d
         return f"{attr} is computed by a parametrization graphprune does not know ({kinds})", None
     return None, FOLLOWERS[type(chain[0])][0](bind, chain, weight, dim)
 
-
-def parametrized_owner(name: str) -> Optional[str]:
-    """The module whose weight the module named ``name`` computes, when it is one of its
-    parametrizations (``conv.parametrizations.weight.0`` -> ``conv``), else None."""
-    head, found, _ = f".{name}".partition(".parametrizations.")
-    return head[1:] if found else None

@@ -208,16 +208,17 @@ class Propagation:
     def checkpoint(self) -> tuple:
         """What :meth:`rollback` needs to take back everything recorded after this point (sizes
         only: a checkpoint is taken before every rule)."""
-        return (self.space.checkpoint(), len(self.param_dims), len(self._computed), len(self.attr_members), len(self.size_constraints),
-                len(self.size_sources), len(self.notes), len(self.assumptions))
+        return (self.space.checkpoint(), len(self.param_dims), len(self._computed), len(self.attr_members),
+                len(self.size_constraints), len(self.size_sources), len(self.notes), len(self.assumptions))
 
     def rollback(self, mark: tuple) -> None:
         """Forget the links, blocks, members, attributes, sizes and notes recorded since ``mark``
         (sets allocated since stay, unlinked: they join no group)."""
         space, members, computed, attrs, constraints, sources, notes, assumptions = mark
         self.space.rollback(space)
-        for table, size in ((self.param_dims, members), (self._computed, computed), (self.size_sources, sources), (self.notes, notes),
-                            (self.assumptions, assumptions)):
+        tables = ((self.param_dims, members), (self._computed, computed), (self.size_sources, sources),
+                  (self.notes, notes), (self.assumptions, assumptions))
+        for table, size in tables:
             for key in list(table)[size:]:  # dicts keep insertion order
                 del table[key]
         del self.attr_members[attrs:], self.size_constraints[constraints:]

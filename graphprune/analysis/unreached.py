@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from graphprune.tracer import call_model
-from graphprune.tracer.state import attributes_kept, interrupts_deferred, training_flags_kept
+from graphprune.tracer.state import attributes_kept, training_flags_kept
 
 from .propagation import Propagation
 from .reasons import BlockKind, Reason
@@ -43,8 +43,6 @@ def called_in_training(model: nn.Module, example_inputs: Any, modules: dict[str,
     Whatever the run changes (statistics, attributes, the random state) is taken back."""
     called: set = set()
     handles = [m.register_forward_pre_hook(lambda *_, name=name: called.add(name)) for name, m in modules.items()]
-    # a BatchNorm's kernel updates its statistics in place without a new tensor version
-    buffers = [(b, b.detach().clone()) for b in {id(b): b for b in model.buffers()}.values()]
     try:
         with torch.random.fork_rng(devices=[]), training_flags_kept(model), attributes_kept(model), torch.no_grad():
             model.train()
@@ -54,9 +52,6 @@ def called_in_training(model: nn.Module, example_inputs: Any, modules: dict[str,
     finally:
         for handle in handles:
             handle.remove()
-        with interrupts_deferred(), torch.no_grad():
-            for buffer, values in buffers:
-                buffer.copy_(values)
     return called
 
 

@@ -10,7 +10,6 @@ from torch import nn
 from graphprune.analysis.channels import per_array
 from graphprune.analysis.groups import Group
 from graphprune.analysis.propagation import Propagation
-from graphprune.analysis.parametrized import parametrized_owner
 from graphprune.analysis.sizes import after_resize, derived_sizes, size_problems, size_rule
 from graphprune.tracer.shape_rules import dense_layout
 from graphprune.tracer.state import interrupts_deferred
@@ -313,10 +312,9 @@ class ChannelSurgery:
             if keep is not None:
                 shrinking.setdefault(id(member.tensor), (member.tensor, {}))[1][member.dim] = keep
                 owners.update(dict.fromkeys(module for module, _ in member.owners))
-        for name in list(owners):  # a parametrized weight, and sizes read off a child's tensor, follow too
-            parent = parametrized_owner(name)
-            if parent is not None:
-                owners.setdefault(parent, None)
+        # sizes read off a child's tensor follow too: nn.Transformer's d_model, and a parametrized
+        # module's, whose weight is computed from tensors its parametrizations hold
+        for name in list(owners):
             owners.update(dict.fromkeys(a for a in _ancestors(name) if size_rule(self.state.module(a)) is not None))
         for tensor, keep in shrinking.values():
             transaction.shrink(tensor, keep)

@@ -62,9 +62,7 @@ def reduction(state: Propagation, node: fx.Node):
     if isinstance(dims, fx.Node):  # torch.max(a, b) is elementwise
         return elementwise(state, node)
     keepdim = node.args[2] if len(node.args) > 2 and isinstance(node.args[2], bool) else node.kwargs.get("keepdim", False)
-    if dims is None:
-        dims = range(len(x))
-    dims = {d % len(x) for d in (dims if isinstance(dims, (tuple, list, range)) else [dims])}
+    dims, out = _reduced(x, dims, keepdim)
     name = _name(node)
     for d in dims:
         if name in _AVERAGES:
@@ -75,7 +73,6 @@ def reduction(state: Propagation, node: fx.Node):
             state.block(x[d], Reason(BlockKind.COLLAPSED, f"{node.name} finds positions along this dimension"))
         elif name != "sum":
             state.note(x[d], f"{node.name} reduces over this dimension (a {name} of fewer values after pruning)")
-    out = tuple(np.array([NO_ID]) if d in dims else ids for d, ids in enumerate(x) if keepdim or d not in dims)
     if not isinstance(state.value(node), TensorSpec):  # max/min with a dim also return indices
         return (out, out)
     return out
@@ -88,13 +85,18 @@ def vector_norm(state: Propagation, node: fx.Node):
     x = state.labels_of(node.args[0])
     p = arg(node, 1, "ord" if "vector" in _name(node) else "p", 2)
     p = 2 if p == "fro" else p  # torch.norm's default: the 2-norm over the dims
-    dims = arg(node, 2, "dim")
-    keepdim = bool(arg(node, 3, "keepdim", False))
-    dims = range(len(x)) if dims is None else dims if isinstance(dims, (tuple, list)) else [dims]
-    dims = {d % len(x) for d in dims}
+    dims, out = _reduced(x, arg(node, 2, "dim"), bool(arg(node, 3, "keepdim", False)))
     if not isinstance(p, (int, float)) or p <= 0:
         state.block(tuple(x[d] for d in dims), Reason(BlockKind.COLLAPSED, f"{node.name}: a norm of order {p!r}"))
-    return tuple(np.array([NO_ID]) if d in dims else ids for d, ids in enumerate(x) if keepdim or d not in dims)
+    return out
+
+
+def _reduced(x: tuple, dims, keepdim: bool) -> tuple:
+    """``(the set of dims reduced, the labels left)`` for a reduction of ``x`` over ``dims``
+    (an int, a sequence, or None for all), which vanish or, with ``keepdim``, become size 1."""
+    dims = range(len(x)) if dims is None else dims if isinstance(dims, (tuple, list, range)) else [dims]
+    dims = {d % len(x) for d in dims}
+    return dims, tuple(np.array([NO_ID]) if d in dims else ids for d, ids in enumerate(x) if keepdim or d not in dims)
 
 
 def _name(node: fx.Node) -> str:
