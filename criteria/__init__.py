@@ -4,13 +4,16 @@ Names in :data:`CRITERIA`: ``l1``, ``l2`` (weight magnitude), ``fpgm`` (distance
 geometric median), ``bn_scale`` (``|gamma|`` of norm layers), ``group_norm`` (the L2 norm of
 each channel over its whole group, after sparse training), ``random`` (seeded),
 ``taylor`` (first-order Taylor, needs data), ``k_l1``, ``k_taylor`` (needs data),
-``k_distance`` (K-means family). Criteria that need data cannot be built from a name:
-pass an instance, e.g. ``criterion=Taylor(data_loader)``.
+``k_distance`` (K-means family), ``wanda`` and ``flap`` (weights times calibration
+input statistics, need data), ``obs`` (the error a least-squares refit cannot recover,
+needs data). A criterion that needs data is built from its name on ``prune``'s
+``calibration`` batches; otherwise pass an instance, e.g. ``criterion=Taylor(data_loader)``.
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Iterable, Optional, Union
 
+from .activation import Fluctuation, Wanda
 from .base import Criterion
 from .geometric import FPGM
 from .group_norm import GroupL2Norm
@@ -18,6 +21,7 @@ from .kmeans import KL1, KDistance, KMeansCriterion, KTaylor
 from .magnitude import L1, L2
 from .norm import BNScale
 from .randomized import Random
+from .reconstruction import OBS
 from .taylor import Taylor
 
 CRITERIA: dict = {
@@ -31,11 +35,15 @@ CRITERIA: dict = {
     "k_l1": KL1,
     "k_taylor": KTaylor,
     "k_distance": KDistance,
+    "wanda": Wanda,
+    "flap": Fluctuation,
+    "obs": OBS,
 }
 
 
-def get_criterion(criterion: Union[str, Criterion]) -> Criterion:
-    """A criterion instance from a name (case-insensitive) or an instance."""
+def get_criterion(criterion: Union[str, Criterion], calibration: Optional[Iterable] = None) -> Criterion:
+    """A criterion instance from a name (case-insensitive) or an instance; a named criterion
+    that needs data is built on ``calibration`` (its batches) where given."""
     if isinstance(criterion, Criterion):
         return criterion
     if not isinstance(criterion, str):
@@ -44,6 +52,8 @@ def get_criterion(criterion: Union[str, Criterion]) -> Criterion:
     if key not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {sorted(CRITERIA)}")
     cls = CRITERIA[key]
+    if cls.requires_data and calibration is not None:
+        return cls(calibration)
     if cls.requires_data:
         raise ValueError(
             f"criterion {criterion!r} needs training data and cannot be built from its name; "
@@ -54,5 +64,5 @@ def get_criterion(criterion: Union[str, Criterion]) -> Criterion:
 
 __all__ = [
     "Criterion", "L1", "L2", "FPGM", "BNScale", "GroupL2Norm", "Random", "Taylor", "KMeansCriterion", "KL1", "KTaylor",
-    "KDistance", "CRITERIA", "get_criterion",
+    "KDistance", "Wanda", "Fluctuation", "OBS", "CRITERIA", "get_criterion",
 ]

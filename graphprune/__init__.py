@@ -7,7 +7,8 @@
 
 The package reads as the pipeline (see ARCHITECTURE.md): :mod:`graphprune.tracer` captures
 the model, :mod:`graphprune.analysis` finds the coupled groups, :mod:`graphprune.criteria`
-scores channels, :mod:`graphprune.pruning` plans and performs the surgery, then come
+scores channels, :mod:`graphprune.pruning` plans and performs the surgery, :mod:`graphprune.recovery` refits
+what stays on calibration data, then come
 :mod:`graphprune.io` (save / load), :mod:`graphprune.reporting`, :mod:`graphprune.workflow`
 (fine-tuning, schedules, sensitivity, sparse training, distributed), :mod:`graphprune.cli` and
 :mod:`graphprune.compat` (the layer-by-layer engine). The names below are the public API;
@@ -31,6 +32,7 @@ from .pruning.budget import BudgetWarning
 from .pruning.model_config import ConfigWarning
 from .pruning.run import PruneResult
 from .pruning.surgery import PruningError
+from .recovery import Recovery
 from .reporting.compare import Comparison, report
 from .reporting.measure import count_flops, count_parameters, measure_latency
 from .reporting.report import Report
@@ -46,7 +48,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # analyse and prune
-    "analyze", "prune", "PruningSession", "Report", "Group", "Member", "PruneResult",
+    "analyze", "prune", "PruningSession", "Report", "Group", "Member", "PruneResult", "Recovery",
     # save, load, measure, compare
     "save", "load", "count_parameters", "count_flops", "measure_latency", "report", "Comparison",
     # around pruning

@@ -11,6 +11,7 @@ from .analysis.analyzer import LayerRef
 from .criteria import Criterion, get_criterion
 from .pruning.options import check_options, check_ratio, check_target
 from .pruning.run import PruneResult, run_pruning
+from .recovery import Recovery, check_recovery
 from .reporting.report import Report
 from .session import PruningSession, session_of
 from .tracer.fallback import check_capture
@@ -54,6 +55,7 @@ def prune(
     schedule: Union[str, Callable[[int, int], float]] = "linear", target_flops: Optional[float] = None,
     target_params: Optional[float] = None, target_latency: Optional[float] = None, tolerance: float = 0.02,
     return_result: bool = False, report: Optional[Report] = None, capture: str = "auto", uniform: bool = False,
+    calibration: Optional[Iterable] = None, recover: Union[str, Recovery, None] = None,
 ) -> Union[nn.Module, PruneResult]:
     """Remove ``floor(ratio * n)`` channels from every prunable group of ``n`` channels.
 
@@ -77,6 +79,13 @@ def prune(
     no config can (layers pruned unequally), a :class:`ConfigWarning` says why
     (:mod:`graphprune.pruning.model_config`).
 
+    Keeping what the model knew, without training: ``calibration`` (a list or DataLoader of
+    input batches, a few hundred samples) with ``recover="lstsq"`` refits every layer whose
+    input lost channels so that it gives the original model's output again; ``"bias"`` only
+    folds the mean difference into the bias; a :class:`Recovery` sets the details
+    (:mod:`graphprune.recovery`). A criterion named by a string that needs data (``"wanda"``,
+    ``"flap"``) reads ``calibration`` too.
+
     ``report`` (from :func:`analyze` on this ``model``, unchanged since) skips the
     analysis: the groups pruned are those of the report, with its options and inputs.
 
@@ -94,14 +103,17 @@ def prune(
     for flag, name in ((return_result, "return_result"), (inplace, "inplace")):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")
-    criterion = get_criterion(criterion)
+    criterion = get_criterion(criterion, calibration)
+    recovery = check_recovery(recover, calibration)
     check_capture(capture)
     session = None if report is None else session_of(report, model, example_inputs, inplace, leaf_modules,
                                                      ignored_layers, prune_heads, capture=capture)
+    original = model
     model = copy.deepcopy(model) if session is None and not inplace else model
+    after_step = _refit_after_steps(recovery, original, model, calibration)
     # Until the surgery's final copy, any exception restores the model. Where work follows
-    # that copy (more steps, a budget, measurements), the originals are held to the end.
-    keep_tensors = options.steps > 1 or target is not None or return_result
+    # that copy (more steps, a budget, measurements, a recovery), the originals are held to the end.
+    keep_tensors = options.steps > 1 or target is not None or return_result or recovery is not None
     transaction = ModelTransaction(model, keep_tensors=keep_tensors)
     with transaction, eval_mode(model), gc_paused(pause=not criterion.requires_data):  # a data pass may run long
         session = session or PruningSession(model, example_inputs, leaf_modules=leaf_modules,
@@ -111,5 +123,15 @@ def prune(
             result = PruneResult(model, target and target[0], target and target[1], None, target is None, {}, {}, [])
         else:
             result = run_pruning(session, criterion, ratio=ratio, target=target, options=options, measure=return_result,
-                                 on_commit=None if keep_tensors else transaction.commit)
+                                 on_commit=None if keep_tensors else transaction.commit, after_step=after_step)
     return result if return_result else model
+
+
+def _refit_after_steps(recovery: Optional[Recovery], original: nn.Module, model: nn.Module,
+                       calibration: Any) -> Optional[Callable[[nn.Module, dict], None]]:
+    """What runs after each pruning step for ``recovery``: a refit against the model as it
+    was (``original`` where ``model`` is a copy, else a copy of it, taken now)."""
+    if recovery is None:
+        return None
+    reference = original if model is not original else copy.deepcopy(model)
+    return lambda pruned, kept: recovery.run(reference, pruned, kept, calibration)

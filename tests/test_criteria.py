@@ -59,7 +59,7 @@ def randomise_bn(model):
 # ----- registry
 def test_registry_names():
     assert set(CRITERIA) == {"l1", "l2", "fpgm", "bn_scale", "group_norm", "random", "taylor", "k_l1", "k_taylor",
-                             "k_distance"}
+                             "k_distance", "wanda", "flap", "obs"}
     for name in ("l1", "l2", "fpgm", "bn_scale", "group_norm", "random", "k_l1", "k_distance"):
         assert isinstance(get_criterion(name), criteria.Criterion)
     assert get_criterion("Random").seed == 0

@@ -90,3 +90,31 @@ class LoaderBatch:
                 f"{str(exc).rstrip('.')}. {self.loader} must yield (inputs, targets) batches that the model and "
                 f"{self.loss_name} accept; inputs as in example_inputs: {INPUTS_CONVENTION}."
             ) from exc
+
+
+def calibration_batches(loader: Any, owner: str, device: torch.device, max_batches: Any = None,
+                        progress: bool = False, desc: str = "calibration") -> Iterator[LoaderBatch]:
+    """The batches of a calibration ``loader`` as :class:`LoaderBatch` es (at most ``max_batches``).
+
+    A batch is its model's inputs (a tensor, a dict of keyword inputs), or an ``(inputs,
+    targets)`` pair whose targets are ignored: a list or tuple of two is always read as such a
+    pair, so two positional inputs are passed as ``((a, b), None)``. ``owner`` names the loader
+    in errors ("Recovery's calibration"). A loader that yields nothing is a ``ValueError``.
+    """
+    if loader is None or isinstance(loader, (torch.Tensor, Mapping)) or not hasattr(loader, "__iter__"):
+        raise TypeError(f"{owner} must be an iterable of batches (a DataLoader, a list), got {type(loader).__name__}")
+    from tqdm.auto import tqdm
+
+    total = len(loader) if hasattr(loader, "__len__") else None
+    total = max_batches if total is None else min(total, max_batches or total)
+    count = 0
+    with tqdm(total=total, desc=desc, unit="batch", disable=not progress, leave=False) as bar:
+        for index, batch in enumerate(loader):
+            if max_batches is not None and index >= max_batches:
+                break
+            pair = batch if isinstance(batch, (tuple, list)) else (batch, None)
+            yield LoaderBatch(pair, index, owner, device)
+            count += 1
+            bar.update(1)
+    if count == 0:
+        raise ValueError(f"{owner} yielded no batches")

@@ -93,18 +93,21 @@ def step_ratio(ratio: float, step: int, steps: int, schedule: Schedule) -> float
 
 
 def run_pruning(session: Any, criterion: Any, *, ratio: Optional[RatioSpec], target: Optional[tuple],
-                options: PlanOptions, measure: bool, on_commit: Optional[Callable[[], None]] = None) -> PruneResult:
+                options: PlanOptions, measure: bool, on_commit: Optional[Callable[[], None]] = None,
+                after_step: Optional[Callable[[nn.Module, dict], None]] = None) -> PruneResult:
     """Prune ``session``'s model in ``options.steps`` steps, re-analysing and re-scoring before each.
 
     ``ratio`` (float or mapping) or ``target = (metric, fraction)`` says how much to remove.
     With ``measure`` the FLOPs and parameters before/after are reported. ``on_commit`` goes
-    to the surgery of a single step. Restoring the model after a failure is the caller's
-    (:class:`~graphprune.tracer.state.ModelTransaction`).
+    to the surgery of a single step. ``after_step(model, kept)`` runs after every step that
+    pruned, with the positions of every tensor kept so far (``{(module, attribute): {dim:
+    positions}}``, of the original tensor; a calibration recovery). Restoring the model after
+    a failure is the caller's (:class:`~graphprune.tracer.state.ModelTransaction`).
     """
     model, inputs = session.model, session.inputs
     budget = Budget(model, inputs, *target, tolerance=options.tolerance) if target is not None else None
     before = _sizes(model, inputs) if measure or budget else {}
-    results, originals = [], {}
+    results, originals, kept = [], {}, {}
     for step in range(1, options.steps + 1):
         if step > 1:
             session = session.renewed()
@@ -120,6 +123,9 @@ def run_pruning(session: Any, criterion: Any, *, ratio: Optional[RatioSpec], tar
         if plan:
             blocked = session.apply(plan, verify=options.verify, on_commit=on_commit)
             plan = {group: index for group, index in plan.items() if group not in blocked}
+            _compose(kept, session.surgery.kept_positions())
+            if after_step is not None and plan:
+                after_step(model, kept)
         achieved = budget.settled(model, achieved) if budget is not None else None
         results.append(StepResult(step, step_value, int(sum(len(v) for v in plan.values())), len(plan), achieved))
     after = _sizes(model, inputs) if measure or budget else {}
@@ -158,3 +164,12 @@ def _step_ratio(ratio: RatioSpec, step: int, options: PlanOptions, groups: list,
 
 def _sizes(model: nn.Module, inputs: Any) -> dict:
     return {"flops": int(count_flops(model, inputs)), "params": int(count_parameters(model))}
+
+
+def _compose(kept: dict, step: dict) -> None:
+    """Fold one step's kept positions (of the tensors as the step found them) into ``kept``
+    (of the original tensors)."""
+    for key, dims in step.items():
+        before = kept.setdefault(key, {})
+        for dim, positions in dims.items():
+            before[dim] = before[dim][positions] if dim in before else positions

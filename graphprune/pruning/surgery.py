@@ -185,6 +185,20 @@ class ChannelSurgery:
         """Whether any group of this surgery was pruned."""
         return bool(self._pruned)
 
+    def kept_positions(self) -> dict[tuple[str, str], dict[int, np.ndarray]]:
+        """``{(module name, attribute): {dim: positions kept}}`` for every tensor this surgery
+        shrank, as positions of the tensor before its first plan (a tensor several modules
+        hold appears under each)."""
+        kept: dict = {}
+        for member in self.state.param_dims.values():
+            if member.ids[0] < 0:
+                continue
+            alive = ~self._removed[self.roots[member.ids]]
+            if not alive.all():
+                for owner in member.owners:
+                    kept.setdefault(tuple(owner), {})[member.dim] = np.flatnonzero(alive)
+        return kept
+
     def _validate(self, plan: Mapping[Group, Sequence[int]]) -> dict[Group, np.ndarray]:
         checked = {}
         for group, indices in plan.items():

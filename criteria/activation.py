@@ -1,0 +1,208 @@
+"""Activation-aware channel criteria: Wanda and FLAP's fluctuation, per input channel.
+
+Both weigh each input channel ``j`` of a consumer layer (a Linear, or a Conv1d/2d/3d with
+``groups == 1``) by statistics of that layer's *input* on calibration data:
+
+* :class:`Wanda` (Sun et al., "A Simple and Effective Pruning Approach for Large Language
+  Models", 2023): ``||W[:, j]||_1 * ||X_j||_2``;
+* :class:`Fluctuation` (An et al., "Fluctuation-based Adaptive Structured Pruning for Large
+  Language Models", AAAI 2024): ``Var(X_j) * ||W[:, j]||_2^2``.
+"""
+from __future__ import annotations
+
+import numbers
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Mapping, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from graphprune.tracer.devices import calibration_batches, model_device
+from graphprune.tracer.state import eval_mode
+
+from .base import Criterion, combine, coverage, per_channel, position_norms
+from .magnitude import L1
+from .taylor import _same_device
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def reads_input_channels(module: nn.Module) -> bool:
+    """Whether dim 1 of ``module.weight`` matches its input's channels one to one: a Linear,
+    or a Conv1d/2d/3d with ``groups == 1``."""
+    return isinstance(module, nn.Linear) or (isinstance(module, _CONVS) and module.groups == 1)
+
+
+def input_channel_dim(module: nn.Module, ndim: int) -> Optional[int]:
+    """The dim of an input of ``ndim`` dims that holds such a ``module``'s input channels: the
+    last for a Linear, the one before the spatial dims for a Conv (None if there is none)."""
+    dim = ndim - 1 if isinstance(module, nn.Linear) else ndim - len(module.kernel_size) - 1
+    return dim if dim >= 0 else None
+
+
+def is_consumer(model: nn.Module, member) -> bool:
+    """Whether ``member`` is dim 1 of the weight of a module that :func:`reads_input_channels`."""
+    if member.role != "in" or member.param != "weight" or member.dim != 1 or member.tensor.dim() < 2:
+        return False
+    return reads_input_channels(model.get_submodule(member.module))
+
+
+class InputStatistics:
+    """Per input channel of some modules: the float64 sums of ``x`` and ``x ** 2`` over every
+    sample and position (tokens, pixels) of every call, and how many values were summed."""
+
+    def __init__(self):
+        self.sums: dict = {}
+        self.squares: dict = {}
+        self.counts: dict = defaultdict(int)
+        self.calls: dict = defaultdict(int)
+
+    @contextmanager
+    def recording(self, model: nn.Module, names: Iterable[str]) -> Iterator["InputStatistics"]:
+        """Forward pre-hooks on the modules ``names`` add their inputs while the block runs."""
+        handles = [model.get_submodule(name).register_forward_pre_hook(self._hook(name), with_kwargs=True)
+                   for name in names]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hook(self, name: str):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs.get("input")
+            self.calls[name] += 1
+            dim = input_channel_dim(module, x.dim()) if isinstance(x, torch.Tensor) else None
+            if dim is not None and x.is_floating_point() and x.shape[dim] == module.weight.shape[1]:
+                self.add(name, x.detach().movedim(dim, -1).reshape(-1, x.shape[dim]))
+        return hook
+
+    def add(self, name: str, rows: torch.Tensor) -> None:
+        """Add the rows of a ``(values, channels)`` matrix to ``name``'s statistics."""
+        rows = rows.to("cpu" if rows.device.type == "mps" else rows.device, torch.float64)  # mps has no float64
+        sums, squares = rows.sum(0), rows.square().sum(0)
+        if name in self.sums:
+            self.sums[name] += sums
+            self.squares[name] += squares
+        else:
+            self.sums[name], self.squares[name] = sums, squares
+        self.counts[name] += rows.shape[0]
+
+    def has(self, name: str, size: int) -> bool:
+        return self.counts.get(name, 0) > 0 and self.sums[name].numel() == size
+
+    def square_norms(self, name: str) -> np.ndarray:
+        """``||X_j||_2 ** 2`` of every input channel ``j``."""
+        return self.squares[name].cpu().numpy()
+
+    def variances(self, name: str) -> np.ndarray:
+        """``Var(X_j)`` (over all values, divided by their count) of every input channel ``j``."""
+        count = self.counts[name]
+        mean = self.sums[name].cpu().numpy() / count
+        return np.maximum(self.square_norms(name) / count - mean * mean, 0.0)
+
+
+class ActivationCriterion(Criterion):
+    """Scores each channel by its consumers' weights and their inputs' statistics on
+    ``data_loader`` (gathered in :meth:`prepare`); subclasses give the per-channel formula.
+
+    A batch of ``data_loader`` is the model's inputs (a tensor, a dict of keyword inputs) or
+    an ``(inputs, targets)`` pair whose targets are ignored; it is moved to ``device``
+    (default: the model's; the model is never moved). At most ``max_batches`` batches run, in
+    eval mode, without gradients; the model is left as it was. The consumers of a group are its
+    members that are dim 1 of a Linear's or of a Conv's (``groups == 1``) weight; a channel's
+    scores over several consumers are combined with :func:`~graphprune.criteria.base.combine`.
+    A group without such a consumer (e.g. attention's query/key channels, read by a matmul)
+    falls back to :class:`~graphprune.criteria.L1` and its id is listed in ``fallback_groups``.
+    """
+
+    requires_data = True
+    statistics_type: type = InputStatistics  # what prepare() records
+
+    def __init__(
+        self,
+        data_loader: Iterable,
+        max_batches: Optional[int] = None,
+        device: Union[str, torch.device, None] = None,
+        *,
+        progress: bool = True,
+    ):
+        owner = type(self).__name__
+        if data_loader is None or isinstance(data_loader, (torch.Tensor, Mapping)) or not hasattr(data_loader, "__iter__"):
+            raise TypeError(f"{owner}'s data_loader must be an iterable of batches (a DataLoader, a list), "
+                            f"got {type(data_loader).__name__}")
+        if max_batches is not None:
+            if isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral):
+                raise TypeError(f"max_batches must be a positive integer or None, got {type(max_batches).__name__}")
+            if max_batches < 1:
+                raise ValueError(f"max_batches must be at least 1, got {max_batches}")
+        if device is not None and not isinstance(device, (str, torch.device)):
+            raise TypeError(f"device must be a str, a torch.device or None, got {type(device).__name__}")
+        self.data_loader = data_loader
+        self.max_batches = None if max_batches is None else int(max_batches)
+        self.device = None if device is None else torch.device(device)
+        self.progress = progress
+        self.fallback_groups: list = []
+        self.statistics: Optional[InputStatistics] = None
+        self._model: Optional[nn.Module] = None
+        self._l1 = L1()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(max_batches={self.max_batches}, device={self.device})"
+
+    def prepare(self, model, report) -> None:
+        owner = type(self).__name__
+        device = model_device(model)
+        if self.device is not None and not _same_device(self.device, device):
+            raise ValueError(f"{owner} was given device={self.device} but the model is on {device}; move the model first")
+        names = {m.module for group in report.groups for m in group.members if is_consumer(model, m)}
+        statistics = self.statistics_type()
+        batches = calibration_batches(self.data_loader, f"{owner}'s data_loader", self.device or device,
+                                      self.max_batches, self.progress, f"{owner} statistics")
+        with statistics.recording(model, sorted(names)), eval_mode(model), torch.no_grad():
+            for batch in batches:
+                batch.forward(model)
+        self.statistics, self._model, self.fallback_groups = statistics, model, []
+
+    def position_scores(self, member) -> np.ndarray:
+        """The score of each input channel of ``member`` (a consumer with statistics); the
+        subclasses that score positions one by one give it."""
+        raise NotImplementedError
+
+    def scores(self, group) -> np.ndarray:
+        if self.statistics is None:
+            raise RuntimeError(
+                f"{type(self).__name__} needs prepare(model, report) before scores(); graphprune.prune calls it for you"
+            )
+        per_member, covered = [], []
+        for member in group.members:
+            if is_consumer(self._model, member) and self.statistics.has(member.module, member.tensor.shape[1]):
+                per_member.append(per_channel(member, self.position_scores(member), group.size))
+                covered.append(coverage(member, group.size))
+        if per_member:
+            return combine(per_member, group.size, covered)
+        if group.id not in self.fallback_groups:
+            self.fallback_groups.append(group.id)
+        return self._l1.scores(group)
+
+
+class Wanda(ActivationCriterion):
+    """Wanda per input channel (Sun et al., 2023): ``||W[:, j]||_1 * ||X_j||_2``, ``X_j`` the
+    consumer's input channel ``j`` over all calibration samples and positions."""
+
+    name = "wanda"
+
+    def position_scores(self, member) -> np.ndarray:
+        return position_norms(member, 1) * np.sqrt(self.statistics.square_norms(member.module))
+
+
+class Fluctuation(ActivationCriterion):
+    """FLAP's weighted input feature variance (An et al., AAAI 2024): ``Var(X_j) *
+    ||W[:, j]||_2^2``; a channel whose input hardly varies can be replaced by a bias."""
+
+    name = "flap"
+
+    def position_scores(self, member) -> np.ndarray:
+        return position_norms(member, 2) * self.statistics.variances(member.module)

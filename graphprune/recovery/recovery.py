@@ -1,0 +1,213 @@
+"""Calibration recovery: refit what a pruning left so that each layer gives what it gave before.
+
+For every layer whose input lost channels (:mod:`.layers`), calibration batches run through
+the original model and the pruned one side by side; the original's output of that layer is
+the target, the pruned model's input of it the data. ``"lstsq"`` refits the layer's kept
+weights and bias by ridge least squares; ``"bias"`` only adds the mean difference to the
+bias. ``sequential`` refits one layer per pass, in the order the forward calls them, so each
+fit sees the inputs that the layers refit before it give (and corrects what they could not).
+Otherwise one pass serves all, and each least-squares layer reconstructs its own output
+from the original model's inputs that it kept (one-shot: cheaper, and no error is carried
+forward, but none is corrected either). Each pass stops once the last layer it measures was
+called.
+"""
+from __future__ import annotations
+
+import numbers
+from collections import defaultdict
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from graphprune.tracer.devices import LoaderBatch, calibration_batches, model_device
+
+from .layers import Layer, input_rows, kept_inputs, new_statistics, output_rows, refit_layers, write_fit
+
+METHODS = ("lstsq", "bias")
+
+
+class Recovery:
+    """How :func:`graphprune.prune` refits a pruned model on its ``calibration`` batches.
+
+    ``method``: ``"lstsq"`` (ridge least squares of every layer whose input lost channels;
+    bias compensation where the layer's output is not a product of its input rows, as in a
+    grouped convolution) or ``"bias"`` (bias compensation only: cheaper, and no new weights).
+    ``ridge`` is the damping, as a fraction of the mean input energy. ``sequential`` (default)
+    refits the layers one after another in forward order, one calibration pass each, inputs
+    from the model as refit so far; with ``False`` one pass fits all. ``max_batches`` caps the
+    batches per pass. After pruning, :attr:`layers` holds what happened to each layer:
+    the method used, the rows of calibration data, and the relative output error
+    ``‖y - y_pruned‖² / ‖y‖²`` before and after the refit.
+    """
+
+    def __init__(self, method: str = "lstsq", *, sequential: bool = True, ridge: float = 1e-2,
+                 max_batches: Optional[int] = None, progress: bool = True):
+        if method not in METHODS:
+            raise ValueError(f"recovery method must be one of {list(METHODS)}, got {method!r}")
+        if isinstance(ridge, bool) or not isinstance(ridge, numbers.Real) or not ridge >= 0:
+            raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
+        if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral)
+                                        or max_batches < 1):
+            raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+        for flag, name in ((sequential, "sequential"), (progress, "progress")):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")
+        self.method, self.sequential, self.ridge = method, sequential, float(ridge)
+        self.max_batches, self.progress = max_batches, progress
+        self.layers: dict = {}
+
+    def __repr__(self) -> str:
+        return (f"Recovery({self.method!r}, sequential={self.sequential}, ridge={self.ridge}, "
+                f"max_batches={self.max_batches})")
+
+    def run(self, reference: nn.Module, model: nn.Module, kept: dict, calibration: Any) -> dict:
+        """Refit ``model`` (pruned from ``reference``, keeping ``kept`` positions of each
+        tensor, as :meth:`ChannelSurgery.kept_positions` says) on ``calibration``; returns
+        and stores :attr:`layers`."""
+        layers, skipped = refit_layers(model, kept, self.method)
+        self.layers = {name: {"method": "none", "why": why} for name, why in skipped.items()}
+        if not layers:
+            return self.layers
+        device = model_device(model)
+        survey = _Survey(model, layers, self._batches(calibration, device, "survey", 1).__next__())
+        rounds = [[layer] for layer in survey.ordered] if self.sequential else [survey.ordered]
+        if len(rounds) > 1 and iter(calibration) is calibration:
+            raise TypeError("sequential recovery reads the calibration batches once per layer: pass a list or a "
+                            "DataLoader, not an iterator (or Recovery(..., sequential=False))")
+        bar = tqdm(total=len(rounds), desc=f"recovery ({self.method})", unit="layer" if self.sequential else "pass",
+                   disable=not self.progress, leave=False)
+        with bar, torch.no_grad():
+            for layers_now in rounds:
+                for layer in layers_now:
+                    layer.statistics = new_statistics(layer, device)
+                for batch in self._batches(calibration, device, "calibration", self.max_batches):
+                    _paired_pass(reference, model, layers_now, survey.calls, batch, own_inputs=not self.sequential)
+                for layer in layers_now:
+                    write_fit(layer, self.ridge)
+                    self.layers[layer.name] = layer.outcome
+                    layer.statistics = None
+                bar.update(1)
+        return self.layers
+
+    def _batches(self, calibration: Any, device: torch.device, desc: str, limit: Optional[int]):
+        return calibration_batches(calibration, "the calibration batches", device, limit, progress=False, desc=desc)
+
+
+class _Stop(BaseException):
+    """Ends a calibration forward once every layer of the pass was called (a BaseException, so
+    that a model's own ``except Exception`` cannot swallow it)."""
+
+
+def _forward(model: nn.Module, batch: LoaderBatch, layers: list[Layer], calls: dict, record: Callable) -> None:
+    """``batch.forward(model)``, calling ``record(layer, call index, input, output)`` at every
+    call of each layer (looked up by name in ``model``); stops after the last one expected."""
+    seen: dict = defaultdict(int)
+    waiting = {layer.name for layer in layers if calls.get(layer.name)}
+
+    def hook_for(layer: Layer):
+        def hook(module, args, kwargs, output):
+            index = seen[layer.name]
+            seen[layer.name] += 1
+            record(layer, index, args[0] if args else next(iter(kwargs.values())), output)
+            if seen[layer.name] >= calls[layer.name]:
+                waiting.discard(layer.name)
+                if not waiting:
+                    raise _Stop
+        return hook
+
+    handles = [model.get_submodule(layer.name).register_forward_hook(hook_for(layer), with_kwargs=True)
+               for layer in layers]
+    try:
+        batch.forward(model)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _paired_pass(reference: nn.Module, model: nn.Module, layers: list[Layer], calls: dict, batch: LoaderBatch,
+                 own_inputs: bool) -> None:
+    """One batch through both models: each layer's original output (its kept rows) is paired
+    with the pruned layer's input and output at the same call. With ``own_inputs`` a layer
+    fitted by least squares takes its input from the original model instead (its kept
+    positions), and the pruned model runs only for the others."""
+    targets: dict = {}
+    own = {layer.name for layer in layers if own_inputs and layer.method == "lstsq"}
+
+    def keep_target(layer: Layer, index: int, x: torch.Tensor, output: torch.Tensor) -> None:
+        dim = output.dim() - 1 if isinstance(layer.module, nn.Linear) else 1
+        target = output if layer.rows is None else output.index_select(dim, layer.rows)
+        if layer.name not in own:
+            targets[(layer.name, index)] = target
+            return
+        x = kept_inputs(layer, x)
+        rows, pruned_output = input_rows(layer.module, x), layer.module.forward(x)  # no hooks
+        layer.statistics.add(rows, output_rows(layer.module, target), output_rows(layer.module, pruned_output))
+
+    def add_pair(layer: Layer, index: int, x: torch.Tensor, output: torch.Tensor) -> None:
+        target = targets.pop((layer.name, index), None)
+        if target is None or target.shape != output.shape:
+            return
+        rows = input_rows(layer.module, x) if layer.method == "lstsq" else None
+        layer.statistics.add(rows, output_rows(layer.module, target), output_rows(layer.module, output))
+
+    _forward(reference, batch, layers, calls, keep_target)
+    paired = [layer for layer in layers if layer.name not in own]
+    if paired:
+        _forward(model, batch, paired, calls, add_pair)
+
+
+class _Survey:
+    """One batch through the pruned model: how often each layer is called, the order of their
+    first calls (layers never called last), and the BatchNorm that reads the output of a
+    layer without a bias (it takes the layer's shift: :attr:`Layer.follower`)."""
+
+    def __init__(self, model: nn.Module, layers: list[Layer], batch: LoaderBatch):
+        self.calls: dict = defaultdict(int)
+        first: list = []
+        outputs: dict = {}  # id(output) -> (output, layer)
+        readers: dict = defaultdict(set)
+
+        def on_call(layer: Layer, index: int, _, output: Any) -> None:
+            self.calls[layer.name] = index + 1
+            if index == 0:
+                first.append(layer)
+            if isinstance(output, torch.Tensor):
+                outputs[id(output)] = (output, layer)
+
+        def on_norm(module: nn.Module, args: tuple) -> None:
+            found = outputs.get(id(args[0])) if args else None
+            if found is not None and found[0] is args[0]:
+                readers[found[1].name].add(module)
+
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+        handles = [m.register_forward_pre_hook(on_norm) for m in norms]
+        unlimited = {layer.name: float("inf") for layer in layers}
+        try:
+            with torch.no_grad():
+                _forward(model, batch, layers, unlimited, on_call)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for layer in first:
+            found = readers.get(layer.name, ())
+            if layer.module.bias is None and len(found) == 1:
+                layer.follower = next(iter(found))
+        self.ordered = first + [layer for layer in layers if layer not in first]
+
+
+def check_recovery(recover: Union[str, Recovery, None], calibration: Any) -> Optional[Recovery]:
+    """The :class:`Recovery` that ``prune(recover=...)`` names (None: none), checked against ``calibration``."""
+    if recover is None:
+        return None
+    if isinstance(recover, str):
+        recover = Recovery(recover)
+    if not isinstance(recover, Recovery):
+        raise TypeError(f"recover must be 'lstsq', 'bias', a graphprune.Recovery or None, got {type(recover).__name__}")
+    if calibration is None:
+        raise ValueError(f"recover={recover.method!r} refits the pruned model on calibration data: pass "
+                         "calibration= (a list or DataLoader of input batches)")
+    return recover
