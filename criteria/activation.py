@@ -49,21 +49,23 @@ def is_consumer(model: nn.Module, member) -> bool:
     return reads_input_channels(model.get_submodule(member.module))
 
 
-class InputStatistics:
-    """Per input channel of some modules: the float64 sums of ``x`` and ``x ** 2`` over every
-    sample and position (tokens, pixels) of every call, and how many values were summed."""
+class InputRecorder:
+    """Forward pre-hooks that hand every floating-point input of some modules to :meth:`record`."""
 
-    def __init__(self):
-        self.sums: dict = {}
-        self.squares: dict = {}
-        self.counts: dict = defaultdict(int)
-        self.calls: dict = defaultdict(int)
+    def wanted(self, module: nn.Module) -> bool:
+        """Whether ``module``'s inputs are recorded at all."""
+        return True
+
+    def record(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        """Add one call's input ``x`` of the module ``name``."""
+        raise NotImplementedError
 
     @contextmanager
-    def recording(self, model: nn.Module, names: Iterable[str]) -> Iterator["InputStatistics"]:
-        """Forward pre-hooks on the modules ``names`` add their inputs while the block runs."""
-        handles = [model.get_submodule(name).register_forward_pre_hook(self._hook(name), with_kwargs=True)
-                   for name in names]
+    def recording(self, model: nn.Module, names: Iterable[str]) -> Iterator["InputRecorder"]:
+        """The hooks on the modules ``names`` record their inputs while the block runs."""
+        modules = [(name, model.get_submodule(name)) for name in names]
+        handles = [module.register_forward_pre_hook(self._hook(name), with_kwargs=True)
+                   for name, module in modules if self.wanted(module)]
         try:
             yield self
         finally:
@@ -73,11 +75,24 @@ class InputStatistics:
     def _hook(self, name: str):
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs.get("input")
-            self.calls[name] += 1
-            dim = input_channel_dim(module, x.dim()) if isinstance(x, torch.Tensor) else None
-            if dim is not None and x.is_floating_point() and x.shape[dim] == module.weight.shape[1]:
-                self.add(name, x.detach().movedim(dim, -1).reshape(-1, x.shape[dim]))
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                self.record(name, module, x.detach())
         return hook
+
+
+class InputStatistics(InputRecorder):
+    """Per input channel of some modules: the float64 sums of ``x`` and ``x ** 2`` over every
+    sample and position (tokens, pixels) of every call, and how many values were summed."""
+
+    def __init__(self):
+        self.sums: dict = {}
+        self.squares: dict = {}
+        self.counts: dict = defaultdict(int)
+
+    def record(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        dim = input_channel_dim(module, x.dim())
+        if dim is not None and x.shape[dim] == module.weight.shape[1]:
+            self.add(name, x.movedim(dim, -1).reshape(-1, x.shape[dim]))
 
     def add(self, name: str, rows: torch.Tensor) -> None:
         """Add the rows of a ``(values, channels)`` matrix to ``name``'s statistics."""

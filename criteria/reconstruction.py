@@ -12,8 +12,6 @@ performs that refit.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -21,37 +19,26 @@ from torch import nn
 
 from graphprune.recovery.layers import input_rows
 
-from .activation import ActivationCriterion, is_consumer
+from .activation import ActivationCriterion, InputRecorder, is_consumer
 
 _STEPS = 128  # greedy steps per group at most: larger groups lose several channels per step
 _MAX_INPUTS = 4096  # a consumer with more inputs (channels times kernel) is not read: H would be too large
 
 
-class GramStatistics:
+class GramStatistics(InputRecorder):
     """Per consumer module: ``Σ [x 1]ᵀ [x 1]`` over the rows its kernel reads (float64)."""
 
     def __init__(self):
         self.grams: dict = {}
 
-    @contextmanager
-    def recording(self, model: nn.Module, names: Iterable[str]) -> Iterator["GramStatistics"]:
-        names = [n for n in names if model.get_submodule(n).weight[0].numel() < _MAX_INPUTS]
-        handles = [model.get_submodule(n).register_forward_pre_hook(self._hook(n), with_kwargs=True) for n in names]
-        try:
-            yield self
-        finally:
-            for handle in handles:
-                handle.remove()
+    def wanted(self, module: nn.Module) -> bool:
+        return module.weight[0].numel() < _MAX_INPUTS
 
-    def _hook(self, name: str):
-        def hook(module, args, kwargs):
-            x = args[0] if args else kwargs.get("input")
-            if isinstance(x, torch.Tensor) and x.is_floating_point():
-                rows = input_rows(module, x.detach())
-                rows = torch.cat([rows.float(), torch.ones(rows.shape[0], 1, device=rows.device)], 1)
-                gram = (rows.T @ rows).double().cpu()
-                self.grams[name] = self.grams[name] + gram if name in self.grams else gram
-        return hook
+    def record(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        rows = input_rows(module, x)
+        rows = torch.cat([rows.float(), torch.ones(rows.shape[0], 1, device=rows.device)], 1)
+        gram = (rows.T @ rows).double().cpu()
+        self.grams[name] = self.grams[name] + gram if name in self.grams else gram
 
     def has(self, name: str, size: int) -> bool:
         return name in self.grams

@@ -141,7 +141,7 @@ def test_a_module_called_twice_adds_both_calls():
         third = [model.shared(h) for h in second]
     criterion = Wanda(LOADER, progress=False)
     criterion.prepare(model, report)
-    assert criterion.statistics.calls["shared"] == 2 * len(LOADER)
+    assert criterion.statistics.counts["shared"] == 2 * sum(len(x) for x in LOADER)
     shared, _ = direct(model.shared.weight, first + second, 1)
     fc2, _ = direct(model.fc2.weight, third, 1)
     np.testing.assert_allclose(criterion.scores(hidden), (shared / shared.max() + fc2 / fc2.max()) / 2, rtol=1e-6)

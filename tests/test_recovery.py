@@ -142,10 +142,10 @@ def test_recovery_reduces_the_error_of_a_random_network():
     reference = copy.deepcopy(model)
     calibration = [torch.randn(128, 6) for _ in range(4)]
     errors = {}
-    for recover in (None, "bias", "lstsq", Recovery("lstsq", sequential=False, progress=False)):
+    for recover in (None, "bias", "lstsq", Recovery("lstsq", sequential=True, progress=False)):
         pruned = graphprune.prune(copy.deepcopy(model), 0.5, x[:2], calibration=calibration, recover=recover)
-        errors[recover if isinstance(recover, (str, type(None))) else "one-shot"] = _error(pruned, reference, x)
-    assert errors["lstsq"] < 0.5 * errors[None] and errors["one-shot"] < errors[None]
+        errors[recover if isinstance(recover, (str, type(None))) else "sequential"] = _error(pruned, reference, x)
+    assert errors["lstsq"] < 0.5 * errors[None] and errors["sequential"] < 0.5 * errors[None]
     assert errors["bias"] < errors[None]
 
 
@@ -165,7 +165,7 @@ def _oracle_with_recovery(model: nn.Module, x, method: str, seed: int = 0) -> in
                     tensor.index_fill_(member.dim, torch.as_tensor(positions), 0.0)
     reference = copy.deepcopy(model)
     report.session.apply(plan)
-    recovery = Recovery(method.replace("one-shot", "lstsq"), ridge=0.0, sequential=method != "one-shot", progress=False)
+    recovery = Recovery(method.replace("sequential", "lstsq"), ridge=0.0, sequential=method == "sequential", progress=False)
     layers = recovery.run(reference, model, report.session.surgery.kept_positions(), [x[: len(x) // 2], x[len(x) // 2:]])
     with torch.no_grad():
         for e, p in zip(flat_outputs(call_model(reference, x)), flat_outputs(call_model(model, x))):
@@ -173,7 +173,7 @@ def _oracle_with_recovery(model: nn.Module, x, method: str, seed: int = 0) -> in
     return sum(r["method"] != "none" for r in layers.values())
 
 
-@pytest.mark.parametrize("method", ["lstsq", "bias", "one-shot"])
+@pytest.mark.parametrize("method", ["lstsq", "bias", "sequential"])
 @pytest.mark.parametrize("build, shape", [
     (lambda: small_net(), (16, 3, 8, 8)), (lambda: ConvBN(), (16, 3, 6, 6)), (lambda: Upsampler(), (16, 3, 6, 6)),
     (lambda: MLP(), (64, 6)), (lambda: Attention(), (16, 5, 8)),
@@ -194,7 +194,7 @@ def test_failure_or_interrupt_during_recovery_leaves_the_model_bit_identical():
 
         def __iter__(self):
             self.passes += 1
-            if self.passes > 3:
+            if self.passes > 1:  # the survey passes; the fit fails
                 raise self.error
             yield x
 
@@ -216,7 +216,7 @@ def test_arguments_are_checked():
     with pytest.raises(TypeError, match="recover must be"):
         graphprune.prune(model, 0.5, x, calibration=[x], recover=3)
     with pytest.raises(TypeError, match="not an iterator"):
-        graphprune.prune(model, 0.5, x, calibration=iter([x, x]), recover="lstsq")
+        graphprune.prune(model, 0.5, x, calibration=iter([x, x]), recover="bias")
     with pytest.raises(TypeError, match="iterable of batches"):
         graphprune.prune(model, 0.5, x, calibration=x, recover="lstsq")
     for bad in ({"ridge": -1}, {"max_batches": 0}, {"sequential": "yes"}):

@@ -1,6 +1,7 @@
 """Where a model and its inputs live, and running a model on a data loader's batches."""
 from __future__ import annotations
 
+from collections.abc import Iterator as IteratorABC
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping
 
@@ -92,6 +93,15 @@ class LoaderBatch:
             ) from exc
 
 
+def check_loader(loader: Any, owner: str, reread: bool = False) -> None:
+    """A ``TypeError`` unless ``loader`` is an iterable of batches (and, with ``reread``, one that
+    can be read more than once: not an iterator)."""
+    if loader is None or isinstance(loader, (torch.Tensor, Mapping)) or not hasattr(loader, "__iter__"):
+        raise TypeError(f"{owner} must be an iterable of batches (a DataLoader, a list), got {type(loader).__name__}")
+    if reread and isinstance(loader, IteratorABC):
+        raise TypeError(f"{owner} are read more than once: pass a list or a DataLoader, not an iterator")
+
+
 def calibration_batches(loader: Any, owner: str, device: torch.device, max_batches: Any = None,
                         progress: bool = False, desc: str = "calibration") -> Iterator[LoaderBatch]:
     """The batches of a calibration ``loader`` as :class:`LoaderBatch` es (at most ``max_batches``).
@@ -101,8 +111,7 @@ def calibration_batches(loader: Any, owner: str, device: torch.device, max_batch
     pair, so two positional inputs are passed as ``((a, b), None)``. ``owner`` names the loader
     in errors ("Recovery's calibration"). A loader that yields nothing is a ``ValueError``.
     """
-    if loader is None or isinstance(loader, (torch.Tensor, Mapping)) or not hasattr(loader, "__iter__"):
-        raise TypeError(f"{owner} must be an iterable of batches (a DataLoader, a list), got {type(loader).__name__}")
+    check_loader(loader, owner)
     from tqdm.auto import tqdm
 
     total = len(loader) if hasattr(loader, "__len__") else None

@@ -21,11 +21,25 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from graphprune.tracer.devices import LoaderBatch, calibration_batches, model_device
+from graphprune.tracer.devices import (
+    LoaderBatch,
+    calibration_batches,
+    check_loader,
+    model_device,
+)
 
-from .layers import Layer, input_rows, kept_inputs, new_statistics, output_rows, refit_layers, write_fit
+from .layers import (
+    Layer,
+    input_rows,
+    kept_inputs,
+    new_statistics,
+    output_rows,
+    refit_layers,
+    write_fit,
+)
 
 METHODS = ("lstsq", "bias")
+_OWNER = "the calibration batches"  # in messages
 
 
 class Recovery:
@@ -34,15 +48,17 @@ class Recovery:
     ``method``: ``"lstsq"`` (ridge least squares of every layer whose input lost channels;
     bias compensation where the layer's output is not a product of its input rows, as in a
     grouped convolution) or ``"bias"`` (bias compensation only: cheaper, and no new weights).
-    ``ridge`` is the damping, as a fraction of the mean input energy. ``sequential`` (default)
-    refits the layers one after another in forward order, one calibration pass each, inputs
-    from the model as refit so far; with ``False`` one pass fits all. ``max_batches`` caps the
-    batches per pass. After pruning, :attr:`layers` holds what happened to each layer:
+    ``ridge`` is the damping, as a fraction of the mean input energy. By default one
+    calibration pass fits every layer to reconstruct its own output from the inputs it kept
+    (one-shot); ``sequential=True`` refits the layers one after another in forward order, one
+    pass each, on the inputs the model as refit so far gives, against the original model's
+    outputs (it corrects upstream error, at the cost of a pass per layer; on MiniLM it did not
+    beat one-shot: ``benchmarks/results/recovery.md``). ``max_batches`` caps the batches per pass. After pruning, :attr:`layers` holds what happened to each layer:
     the method used, the rows of calibration data, and the relative output error
     ``‖y - y_pruned‖² / ‖y‖²`` before and after the refit.
     """
 
-    def __init__(self, method: str = "lstsq", *, sequential: bool = True, ridge: float = 1e-2,
+    def __init__(self, method: str = "lstsq", *, sequential: bool = False, ridge: float = 1e-2,
                  max_batches: Optional[int] = None, progress: bool = True):
         if method not in METHODS:
             raise ValueError(f"recovery method must be one of {list(METHODS)}, got {method!r}")
@@ -71,28 +87,28 @@ class Recovery:
         if not layers:
             return self.layers
         device = model_device(model)
-        survey = _Survey(model, layers, self._batches(calibration, device, "survey", 1).__next__())
+        check_loader(calibration, _OWNER, reread=True)
+        survey = _Survey(model, layers, next(self._batches(calibration, device, 1)))
         rounds = [[layer] for layer in survey.ordered] if self.sequential else [survey.ordered]
-        if len(rounds) > 1 and iter(calibration) is calibration:
-            raise TypeError("sequential recovery reads the calibration batches once per layer: pass a list or a "
-                            "DataLoader, not an iterator (or Recovery(..., sequential=False))")
-        bar = tqdm(total=len(rounds), desc=f"recovery ({self.method})", unit="layer" if self.sequential else "pass",
-                   disable=not self.progress, leave=False)
+        batches = len(calibration) if hasattr(calibration, "__len__") else None
+        batches = min(batches, self.max_batches or batches) if batches is not None else self.max_batches
+        bar = tqdm(total=None if batches is None else batches * len(rounds), unit="batch", leave=False,
+                   desc=f"recovery ({self.method}, {len(layers)} layers)", disable=not self.progress)
         with bar, torch.no_grad():
             for layers_now in rounds:
                 for layer in layers_now:
                     layer.statistics = new_statistics(layer, device)
-                for batch in self._batches(calibration, device, "calibration", self.max_batches):
+                for batch in self._batches(calibration, device, self.max_batches):
                     _paired_pass(reference, model, layers_now, survey.calls, batch, own_inputs=not self.sequential)
+                    bar.update(1)
                 for layer in layers_now:
                     write_fit(layer, self.ridge)
                     self.layers[layer.name] = layer.outcome
                     layer.statistics = None
-                bar.update(1)
         return self.layers
 
-    def _batches(self, calibration: Any, device: torch.device, desc: str, limit: Optional[int]):
-        return calibration_batches(calibration, "the calibration batches", device, limit, progress=False, desc=desc)
+    def _batches(self, calibration: Any, device: torch.device, limit: Optional[int]):
+        return calibration_batches(calibration, _OWNER, device, limit)
 
 
 class _Stop(BaseException):
@@ -210,4 +226,5 @@ def check_recovery(recover: Union[str, Recovery, None], calibration: Any) -> Opt
     if calibration is None:
         raise ValueError(f"recover={recover.method!r} refits the pruned model on calibration data: pass "
                          "calibration= (a list or DataLoader of input batches)")
+    check_loader(calibration, _OWNER, reread=True)  # before anything changes
     return recover
