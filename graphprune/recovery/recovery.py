@@ -32,6 +32,7 @@ from .layers import (
     Layer,
     input_rows,
     kept_inputs,
+    least_squares_fits,
     new_statistics,
     output_rows,
     refit_layers,
@@ -148,10 +149,10 @@ def _paired_pass(reference: nn.Module, model: nn.Module, layers: list[Layer], ca
                  own_inputs: bool) -> None:
     """One batch through both models: each layer's original output (its kept rows) is paired
     with the pruned layer's input and output at the same call. With ``own_inputs`` a layer
-    fitted by least squares takes its input from the original model instead (its kept
-    positions), and the pruned model runs only for the others."""
+    whose output is a product of its input rows takes its input from the original model
+    instead (its kept positions), and the pruned model runs only for the others."""
     targets: dict = {}
-    own = {layer.name for layer in layers if own_inputs and layer.method == "lstsq"}
+    own = {layer.name for layer in layers if own_inputs and least_squares_fits(layer.module)}
 
     def keep_target(layer: Layer, index: int, x: torch.Tensor, output: torch.Tensor) -> None:
         dim = output.dim() - 1 if isinstance(layer.module, nn.Linear) else 1
@@ -160,7 +161,8 @@ def _paired_pass(reference: nn.Module, model: nn.Module, layers: list[Layer], ca
             targets[(layer.name, index)] = target
             return
         x = kept_inputs(layer, x)
-        rows, pruned_output = input_rows(layer.module, x), layer.module.forward(x)  # no hooks
+        rows = input_rows(layer.module, x) if layer.method == "lstsq" else None
+        pruned_output = layer.module.forward(x)  # no hooks
         layer.statistics.add(rows, output_rows(layer.module, target), output_rows(layer.module, pruned_output))
 
     def add_pair(layer: Layer, index: int, x: torch.Tensor, output: torch.Tensor) -> None:
