@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import socket
 import time
 
@@ -86,12 +87,24 @@ def _sparse_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _autograd_survives_fork() -> bool:
+    """Whether a forked child can run a backward: not once autograd's device threads started in
+    this process (an earlier test's torch.export, say), which no API reports; a forked probe tells."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            torch.ones(1, requires_grad=True).sum().backward()
+        finally:
+            os._exit(0 if sys.exc_info()[0] is None else 1)
+    return os.waitpid(pid, 0)[1] == 0
+
+
 def _spawn(out_dir: str, limit: float = 120.0, worker=_worker) -> None:
     # fork skips re-importing torch in the children (most of the run time on a small machine); the
     # parent runs with one intra-op thread (conftest), so no OpenMP pool is forked. Once CUDA is
     # initialised (an earlier test in this process used it) its state and autograd's device
     # threads do not survive a fork: spawn then.
-    forkable = "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized()
+    forkable = "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized() and _autograd_survives_fork()
     method = "fork" if forkable else "spawn"
     context = mp.start_processes(worker, args=(WORLD, _free_port(), out_dir), nprocs=WORLD, join=False,
                                  start_method=method)
