@@ -1,6 +1,6 @@
 """Calibration recovery: how much of what a model knew survives pruning, with and without it.
 
-    python benchmarks/recovery.py --quick                  # both models, l1 + wanda, 30% / 50%, epochs 0 / 1
+    python benchmarks/recovery.py --quick                  # both models, l1 + obs, 30% / 50%, epochs 0 / 1
     python benchmarks/recovery.py --write                  # every row (hours), to benchmarks/results/recovery.md
     python benchmarks/recovery.py --models digits_cnn --criteria l1,taylor --recover none,lstsq --tp l1,taylor
 
@@ -46,7 +46,7 @@ from graphprune.reporting.measure import count_flops, count_parameters  # noqa: 
 
 ACTIVATION_CRITERIA = ("wanda", "flap", "obs")  # criteria that read the calibration batches' activations
 KEYS = ("model", "removed", "criterion", "recover", "epochs", "cos", "top1", "accuracy", "seconds")
-QUICK = {"removed": "0.3,0.5", "criteria": "l1,wanda", "epochs": "0,1", "train": 256, "test": 256, "calib": 128,
+QUICK = {"removed": "0.3,0.5", "criteria": "l1,obs", "epochs": "0,1", "train": 256, "test": 256, "calib": 128,
          "rounds": 3, "tp": "taylor"}
 
 
