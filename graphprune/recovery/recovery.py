@@ -1,15 +1,15 @@
 """Calibration recovery: refit what a pruning left so that each layer gives what it gave before.
 
-For every layer whose input lost channels (:mod:`.layers`), calibration batches run through
-the original model and the pruned one side by side; the original's output of that layer is
-the target, the pruned model's input of it the data. ``"lstsq"`` refits the layer's kept
-weights and bias by ridge least squares; ``"bias"`` only adds the mean difference to the
-bias. ``sequential`` refits one layer per pass, in the order the forward calls them, so each
-fit sees the inputs that the layers refit before it give (and corrects what they could not).
-Otherwise one pass serves all, and each least-squares layer reconstructs its own output
-from the original model's inputs that it kept (one-shot: cheaper, and no error is carried
-forward, but none is corrected either). Each pass stops once the last layer it measures was
-called.
+For every layer whose input lost channels (:mod:`.layers`), the original model's output of
+that layer on calibration batches is the target. ``"lstsq"`` refits the layer's kept weights
+and bias by ridge least squares; ``"bias"`` only adds the mean difference to the bias. By
+default one pass serves all layers: each reconstructs its own output from the original
+model's inputs that it kept (one-shot: no error is carried forward, none is corrected
+either). ``sequential`` refits one layer per pass, in the order the forward calls them, on
+the pruned model's inputs, so each fit sees what the layers refit before it give and corrects
+what they could not. A layer whose kept inputs are not a slice of the original's (a grouped
+or transposed convolution) is always paired with the pruned model's input. Each pass stops
+once the last layer it measures was called.
 """
 from __future__ import annotations
 
@@ -54,9 +54,10 @@ class Recovery:
     (one-shot); ``sequential=True`` refits the layers one after another in forward order, one
     pass each, on the inputs the model as refit so far gives, against the original model's
     outputs (it corrects upstream error, at the cost of a pass per layer; on MiniLM it did not
-    beat one-shot: ``benchmarks/results/recovery.md``). ``max_batches`` caps the batches per pass. After pruning, :attr:`layers` holds what happened to each layer:
-    the method used, the rows of calibration data, and the relative output error
-    ``‖y - y_pruned‖² / ‖y‖²`` before and after the refit.
+    beat one-shot: ``benchmarks/results/recovery.md``). ``max_batches`` caps the batches per
+    pass. After pruning, :attr:`layers` holds what happened to each layer: the method used,
+    the rows of calibration data, and the relative output error ``‖y - y_pruned‖² / ‖y‖²``
+    before and after the refit (and ``why`` where it fell back).
     """
 
     def __init__(self, method: str = "lstsq", *, sequential: bool = False, ridge: float = 1e-2,
@@ -201,7 +202,8 @@ class _Survey:
             if found is not None and found[0] is args[0]:
                 readers[found[1].name].add(module)
 
-        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+        norms = [m for m in model.modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
         handles = [m.register_forward_pre_hook(on_norm) for m in norms]
         unlimited = {layer.name: float("inf") for layer in layers}
         try:
