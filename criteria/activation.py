@@ -10,7 +10,6 @@ Both weigh each input channel ``j`` of a consumer layer (a Linear, or a Conv1d/2
 """
 from __future__ import annotations
 
-import numbers
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Mapping, Optional, Union
@@ -19,12 +18,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphprune.tracer.devices import calibration_batches, model_device
+from graphprune.tracer.devices import (
+    calibration_batches,
+    check_max_batches,
+    model_device,
+    same_device,
+)
 from graphprune.tracer.state import eval_mode
 
 from .base import Criterion, combine, coverage, per_channel, position_norms
 from .magnitude import L1
-from .taylor import _same_device
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -148,15 +151,10 @@ class ActivationCriterion(Criterion):
         if data_loader is None or isinstance(data_loader, (torch.Tensor, Mapping)) or not hasattr(data_loader, "__iter__"):
             raise TypeError(f"{owner}'s data_loader must be an iterable of batches (a DataLoader, a list), "
                             f"got {type(data_loader).__name__}")
-        if max_batches is not None:
-            if isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral):
-                raise TypeError(f"max_batches must be a positive integer or None, got {type(max_batches).__name__}")
-            if max_batches < 1:
-                raise ValueError(f"max_batches must be at least 1, got {max_batches}")
+        self.max_batches = check_max_batches(max_batches)
         if device is not None and not isinstance(device, (str, torch.device)):
             raise TypeError(f"device must be a str, a torch.device or None, got {type(device).__name__}")
         self.data_loader = data_loader
-        self.max_batches = None if max_batches is None else int(max_batches)
         self.device = None if device is None else torch.device(device)
         self.progress = progress
         self.fallback_groups: list = []
@@ -170,7 +168,7 @@ class ActivationCriterion(Criterion):
     def prepare(self, model, report) -> None:
         owner = type(self).__name__
         device = model_device(model)
-        if self.device is not None and not _same_device(self.device, device):
+        if self.device is not None and not same_device(self.device, device):
             raise ValueError(f"{owner} was given device={self.device} but the model is on {device}; move the model first")
         names = {m.module for group in report.groups for m in group.members if is_consumer(model, m)}
         statistics = self.statistics_type()

@@ -1,7 +1,6 @@
 """First-order Taylor importance from activations and gradients (Molchanov et al., CVPR 2019)."""
 from __future__ import annotations
 
-import numbers
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
@@ -11,7 +10,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from graphprune.tracer.devices import LoaderBatch, model_device
+from graphprune.tracer.devices import (
+    LoaderBatch,
+    check_max_batches,
+    model_device,
+    same_device,
+)
 from graphprune.tracer.state import eval_mode
 
 from .base import Criterion, combine
@@ -77,10 +81,6 @@ def _leaf_call_output(report, key: str, attrs: dict) -> bool:
     return all(report.graph.nodes[user]["module"] != name for user in report.graph.successors(key))
 
 
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
-
-
 class Taylor(Criterion):
     """First-order Taylor importance of each channel's activation.
 
@@ -123,14 +123,9 @@ class Taylor(Criterion):
             raise TypeError(f"data_loader must be an iterable of (inputs, targets) batches, got {type(data_loader).__name__}")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable(output, targets), got {type(loss_fn).__name__}")
-        if max_batches is not None:
-            if isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral):
-                raise TypeError(f"max_batches must be a positive integer or None, got {type(max_batches).__name__}")
-            if max_batches < 1:
-                raise ValueError(f"max_batches must be at least 1, got {max_batches}")
+        self.max_batches = check_max_batches(max_batches)
         self.data_loader = data_loader
         self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
-        self.max_batches = None if max_batches is None else int(max_batches)
         self.device = None if device is None else torch.device(device)
         self.progress = progress
         self.owner = type(self).__name__  # names the criterion in error messages (KTaylor sets its own)
@@ -145,7 +140,7 @@ class Taylor(Criterion):
     # ----- statistics
     def prepare(self, model, report) -> None:
         device = model_device(model)
-        if self.device is not None and not _same_device(self.device, device):
+        if self.device is not None and not same_device(self.device, device):
             raise ValueError(
                 f"{self.owner} was given device={self.device} but the model is on {device}; move the model first"
             )

@@ -1,6 +1,7 @@
 """Where a model and its inputs live, and running a model on a data loader's batches."""
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator as IteratorABC
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping
@@ -91,6 +92,22 @@ class LoaderBatch:
                 f"{str(exc).rstrip('.')}. {self.loader} must yield (inputs, targets) batches that the model and "
                 f"{self.loss_name} accept; inputs as in example_inputs: {INPUTS_CONVENTION}."
             ) from exc
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether ``a`` and ``b`` name the same device (``cuda`` matches ``cuda:0``)."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def check_max_batches(value: Any) -> Any:
+    """``value`` as the most batches of a loader to read: None (all), or a positive int (not a bool)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"max_batches must be a positive integer or None, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"max_batches must be at least 1, got {value}")
+    return int(value)
 
 
 def check_loader(loader: Any, owner: str, reread: bool = False) -> None:

@@ -25,6 +25,7 @@ from graphprune.tracer.devices import (
     LoaderBatch,
     calibration_batches,
     check_loader,
+    check_max_batches,
     model_device,
 )
 
@@ -66,14 +67,11 @@ class Recovery:
             raise ValueError(f"recovery method must be one of {list(METHODS)}, got {method!r}")
         if isinstance(ridge, bool) or not isinstance(ridge, numbers.Real) or not ridge >= 0:
             raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
-        if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral)
-                                        or max_batches < 1):
-            raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
         for flag, name in ((sequential, "sequential"), (progress, "progress")):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")
         self.method, self.sequential, self.ridge = method, sequential, float(ridge)
-        self.max_batches, self.progress = max_batches, progress
+        self.max_batches, self.progress = check_max_batches(max_batches), progress
         self.layers: dict = {}
 
     def __repr__(self) -> str:
