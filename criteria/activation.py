@@ -12,14 +12,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Mapping, Optional, Union
+from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
 
+from graphprune.recovery.layers import channel_dim
 from graphprune.tracer.devices import (
     calibration_batches,
+    check_loader,
     check_max_batches,
     model_device,
     same_device,
@@ -36,13 +38,6 @@ def reads_input_channels(module: nn.Module) -> bool:
     """Whether dim 1 of ``module.weight`` matches its input's channels one to one: a Linear,
     or a Conv1d/2d/3d with ``groups == 1``."""
     return isinstance(module, nn.Linear) or (isinstance(module, _CONVS) and module.groups == 1)
-
-
-def input_channel_dim(module: nn.Module, ndim: int) -> Optional[int]:
-    """The dim of an input of ``ndim`` dims that holds such a ``module``'s input channels: the
-    last for a Linear, the one before the spatial dims for a Conv (None if there is none)."""
-    dim = ndim - 1 if isinstance(module, nn.Linear) else ndim - len(module.kernel_size) - 1
-    return dim if dim >= 0 else None
 
 
 def is_consumer(model: nn.Module, member) -> bool:
@@ -93,7 +88,7 @@ class InputStatistics(InputRecorder):
         self.counts: dict = defaultdict(int)
 
     def record(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
-        dim = input_channel_dim(module, x.dim())
+        dim = channel_dim(module, x.dim())
         if dim is not None and x.shape[dim] == module.weight.shape[1]:
             self.add(name, x.movedim(dim, -1).reshape(-1, x.shape[dim]))
 
@@ -148,9 +143,7 @@ class ActivationCriterion(Criterion):
         progress: bool = True,
     ):
         owner = type(self).__name__
-        if data_loader is None or isinstance(data_loader, (torch.Tensor, Mapping)) or not hasattr(data_loader, "__iter__"):
-            raise TypeError(f"{owner}'s data_loader must be an iterable of batches (a DataLoader, a list), "
-                            f"got {type(data_loader).__name__}")
+        check_loader(data_loader, f"{owner}'s data_loader")
         self.max_batches = check_max_batches(max_batches)
         if device is not None and not isinstance(device, (str, torch.device)):
             raise TypeError(f"device must be a str, a torch.device or None, got {type(device).__name__}")

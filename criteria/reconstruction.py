@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphprune.recovery.layers import input_rows
+from graphprune.recovery.layers import input_rows, least_squares_fits
 
 from .activation import ActivationCriterion, InputRecorder, is_consumer
 
@@ -31,8 +31,8 @@ class GramStatistics(InputRecorder):
     def __init__(self):
         self.grams: dict = {}
 
-    def wanted(self, module: nn.Module) -> bool:
-        return module.weight[0].numel() < _MAX_INPUTS
+    def wanted(self, module: nn.Module) -> bool:  # what a refit can fit: its inputs are rows of a matrix
+        return least_squares_fits(module) and module.weight[0].numel() < _MAX_INPUTS
 
     def record(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
         rows = input_rows(module, x)
@@ -47,7 +47,7 @@ class GramStatistics(InputRecorder):
 class OBS(ActivationCriterion):
     """Structured OBS: channels ranked by the order in which removing them one at a time,
     each refit optimally, adds the least relative output error to the group's consumers
-    (Linear, or Conv1d/2d with one group and fewer than 4096 inputs). ``ridge`` damps ``H``
+    (Linear, or Conv1d/2d with one group and fewer than 4096 inputs; others are not read). ``ridge`` damps ``H``
     by that fraction of its mean diagonal. Returns rank scores (removed first = lowest)."""
 
     name = "obs"

@@ -177,6 +177,21 @@ def test_obs_on_convolutions_and_attention():
     assert criterion.fallback_groups == [group_of(report, "q.weight").id]
 
 
+def test_obs_reads_only_what_a_refit_can_fit():
+    """A Conv3d consumer's inputs are no rows of a matrix: OBS leaves it unread (the group falls
+    back to L1) instead of failing in the calibration pass; Wanda still reads it."""
+    model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 3, 3, padding=1)).eval()
+    x = torch.randn(2, 2, 4, 4, 4)
+    obs, wanda = OBS([x], progress=False), Wanda([x], progress=False)
+    report = prepared(obs, model, x)
+    hidden = group_of(report, "0.weight")
+    np.testing.assert_array_equal(obs.scores(hidden), criteria.L1().scores(hidden))
+    assert obs.fallback_groups == [hidden.id]
+    wanda.prepare(model, report)
+    wanda.scores(hidden)
+    assert wanda.fallback_groups == []
+
+
 def test_query_key_channels_fall_back_to_l1():
     model, x = QKAttention().eval(), torch.randn(2, 5, 8)
     criterion = Wanda([x], progress=False)

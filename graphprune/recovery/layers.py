@@ -86,15 +86,23 @@ def input_width(module: nn.Module) -> int:
     return module.weight[0].numel()
 
 
+def channel_dim(module: nn.Module, ndim: int) -> Optional[int]:
+    """The dim of a Linear's or a convolution's input or output of ``ndim`` dims that holds its
+    channels: the last for a Linear, the one before the spatial dims for a convolution (None
+    if there is none)."""
+    dim = ndim - 1 if isinstance(module, nn.Linear) else ndim - len(module.kernel_size) - 1
+    return dim if dim >= 0 else None
+
+
 def kept_inputs(layer: Layer, x: torch.Tensor) -> torch.Tensor:
     """The original model's input of a layer that :func:`least_squares_fits`, restricted to
     the input positions the pruned layer kept (the input it would get if nothing upstream changed)."""
-    return x.index_select(x.dim() - 1 if isinstance(layer.module, nn.Linear) else 1, layer.inputs)
+    return x.index_select(channel_dim(layer.module, x.dim()), layer.inputs)
 
 
 def output_rows(module: nn.Module, output: torch.Tensor) -> torch.Tensor:
     """The output as (samples and positions, channels)."""
-    channels = output if isinstance(module, nn.Linear) else output.movedim(1, -1)
+    channels = output.movedim(channel_dim(module, output.dim()), -1)
     return channels.reshape(-1, channels.shape[-1])
 
 

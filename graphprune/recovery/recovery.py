@@ -31,6 +31,7 @@ from graphprune.tracer.devices import (
 
 from .layers import (
     Layer,
+    channel_dim,
     input_rows,
     kept_inputs,
     least_squares_fits,
@@ -154,8 +155,7 @@ def _paired_pass(reference: nn.Module, model: nn.Module, layers: list[Layer], ca
     own = {layer.name for layer in layers if own_inputs and least_squares_fits(layer.module)}
 
     def keep_target(layer: Layer, index: int, x: torch.Tensor, output: torch.Tensor) -> None:
-        dim = output.dim() - 1 if isinstance(layer.module, nn.Linear) else 1
-        target = output if layer.rows is None else output.index_select(dim, layer.rows)
+        target = output if layer.rows is None else output.index_select(channel_dim(layer.module, output.dim()), layer.rows)
         if layer.name not in own:
             targets[(layer.name, index)] = target
             return
