@@ -8,18 +8,22 @@ each channel over its whole group, after sparse training), ``random`` (seeded),
 input statistics, need data), ``obs`` (the error a least-squares refit cannot recover,
 needs data). A criterion that needs data is built from its name on ``prune``'s
 ``calibration`` batches; otherwise pass an instance, e.g. ``criterion=Taylor(data_loader)``.
+Scores computed elsewhere rank through :class:`Precomputed`. A :class:`WeightCriterion`
+(``l1``, ``l2``, ``bn_scale``) reads one tensor at a time, so it scores a checkpoint shard
+by shard (:func:`graphprune.prune_checkpoint`).
 """
 from __future__ import annotations
 
 from typing import Iterable, Optional, Union
 
 from .activation import Fluctuation, Wanda
-from .base import Criterion
+from .base import Criterion, WeightCriterion
 from .geometric import FPGM
 from .group_norm import GroupL2Norm
 from .kmeans import KL1, KDistance, KMeansCriterion, KTaylor
 from .magnitude import L1, L2
 from .norm import BNScale
+from .precomputed import Precomputed
 from .randomized import Random
 from .reconstruction import OBS
 from .taylor import Taylor
@@ -63,6 +67,6 @@ def get_criterion(criterion: Union[str, Criterion], calibration: Optional[Iterab
 
 
 __all__ = [
-    "Criterion", "L1", "L2", "FPGM", "BNScale", "GroupL2Norm", "Random", "Taylor", "KMeansCriterion", "KL1", "KTaylor",
+    "Criterion", "WeightCriterion", "Precomputed", "L1", "L2", "FPGM", "BNScale", "GroupL2Norm", "Random", "Taylor", "KMeansCriterion", "KL1", "KTaylor",
     "KDistance", "Wanda", "Fluctuation", "OBS", "CRITERIA", "get_criterion",
 ]

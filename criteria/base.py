@@ -12,6 +12,7 @@ normalised scores over the members that *cover* it (a member covers the channels
 from __future__ import annotations
 
 import math
+import weakref
 from abc import ABC, abstractmethod
 from typing import Optional
 
@@ -33,6 +34,7 @@ class Criterion(ABC):
 
     name: str = "criterion"
     requires_data: bool = False
+    reads_values: bool = True  # False for a criterion that never reads a tensor's values (random, given scores)
 
     def prepare(self, model, report) -> None:
         """Called once with the model and its analysis :class:`~graphprune.Report` before any
@@ -44,6 +46,55 @@ class Criterion(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class WeightCriterion(Criterion):
+    """A criterion that reads weights alone, one tensor at a time.
+
+    Each member it reads (:meth:`read`) gives scores per position along its dim
+    (:meth:`position_scores`, from that tensor only) and :meth:`group_scores` combines them
+    into the group's. A checkpoint too large for memory is scored this way shard by shard
+    (:func:`graphprune.prune_checkpoint`), with the very numbers computed in memory.
+    """
+
+    def read(self, group) -> list:
+        """The members whose tensors the group's scores read."""
+        return scored_members(group)
+
+    @abstractmethod
+    def position_scores(self, tensor: torch.Tensor, dims: set) -> dict:
+        """``{dim: scores per position along dim}`` for each of ``dims`` of ``tensor``."""
+
+    @abstractmethod
+    def group_scores(self, group, members: list, positions: list) -> np.ndarray:
+        """The group's scores from ``positions[i]``, the position scores of ``members[i]``."""
+
+    def prepare(self, model, report) -> None:
+        """Read every tensor that the prunable groups' scores need once, for all its dims."""
+        self._positions: dict = {}
+        for tensor, dims in weight_tensors(self, report.prunable_groups).values():
+            for dim, values in self.position_scores(tensor.detach(), dims).items():
+                self._positions[(id(tensor), dim)] = (weakref.ref(tensor), values)
+
+    def scores(self, group) -> np.ndarray:
+        members = self.read(group)
+        return self.group_scores(group, members, [self._positions_of(m) for m in members])
+
+    def _positions_of(self, member) -> np.ndarray:
+        ref, values = getattr(self, "_positions", {}).get((id(member.tensor), member.dim), (None, None))
+        if ref is not None and ref() is member.tensor and len(values) == member.tensor.shape[member.dim]:
+            return values
+        return self.position_scores(member.tensor.detach(), {member.dim})[member.dim]
+
+
+def weight_tensors(criterion: WeightCriterion, groups) -> dict:
+    """``{id(tensor): (tensor, dims)}``: every tensor ``criterion`` reads to score ``groups``,
+    with the dims it reads it along."""
+    found: dict = {}
+    for group in groups:
+        for member in criterion.read(group):
+            found.setdefault(id(member.tensor), (member.tensor, set()))[1].add(member.dim)
+    return found
 
 
 def channel_rows(member) -> torch.Tensor:
@@ -66,18 +117,23 @@ def _powers(chunk: torch.Tensor, p: int, buffer: torch.Tensor) -> torch.Tensor:
 
 
 def position_norms(member, p: int) -> np.ndarray:
-    """p-th power of the p-norm of each position along the member's dim (float64 numpy).
+    """p-th power of the p-norm of each position along the member's dim (float64 numpy)."""
+    return tensor_position_norms(member.tensor, member.dim, p)
+
+
+def tensor_position_norms(tensor: torch.Tensor, dim: int, p: int) -> np.ndarray:
+    """p-th power of the p-norm of each position of ``tensor`` along ``dim`` (float64 numpy).
 
     The tensor is viewed as (before, positions, after) and reduced in bounded chunks, so that
     every reduction runs over contiguous memory: one strided reduction over the columns of a
     large matrix (a Linear's input features) is several times slower.
     """
-    tensor = member.tensor.detach()
+    tensor = tensor.detach()
     if tensor.dim() == 1:  # a norm's scale or shift, a bias: one value per position
         return _powers(tensor, p, torch.empty(tensor.numel(), device=tensor.device)).double().cpu().numpy()
-    size = tensor.shape[member.dim]
-    after = math.prod(tensor.shape[member.dim + 1:])
-    blocks = tensor.reshape(math.prod(tensor.shape[:member.dim]), size, after)
+    size = tensor.shape[dim]
+    after = math.prod(tensor.shape[dim + 1:])
+    blocks = tensor.reshape(math.prod(tensor.shape[:dim]), size, after)
     step = max(1, min(size, _CHUNK_ELEMENTS // max(1, after)))
     rows = max(1, _CHUNK_ELEMENTS // (step * max(1, after)))
     total = torch.zeros(size, dtype=torch.float64, device=tensor.device)

@@ -1,29 +1,20 @@
 """Magnitude criteria: L1 (the default) and L2 norm of each channel's weights."""
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
+import torch
 
-from .base import (
-    Criterion,
-    chunk_buffer,
-    combine,
-    coverage,
-    per_channel,
-    position_norms,
-    row_and_column_norms,
-    scored_members,
-)
+from .base import WeightCriterion, chunk_buffer, combine, coverage, per_channel, row_and_column_norms, tensor_position_norms
 
 
-class LpNorm(Criterion):
+class LpNorm(WeightCriterion):
     """Mean over members of the max-normalised p-norm of each channel's weights.
 
     Every scored member counts (producer rows, consumer columns, norm scale and shift):
     a channel that feeds nothing downstream scores low even if its filter is large.
-    ``prepare`` reads every weight that two prunable groups share (rows in one, columns in
-    the other) once for both; ``scores`` then uses those norms, as of ``prepare``.
+    ``prepare`` reads every weight once, for all the dims the prunable groups read it along
+    (a weight's rows produce one group and its columns consume another); ``scores`` then
+    uses those norms, as of ``prepare``.
     """
 
     def __init__(self, p: int):
@@ -31,32 +22,23 @@ class LpNorm(Criterion):
             raise ValueError(f"p must be 1 or 2, got {p!r}")
         self.p = p
         self.name = f"l{p}"
-        self._norms: dict[tuple[int, int], tuple] = {}  # (id(tensor), dim) -> (weakref, norms)
+        self._scratch = None  # a chunk buffer reused across tensors (a fresh one per tensor costs page faults)
 
-    def prepare(self, model, report) -> None:
-        self._norms = {}
-        dims: dict[int, tuple] = {}
-        for group in report.prunable_groups:
-            for member in scored_members(group):
-                dims.setdefault(id(member.tensor), (member.tensor, set()))[1].add(member.dim)
-        buffers: dict = {}
-        for tensor, wanted in dims.values():
-            if wanted != {0, 1}:
-                continue
-            if tensor.device not in buffers:
-                buffers[tensor.device] = chunk_buffer(tensor.device)
-            both = row_and_column_norms(tensor, self.p, buffers[tensor.device])
+    def position_scores(self, tensor: torch.Tensor, dims: set) -> dict:
+        """The p-th power of the p-norm of every position along each of ``dims``; rows and
+        columns of a weight in one read."""
+        if set(dims) == {0, 1}:
+            if self._scratch is None or self._scratch.device != tensor.device:
+                self._scratch = chunk_buffer(tensor.device)
+            both = row_and_column_norms(tensor, self.p, self._scratch)
             if both is not None:
-                self._norms.update({(id(tensor), d): (weakref.ref(tensor), both[d]) for d in (0, 1)})
+                return {0: both[0], 1: both[1]}
+        return {dim: tensor_position_norms(tensor, dim, self.p) for dim in dims}
 
-    def _position_norms(self, member) -> np.ndarray:
-        ref, norms = self._norms.get((id(member.tensor), member.dim), (None, None))
-        return norms if ref is not None and ref() is member.tensor else position_norms(member, self.p)
-
-    def scores(self, group) -> np.ndarray:
+    def group_scores(self, group, members: list, positions: list) -> np.ndarray:
         per_member, covered = [], []
-        for member in scored_members(group):
-            channel = per_channel(member, self._position_norms(member), group.size)
+        for member, values in zip(members, positions):
+            channel = per_channel(member, values, group.size)
             per_member.append(channel if self.p == 1 else np.sqrt(channel))
             covered.append(coverage(member, group.size))
         return combine(per_member, group.size, covered)

@@ -11,6 +11,7 @@ class Random(Criterion):
     group's id and its size, so repeated calls (budget searches) agree."""
 
     name = "random"
+    reads_values = False
 
     def __init__(self, seed: int = 0):
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:

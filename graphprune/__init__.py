@@ -27,6 +27,7 @@ from .analysis.analyzer import AnalysisError
 from .analysis.groups import Group, Member
 from .analysis.inputs import InferredInputWarning
 from .api import analyze, prune
+from .checkpoint import CheckpointResult, prune_checkpoint
 from .io.persist import load, save
 from .pruning.budget import BudgetWarning
 from .pruning.model_config import ConfigWarning
@@ -48,7 +49,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # analyse and prune
-    "analyze", "prune", "PruningSession", "Report", "Group", "Member", "PruneResult", "Recovery",
+    "analyze", "prune", "prune_checkpoint", "CheckpointResult", "PruningSession", "Report", "Group", "Member", "PruneResult", "Recovery",
     # save, load, measure, compare
     "save", "load", "count_parameters", "count_flops", "measure_latency", "report", "Comparison",
     # around pruning

@@ -55,7 +55,7 @@ def prune(
     schedule: Union[str, Callable[[int, int], float]] = "linear", target_flops: Optional[float] = None,
     target_params: Optional[float] = None, target_latency: Optional[float] = None, tolerance: float = 0.02,
     return_result: bool = False, report: Optional[Report] = None, capture: str = "auto", uniform: bool = False,
-    calibration: Optional[Iterable] = None, recover: Union[str, Recovery, None] = None,
+    calibration: Optional[Iterable] = None, recover: Union[str, Recovery, None] = None, fit_config: bool = False,
 ) -> Union[nn.Module, PruneResult]:
     """Remove ``floor(ratio * n)`` channels from every prunable group of ``n`` channels.
 
@@ -77,7 +77,13 @@ def prune(
     A model built from a config (``model.config``, as Hugging Face's) gets the config that
     describes the pruned model, and its attributes that only ``__init__`` reads follow; where
     no config can (layers pruned unequally), a :class:`ConfigWarning` says why
-    (:mod:`graphprune.pruning.model_config`).
+    (:mod:`graphprune.pruning.model_config`). With ``fit_config=True`` the groups whose pruning
+    the config cannot describe are blocked instead, and the rest is pruned.
+
+    A model on the meta device (built under ``torch.device("meta")``, with inputs there too)
+    is pruned by its shapes: the criterion must not read values (``"random"``, or scores
+    computed from the weights elsewhere, :class:`~graphprune.criteria.Precomputed`);
+    :func:`graphprune.prune_checkpoint` prunes a checkpoint that way, shard by shard.
 
     Keeping what the model knew, without training: ``calibration`` (a list or DataLoader of
     input batches, a few hundred samples) with ``recover="lstsq"`` refits every layer whose
@@ -99,12 +105,13 @@ def prune(
     ratio = check_ratio(model, ratio)
     target = check_target(ratio, {"flops": target_flops, "params": target_params, "latency": target_latency})
     options = check_options(ratio, global_ranking=global_ranking, max_ratio=max_ratio, round_to=round_to, steps=steps,
-                            schedule=schedule, tolerance=tolerance, verify=verify, uniform=uniform)
+                            schedule=schedule, tolerance=tolerance, verify=verify, uniform=uniform, fit_config=fit_config)
     for flag, name in ((return_result, "return_result"), (inplace, "inplace")):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")
     criterion = get_criterion(criterion, calibration)
     recovery = check_recovery(recover, calibration)
+    _check_shapes_suffice(model, criterion, recovery, target)
     check_capture(capture)
     session = None if report is None else session_of(report, model, example_inputs, inplace, leaf_modules,
                                                      ignored_layers, prune_heads, capture=capture)
@@ -135,3 +142,20 @@ def _refit_after_steps(recovery: Optional[Recovery], original: nn.Module, model:
         return None
     reference = original if model is not original else copy.deepcopy(model)
     return lambda pruned, kept: recovery.run(reference, pruned, kept, calibration)
+
+
+def _check_shapes_suffice(model: nn.Module, criterion: Criterion, recovery: Optional[Recovery],
+                          target: Optional[tuple]) -> None:
+    """Raise ValueError if ``model`` is on the meta device and pruning it would need values."""
+    if not any(t.is_meta for t in model.parameters()):
+        return
+    needs = [f"criterion {criterion.name!r} ranks channels by their values"] if criterion.reads_values else []
+    needs += ["recover refits weights on data"] if recovery is not None else []
+    needs += ["target_latency times the model"] if target is not None and target[0] == "latency" else []
+    if needs:
+        raise ValueError(
+            f"{type(model).__name__} is on the meta device, which holds shapes but no values, and {'; '.join(needs)}. "
+            "Scores are computed from the weights: graphprune.prune_checkpoint(src, dst, ratio) reads a checkpoint "
+            "shard by shard; or pass criterion=graphprune.criteria.Precomputed(scores), or criterion='random' to "
+            "choose channels by shapes alone"
+        )

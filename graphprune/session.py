@@ -23,7 +23,8 @@ from .analysis.analyzer import (
 from .analysis.groups import Group
 from .analysis.reasons import BlockKind, Reason
 from .pruning.audit import AuditError, audit
-from .pruning.model_config import ConfigWarning, builds_from_config, describe_pruned
+from .pruning.model_config import ConfigMismatch, ConfigWarning, builds_from_config, describe_pruned
+from .pruning.planner import repeated_groups
 from .pruning.surgery import ChannelSurgery, PruningError
 from .reporting.report import Report
 from .tracer.fallback import check_capture
@@ -71,7 +72,7 @@ class PruningSession:
                               prune_heads=a.prune_heads, capture=a.capture)
 
     def apply(self, plan: Mapping[Group, Sequence[int]], *, verify: bool = True, strict: bool = False,
-              on_commit: Optional[Callable[[], None]] = None) -> list:
+              on_commit: Optional[Callable[[], None]] = None, fit_config: bool = False) -> list:
         """Remove ``plan[group]`` channels from each group, as one transaction (see
         :meth:`ChannelSurgery.prune_groups`; ``on_commit`` is passed on).
 
@@ -80,10 +81,14 @@ class PruningSession:
         reason (kind :attr:`BlockKind.AUDIT`), and the rest of the plan is applied without
         them; with ``strict`` the model is restored and :class:`PruningError` raised instead.
         The model ends unpruned only when every group fails. Without ``verify``, groups whose
-        sizes only the audit can confirm (``Group.assumptions``) are blocked, not pruned.
+        sizes only the audit can confirm (``Group.assumptions``) are blocked, not pruned. With
+        ``fit_config`` the groups whose pruning ``model.config`` cannot describe are blocked
+        alike (kind :attr:`BlockKind.CONFIG`, see :meth:`_config_culprits`).
         Returns the groups blocked.
         """
         self.check_unchanged()
+        if fit_config and not builds_from_config(self.model):
+            raise ValueError(f"fit_config=True, but {type(self.model).__name__} has no config (model.config) to fit")
         blocked, plan = [], dict(plan)
         if not verify:
             blocked = [g for g in plan if g.assumptions]
@@ -93,26 +98,31 @@ class PruningSession:
         while plan:
             found: list = []  # the config update, described while the pruned sizes are in place
             try:
-                self.surgery.prune_groups(plan, verify=self._checks(verify, found), on_commit=on_commit)
+                self.surgery.prune_groups(plan, verify=self._checks(verify, found, fit_config), on_commit=on_commit)
                 self.analysis.fingerprint = fingerprint(self.model)  # this session's own change
                 self._update_config(found)
                 return blocked
             except PruningError as exc:
-                if not (verify and exc.restored and isinstance(exc.__cause__, AuditError)):
+                cause = exc.__cause__
+                if not exc.restored or not isinstance(cause, (AuditError, ConfigMismatch)):
                     raise  # not the pruned model's failure: no group is to blame
-                culprits = self._culprits(plan, exc.__cause__)
-                culprits.update(_same_code(plan, culprits))
+                if isinstance(cause, ConfigMismatch):
+                    culprits, kind, prefix = self._config_culprits(plan, str(cause)), BlockKind.CONFIG, "model.config cannot describe it: "
+                else:
+                    culprits, kind, prefix = self._culprits(plan, cause), BlockKind.AUDIT, "shape audit: "
+                    culprits.update(_same_code(plan, culprits))
                 for group, why in culprits.items():
-                    group.blocked.append(Reason(BlockKind.AUDIT, f"shape audit: {why}"))
+                    group.blocked.append(Reason(kind, prefix + why))
                 if strict:
                     raise
                 blocked += list(culprits)
                 plan = {g: index for g, index in plan.items() if g not in culprits}
         return blocked
 
-    def _checks(self, verify: bool, found: list) -> Optional[Callable[[np.ndarray, bool], None]]:
+    def _checks(self, verify: bool, found: list, fit_config: bool) -> Optional[Callable[[np.ndarray, bool], None]]:
         """What runs on the pruned sizes before they are committed: the audit (with ``verify``),
-        and for a model built from a config the config update, put in ``found``."""
+        and for a model built from a config the config update, put in ``found`` (with
+        ``fit_config``, a :class:`ConfigMismatch` where the config cannot describe them)."""
         describe = builds_from_config(self.model)
         if not (verify or describe):
             return None
@@ -122,8 +132,23 @@ class PruningSession:
                 self._audit(removed, filled)
             if describe:
                 found[:] = [describe_pruned(self.model)]
+                if fit_config and found[0].problem is not None:
+                    raise ConfigMismatch(found[0].problem)
 
         return check
+
+    def _config_culprits(self, plan: dict, why: str) -> dict:
+        """``{group: why}`` for the groups of ``plan`` whose pruning ``model.config`` cannot
+        describe: each class of repeated groups (:func:`repeated_groups`; pruned alike, as a
+        config with one size per kind of layer needs) is tried alone, by its shapes; the whole
+        plan when no class fails alone."""
+        found = {}
+        for repeated in repeated_groups(plan):
+            problem = self.surgery.trial({g: plan[g] for g in repeated}, lambda removed: describe_pruned(self.model).problem,
+                                         values=False)
+            if problem is not None:
+                found.update(dict.fromkeys(repeated, problem))
+        return found or dict.fromkeys(plan, why)
 
     def _update_config(self, found: list) -> None:
         """Make ``model.config`` describe the pruned model, or warn why it cannot."""

@@ -142,6 +142,8 @@ def attributes_kept(model: nn.Module) -> Iterator[None]:
         snapshot.restore()
         with interrupts_deferred(), torch.no_grad():
             for buffer, version, values in buffers:
+                if buffer.is_meta:  # no values to keep
+                    continue
                 if buffer._version != version or not torch.equal(buffer, values):
                     buffer.copy_(values)
 

@@ -13,7 +13,7 @@ from graphprune.reporting.report import Report
 from graphprune.tracer.devices import describe_value
 from graphprune.tracer.fallback import check_capture
 from graphprune.tracer.fx_capture import check_leaf_names
-from graphprune.validation import check_materialised, check_model
+from graphprune.validation import check_model
 
 from .channels import per_array
 from .groups import Group, build_groups
@@ -161,9 +161,13 @@ def _input_tensors(inputs: Any) -> list:
 
 
 def _check_devices(model: nn.Module, inputs: Any) -> None:
-    """Meta-device models hold no values to rank; inputs must live on the model's device."""
-    check_materialised(model)
+    """Inputs must live on the model's device. A model on the meta device is analysed by its
+    shapes alone, but not one partly there: its forward would mix devices."""
     devices = {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
+    if len(devices) > 1 and any(d.type == "meta" for d in devices):
+        raise ValueError(f"{type(model).__name__} has some tensors on the meta device and others on "
+                         f"{', '.join(sorted(str(d) for d in devices if d.type != 'meta'))}; analyse it all on meta "
+                         "(build it under torch.device('meta')) or materialise it first")
     input_devices = {t.device for t in _input_tensors(inputs)}
     if len(devices) == 1 and input_devices and input_devices != devices:
         raise ValueError(

@@ -24,6 +24,7 @@ class BlockKind(enum.Enum):
     NOT_A_PARAMETER = "not a parameter"  # a computed weight, an integer tensor, a tracer constant
     IGNORED = "ignored"  # named in ignored_layers
     AUDIT = "audit"  # the pruned model failed the shape audit
+    CONFIG = "config"  # model.config cannot describe its pruning (fit_config=True)
 
 
 class Reason(str):

@@ -34,6 +34,11 @@ from graphprune.analysis.sizes import read_after_init
 _MAX_TRIALS = 256  # combinations of implied field values rebuilt at most
 
 
+class ConfigMismatch(Exception):
+    """The pruned sizes leave no config that rebuilds the model (``prune(..., fit_config=True)``
+    then blocks the groups behind it); the message says why."""
+
+
 class ConfigWarning(UserWarning):
     """The pruned model's config no longer describes it (see :mod:`graphprune.pruning.model_config`)."""
 
@@ -108,15 +113,40 @@ def _recomputed_buffers(model: nn.Module, model_class: type, config: Any) -> lis
     except Exception as exc:  # noqa: BLE001 - then it cannot be rebuilt from this config
         return [f"{model_class.__name__}(config) fails: {type(exc).__name__}: {exc}"]
     own = dict(model.named_buffers())
+    if any(b.is_meta for b in own.values()):  # no values: an unpruned buffer holds what model.config computes
+        own = _meta_buffer_values(model, own)
     problems = []
     for prefix, module in rebuilt.named_modules():
         for name in module._non_persistent_buffers_set:
             key, value = f"{prefix}.{name}".lstrip("."), module._buffers.get(name)
             mine = own.get(key)
-            if value is not None and mine is not None and value.shape == mine.shape \
-                    and not torch.equal(value.to(mine.device, mine.dtype), mine):
+            if value is None or mine is None or value.shape != mine.shape:
+                continue
+            if mine.is_meta:
+                problems.append(f"{key}, computed from the config and not saved, was pruned on the meta device, "
+                                "where its values cannot be checked")
+            elif not torch.equal(value.to(mine.device, mine.dtype), mine):
                 problems.append(f"{key}, computed from the config and not saved, would hold other values")
     return problems
+
+
+def _meta_buffer_values(model: nn.Module, own: dict) -> dict:
+    """``own`` (``model``'s buffers, some on the meta device) with each meta buffer that keeps
+    its shape replaced by the value ``model.config`` computes for it: a model built on meta
+    from its config holds those values. A pruned one stays on meta."""
+    computed = config_buffers(model)
+    return {key: computed[key] if b.is_meta and key in computed and computed[key].shape == b.shape else b
+            for key, b in own.items()}
+
+
+def config_buffers(model: nn.Module) -> dict:
+    """``{name: value}`` of the buffers ``type(model)(model.config)`` computes (rotary
+    frequencies, position ids), built with its parameters on the meta device: the values of
+    a model on meta, which holds none, as its config gives them. Empty if it cannot be built."""
+    try:
+        return dict(_construct(type(model), model.config, _parameters_on_meta()).named_buffers())
+    except Exception:  # noqa: BLE001 - then no value is known
+        return {}
 
 
 def _refusal(config: Any) -> Optional[str]:

@@ -24,6 +24,11 @@
   for their numbers) loses as many channels in every layer, and none if it is blocked in
   one, so that a config with one size per kind of layer (Hugging Face's) describes the
   pruned model (see :mod:`graphprune.pruning.planner`);
+* ``fit_config=True``: only what ``model.config`` can describe is pruned. Where the pruned
+  sizes leave no config that rebuilds the model, the classes of repeated groups (or single
+  groups) that the config cannot describe, each tried alone, are blocked (kind
+  :attr:`~graphprune.analysis.reasons.BlockKind.CONFIG`) and the rest is pruned, so that
+  ``save_pretrained`` / ``from_pretrained`` round-trip the result;
 * ``verify``: audit the pruned model's shapes (default on).
 """
 from __future__ import annotations
@@ -51,6 +56,7 @@ class PlanOptions:
     tolerance: float = 0.02
     verify: bool = True
     uniform: bool = False
+    fit_config: bool = False
 
 
 def check_ratio(model: nn.Module, ratio: Any) -> Union[float, dict, None]:
@@ -94,9 +100,10 @@ def check_target(ratio: Any, targets: Mapping[str, Any]) -> Optional[tuple]:
 
 
 def check_options(ratio: Any, *, global_ranking: Any, max_ratio: Any, round_to: Any, steps: Any, schedule: Any,
-                  tolerance: Any, verify: Any, uniform: Any = False) -> PlanOptions:
+                  tolerance: Any, verify: Any, uniform: Any = False, fit_config: Any = False) -> PlanOptions:
     """The :class:`PlanOptions`, each checked (``ratio`` as :func:`check_ratio` returned it)."""
-    for flag, name in ((global_ranking, "global_ranking"), (verify, "verify"), (uniform, "uniform")):
+    for flag, name in ((global_ranking, "global_ranking"), (verify, "verify"), (uniform, "uniform"),
+                       (fit_config, "fit_config")):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")
     if global_ranking and isinstance(ratio, dict):
@@ -109,4 +116,4 @@ def check_options(ratio: Any, *, global_ranking: Any, max_ratio: Any, round_to: 
         raise ValueError(f"schedule must be 'linear', 'geometric' or a callable(step, steps), got {schedule!r}")
     tolerance = check_fraction(tolerance, "tolerance", low_open=True)
     return PlanOptions(global_ranking, max_ratio, round_to, check_int(steps, "steps", 1), schedule, tolerance, verify,
-                       uniform)
+                       uniform, fit_config)

@@ -121,7 +121,7 @@ def run_pruning(session: Any, criterion: Any, *, ratio: Optional[RatioSpec], tar
             goal = kept_fraction(budget.goal, step, options.steps, options.schedule)
             step_value, plan, achieved = budget.search(session, score_groups(session.report.groups, criterion), goal, options)
         if plan:
-            blocked = session.apply(plan, verify=options.verify, on_commit=on_commit)
+            blocked = session.apply(plan, verify=options.verify, on_commit=on_commit, fit_config=options.fit_config)
             plan = {group: index for group, index in plan.items() if group not in blocked}
             _compose(kept, session.surgery.kept_positions())
             if after_step is not None and plan:

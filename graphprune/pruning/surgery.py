@@ -280,15 +280,17 @@ class ChannelSurgery:
         for name in resized:
             after_resize(self.state.module(name))
 
-    def trial(self, plan: Mapping[Group, Sequence[int]], measure: Callable[[np.ndarray], T]) -> T:
-        """``measure(removed)`` while the model has ``plan`` applied, values included (the
+    def trial(self, plan: Mapping[Group, Sequence[int]], measure: Callable[[np.ndarray], T], *, values: bool = True) -> T:
+        """``measure(removed)`` while the model has ``plan`` applied, values included unless
+        ``values=False`` (then the tensors hold zero placeholders of their new shapes; the
         removed flag of every root id, as for ``verify`` above); then everything is rolled
         back, whatever happens. The groups are not marked as pruned."""
         removed = self._removed_after(self._validate(plan))
         transaction = _Transaction()
         try:
             self._apply(transaction, removed)
-            transaction.commit(release=False)
+            if values:
+                transaction.commit(release=False)
             return measure(removed)
         finally:
             transaction.rollback()

@@ -1,0 +1,171 @@
+"""Prune a Hugging Face checkpoint larger than memory, shard by shard.
+
+:func:`prune_checkpoint` never holds the model's weights: it builds the model from its config
+on the meta device and analyses it there (shapes decide the groups), reads the shards once
+to score every channel with a criterion that reads one tensor at a time
+(:class:`~graphprune.criteria.WeightCriterion`), plans and prunes the meta model (its config
+follows), then reads the shards again, writing each pruned shard, the index and the config.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .analysis.analyzer import LayerRef
+from .api import analyze, prune
+from .criteria import Criterion, Precomputed, WeightCriterion, get_criterion
+from .criteria.base import weight_tensors
+from .io.sharded import CONFIG, ShardedCheckpoint, check_destination, copy_other_files, staged_directory, write_shards
+from .pruning.model_config import config_buffers
+from .pruning.run import PruneResult
+from .reporting.report import Report
+
+
+@dataclass
+class CheckpointResult:
+    """What :func:`prune_checkpoint` did: the output ``path``, the pruned ``model`` on the meta
+    device (its config is the one written), the analysis ``report`` (why a group was left
+    whole), the pruning ``result`` (parameters and FLOPs before and after) and the seconds
+    each stage took."""
+
+    path: str
+    model: nn.Module
+    report: Report
+    result: PruneResult
+    seconds: dict = field(default_factory=dict)
+
+
+def prune_checkpoint(
+    source: Union[str, os.PathLike], destination: Union[str, os.PathLike], ratio: Union[float, Mapping[str, float], None] = None,
+    *, criterion: Union[str, Criterion] = "l1", uniform: bool = False, prune_heads: bool = False,
+    ignored_layers: Iterable[LayerRef] = (), global_ranking: bool = False, max_ratio: Optional[float] = None,
+    round_to: Optional[int] = None, target_flops: Optional[float] = None, target_params: Optional[float] = None,
+    tolerance: float = 0.02, example_inputs: Any = None, progress: bool = True,
+) -> CheckpointResult:
+    """Prune the Hugging Face checkpoint in directory ``source`` into ``destination``, which
+    ``from_pretrained`` loads, holding one tensor of the source and one shard of the output
+    at a time.
+
+    The options are :func:`graphprune.prune`'s; ``criterion`` must read weights alone, one
+    tensor at a time (``"l1"``, ``"l2"``, ``"bn_scale"``) or nothing (``"random"``). The
+    output's config must describe the pruned model, so groups whose pruning it cannot say are
+    left whole (``fit_config=True``; ``uniform=True`` prunes repeated layers alike, as a config
+    with one size per kind of layer needs). Files other than the weights and the config
+    (tokenizer, generation config) are copied. The output is written beside ``destination``
+    and moved there when complete: a failure or Ctrl-C leaves nothing in the way of a rerun.
+    ``destination`` must not exist, or be an empty directory.
+
+    The pruned weights are those :func:`graphprune.prune` gives the model loaded whole, with
+    the same options and ``fit_config=True``, bit for bit.
+    """
+    seconds, start = {}, time.perf_counter()
+    checkpoint = ShardedCheckpoint(source)
+    check_destination(os.path.abspath(os.fspath(destination)))
+    criterion = _streaming_criterion(criterion)
+    model = _meta_model(checkpoint.directory)
+    if example_inputs is None and getattr(model, "main_input_name", "") == "input_ids":
+        example_inputs = {"input_ids": torch.zeros((1, 16), dtype=torch.long, device="meta")}
+    report = analyze(model, example_inputs, prune_heads=prune_heads, ignored_layers=ignored_layers)
+    names = _checkpoint_names(model, checkpoint)
+    seconds["analysis"], start = time.perf_counter() - start, time.perf_counter()
+    if criterion.reads_values:
+        criterion = Precomputed(_stream_scores(criterion, report, checkpoint, names, progress))
+    seconds["scoring"], start = time.perf_counter() - start, time.perf_counter()
+    result = prune(model, ratio, report=report, criterion=criterion, uniform=uniform, global_ranking=global_ranking,
+                   max_ratio=max_ratio, round_to=round_to, target_flops=target_flops, target_params=target_params,
+                   tolerance=tolerance, fit_config=True, return_result=True)
+    kept = {".".join(filter(None, key)): dims for key, dims in report.session.surgery.kept_positions().items()}
+    seconds["planning"], start = time.perf_counter() - start, time.perf_counter()
+    with staged_directory(destination) as staging:
+        write_shards(checkpoint, staging, lambda name, tensor: _kept(tensor, kept.get(name)), progress=progress)
+        copy_other_files(checkpoint.directory, staging, skip={CONFIG})
+        model.config.save_pretrained(staging)
+    seconds["writing"] = time.perf_counter() - start
+    return CheckpointResult(os.path.abspath(os.fspath(destination)), model, report, result, seconds)
+
+
+def _streaming_criterion(criterion: Union[str, Criterion]) -> Criterion:
+    """The criterion, which must read weights one tensor at a time, or no values at all."""
+    criterion = get_criterion(criterion)
+    if criterion.reads_values and not isinstance(criterion, WeightCriterion):
+        raise ValueError(f"criterion {criterion.name!r} cannot score a checkpoint shard by shard (it reads more than "
+                         "one weight at a time, or data); use 'l1', 'l2', 'bn_scale' or 'random'")
+    return criterion
+
+
+def _meta_model(directory: str) -> nn.Module:
+    """The model the checkpoint's config describes, built on the meta device (no memory),
+    as the class its config names (``architectures``), else ``AutoModel``."""
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("prune_checkpoint reads Hugging Face checkpoints, which needs transformers "
+                         "(pip install transformers)") from None
+    config = transformers.AutoConfig.from_pretrained(directory)
+    names = [n for n in (getattr(config, "architectures", None) or []) if hasattr(transformers, n)]
+    with torch.device("meta"):
+        if names:
+            model = getattr(transformers, names[0])(config)
+        else:
+            model = transformers.AutoModel.from_config(config)
+    return model.eval()
+
+
+def _checkpoint_names(model: nn.Module, checkpoint: ShardedCheckpoint) -> dict:
+    """``{id(tensor): [state-dict names]}`` of ``model``, once every checkpoint tensor is
+    checked to be one of them (or one ``from_pretrained`` ignores), with the model's shape."""
+    state = model.state_dict(keep_vars=True)
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    unknown = [n for n in checkpoint.weight_map if n not in state and not any(p.search(n) for p in ignored)]
+    if unknown:
+        raise ValueError(f"{checkpoint.directory}: tensors that {type(model).__name__} (built from config.json) does not "
+                         f"have: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    wrong = [f"{n} {list(checkpoint.shapes[n])} (the config says {list(state[n].shape)})"
+             for n in checkpoint.weight_map if n in state and tuple(state[n].shape) != checkpoint.shapes[n]]
+    if wrong:
+        raise ValueError(f"{checkpoint.directory}: tensors whose shape config.json does not give: {', '.join(wrong[:3])}")
+    names: dict = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(tensor), []).append(name)
+    return names
+
+
+def _stream_scores(criterion: WeightCriterion, report: Report, checkpoint: ShardedCheckpoint, names: dict,
+                   progress: bool) -> dict:
+    """``{group id: scores}`` of every prunable group, from the checkpoint's tensors read one
+    at a time (each once, for every dim the scores read it along)."""
+    wanted = weight_tensors(criterion, report.prunable_groups)
+    where, computed = {}, None
+    table = {}
+    for key, (tensor, dims) in wanted.items():
+        found = [n for n in names.get(key, ()) if n in checkpoint.weight_map]
+        if found:
+            where[found[0]] = key
+            continue
+        computed = config_buffers(report.session.model) if computed is None else computed  # not saved: from the config
+        value = next((computed[n] for n in names.get(key, ()) if n in computed), None)
+        if value is None or value.shape != tensor.shape:
+            raise ValueError(f"{checkpoint.directory}: no tensor {names.get(key, ['?'])[0]}, which the scores read")
+        table.update({(key, dim): values for dim, values in criterion.position_scores(value, dims).items()})
+    for _, name, tensor in checkpoint.tensors(set(where), desc="scoring channels", progress=progress):
+        for dim, values in criterion.position_scores(tensor, wanted[where[name]][1]).items():
+            table[(where[name], dim)] = values
+    scores = {}
+    for group in report.prunable_groups:
+        members = criterion.read(group)
+        scores[group.id] = criterion.group_scores(group, members, [table[(id(m.tensor), m.dim)] for m in members])
+    return scores
+
+
+def _kept(tensor: torch.Tensor, dims: Optional[dict]) -> torch.Tensor:
+    """``tensor`` restricted to the positions ``dims[dim]`` kept along each dim."""
+    for dim, positions in (dims or {}).items():
+        tensor = tensor.index_select(dim, torch.as_tensor(np.asarray(positions), dtype=torch.long))
+    return tensor
