@@ -128,12 +128,12 @@ class PruningSession:
             return None
 
         def check(removed: np.ndarray, filled: bool) -> None:
-            if verify:
-                self._audit(removed, filled)
-            if describe:
+            if describe:  # first: it costs less than the audit
                 found[:] = [describe_pruned(self.model)]
                 if fit_config and found[0].problem is not None:
                     raise ConfigMismatch(found[0].problem)
+            if verify:
+                self._audit(removed, filled)
 
         return check
 

@@ -225,7 +225,16 @@ def _prune_command(command: Callable, p: _Parents) -> None:
                     "Prune floor(RATIO * n) channels from every prunable group of n channels of a model, and print "
                     "parameters and FLOPs before and after and the time taken.")
     prune.add_argument("--ratio", type=_ratio, required=True, help="fraction of each group's channels to remove, in [0, 1)")
-    prune.add_argument("--output", "-o", metavar="FILE", help=_SAVE_HELP)
+    prune.add_argument("--uniform", action="store_true",
+                       help="prune a group repeated layer after layer (a transformer block's MLP) alike in every layer, "
+                            "so that a Hugging Face config can describe the result")
+    prune.add_argument("--prune-heads", action="store_true",
+                       help="remove whole attention heads (num_heads shrinks) instead of narrowing every head")
+    prune.add_argument("--stream", action="store_true",
+                       help="hf:DIR only: prune the checkpoint shard by shard without loading it (models larger than "
+                            "memory; graphprune.prune_checkpoint). --output is then a new directory that "
+                            "from_pretrained loads; groups its config cannot describe are left whole")
+    prune.add_argument("--output", "-o", metavar="FILE", help=_SAVE_HELP + " With --stream: the output directory.")
 
 
 def _finetune_command(command: Callable, p: _Parents) -> None:

@@ -140,13 +140,16 @@ def _cmd_prune(args: argparse.Namespace, status: Status) -> int:
     from graphprune.api import prune
     from graphprune.reporting.measure import count_flops, count_parameters
 
+    if args.stream:
+        return _prune_stream(args, status)
     check_output_path(args.output)
     spec, model, inputs, description = _load_with_inputs(args, status)
     params_before, flops_before = _count(model, inputs, args.model, description, status)
     status(f"analyzing and pruning {args.model} at ratio {args.ratio:g}...")
     start = time.perf_counter()
     with warnings_as_notes(status):
-        model = prune(model, args.ratio, inputs, criterion=args.criterion)
+        model = prune(model, args.ratio, inputs, criterion=args.criterion, uniform=args.uniform,
+                      prune_heads=args.prune_heads)
         seconds = time.perf_counter() - start
         status("counting parameters and FLOPs of the pruned model...")
         params_after = count_parameters(model)
@@ -178,6 +181,43 @@ def _cmd_prune(args: argparse.Namespace, status: Status) -> int:
     print(f"time (analysis + pruning): {seconds:.2f} s")
     if paths:
         print(_saved_note(paths, spec))
+    return EXIT_OK
+
+
+def _prune_stream(args: argparse.Namespace, status: Status) -> int:
+    """``prune hf:DIR --stream --output DST``: :func:`graphprune.prune_checkpoint`."""
+    from graphprune.analysis.reasons import BlockKind
+    from graphprune.checkpoint import prune_checkpoint
+
+    spec = parse_model(args.model)
+    if spec.source != "hf" or spec.path is not None:
+        raise UsageError(f"--stream prunes a Hugging Face checkpoint directory (hf:DIR), not {args.model}")
+    if not args.output:
+        raise UsageError("--stream needs --output DIR, the directory to write the pruned checkpoint to")
+    if args.input_shape is not None:
+        raise UsageError("--stream builds its own inputs on the meta device; leave out --input-shape")
+    status(f"pruning the checkpoint {spec.name} shard by shard at ratio {args.ratio:g}...")
+    with warnings_as_notes(status):
+        try:
+            done = prune_checkpoint(spec.name, args.output, args.ratio, criterion=args.criterion, uniform=args.uniform,
+                                    prune_heads=args.prune_heads, progress=not args.quiet)
+        except ValueError as exc:
+            raise UsageError(one_line(exc)) from exc
+    before, after = done.result.before["params"], done.result.after["params"]
+    left_whole = [g for g in done.report.groups if any(getattr(r, "kind", None) is BlockKind.CONFIG for r in g.blocked)]
+    if args.json:
+        print_json({"model": args.model, "ratio": args.ratio, "criterion": args.criterion, "output": done.path,
+                    "params_before": before, "params_after": after, "params_ratio": ratio_of(after, before),
+                    "groups_left_whole_for_the_config": [g.id for g in left_whole], "seconds": done.seconds})
+        return EXIT_OK
+    print(f"graphprune: pruned the checkpoint {spec.name} at ratio {args.ratio:g} (criterion {args.criterion}), "
+          "shard by shard")
+    print(f"parameters: {before:,} ({human_number(before)}) -> {after:,} ({human_number(after)}), "
+          f"{ratio_of(after, before):.3f} kept")
+    if left_whole:
+        print(f"left whole, as its config cannot describe them: groups {', '.join(str(g.id) for g in left_whole)}")
+    print("time: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in done.seconds.items()))
+    print(f"written to {done.path}: transformers.{type(done.model).__name__}.from_pretrained({done.path!r}) loads it")
     return EXIT_OK
 
 
