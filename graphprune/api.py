@@ -77,13 +77,9 @@ def prune(
     A model built from a config (``model.config``, as Hugging Face's) gets the config that
     describes the pruned model, and its attributes that only ``__init__`` reads follow; where
     no config can (layers pruned unequally), a :class:`ConfigWarning` says why
-    (:mod:`graphprune.pruning.model_config`). With ``fit_config=True`` the groups whose pruning
-    the config cannot describe are blocked instead, and the rest is pruned.
-
-    A model on the meta device (built under ``torch.device("meta")``, with inputs there too)
-    is pruned by its shapes: the criterion must not read values (``"random"``, or scores
-    computed from the weights elsewhere, :class:`~graphprune.criteria.Precomputed`);
-    :func:`graphprune.prune_checkpoint` prunes a checkpoint that way, shard by shard.
+    (:mod:`graphprune.pruning.model_config`); with ``fit_config=True`` the groups it cannot
+    describe are blocked instead. A model on the meta device is pruned by its shapes, with a
+    criterion that reads no values (``"random"``, :class:`~graphprune.criteria.Precomputed`).
 
     Keeping what the model knew, without training: ``calibration`` (a list or DataLoader of
     input batches, a few hundred samples) with ``recover="lstsq"`` refits every layer whose
@@ -111,8 +107,7 @@ def prune(
             raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")
     criterion = get_criterion(criterion, calibration)
     recovery = check_recovery(recover, calibration)
-    _check_shapes_suffice(model, criterion, recovery, target)
-    check_capture(capture)
+    _check_shapes_suffice(model, criterion, recovery, target, capture)
     session = None if report is None else session_of(report, model, example_inputs, inplace, leaf_modules,
                                                      ignored_layers, prune_heads, capture=capture)
     original = model
@@ -145,8 +140,10 @@ def _refit_after_steps(recovery: Optional[Recovery], original: nn.Module, model:
 
 
 def _check_shapes_suffice(model: nn.Module, criterion: Criterion, recovery: Optional[Recovery],
-                          target: Optional[tuple]) -> None:
-    """Raise ValueError if ``model`` is on the meta device and pruning it would need values."""
+                          target: Optional[tuple], capture: str) -> None:
+    """Raise ValueError if ``capture`` is unknown, or if ``model`` is on the meta device and
+    pruning it would need values."""
+    check_capture(capture)
     if not any(t.is_meta for t in model.parameters()):
         return
     needs = [f"criterion {criterion.name!r} ranks channels by their values"] if criterion.reads_values else []
