@@ -25,12 +25,13 @@ own child process, so that a peak resident set is that step's alone:
 
 GB is 10^9 bytes throughout. The checkpoints live in ``--workdir`` and are deleted after each size
 (``--keep`` keeps them). The CLI equivalent of the prune step is
-``python -m graphprune prune hf:SRC --ratio 0.25 --uniform --stream --output DST``. See benchmarks/README.md.
+``python -m graphprune prune hf:SRC --ratio 0.25 --uniform --stream --output DST``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shlex
@@ -47,15 +48,13 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 GB = 1e9
 RATIO = 0.25
 STAGES = ("analysis", "scoring", "planning", "writing")
-SIZES = {  # LlamaConfig fields
-    "quick": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=8,
-                  num_key_value_heads=4, vocab_size=1000, max_position_embeddings=512),
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,  # TinyLlama-1.1B
-               num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5),
-    "3b": dict(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32,  # open_llama_3b
-               num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048),
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,  # LLaMA-2-7B
-               num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
+FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+          "vocab_size", "max_position_embeddings", "rms_norm_eps")  # of LlamaConfig, in the order of SIZES' tuples
+SIZES = {
+    "quick": (256, 688, 2, 8, 4, 1000, 512, 1e-6),
+    "1b": (2048, 5632, 22, 32, 4, 32000, 2048, 1e-5),  # TinyLlama-1.1B
+    "3b": (3200, 8640, 26, 32, 32, 32000, 2048, 1e-6),  # open_llama_3b
+    "7b": (4096, 11008, 32, 32, 32, 32000, 4096, 1e-5),  # LLaMA-2-7B
 }
 QUICK_SHARD_GB = 0.002  # --quick: several shards of a 2 MB budget, so that the index path runs
 MACHINE_NOTE = "shared 2-core machine; seconds are upper bounds"
@@ -70,7 +69,7 @@ def llama_config(size: str, layers: Optional[int] = None):
     import torch
     from transformers import LlamaConfig
 
-    config = LlamaConfig(**SIZES[size], tie_word_embeddings=False)
+    config = LlamaConfig(**dict(zip(FIELDS, SIZES[size])), tie_word_embeddings=False)
     if layers is not None:
         config.num_hidden_layers = layers
     config.architectures = ["LlamaForCausalLM"]
@@ -82,7 +81,7 @@ def shard_plan(shapes: dict, shard_bytes: float) -> list:
     """Tensor names packed in order into shards of at most ``shard_bytes`` (bf16), a tensor never split."""
     shards, current, used = [], [], 0
     for name, shape in shapes.items():
-        nbytes = 2 * _numel(shape)
+        nbytes = 2 * math.prod(shape)
         if current and used + nbytes > shard_bytes:
             shards.append(current)
             current, used = [], 0
@@ -122,7 +121,8 @@ def write_checkpoint(size: str, directory: str, shard_gb: float, seed: int = 0) 
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle, indent=2)
     config.save_pretrained(directory)
     sizes = [os.path.getsize(os.path.join(directory, f)) for f in dict.fromkeys(weight_map.values())]
-    return {"shards": len(sizes), "largest_shard": max(sizes), "bytes": sum(sizes), "params": sum(map(_numel, shapes.values()))}
+    return {"shards": len(sizes), "largest_shard": max(sizes), "bytes": sum(sizes),
+            "params": sum(map(math.prod, shapes.values()))}
 
 
 def _random_tensor(name: str, shape: tuple):
@@ -133,51 +133,30 @@ def _random_tensor(name: str, shape: tuple):
     return torch.randn(shape, dtype=torch.bfloat16).mul_(0.02)
 
 
-def _numel(shape: tuple) -> int:
-    count = 1
-    for n in shape:
-        count *= n
-    return count
-
-
 # ---------------------------------------------------------------------------- child: prune, with RSS per stage
-class RssSampler(threading.Thread):
-    """``(seconds, VmRSS bytes, RssAnon bytes)`` of this process every ``interval`` seconds."""
-
-    def __init__(self, interval: float = 0.02):
-        super().__init__(daemon=True)
-        self.interval, self.samples, self.done = interval, [], threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            self.samples.append((time.perf_counter(), *_rss()))
-            self.done.wait(self.interval)
-
-    def stop(self) -> list:
-        self.done.set()
-        self.join()
-        return self.samples
-
-
 def _rss() -> tuple:
-    values = {}
+    """(VmRSS, RssAnon) of this process, bytes."""
     with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(("VmRSS:", "RssAnon:")):
-                key, value = line.split(":")
-                values[key] = int(value.split()[0]) * 1024
-    return values.get("VmRSS", 0), values.get("RssAnon", 0)
+        values = dict(line.split(":", 1) for line in handle if line.startswith(("VmRSS:", "RssAnon:")))
+    return tuple(int(values[key].split()[0]) * 1024 for key in ("VmRSS", "RssAnon"))
 
 
-def child_prune(src: str, dst: str, progress: bool) -> dict:
+def _sample(samples: list, stop: threading.Event, interval: float = 0.02) -> None:
+    while not stop.is_set():
+        samples.append((time.perf_counter(), *_rss()))
+        stop.wait(interval)
+
+
+def child_prune(src: str, dst: str, progress: str) -> dict:
     import graphprune
 
-    baseline = _rss()[0]
-    sampler = RssSampler()
+    baseline, samples, stop = _rss()[0], [], threading.Event()
+    sampler = threading.Thread(target=_sample, args=(samples, stop), daemon=True)
     sampler.start()
     start = time.perf_counter()
-    done = graphprune.prune_checkpoint(src, dst, RATIO, uniform=True, progress=progress)
-    samples = sampler.stop()
+    done = graphprune.prune_checkpoint(src, dst, RATIO, uniform=True, progress=progress == "1")
+    stop.set()
+    sampler.join()
     peaks, anon, edge = {}, {}, start
     for stage in STAGES:
         end = edge + done.seconds[stage]
@@ -188,7 +167,7 @@ def child_prune(src: str, dst: str, progress: bool) -> dict:
             "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "anon_peak": max(s[2] for s in samples), "params_before": done.result.before["params"],
             "params_after": done.result.after["params"], "total_s": time.perf_counter() - start,
-            "config": {k: getattr(done.model.config, k) for k in ("intermediate_size", "num_attention_heads",
+            "config": {k: getattr(done.model.config, k) for k in ("intermediate_size", "num_attention_heads", "head_dim",
                                                                      "num_key_value_heads", "hidden_size")}}
 
 
@@ -280,15 +259,8 @@ def child_main(kind: str, arguments: list, threads: int) -> None:
 
     torch.set_num_threads(threads)
     warnings.simplefilter("ignore")
-    if kind == "prune":
-        result = child_prune(arguments[0], arguments[1], arguments[2] == "1")
-    elif kind == "analysis":
-        result = child_analysis(arguments[0])
-    elif kind == "equal":
-        result = child_equal(arguments[0], arguments[1])
-    else:
-        result = child_generate(arguments[0])
-    print("RESULT " + json.dumps(result), flush=True)
+    run = {"prune": child_prune, "analysis": child_analysis, "equal": child_equal, "generate": child_generate}[kind]
+    print("RESULT " + json.dumps(run(*arguments)), flush=True)
 
 
 # ---------------------------------------------------------------------------- driver
@@ -298,7 +270,7 @@ def run_child(kind: str, arguments: list, args) -> dict:
     say(f"  {kind}: {shlex.join(command[1:])}")
     start = time.perf_counter()
     try:
-        proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=None if args.progress else subprocess.PIPE,
+        proc = subprocess.run(command, check=False, stdout=subprocess.PIPE, stderr=None if args.progress else subprocess.PIPE,
                               text=True, env=env, timeout=args.timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timeout (> {args.timeout:g} s)"}
@@ -349,9 +321,9 @@ def _params(count: int) -> str:
 
 
 def table(rows: list) -> str:
-    lines = ["| size | params before → after | shards | largest shard GB | analysis s | scoring s | planning s | writing s "
-             "| peak RSS GB | RSS per pass GB (analysis / scoring / planning / writing) | goal GB (2 × shard + 2) | goal met "
-             "| equal to in-memory | generate ran |", "|" + "---|" * 14]
+    lines = [("| size | params before → after | shards | largest shard GB | analysis s | scoring s | planning s | writing s "
+              "| peak RSS GB | RSS per pass GB (analysis / scoring / planning / writing) | goal GB (2 × shard + 2) | goal met "
+              "| equal to in-memory | generate ran |"), "|" + "---|" * 14]
     for row in rows:
         ckpt, pr = row["checkpoint"], row.get("prune", {})
         if "error" in pr:
@@ -362,34 +334,27 @@ def table(rows: list) -> str:
         per_pass = " / ".join(_gb(pr["rss_stage"][s]) for s in STAGES)
         lines.append(f"| {row['size']} | {_params(pr['params_before'])} → {_params(pr['params_after'])} "
                      f"| {ckpt['shards']} | {_gb(ckpt['largest_shard'])} | {' | '.join(seconds)} | {_gb(pr['rss_peak'])} "
-                     f"| {per_pass} | {_gb(goal)} | {'yes' if pr['rss_peak'] <= goal else 'NO'} | {_equal(row)} "
-                     f"| {_generated(row)} |")
+                     f"| {per_pass} | {_gb(goal)} | {'yes' if pr['rss_peak'] <= goal else 'NO'} | {_check(row, 'equal')} "
+                     f"| {_check(row, 'generate')} |")
     return "\n".join(lines)
 
 
-def _equal(row: dict) -> str:
-    if "equal" not in row:
-        return "not run"
-    eq = row["equal"]
-    if "error" in eq:
-        return f"FAILED: {eq['error'].splitlines()[-1][:120]}"
-    if eq["equal"]:
-        return f"yes ({eq['dtypes'][0].replace('torch.', '')}, every tensor equal)" if not eq["tensors_differing_count"] else "yes (logits)"
-    return f"NO (max abs diff {eq['max_abs_diff']}, {eq['tensors_differing_count']} tensors differ)"
-
-
-def _generated(row: dict) -> str:
-    if "generate" not in row:
-        return "not run"
-    gen = row["generate"]
-    if "error" in gen:
-        return f"FAILED: {gen['error'].splitlines()[-1][:120]}"
-    return f"yes ({gen['new_tokens']} tokens in {gen['generate_s']:.1f} s, {_params(gen['params'])} params)"
+def _check(row: dict, key: str) -> str:
+    """The equal / generate cell."""
+    done = row.get(key)
+    if done is None or "error" in done:
+        return "not run" if done is None else f"FAILED: {done['error'].splitlines()[-1][:120]}"
+    if key == "generate":
+        return f"yes ({done['new_tokens']} tokens in {done['generate_s']:.1f} s, {_params(done['params'])} params)"
+    differing = f"{done['tensors_differing_count']} tensors differ"
+    if done["equal"]:
+        return f"yes ({done['dtypes'][0].replace('torch.', '')}; {differing.replace('0 tensors differ', 'every tensor equal')})"
+    return f"NO (max abs diff {done['max_abs_diff']}, {differing})"
 
 
 def analysis_table(rows: list) -> str:
-    lines = ["| size | layers | analysis on meta s (goal ≤ 30) | groups (prunable) | 2-layer float32 copy: analysis s, groups "
-             "| same group set as the 2-layer copy | same, with block kinds |", "|" + "---|" * 7]
+    lines = [("| size | layers | analysis on meta s (goal ≤ 30) | groups (prunable) | 2-layer float32 copy: analysis s, groups "
+              "| same group set as the 2-layer copy | same, with block kinds |"), "|" + "---|" * 7]
     for row in rows:
         a = row["analysis"]
         if "error" in a:

@@ -70,10 +70,9 @@ def prune_checkpoint(
     check_destination(os.path.abspath(os.fspath(destination)))
     criterion = _streaming_criterion(criterion)
     model = _meta_model(checkpoint.directory)
-    if example_inputs is None and getattr(model, "main_input_name", "") == "input_ids":
-        example_inputs = {"input_ids": torch.zeros((1, 16), dtype=torch.long, device="meta")}
+    example_inputs = _meta_inputs(model) if example_inputs is None else example_inputs
     report = analyze(model, example_inputs, prune_heads=prune_heads, ignored_layers=ignored_layers)
-    names = _checkpoint_names(model, checkpoint)
+    names, renamed = _checkpoint_names(model, checkpoint)
     seconds["analysis"], start = time.perf_counter() - start, time.perf_counter()
     if criterion.reads_values:
         criterion = Precomputed(_stream_scores(criterion, report, checkpoint, names, progress))
@@ -82,6 +81,7 @@ def prune_checkpoint(
                    max_ratio=max_ratio, round_to=round_to, target_flops=target_flops, target_params=target_params,
                    tolerance=tolerance, fit_config=True, return_result=True)
     kept = {".".join(filter(None, key)): dims for key, dims in report.session.surgery.kept_positions().items()}
+    kept = {name: kept.get(renamed[name]) for name in checkpoint.weight_map}
     seconds["planning"], start = time.perf_counter() - start, time.perf_counter()
     with staged_directory(destination) as staging:
         write_shards(checkpoint, staging, lambda name, tensor: _kept(tensor, kept.get(name)), progress=progress)
@@ -118,23 +118,67 @@ def _meta_model(directory: str) -> nn.Module:
     return model.eval()
 
 
-def _checkpoint_names(model: nn.Module, checkpoint: ShardedCheckpoint) -> dict:
-    """``{id(tensor): [state-dict names]}`` of ``model``, once every checkpoint tensor is
-    checked to be one of them (or one ``from_pretrained`` ignores), with the model's shape."""
+def _meta_inputs(model: nn.Module) -> Any:
+    """Inputs on the meta device for a Hugging Face model: 1x16 token ids for a text model,
+    an image of its config's size for a vision model; None (inferred) otherwise."""
+    config, name = model.config, getattr(model, "main_input_name", "")
+    if name == "input_ids":
+        return {"input_ids": torch.zeros((1, 16), dtype=torch.long, device="meta")}
+    size = getattr(config, "image_size", None)
+    if name == "pixel_values" and size is not None:
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return {"pixel_values": torch.zeros((1, getattr(config, "num_channels", 3), *size), device="meta")}
+    return None
+
+
+def _checkpoint_names(model: nn.Module, checkpoint: ShardedCheckpoint) -> tuple:
+    """``(names, renamed)``: ``{id(tensor): [names in the checkpoint or the model]}`` and
+    ``{checkpoint name: model name}``, once every checkpoint tensor is found to be one of the
+    model's (as transformers renames it on load, or one it ignores) with the model's shape."""
     state = model.state_dict(keep_vars=True)
+    rename = _load_renaming(model, state)
     ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
-    unknown = [n for n in checkpoint.weight_map if n not in state and not any(p.search(n) for p in ignored)]
+    renamed, unknown = {}, []
+    for name in checkpoint.weight_map:
+        renamed[name] = rename(name)
+        if renamed[name] not in state and not any(p.search(name) for p in ignored):
+            unknown.append(name)
     if unknown:
         raise ValueError(f"{checkpoint.directory}: tensors that {type(model).__name__} (built from config.json) does not "
                          f"have: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
-    wrong = [f"{n} {list(checkpoint.shapes[n])} (the config says {list(state[n].shape)})"
-             for n in checkpoint.weight_map if n in state and tuple(state[n].shape) != checkpoint.shapes[n]]
+    wrong = [f"{n} {list(checkpoint.shapes[n])} (the config says {list(state[m].shape)})"
+             for n, m in renamed.items() if m in state and tuple(state[m].shape) != checkpoint.shapes[n]]
     if wrong:
         raise ValueError(f"{checkpoint.directory}: tensors whose shape config.json does not give: {', '.join(wrong[:3])}")
     names: dict = {}
     for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
         names.setdefault(id(tensor), []).append(name)
-    return names
+    for name, model_name in renamed.items():
+        if model_name in state:
+            names[id(state[model_name])].insert(0, name)
+    return names, renamed
+
+
+def _load_renaming(model: nn.Module, state: dict):
+    """The name ``from_pretrained`` gives each checkpoint tensor (transformers renames legacy
+    names on load); a tensor it converts (fused or split experts) raises ValueError."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # noqa: BLE001 - an older transformers renames nothing
+        return lambda name: name
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+
+    def rename(name: str) -> str:
+        renamed, converted = rename_source_key(name, renamings, converters, model.base_model_prefix, state)
+        if converted is not None:
+            raise ValueError(f"{name}: transformers converts this tensor on load ({converted}), which prune_checkpoint "
+                             "does not follow; load the model whole and prune it with graphprune.prune")
+        return renamed
+
+    return rename
 
 
 def _stream_scores(criterion: WeightCriterion, report: Report, checkpoint: ShardedCheckpoint, names: dict,

@@ -83,6 +83,20 @@ def test_a_single_file_checkpoint_with_tied_embeddings_streams(tmp_path):
     assert torch.equal(logits(load(done.path)), logits(pruned_in_memory(tmp_path / "src", 0.5, uniform=True)))
 
 
+@pytest.mark.parametrize("name", ["bert", "vit"])
+def test_an_encoder_checkpoint_streams_as_it_prunes_in_memory(name, tmp_path):
+    from test_hf import build, logits as hf_logits
+
+    model, inputs = build(name)
+    model.save_pretrained(tmp_path / "src", max_shard_size="60KB")
+    ratio = {"*intermediate.dense" if name == "bert" else "*mlp.fc1": 0.3}
+    done = graphprune.prune_checkpoint(tmp_path / "src", tmp_path / "out", ratio, uniform=True, progress=False)
+    loaded = quiet(type(model).from_pretrained, done.path).eval()
+    expected = quiet(graphprune.prune, model, ratio, inputs, uniform=True, fit_config=True)
+    assert loaded.config.intermediate_size == expected.config.intermediate_size < 128
+    assert torch.equal(hf_logits(loaded, inputs), hf_logits(expected, inputs))
+
+
 def test_random_scores_need_no_scoring_pass(source, tmp_path, monkeypatch):
     reads = []
     original = sharded.ShardedCheckpoint.tensors

@@ -166,3 +166,20 @@ def test_fit_config_needs_a_config_and_a_flag():
         graphprune.prune(model, 0.5, inputs, fit_config=True, inplace=False)
     with pytest.raises(TypeError, match="fit_config must be True or False"):
         graphprune.prune(model, 0.5, inputs, fit_config="yes")
+
+
+class _ReadsValues(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h * 2 if h.sum() > 0 else h)
+
+
+def test_a_forward_that_reads_values_cannot_be_analysed_on_meta_and_says_so():
+    with torch.device("meta"):
+        model = _ReadsValues()
+    with pytest.raises(ValueError, match="reads values, which a model on the meta device does not hold: analyse it materialised"):
+        graphprune.analyze(model, torch.randn(2, 4, device="meta"))

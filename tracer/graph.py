@@ -158,9 +158,12 @@ def input_error(model: nn.Module, example_inputs: Any, node: Optional[fx.Node] =
         with torch.no_grad():
             call_model(model, example_inputs)
     except Exception as model_exc:
+        on_meta = any(t.is_meta for t in model.parameters())
+        advice = (" Its forward reads values, which a model on the meta device does not hold: analyse it materialised."
+                  if on_meta else " Pass example_inputs that the model accepts.")
         error = InputError(
             f"{type(model).__name__} raised {type(model_exc).__name__} on the example inputs: "
-            f"{str(model_exc).rstrip('.')}. Pass example_inputs that the model accepts."
+            f"{str(model_exc).rstrip('.')}.{advice}"
             + _container_hint(model, example_inputs),
             node_name=node.name if node is not None else None,
         )
