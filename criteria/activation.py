@@ -28,8 +28,8 @@ from graphprune.tracer.devices import (
 )
 from graphprune.tracer.state import eval_mode
 
-from .base import Criterion, combine, coverage, per_channel, position_norms
-from .magnitude import L1
+from .base import Criterion, WeightCriterion, combine, coverage, per_channel
+from .magnitude import LpNorm
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -128,7 +128,7 @@ class ActivationCriterion(Criterion):
     members that are dim 1 of a Linear's or of a Conv's (``groups == 1``) weight; a channel's
     scores over several consumers are combined with :func:`~graphprune.criteria.base.combine`.
     A group without such a consumer (e.g. attention's query/key channels, read by a matmul)
-    falls back to :class:`~graphprune.criteria.L1` and its id is listed in ``fallback_groups``.
+    falls back to a weight norm and its id is listed in ``fallback_groups``.
     """
 
     requires_data = True
@@ -153,14 +153,18 @@ class ActivationCriterion(Criterion):
         self.fallback_groups: list = []
         self.statistics: Optional[InputStatistics] = None
         self._model: Optional[nn.Module] = None
-        self._l1 = L1()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(max_batches={self.max_batches}, device={self.device})"
 
     def prepare(self, model, report) -> None:
+        self.record(model, report)
+
+    def record(self, model, report, device: Optional[torch.device] = None) -> None:
+        """Run the calibration batches through ``model`` on ``device`` (default: the model's)
+        and keep the statistics of its consumers' inputs."""
         owner = type(self).__name__
-        device = model_device(model)
+        device = device or model_device(model)
         if self.device is not None and not same_device(self.device, device):
             raise ValueError(f"{owner} was given device={self.device} but the model is on {device}; move the model first")
         names = {m.module for group in report.groups for m in group.members if is_consumer(model, m)}
@@ -172,43 +176,77 @@ class ActivationCriterion(Criterion):
                 batch.forward(model)
         self.statistics, self._model, self.fallback_groups = statistics, model, []
 
-    def position_scores(self, member) -> np.ndarray:
-        """The score of each input channel of ``member`` (a consumer with statistics); the
-        subclasses that score positions one by one give it."""
-        raise NotImplementedError
-
-    def scores(self, group) -> np.ndarray:
+    def _check_recorded(self) -> None:
         if self.statistics is None:
             raise RuntimeError(
                 f"{type(self).__name__} needs prepare(model, report) before scores(); graphprune.prune calls it for you"
             )
-        per_member, covered = [], []
-        for member in group.members:
-            if is_consumer(self._model, member) and self.statistics.has(member.module, member.tensor.shape[1]):
-                per_member.append(per_channel(member, self.position_scores(member), group.size))
-                covered.append(coverage(member, group.size))
-        if per_member:
-            return combine(per_member, group.size, covered)
+
+
+class InputWeighted(ActivationCriterion, WeightCriterion):
+    """A consumer's weight norm per input channel (the ``p``-th power of its p-norm) times a
+    statistic of that input (:meth:`input_weights`). It reads one weight at a time, so it
+    scores a checkpoint shard by shard once :meth:`record` ran the data through the model. A
+    group without a consumer falls back to the plain p-norm (:class:`~graphprune.criteria.LpNorm`)."""
+
+    p = 1
+
+    def __init__(self, data_loader: Iterable, max_batches: Optional[int] = None,
+                 device: Union[str, torch.device, None] = None, *, progress: bool = True):
+        super().__init__(data_loader, max_batches, device, progress=progress)
+        self._norms = LpNorm(self.p)
+
+    def input_weights(self, name: str) -> np.ndarray:
+        """The statistic of each input channel of the consumer ``name`` that its weight norms are multiplied by."""
+        raise NotImplementedError
+
+    def prepare(self, model, report) -> None:
+        self.record(model, report)
+        WeightCriterion.prepare(self, model, report)
+
+    def read(self, group) -> list:
+        self._check_recorded()
+        consumers = [m for m in group.members
+                     if is_consumer(self._model, m) and self.statistics.has(m.module, m.tensor.shape[1])]
+        if consumers:
+            return consumers
         if group.id not in self.fallback_groups:
             self.fallback_groups.append(group.id)
-        return self._l1.scores(group)
+        return self._norms.read(group)
+
+    def position_scores(self, tensor: torch.Tensor, dims: set) -> dict:
+        return self._norms.position_scores(tensor, dims)
+
+    def group_scores(self, group, members: list, positions: list) -> np.ndarray:
+        if group.id in self.fallback_groups:
+            return self._norms.group_scores(group, members, positions)
+        per_member = [per_channel(m, values * self.input_weights(m.module), group.size) for m, values in zip(members, positions)]
+        return combine(per_member, group.size, [coverage(m, group.size) for m in members])
+
+    def scores(self, group) -> np.ndarray:
+        self._check_recorded()
+        return WeightCriterion.scores(self, group)
 
 
-class Wanda(ActivationCriterion):
+class Wanda(InputWeighted):
     """Wanda per input channel (Sun et al., 2023): ``||W[:, j]||_1 * ||X_j||_2``, ``X_j`` the
-    consumer's input channel ``j`` over all calibration samples and positions."""
+    consumer's input channel ``j`` over all calibration samples and positions; L1 where a
+    group has no consumer."""
 
     name = "wanda"
+    p = 1
 
-    def position_scores(self, member) -> np.ndarray:
-        return position_norms(member, 1) * np.sqrt(self.statistics.square_norms(member.module))
+    def input_weights(self, name: str) -> np.ndarray:
+        return np.sqrt(self.statistics.square_norms(name))
 
 
-class Fluctuation(ActivationCriterion):
+class Fluctuation(InputWeighted):
     """FLAP's weighted input feature variance (An et al., AAAI 2024): ``Var(X_j) *
-    ||W[:, j]||_2^2``; a channel whose input hardly varies can be replaced by a bias."""
+    ||W[:, j]||_2^2``; a channel whose input hardly varies can be replaced by a bias. L2
+    where a group has no consumer."""
 
     name = "flap"
+    p = 2
 
-    def position_scores(self, member) -> np.ndarray:
-        return position_norms(member, 2) * self.statistics.variances(member.module)
+    def input_weights(self, name: str) -> np.ndarray:
+        return self.statistics.variances(name)

@@ -20,6 +20,7 @@ from torch import nn
 from graphprune.recovery.layers import input_rows, least_squares_fits
 
 from .activation import ActivationCriterion, InputRecorder, is_consumer
+from .magnitude import L1
 
 _STEPS = 128  # greedy steps per group at most: larger groups lose several channels per step
 _MAX_INPUTS = 4096  # a consumer with more inputs (channels times kernel) is not read: H would be too large
@@ -56,10 +57,10 @@ class OBS(ActivationCriterion):
     def __init__(self, data_loader, max_batches=None, device=None, *, progress: bool = True, ridge: float = 1e-3):
         super().__init__(data_loader, max_batches, device, progress=progress)
         self.ridge = float(ridge)
+        self._l1 = L1()
 
     def scores(self, group) -> np.ndarray:
-        if self.statistics is None:
-            raise RuntimeError("OBS needs prepare(model, report) before scores(); graphprune.prune calls it for you")
+        self._check_recorded()
         consumers = [_Consumer(self._model, m, self.statistics.grams[m.module], self.ridge, group.size)
                      for m in group.members if is_consumer(self._model, m) and self.statistics.has(m.module, 0)]
         if not consumers:

@@ -22,7 +22,15 @@ from .analysis.analyzer import LayerRef
 from .api import analyze, prune
 from .criteria import Criterion, Precomputed, WeightCriterion, get_criterion
 from .criteria.base import weight_tensors
-from .io.sharded import CONFIG, ShardedCheckpoint, check_destination, copy_other_files, staged_directory, write_shards
+from .io.sharded import (
+    CONFIG,
+    ShardedCheckpoint,
+    check_destination,
+    copy_other_files,
+    staged_directory,
+    weights_on_demand,
+    write_shards,
+)
 from .pruning.model_config import config_buffers
 from .pruning.run import PruneResult
 from .reporting.report import Report
@@ -47,14 +55,16 @@ def prune_checkpoint(
     *, criterion: Union[str, Criterion] = "l1", uniform: bool = False, prune_heads: bool = False,
     ignored_layers: Iterable[LayerRef] = (), global_ranking: bool = False, max_ratio: Optional[float] = None,
     round_to: Optional[int] = None, target_flops: Optional[float] = None, target_params: Optional[float] = None,
-    tolerance: float = 0.02, example_inputs: Any = None, progress: bool = True,
+    tolerance: float = 0.02, example_inputs: Any = None, calibration: Optional[Iterable] = None, progress: bool = True,
 ) -> CheckpointResult:
     """Prune the Hugging Face checkpoint in directory ``source`` into ``destination``, which
     ``from_pretrained`` loads, holding one tensor of the source and one shard of the output
     at a time.
 
-    The options are :func:`graphprune.prune`'s; ``criterion`` must read weights alone, one
-    tensor at a time (``"l1"``, ``"l2"``, ``"bn_scale"``) or nothing (``"random"``). The
+    The options are :func:`graphprune.prune`'s; ``criterion`` must read weights one tensor at
+    a time (``"l1"``, ``"l2"``, ``"bn_scale"``), or nothing (``"random"``), or weights and
+    their inputs (``"wanda"``, ``"flap"``, on ``calibration``: the batches run through the
+    model on the CPU with each module's weights read from the checkpoint while it runs). The
     output's config must describe the pruned model, so groups whose pruning it cannot say are
     left whole (``fit_config=True``; ``uniform=True`` prunes repeated layers alike, as a config
     with one size per kind of layer needs). Files other than the weights and the config
@@ -68,12 +78,16 @@ def prune_checkpoint(
     seconds, start = {}, time.perf_counter()
     checkpoint = ShardedCheckpoint(source)
     check_destination(os.path.abspath(os.fspath(destination)))
-    criterion = _streaming_criterion(criterion)
+    criterion = _streaming_criterion(criterion, calibration)
     model = _meta_model(checkpoint.directory)
     example_inputs = _meta_inputs(model) if example_inputs is None else example_inputs
     report = analyze(model, example_inputs, prune_heads=prune_heads, ignored_layers=ignored_layers)
     names, renamed = _checkpoint_names(model, checkpoint)
     seconds["analysis"], start = time.perf_counter() - start, time.perf_counter()
+    if criterion.requires_data:
+        with checkpoint.reader() as read, weights_on_demand(model, _loader(report, checkpoint, names, read)):
+            criterion.record(model, report, torch.device("cpu"))
+        seconds["calibration"], start = time.perf_counter() - start, time.perf_counter()
     if criterion.reads_values:
         criterion = Precomputed(_stream_scores(criterion, report, checkpoint, names, progress))
     seconds["scoring"], start = time.perf_counter() - start, time.perf_counter()
@@ -91,13 +105,35 @@ def prune_checkpoint(
     return CheckpointResult(os.path.abspath(os.fspath(destination)), model, report, result, seconds)
 
 
-def _streaming_criterion(criterion: Union[str, Criterion]) -> Criterion:
-    """The criterion, which must read weights one tensor at a time, or no values at all."""
-    criterion = get_criterion(criterion)
+def _streaming_criterion(criterion: Union[str, Criterion], calibration: Optional[Iterable]) -> Criterion:
+    """The criterion, which must read weights one tensor at a time (their inputs too, from a
+    data pass), or no values at all."""
+    criterion = get_criterion(criterion, calibration)
     if criterion.reads_values and not isinstance(criterion, WeightCriterion):
-        raise ValueError(f"criterion {criterion.name!r} cannot score a checkpoint shard by shard (it reads more than "
-                         "one weight at a time, or data); use 'l1', 'l2', 'bn_scale' or 'random'")
+        raise ValueError(f"criterion {criterion.name!r} cannot score a checkpoint shard by shard (it reads several "
+                         "weights at once, or gradients); use 'l1', 'l2', 'bn_scale', 'random', or 'wanda' or 'flap' "
+                         "with calibration")
     return criterion
+
+
+def _loader(report: Report, checkpoint: ShardedCheckpoint, names: dict, read) -> Any:
+    """``load(model name)``: the tensor from the checkpoint (``read``), where a name of it is
+    there, else as the model's config computes it (a buffer not saved)."""
+    model, source, computed = report.session.model, {}, []
+    for aliases in names.values():
+        found = next((n for n in aliases if n in checkpoint.weight_map), None)
+        source.update(dict.fromkeys(aliases, found))
+
+    def load(name: str) -> torch.Tensor:
+        if source.get(name) is not None:
+            return read(source[name])
+        if not computed:
+            computed.append(config_buffers(model))
+        if name not in computed[0]:
+            raise ValueError(f"{checkpoint.directory}: no tensor {name}, which the calibration pass reads")
+        return computed[0][name]
+
+    return load
 
 
 def _meta_model(directory: str) -> nn.Module:
@@ -110,11 +146,14 @@ def _meta_model(directory: str) -> nn.Module:
                          "(pip install transformers)") from None
     config = transformers.AutoConfig.from_pretrained(directory)
     names = [n for n in (getattr(config, "architectures", None) or []) if hasattr(transformers, n)]
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)  # as from_pretrained builds it
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    options = {"dtype": dtype} if isinstance(dtype, torch.dtype) else {}
     with torch.device("meta"):
         if names:
-            model = getattr(transformers, names[0])(config)
+            model = getattr(transformers, names[0])._from_config(config, **options)
         else:
-            model = transformers.AutoModel.from_config(config)
+            model = transformers.AutoModel.from_config(config, **options)
     return model.eval()
 
 

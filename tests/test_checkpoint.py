@@ -175,3 +175,45 @@ def test_the_command_line_streams_as_the_api_does(source, tmp_path, capsys):
 def test_command_line_stream_mistakes_are_usage_errors(source, capsys, argv, message):
     code, out, err = run_cli(capsys, [a.format(source=source) for a in argv])
     assert code == 2 and message in err
+
+
+@pytest.mark.parametrize("name", ["wanda", "flap"])
+def test_activation_aware_scores_stream_with_one_module_loaded_at_a_time(source, tmp_path, name, monkeypatch):
+    calibration = [{"input_ids": IDS[:1]}, {"input_ids": IDS[1:]}]
+    loaded = []
+    original = sharded.ShardedCheckpoint.reader
+
+    def counting_reader(self):
+        reader = original(self)
+        read = reader.__enter__()
+
+        def counted(tensor_name):
+            loaded.append(tensor_name)
+            return read(tensor_name)
+        return _Wrapped(counted, reader)
+
+    monkeypatch.setattr(sharded.ShardedCheckpoint, "reader", counting_reader)
+    done = graphprune.prune_checkpoint(source, tmp_path / "out", 0.25, criterion=name, calibration=calibration,
+                                       uniform=True, progress=False)
+    assert len(loaded) == 2 * len(json.loads((source / sharded.INDEX).read_text())["weight_map"])  # each, per batch
+    expected = pruned_in_memory(source, 0.25, criterion=name, calibration=calibration, uniform=True)
+    assert torch.equal(logits(load(done.path)), logits(expected))
+
+
+class _Wrapped:
+    def __init__(self, read, reader):
+        self.read, self.reader = read, reader
+
+    def __enter__(self):
+        return self.read
+
+    def __exit__(self, *exc):
+        return self.reader.__exit__(*exc)
+
+
+def test_criteria_that_need_gradients_or_whole_weights_do_not_stream(source, tmp_path):
+    with pytest.raises(ValueError, match="criterion 'obs' cannot score a checkpoint shard by shard"):
+        graphprune.prune_checkpoint(source, tmp_path / "out", 0.25, criterion="obs", calibration=[{"input_ids": IDS}])
+    with pytest.raises(ValueError, match="criterion 'wanda' needs training data"):
+        graphprune.prune_checkpoint(source, tmp_path / "out", 0.25, criterion="wanda")
+    assert not (tmp_path / "out").exists()

@@ -183,3 +183,12 @@ def test_a_forward_that_reads_values_cannot_be_analysed_on_meta_and_says_so():
         model = _ReadsValues()
     with pytest.raises(ValueError, match="reads values, which a model on the meta device does not hold: analyse it materialised"):
         graphprune.analyze(model, torch.randn(2, 4, device="meta"))
+
+
+def test_explicit_channels_prune_a_model_on_meta():
+    meta, inputs = build("resnet18", "meta")
+    report = graphprune.analyze(meta, inputs)
+    stem = next(g for g in report.groups if g.root == "conv1")
+    stem.prune(list(range(0, 64, 2)))
+    assert meta.conv1.weight.shape == (32, 3, 7, 7) and meta.conv1.weight.is_meta
+    assert meta.layer1[0].conv1.weight.shape[1] == meta.bn1.num_features == 32

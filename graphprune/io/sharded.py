@@ -15,9 +15,11 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from functools import partial
 from typing import Callable, Iterator, Optional
 
 import torch
+from torch import nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -82,6 +84,68 @@ class ShardedCheckpoint:
                         tensor = handle.get_tensor(name)
                         yield shard, name, tensor
                         bar.update(tensor.numel() * tensor.element_size())
+
+
+    @contextmanager
+    def reader(self) -> Iterator[Callable[[str], torch.Tensor]]:
+        """``read(name)``, one tensor at a time, from a handle on its shard kept open until a
+        tensor of another shard is read: one shard mapped at a time."""
+        current: list = [None, None]  # shard, handle
+
+        def read(name: str) -> torch.Tensor:
+            shard = self.weight_map[name]
+            if current[0] != shard:
+                close()
+                current[:] = [shard, self._open(shard).__enter__()]
+            return current[1].get_tensor(name)
+
+        def close() -> None:
+            if current[1] is not None:
+                current[1].__exit__(None, None, None)
+            current[:] = [None, None]
+
+        try:
+            yield read
+        finally:
+            close()
+
+
+@contextmanager
+def weights_on_demand(model: nn.Module, load: Callable[[str], torch.Tensor]) -> Iterator[None]:
+    """While the block runs, every module of ``model`` whose own parameters or buffers are on
+    the meta device holds real ones, ``load(name)``, only while its forward runs: a model
+    larger than memory runs with one layer's weights at a time. A tensor used outside its
+    own module's forward stays on meta (the forward then fails on mixed devices)."""
+    handles = []
+    for prefix, module in model.named_modules():
+        own = [k for k, t in [*module._parameters.items(), *module._buffers.items()] if t is not None and t.is_meta]
+        if own:
+            held: list = []
+            handles.append(module.register_forward_pre_hook(partial(_load_own, prefix, own, load, held)))
+            handles.append(module.register_forward_hook(partial(_put_back, held), always_call=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _load_own(prefix: str, own: list, load: Callable, held: list, module: nn.Module, args: tuple) -> None:
+    saved = {}
+    for key in own:
+        name = f"{prefix}.{key}" if prefix else key
+        if key in module._parameters:
+            saved[key] = module._parameters[key]
+            module._parameters[key] = nn.Parameter(load(name), requires_grad=False)
+        else:
+            saved[key] = module._buffers[key]
+            module._buffers[key] = load(name)
+    held.append(saved)
+
+
+def _put_back(held: list, module: nn.Module, args: tuple, output) -> None:
+    for key, tensor in (held.pop() if held else {}).items():
+        (module._parameters if key in module._parameters else module._buffers)[key] = tensor
 
 
 def write_shards(source: ShardedCheckpoint, directory: str, transform: Callable[[str, torch.Tensor], torch.Tensor], *,

@@ -143,10 +143,15 @@ def config_buffers(model: nn.Module) -> dict:
     """``{name: value}`` of the buffers ``type(model)(model.config)`` computes (rotary
     frequencies, position ids), built with its parameters on the meta device: the values of
     a model on meta, which holds none, as its config gives them. Empty if it cannot be built."""
+    floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    previous = torch.get_default_dtype()
     try:
+        torch.set_default_dtype(floating[0] if floating else previous)  # as from_pretrained builds it
         return dict(_construct(type(model), model.config, _parameters_on_meta()).named_buffers())
     except Exception:  # noqa: BLE001 - then no value is known
         return {}
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _refusal(config: Any) -> Optional[str]:
