@@ -5,10 +5,9 @@
     python benchmarks/scale.py --sizes 7b --write          # the headline, to benchmarks/results/scale.md
     python benchmarks/scale.py --write                     # 1b, 3b and 7b, one after another
 
-Per size, a checkpoint of random bf16 weights is written from a LLaMA config without ever
-materialising the model (built on the meta device, each state-dict tensor generated alone, packed
-into ``--shard-gb`` safetensors shards with an index, like ``save_pretrained``). Then, each in its
-own child process, so that a peak resident set is that step's alone:
+Per size, random bf16 weights for a LLaMA config are written as a checkpoint of ``--shard-gb``
+safetensors shards with an index (the model only ever built on meta), then, each step in its own
+child process (so that a peak resident set is that step's alone):
 
 * **prune**: ``prune_checkpoint(src, dst, 0.25, uniform=True)``; the seconds of each stage
   (analysis, scoring, planning, writing) and the peak RSS of each stage (``VmRSS`` sampled every
@@ -112,7 +111,8 @@ def write_checkpoint(size: str, directory: str, shard_gb: float, seed: int = 0) 
     weight_map, total = {}, 0
     for number, names in enumerate(plan, 1):
         file = f"model-{number:05d}-of-{len(plan):05d}.safetensors"
-        tensors = {n: _random_tensor(n, shapes[n]) for n in names}
+        tensors = {n: torch.ones(shapes[n], dtype=torch.bfloat16) if n.endswith("norm.weight")  # norms: ones
+                   else torch.randn(shapes[n], dtype=torch.bfloat16).mul_(0.02) for n in names}
         save_file(tensors, os.path.join(directory, file), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(names, file))
@@ -123,14 +123,6 @@ def write_checkpoint(size: str, directory: str, shard_gb: float, seed: int = 0) 
     sizes = [os.path.getsize(os.path.join(directory, f)) for f in dict.fromkeys(weight_map.values())]
     return {"shards": len(sizes), "largest_shard": max(sizes), "bytes": sum(sizes),
             "params": sum(map(math.prod, shapes.values()))}
-
-
-def _random_tensor(name: str, shape: tuple):
-    import torch
-
-    if name.endswith("norm.weight"):
-        return torch.ones(shape, dtype=torch.bfloat16)
-    return torch.randn(shape, dtype=torch.bfloat16).mul_(0.02)
 
 
 # ---------------------------------------------------------------------------- child: prune, with RSS per stage
@@ -203,12 +195,11 @@ def child_analysis(size: str) -> dict:
     ids = torch.randint(0, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     real = graphprune.analyze(small, {"input_ids": ids})
-    real_s = time.perf_counter() - start
+    real_s, ours, theirs = time.perf_counter() - start, signatures(meta), signatures(real)
     return {"layers": model.config.num_hidden_layers, "build_s": build, "meta_s": meta_s, "groups": len(meta.groups),
             "prunable": len(meta.prunable_groups), "real_s": real_s, "real_groups": len(real.groups),
-            "signatures": len(signatures(meta)), "same": signatures(meta) == signatures(real),
-            "same_strict": signatures(meta, True) == signatures(real, True),
-            "only_meta": len(signatures(meta) - signatures(real)), "only_real": len(signatures(real) - signatures(meta))}
+            "signatures": len(ours), "same": ours == theirs, "same_strict": signatures(meta, True) == signatures(real, True),
+            "only_meta": len(ours - theirs), "only_real": len(theirs - ours)}
 
 
 # ---------------------------------------------------------------------------- child: equality, generate
@@ -406,19 +397,38 @@ def parse_args(argv: Optional[list]) -> argparse.Namespace:
     return args
 
 
+def library_revision() -> str:
+    """The commit of the checkout graphprune is imported from, and a digest of its uncommitted library changes."""
+    import hashlib
+    import importlib.util
+
+    where = os.path.dirname(os.path.dirname(importlib.util.find_spec("graphprune").origin))
+    git = ["git", "--no-optional-locks", "-C", where]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout
+        diff = subprocess.run([*git, "diff", "HEAD", "--", "graphprune", "criteria", "tracer"], capture_output=True,
+                              check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return f"graphprune from {where} (not a git checkout)"
+    dirty = f" with uncommitted changes (diff sha1 {hashlib.sha1(diff).hexdigest()[:8]})" if diff else ""
+    return f"graphprune {commit.strip()}{dirty}"
+
+
 def main(argv: Optional[list] = None) -> int:
     args = parse_args(argv)
     if args.child:
         child_main(args.child[0], args.child[1:], args.threads)
         return 0
-    rows = []
+    rows, revision = [], library_revision()
     for size in args.sizes:
         rows.append(run_size(size, args))
         say(json.dumps(rows[-1], default=str))
+    if library_revision() != revision:  # the children import the library as it is when they start
+        revision = f"{revision}, then {library_revision()}: THE LIBRARY CHANGED DURING THE RUN"
     command = "python benchmarks/scale.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     text = (f"# prune_checkpoint at scale: synthetic LLaMA checkpoints, ratio {RATIO}, uniform, L1\n\n`{command}`\n\n"
-            f"{MACHINE_NOTE}; {args.threads} torch threads; GB = 10^9 bytes; peak RSS per pass is VmRSS sampled every "
-            f"20 ms, overall is ru_maxrss\n\n## Streamed pruning\n\n{table(rows)}\n\n{notes(rows)}\n\n"
+            f"{revision}; {MACHINE_NOTE}; {args.threads} torch threads; GB = 10^9 bytes; peak RSS per pass is VmRSS "
+            f"sampled every 20 ms, overall is ru_maxrss\n\n## Streamed pruning\n\n{table(rows)}\n\n{notes(rows)}\n\n"
             f"## Analysis on meta\n\n{analysis_table(rows)}\n")
     print(text)
     if args.write:

@@ -9,7 +9,8 @@ input statistics, need data), ``obs`` (the error a least-squares refit cannot re
 needs data). A criterion that needs data is built from its name on ``prune``'s
 ``calibration`` batches; otherwise pass an instance, e.g. ``criterion=Taylor(data_loader)``.
 Scores computed elsewhere rank through :class:`Precomputed`. A :class:`WeightCriterion`
-(``l1``, ``l2``, ``bn_scale``) reads one tensor at a time, so it scores a checkpoint shard
+(``l1``, ``l2``, ``bn_scale``, and ``wanda`` and ``flap`` after their data pass) reads one
+tensor at a time, so it scores a checkpoint shard
 by shard (:func:`graphprune.prune_checkpoint`).
 """
 from __future__ import annotations

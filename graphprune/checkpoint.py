@@ -32,6 +32,7 @@ from .io.sharded import (
     write_shards,
 )
 from .pruning.model_config import config_buffers
+from .pruning.options import check_options, check_ratio, check_target
 from .pruning.run import PruneResult
 from .reporting.report import Report
 
@@ -80,6 +81,10 @@ def prune_checkpoint(
     check_destination(os.path.abspath(os.fspath(destination)))
     criterion = _streaming_criterion(criterion, calibration)
     model = _meta_model(checkpoint.directory)
+    checked = check_ratio(model, ratio)  # before minutes of reading; prune() checks them again
+    check_target(checked, {"flops": target_flops, "params": target_params})
+    check_options(checked, global_ranking=global_ranking, max_ratio=max_ratio, round_to=round_to, steps=1,
+                  schedule="linear", tolerance=tolerance, verify=True, uniform=uniform)
     example_inputs = _meta_inputs(model) if example_inputs is None else example_inputs
     report = analyze(model, example_inputs, prune_heads=prune_heads, ignored_layers=ignored_layers)
     names, renamed = _checkpoint_names(model, checkpoint)

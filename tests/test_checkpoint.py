@@ -217,3 +217,15 @@ def test_criteria_that_need_gradients_or_whole_weights_do_not_stream(source, tmp
     with pytest.raises(ValueError, match="criterion 'wanda' needs training data"):
         graphprune.prune_checkpoint(source, tmp_path / "out", 0.25, criterion="wanda")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options, error, message", [
+    ({"ratio": 1.5}, ValueError, "ratio must lie in"),
+    ({"ratio": None}, ValueError, "prune needs a ratio or a budget"),
+    ({"ratio": 0.3, "round_to": 0}, ValueError, "round_to must be at least 1"),
+    ({"ratio": 0.3, "uniform": "yes"}, TypeError, "uniform must be True or False"),
+])
+def test_bad_options_are_refused_before_any_shard_is_read(source, tmp_path, monkeypatch, options, error, message):
+    monkeypatch.setattr(sharded.ShardedCheckpoint, "tensors", lambda *a, **k: pytest.fail("a shard was read"))
+    with pytest.raises(error, match=message):
+        graphprune.prune_checkpoint(source, tmp_path / "out", options.pop("ratio"), **options)
