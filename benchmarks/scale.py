@@ -9,7 +9,8 @@ Per size, random bf16 weights for a LLaMA config are written as a checkpoint of 
 safetensors shards with an index (the model only ever built on meta), then, each step in its own
 child process (so that a peak resident set is that step's alone):
 
-* **prune**: ``prune_checkpoint(src, dst, 0.25, uniform=True)``; the seconds of each stage
+* **prune**: ``prune_checkpoint(src, dst, 0.25, uniform=True)``, the checkpoint's files first dropped from
+  the page cache (``posix_fadvise``; ``--warm`` leaves them), so that it reads the disk; the seconds of each stage
   (analysis, scoring, planning, writing) and the peak RSS of each stage (``VmRSS`` sampled every
   20 ms in a thread, attributed to stages by their cumulative seconds) and of the whole call
   (``ru_maxrss``), against the goal: peak RSS <= 2 x largest shard + 2 GB;
@@ -274,6 +275,18 @@ def run_child(kind: str, arguments: list, args) -> dict:
     return json.loads(lines[-1])
 
 
+def evict(directory: str) -> None:
+    """Drop ``directory``'s files from the page cache (written back first), so that the next
+    read comes from the disk, as a checkpoint larger than memory must."""
+    for name in os.listdir(directory):
+        handle = os.open(os.path.join(directory, name), os.O_RDONLY)
+        try:
+            os.fsync(handle)
+            os.posix_fadvise(handle, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(handle)
+
+
 def run_size(size: str, args) -> dict:
     src, dst = os.path.join(args.workdir, f"{size}-src"), os.path.join(args.workdir, f"{size}-dst")
     for path in (src, dst):
@@ -287,6 +300,8 @@ def run_size(size: str, args) -> dict:
     row["checkpoint"]["seconds"] = time.perf_counter() - start
     say(f"{size}: {row['checkpoint']}")
     try:
+        if not args.warm:
+            evict(src)
         say(f"{size}: prune_checkpoint")
         row["prune"] = run_child("prune", [src, dst, "1" if args.progress else "0"], args)
         if "error" not in row["prune"]:
@@ -302,9 +317,7 @@ def run_size(size: str, args) -> dict:
 
 
 def _gb(value) -> str:
-    if value is None:
-        return "–"
-    return f"{value / GB:.2f}" if value >= 0.1 * GB else f"{value / GB:.4f}"
+    return "–" if value is None else f"{value / GB:.2f}" if value >= 0.1 * GB else f"{value / GB:.4f}"
 
 
 def _params(count: int) -> str:
@@ -381,6 +394,8 @@ def parse_args(argv: Optional[list]) -> argparse.Namespace:
     add("--generate", default="quick,7b", help="sizes whose output generates 8 tokens (default quick,7b)")
     add("--workdir", default="/tmp/scale-bench", help="where the checkpoints are written (default /tmp/scale-bench)")
     add("--keep", action="store_true", help="keep the checkpoints")
+    add("--warm", action="store_true", help="leave the checkpoint in the page cache for the prune step (by default "
+        "its files are dropped from it first, so that the step reads them from the disk)")
     add("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: every core)")
     add("--timeout", type=float, default=7200, help="seconds allowed to each child process")
     add("--progress", action="store_true", help="show prune_checkpoint's progress bars and the children's stderr")
@@ -426,10 +441,11 @@ def main(argv: Optional[list] = None) -> int:
     if library_revision() != revision:  # the children import the library as it is when they start
         revision = f"{revision}, then {library_revision()}: THE LIBRARY CHANGED DURING THE RUN"
     command = "python benchmarks/scale.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    cache = "left in the page cache" if args.warm else "dropped from the page cache before the prune step"
     text = (f"# prune_checkpoint at scale: synthetic LLaMA checkpoints, ratio {RATIO}, uniform, L1\n\n`{command}`\n\n"
-            f"{revision}; {MACHINE_NOTE}; {args.threads} torch threads; GB = 10^9 bytes; peak RSS per pass is VmRSS "
-            f"sampled every 20 ms, overall is ru_maxrss\n\n## Streamed pruning\n\n{table(rows)}\n\n{notes(rows)}\n\n"
-            f"## Analysis on meta\n\n{analysis_table(rows)}\n")
+            f"{revision}; {MACHINE_NOTE}; {args.threads} torch threads; checkpoint {cache}; GB = 10^9 bytes; peak RSS "
+            f"per pass is VmRSS sampled every 20 ms, overall is ru_maxrss\n\n## Streamed pruning\n\n{table(rows)}\n\n"
+            f"{notes(rows)}\n\n## Analysis on meta\n\n{analysis_table(rows)}\n")
     print(text)
     if args.write:
         with open(args.write, "w", encoding="utf-8") as handle:

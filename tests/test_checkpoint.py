@@ -149,8 +149,15 @@ def test_a_checkpoint_that_does_not_match_its_config_is_refused(source, tmp_path
         graphprune.prune_checkpoint(broken, tmp_path / "out", 0.25)
     (broken / "config.json").write_text(json.dumps(config))
     index = json.loads((broken / sharded.INDEX).read_text())
-    os.remove(broken / sorted(set(index["weight_map"].values()))[-1])
+    last = broken / sorted(set(index["weight_map"].values()))[-1]
+    last.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="shard model-.* is not a readable safetensors file"):
+        graphprune.prune_checkpoint(broken, tmp_path / "out", 0.25)
+    os.remove(last)
     with pytest.raises(ValueError, match="shard model-.* is missing"):
+        graphprune.prune_checkpoint(broken, tmp_path / "out", 0.25)
+    (broken / sharded.INDEX).write_text('{"weights": {}}')
+    with pytest.raises(ValueError, match="model.safetensors.index.json is not an index of shards"):
         graphprune.prune_checkpoint(broken, tmp_path / "out", 0.25)
     assert not (tmp_path / "out").exists()
 

@@ -40,8 +40,11 @@ class ShardedCheckpoint:
             raise ValueError(f"{self.directory}: not a checkpoint directory with a config.json (save_pretrained writes one)")
         index = os.path.join(self.directory, INDEX)
         if os.path.isfile(index):
-            with open(index, encoding="utf-8") as handle:
-                self.weight_map = dict(json.load(handle)["weight_map"])
+            try:
+                with open(index, encoding="utf-8") as handle:
+                    self.weight_map = {str(k): str(v) for k, v in json.load(handle)["weight_map"].items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ValueError(f"{self.directory}: {INDEX} is not an index of shards ({type(exc).__name__}: {exc})") from None
         elif os.path.isfile(os.path.join(self.directory, SINGLE)):
             self.weight_map = None
         else:
@@ -64,10 +67,10 @@ class ShardedCheckpoint:
         path = os.path.join(self.directory, shard)
         if not os.path.isfile(path):
             raise ValueError(f"{self.directory}: shard {shard} is missing")
-        return safe_open(path, framework="pt")
-
-    def largest_shard_bytes(self) -> int:
-        return max(os.path.getsize(os.path.join(self.directory, s)) for s in self.shards)
+        try:
+            return safe_open(path, framework="pt")
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error types
+            raise ValueError(f"{self.directory}: shard {shard} is not a readable safetensors file: {exc}") from None
 
     def tensors(self, names: Optional[set] = None, *, desc: str = "", progress: bool = True) -> Iterator[tuple]:
         """``(shard, name, tensor)`` for every tensor (those in ``names`` only, if given), shard
