@@ -22,28 +22,32 @@ import importlib.util
 import sys
 import warnings
 
-from . import criteria, data, models
-from .analysis.analyzer import AnalysisError
-from .analysis.groups import Group, Member
-from .analysis.inputs import InferredInputWarning
-from .api import analyze, prune
-from .checkpoint import CheckpointResult, prune_checkpoint
-from .io.persist import load, save
-from .pruning.budget import BudgetWarning
-from .pruning.model_config import ConfigWarning
-from .pruning.run import PruneResult
-from .pruning.surgery import PruningError
-from .recovery import Recovery
-from .reporting.compare import Comparison, report
-from .reporting.measure import count_flops, count_parameters, measure_latency
-from .reporting.report import Report
-from .session import PruningSession
-from .tracer import InputError, TraceError
-from .workflow.evaluation import evaluate
-from .workflow.finetune import finetune
-from .workflow.schedule import prune_schedule
-from .workflow.sensitivity import SensitivityResult, sensitivity
-from .workflow.sparse import GroupRegularizer
+#: The public API: name -> the module that defines it. Imported on first use (PEP 562), so
+#: that ``import graphprune`` and ``graphprune --help`` load no torch until a name is used.
+_PUBLIC = {
+    **dict.fromkeys(("analyze", "prune"), "graphprune.api"),
+    **dict.fromkeys(("prune_checkpoint", "CheckpointResult"), "graphprune.checkpoint"),
+    "AnalysisError": "graphprune.analysis.analyzer",
+    **dict.fromkeys(("Group", "Member"), "graphprune.analysis.groups"),
+    "InferredInputWarning": "graphprune.analysis.inputs",
+    **dict.fromkeys(("load", "save"), "graphprune.io.persist"),
+    "BudgetWarning": "graphprune.pruning.budget",
+    "ConfigWarning": "graphprune.pruning.model_config",
+    "PruneResult": "graphprune.pruning.run",
+    "PruningError": "graphprune.pruning.surgery",
+    "Recovery": "graphprune.recovery",
+    **dict.fromkeys(("Comparison", "report"), "graphprune.reporting.compare"),
+    **dict.fromkeys(("count_flops", "count_parameters", "measure_latency"), "graphprune.reporting.measure"),
+    "Report": "graphprune.reporting.report",
+    "PruningSession": "graphprune.session",
+    **dict.fromkeys(("InputError", "TraceError"), "graphprune.tracer"),
+    "evaluate": "graphprune.workflow.evaluation",
+    "finetune": "graphprune.workflow.finetune",
+    "prune_schedule": "graphprune.workflow.schedule",
+    **dict.fromkeys(("SensitivityResult", "sensitivity"), "graphprune.workflow.sensitivity"),
+    "GroupRegularizer": "graphprune.workflow.sparse",
+}
+_SUBPACKAGES = ("criteria", "models", "data")
 
 __version__ = "0.1.0"
 
@@ -87,9 +91,20 @@ def _moved(name: str):
 
 
 def __getattr__(name: str):
-    if name in _MOVED:
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    elif name in _MOVED:
         return _moved(name)
-    raise AttributeError(f"module 'graphprune' has no attribute {name!r}")
+    elif name in _SUBPACKAGES or importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f"{__name__}.{name}")  # a subpackage not imported yet
+    else:
+        raise AttributeError(f"module 'graphprune' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted({*globals(), *__all__})
 
 
 class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):

@@ -6,10 +6,10 @@ import numbers
 import os
 import sys
 import warnings
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["check_model", "check_materialised", "check_int", "check_real", "check_fraction", "warn_caller"]
 
@@ -18,6 +18,9 @@ def check_model(model: Any, name: str = "model", *, allow_torchscript: bool = Fa
     """Raise TypeError unless ``model`` is an ``nn.Module``; a TorchScript module
     (``torch.jit.script`` / ``torch.jit.trace``) too, unless ``allow_torchscript`` (for
     functions that only run the model, never trace or change it)."""
+    import torch  # here, not at the top: the command line's parser imports this module, and must start fast
+    from torch import nn
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
     if not allow_torchscript and isinstance(model, torch.jit.ScriptModule):

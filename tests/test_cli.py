@@ -283,3 +283,19 @@ def test_bad_hf_and_yolo_names_are_usage_errors(capsys, spec, message):
     pytest.importorskip("transformers" if spec.startswith("hf") else "ultralytics")
     code, out, err = run_cli(capsys, ["analyze", spec])
     assert code == 2 and out == "" and message in err
+
+
+def test_the_command_line_and_the_package_start_without_importing_torch():
+    """``graphprune --help`` and ``import graphprune`` load no torch (it takes seconds); a
+    public name loads what it needs on first use."""
+    script = ("import sys, contextlib, io\n"
+              "import graphprune\n"
+              "assert 'torch' not in sys.modules, 'import graphprune'\n"
+              "from graphprune.cli.app import main\n"
+              "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+              "    main(['--help'])\n"
+              "assert 'torch' not in sys.modules, 'graphprune --help'\n"
+              "assert callable(graphprune.prune) and 'torch' in sys.modules\n"
+              "assert 'prune' in dir(graphprune) and graphprune.criteria.CRITERIA['l1'].__name__ == 'L1'\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -145,6 +145,15 @@ def _data_criteria_note() -> str:
     return f"{', '.join(needing)} need training data and are only available from Python" if needing else ""
 
 
+class _CriterionNames:
+    """The criteria the command line can build, as ``--criterion``'s help shows them: imported
+    (with torch) only when that help is printed, so that the command line starts fast."""
+
+    def __str__(self) -> str:
+        note = _data_criteria_note()
+        return ", ".join(_criteria()) + (f" ({note})" if note else "")
+
+
 def _criterion(text: str) -> str:
     from graphprune.criteria import CRITERIA
 
@@ -178,10 +187,11 @@ class _Parents:
         self.one = argparse.ArgumentParser(add_help=False, parents=[self.options])
         self.one.add_argument("model", metavar="MODEL", help=MODEL_HELP)
         self.criterion = argparse.ArgumentParser(add_help=False)
-        self.criterion.add_argument(
-            "--criterion", type=_criterion, default="l1", metavar="{" + ",".join(_criteria()) + "}",
-            help="channel importance criterion (default: l1); " + _data_criteria_note(),
+        criterion = self.criterion.add_argument(
+            "--criterion", type=_criterion, default="l1", metavar="NAME",
+            help="channel importance criterion (default: l1): %(criteria)s",
         )
+        criterion.criteria = _CriterionNames()  # read from the registry only when the help is printed
         self.digits = argparse.ArgumentParser(add_help=False)
         self.digits.add_argument("--batch-size", type=_number(int, 1), default=64, metavar="B", help="batch size (default: 64)")
         self.digits.add_argument(
