@@ -1,4 +1,4 @@
-"""Command line interface: ``graphprune analyze | prune | finetune | sensitivity | report | export``.
+"""Command line interface: ``graphprune analyze | prune | bench | finetune | sensitivity | report | export``.
 
 MODEL arguments are resolved by :mod:`graphprune.cli.models` (torchvision names, ``cifar:``,
 ``torchvision:`` and ``timm:`` names, or files written by ``--output``).
@@ -10,6 +10,7 @@ fails. Errors are one line on stderr; ``--traceback`` shows the full traceback i
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import sys
 import textwrap
@@ -17,8 +18,10 @@ from typing import Any, Callable, Optional, Sequence
 
 from graphprune.validation import check_fraction
 
-from .commands import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, HANDLERS
+from . import commands, prune
+from .commands import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from .models import MODEL_HELP, UsageError
+from .options import add_prune_options
 from .output import Status, one_line
 
 _EPILOG = (
@@ -92,10 +95,6 @@ def _fraction(text: str, name: str, low_open: bool) -> float:
         raise argparse.ArgumentTypeError(str(exc).replace(f"got {value}", f"got {text.strip()}")) from None
 
 
-def _ratio(text: str) -> float:
-    return _fraction(text, "ratio", low_open=False)
-
-
 def _ratio_list(text: str) -> tuple:
     expected = "comma-separated numbers such as 0.1,0.3,0.5"
     try:
@@ -145,6 +144,16 @@ def _data_criteria_note() -> str:
     return f"{', '.join(needing)} need training data and are only available from Python" if needing else ""
 
 
+def _model_arg(text: str) -> tuple:
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE such as num_classes=10, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 class _CriterionNames:
     """The criteria the command line can build, as ``--criterion``'s help shows them: imported
     (with torch) only when that help is printed, so that the command line starts fast."""
@@ -170,6 +179,12 @@ def _criterion(text: str) -> str:
 
 # ---------------------------------------------------------------- parser
 
+_HANDLERS: dict = {
+    "analyze": commands.cmd_analyze, "prune": prune.cmd_prune, "bench": prune.cmd_bench,
+    "finetune": commands.cmd_finetune, "sensitivity": commands.cmd_sensitivity, "report": commands.cmd_report,
+    "export": commands.cmd_export,
+}
+
 
 class _Parents:
     """The option groups that several subcommands share."""
@@ -186,6 +201,18 @@ class _Parents:
         self.options.add_argument("--traceback", action="store_true", help="on failure, show the full traceback")
         self.one = argparse.ArgumentParser(add_help=False, parents=[self.options])
         self.one.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+        self.one.add_argument(
+            "--model-arg", action="append", type=_model_arg, metavar="KEY=VALUE", dest="model_args",
+            help="a keyword argument of MODEL's builder (torchvision.models.get_model, timm.create_model, "
+                 "graphprune.models.get_model), e.g. num_classes=10; repeat it for more. VALUE is a Python literal "
+                 "(10, 0.5, True, 'text'), else a string. Recorded with --output",
+        )
+        self.one.add_argument(
+            "--weights", metavar="FILE",
+            help="trained weights to load into MODEL first: a state_dict saved with torch.save (.pt, .pth, .bin, "
+                 ".ckpt; read with weights_only=True) or a .safetensors file, as torchvision, timm, Hugging Face, "
+                 "Lightning or DDP write them (graphprune.io.weights.load_weights)",
+        )
         self.criterion = argparse.ArgumentParser(add_help=False)
         criterion = self.criterion.add_argument(
             "--criterion", type=_criterion, default="l1", metavar="NAME",
@@ -215,12 +242,12 @@ def _build_parser() -> argparse.ArgumentParser:
     def command(name: str, parents: list, help: str, description: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, parents=parents, help=help, description=description, epilog=_EPILOG,
                                   formatter_class=_Formatter)
-        sub.set_defaults(handler=HANDLERS[name])
+        sub.set_defaults(handler=_HANDLERS[name])
         return sub
 
     shared = _Parents()
-    for define in (_analyze_command, _prune_command, _finetune_command, _sensitivity_command, _report_command,
-                   _export_command):
+    for define in (_analyze_command, _prune_command, _bench_command, _finetune_command, _sensitivity_command,
+                   _report_command, _export_command):
         define(command, shared)
     return parser
 
@@ -232,19 +259,29 @@ def _analyze_command(command: Callable, p: _Parents) -> None:
 
 def _prune_command(command: Callable, p: _Parents) -> None:
     prune = command("prune", [p.one, p.criterion], "prune a model and report parameters and FLOPs before and after",
-                    "Prune floor(RATIO * n) channels from every prunable group of n channels of a model, and print "
-                    "parameters and FLOPs before and after and the time taken.")
-    prune.add_argument("--ratio", type=_ratio, required=True, help="fraction of each group's channels to remove, in [0, 1)")
-    prune.add_argument("--uniform", action="store_true",
-                       help="prune a group repeated layer after layer (a transformer block's MLP) alike in every layer, "
-                            "so that a Hugging Face config can describe the result")
-    prune.add_argument("--prune-heads", action="store_true",
-                       help="remove whole attention heads (num_heads shrinks) instead of narrowing every head")
+                    "Prune floor(RATIO * n) channels from every prunable group of n channels of a model (or as much "
+                    "as a budget asks), and print parameters and FLOPs before and after and the time taken. The "
+                    "options are graphprune.prune's, under the same names.")
+    add_prune_options(prune)
+    prune.add_argument("--bench", action="store_true",
+                       help="time the model before and after pruning, side by side (see graphprune bench)")
+    prune.add_argument("--rounds", type=_number(int, 4), default=30, metavar="N",
+                       help="with --bench: interleaved timing rounds (default: 30)")
     prune.add_argument("--stream", action="store_true",
                        help="hf:DIR only: prune the checkpoint shard by shard without loading it (models larger than "
                             "memory; graphprune.prune_checkpoint). --output is then a new directory that "
                             "from_pretrained loads; groups its config cannot describe are left whole")
     prune.add_argument("--output", "-o", metavar="FILE", help=_SAVE_HELP + " With --stream: the output directory.")
+
+
+def _bench_command(command: Callable, p: _Parents) -> None:
+    bench = command("bench", [p.one], "time a model, or two side by side",
+                    "Latency of one forward pass of MODEL (and OTHER, e.g. its pruned FILE): median and spread "
+                    "(interquartile range) over interleaved rounds after a warm-up, on this machine's CPU threads. "
+                    "A warning says when the spread is too wide to trust.")
+    bench.add_argument("other", metavar="OTHER", nargs="?", help="a second MODEL to time beside the first")
+    bench.add_argument("--rounds", type=_number(int, 4), default=30, metavar="N",
+                       help="timed rounds, each running every model once (default: 30)")
 
 
 def _finetune_command(command: Callable, p: _Parents) -> None:

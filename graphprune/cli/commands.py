@@ -1,4 +1,5 @@
-"""The subcommands of the command line: ``analyze``, ``prune``, ``finetune``, ``sensitivity``, ``report``, ``export``.
+"""The subcommands of the command line: ``analyze``, ``finetune``, ``sensitivity``, ``report``, ``export``
+(``prune`` is in :mod:`.prune`), and the helpers they share.
 
 Each takes the parsed arguments and a :class:`~graphprune.cli.output.Status`, prints its result on stdout and
 returns the exit status; a bad command line raises :class:`~graphprune.cli.models.UsageError`. The parser and
@@ -23,6 +24,7 @@ from .models import (
     check_output_path,
     digits_for,
     example_inputs,
+    load_trained_weights,
     parse_model,
     python_builder,
     save_model,
@@ -44,8 +46,11 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 # ---------------------------------------------------------------- helpers
 
 
-def _load(text: str, status: Status, role: str = "") -> tuple[ModelSpec, Any]:
+def load_model(text: str, status: Status, role: str = "", options: Optional[dict] = None) -> tuple[ModelSpec, Any]:
     spec = parse_model(text)
+    if options and spec.path is not None:
+        raise UsageError(f"--model-arg: {text} is a saved model, built as its sidecar records")
+    spec.options.update(options or {})
     try:
         return spec, build_model(spec, status)
     except UsageError:
@@ -54,9 +59,12 @@ def _load(text: str, status: Status, role: str = "") -> tuple[ModelSpec, Any]:
         raise UsageError(f"cannot build {role}{spec.canonical}: {type(exc).__name__}: {one_line(exc)}") from exc
 
 
-def _load_with_inputs(args: argparse.Namespace, status: Status) -> tuple[ModelSpec, Any, Any, str]:
-    """(spec, model, example inputs, their description) for ``args.model`` and ``args.input_shape``."""
-    spec, model = _load(args.model, status)
+def load_with_inputs(args: argparse.Namespace, status: Status) -> tuple[ModelSpec, Any, Any, str]:
+    """(spec, model, example inputs, their description) for ``args.model`` (with ``args.weights``
+    loaded) and ``args.input_shape``."""
+    spec, model = load_model(args.model, status, options=dict(getattr(args, "model_args", None) or []))
+    if getattr(args, "weights", None):
+        load_trained_weights(model, spec, args.weights, status)
     inputs, description = example_inputs(model, spec, args.input_shape)
     return spec, model, inputs, description
 
@@ -90,7 +98,7 @@ def _classifier_width(output, name: str) -> int:
     return int(output.shape[1])
 
 
-def _count(model, inputs, name: str, description: str, status: Status) -> tuple[int, int]:
+def count_model(model, inputs, name: str, description: str, status: Status) -> tuple[int, int]:
     """Parameters and FLOPs; the FLOP count's forward pass doubles as a check that the input fits."""
     from graphprune.reporting.measure import count_flops, count_parameters
 
@@ -103,7 +111,7 @@ def _count(model, inputs, name: str, description: str, status: Status) -> tuple[
     return params, flops
 
 
-def _saved_note(paths: list, spec: ModelSpec) -> str:
+def saved_note(paths: list, spec: ModelSpec) -> str:
     return (f"saved to {paths[0]} (graphprune.save; {os.path.basename(paths[1])} names {spec.canonical}; "
             f"give {paths[0]} as MODEL, or graphprune.load({python_builder(spec)}, {paths[0]!r}))")
 
@@ -111,11 +119,11 @@ def _saved_note(paths: list, spec: ModelSpec) -> str:
 # ---------------------------------------------------------------- commands
 
 
-def _cmd_analyze(args: argparse.Namespace, status: Status) -> int:
+def cmd_analyze(args: argparse.Namespace, status: Status) -> int:
     from graphprune.api import analyze
 
-    spec, model, inputs, description = _load_with_inputs(args, status)
-    params, flops = _count(model, inputs, args.model, description, status)
+    spec, model, inputs, description = load_with_inputs(args, status)
+    params, flops = count_model(model, inputs, args.model, description, status)
     status(f"tracing {args.model}...")
     start = time.perf_counter()
     with warnings_as_notes(status):
@@ -136,101 +144,16 @@ def _cmd_analyze(args: argparse.Namespace, status: Status) -> int:
     return EXIT_OK
 
 
-def _cmd_prune(args: argparse.Namespace, status: Status) -> int:
-    from graphprune.api import prune
-    from graphprune.reporting.measure import count_flops, count_parameters
-
-    if args.stream:
-        return _prune_stream(args, status)
-    check_output_path(args.output)
-    spec, model, inputs, description = _load_with_inputs(args, status)
-    params_before, flops_before = _count(model, inputs, args.model, description, status)
-    status(f"analyzing and pruning {args.model} at ratio {args.ratio:g}...")
-    start = time.perf_counter()
-    with warnings_as_notes(status):
-        model = prune(model, args.ratio, inputs, criterion=args.criterion, uniform=args.uniform,
-                      prune_heads=args.prune_heads)
-        seconds = time.perf_counter() - start
-        status("counting parameters and FLOPs of the pruned model...")
-        params_after = count_parameters(model)
-        flops_after = count_flops(model, inputs)
-        paths = None
-        if args.output:
-            status(f"saving to {args.output}...")
-            paths = save_model(model, args.output, spec, inputs, "prune")
-
-    params_ratio, flops_ratio = ratio_of(params_after, params_before), ratio_of(flops_after, flops_before)
-    if args.json:
-        print_json({
-            "model": args.model, "source": spec.canonical, "ratio": args.ratio, "criterion": args.criterion,
-            "input": description, "params_before": params_before, "params_after": params_after,
-            "params_ratio": params_ratio, "flops_before": flops_before, "flops_after": flops_after,
-            "flops_ratio": flops_ratio, "seconds": seconds, "output": args.output,
-            "sidecar": paths[1] if paths else None,
-        })
-        return EXIT_OK
-
-    def row(label: str, before: int, after: int, ratio: Optional[float]) -> list:
-        kept = f"{ratio:.3f} ({100 * (ratio - 1):+.1f}%)" if ratio is not None else "n/a"
-        return [label, f"{before:,} ({human_number(before)})", f"{after:,} ({human_number(after)})", kept]
-
-    print(f"graphprune: pruned {args.model} at ratio {args.ratio:g} (criterion {args.criterion}, input {description})")
-    print(format_table([["", "before", "after", "after/before"],
-                  row("parameters", params_before, params_after, params_ratio),
-                  row("FLOPs", flops_before, flops_after, flops_ratio)]))
-    print(f"time (analysis + pruning): {seconds:.2f} s")
-    if paths:
-        print(_saved_note(paths, spec))
-    return EXIT_OK
-
-
-def _prune_stream(args: argparse.Namespace, status: Status) -> int:
-    """``prune hf:DIR --stream --output DST``: :func:`graphprune.prune_checkpoint`."""
-    from graphprune.analysis.reasons import BlockKind
-    from graphprune.checkpoint import prune_checkpoint
-
-    spec = parse_model(args.model)
-    if spec.source != "hf" or spec.path is not None:
-        raise UsageError(f"--stream prunes a Hugging Face checkpoint directory (hf:DIR), not {args.model}")
-    if not args.output:
-        raise UsageError("--stream needs --output DIR, the directory to write the pruned checkpoint to")
-    if args.input_shape is not None:
-        raise UsageError("--stream builds its own inputs on the meta device; leave out --input-shape")
-    status(f"pruning the checkpoint {spec.name} shard by shard at ratio {args.ratio:g}...")
-    with warnings_as_notes(status):
-        try:
-            done = prune_checkpoint(spec.name, args.output, args.ratio, criterion=args.criterion, uniform=args.uniform,
-                                    prune_heads=args.prune_heads, progress=not args.quiet)
-        except ValueError as exc:
-            raise UsageError(one_line(exc)) from exc
-    before, after = done.result.before["params"], done.result.after["params"]
-    left_whole = [g for g in done.report.groups if any(getattr(r, "kind", None) is BlockKind.CONFIG for r in g.blocked)]
-    if args.json:
-        print_json({"model": args.model, "ratio": args.ratio, "criterion": args.criterion, "output": done.path,
-                    "params_before": before, "params_after": after, "params_ratio": ratio_of(after, before),
-                    "groups_left_whole_for_the_config": [g.id for g in left_whole], "seconds": done.seconds})
-        return EXIT_OK
-    print(f"graphprune: pruned the checkpoint {spec.name} at ratio {args.ratio:g} (criterion {args.criterion}), "
-          "shard by shard")
-    print(f"parameters: {before:,} ({human_number(before)}) -> {after:,} ({human_number(after)}), "
-          f"{ratio_of(after, before):.3f} kept")
-    if left_whole:
-        print(f"left whole, as its config cannot describe them: groups {', '.join(str(g.id) for g in left_whole)}")
-    print("time: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in done.seconds.items()))
-    print(f"written to {done.path}: transformers.{type(done.model).__name__}.from_pretrained({done.path!r}) loads it")
-    return EXIT_OK
-
-
 def _digits_setup(args: argparse.Namespace, status: Status) -> tuple:
     """(spec, model, inputs, description, width, train, test) for the commands that use the digits; width is
     the number of classes the model outputs."""
-    spec, model, inputs, description = _load_with_inputs(args, status)
+    spec, model, inputs, description = load_with_inputs(args, status)
     width = _classifier_width(_check_accepts(model, inputs, args.model, description), args.model)
     train, test = digits_for(inputs, args.batch_size, args.limit_batches)
     return spec, model, inputs, description, width, train, test
 
 
-def _cmd_finetune(args: argparse.Namespace, status: Status) -> int:
+def cmd_finetune(args: argparse.Namespace, status: Status) -> int:
     from graphprune.workflow.evaluation import evaluate
     from graphprune.workflow.finetune import finetune
 
@@ -243,7 +166,7 @@ def _cmd_finetune(args: argparse.Namespace, status: Status) -> int:
     spec, model, inputs, description, width, train, test = _digits_setup(args, status)
     teacher = None
     if args.teacher is not None:
-        _, teacher = _load(args.teacher, status, "teacher ")
+        _, teacher = load_model(args.teacher, status, "teacher ")
         out = _check_accepts(teacher, inputs, f"teacher {args.teacher}", description)
         if tuple(getattr(out, "shape", ())) != (inputs.shape[0], width):
             raise UsageError(f"teacher {args.teacher} outputs {tuple(getattr(out, 'shape', ()))}, "
@@ -278,11 +201,11 @@ def _cmd_finetune(args: argparse.Namespace, status: Status) -> int:
     print(format_table(rows))
     print(f"time: {seconds:.2f} s")
     if paths:
-        print(_saved_note(paths, spec))
+        print(saved_note(paths, spec))
     return EXIT_OK
 
 
-def _cmd_sensitivity(args: argparse.Namespace, status: Status) -> int:
+def cmd_sensitivity(args: argparse.Namespace, status: Status) -> int:
     from graphprune.workflow.evaluation import evaluate
     from graphprune.workflow.sensitivity import sensitivity
 
@@ -316,11 +239,11 @@ def _cmd_sensitivity(args: argparse.Namespace, status: Status) -> int:
     return EXIT_OK
 
 
-def _cmd_report(args: argparse.Namespace, status: Status) -> int:
+def cmd_report(args: argparse.Namespace, status: Status) -> int:
     from graphprune.reporting.compare import report
 
-    before_spec, before = _load(args.before, status)
-    after_spec, after = _load(args.after, status)
+    before_spec, before = load_model(args.before, status)
+    after_spec, after = load_model(args.after, status)
     shape = args.input_shape or after_spec.input_shape
     inputs, description = example_inputs(before, before_spec, shape)
     _check_accepts(before, inputs, args.before, description)
@@ -329,7 +252,8 @@ def _cmd_report(args: argparse.Namespace, status: Status) -> int:
     # torch.utils.benchmark imports cpp_extension, which logs a misleading "No CUDA runtime is found" on CPU machines
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     with warnings_as_notes(status):
-        comparison = report(before, after, inputs, latency=not args.no_latency, repeats=args.repeats)
+        comparison = report(before, after, inputs, latency=not args.no_latency, repeats=args.repeats,
+                            progress=not args.quiet)
     if args.json:
         print_json({"before": args.before, "after": args.after, **comparison.to_dict()})
     else:
@@ -359,11 +283,11 @@ def _export_onnx(model, inputs, path: str, quiet: bool) -> list:
     return [path] + ([path + ".data"] if external and os.path.exists(path + ".data") else [])
 
 
-def _cmd_export(args: argparse.Namespace, status: Status) -> int:
+def cmd_export(args: argparse.Namespace, status: Status) -> int:
     import torch
 
     check_output_path(args.output)
-    spec, model, inputs, description = _load_with_inputs(args, status)
+    spec, model, inputs, description = load_with_inputs(args, status)
     _check_accepts(model, inputs, args.model, description)
     status(f"exporting {args.model} as {args.format}...")
     start = time.perf_counter()
@@ -393,8 +317,3 @@ def _cmd_export(args: argparse.Namespace, status: Status) -> int:
 
 
 # the function that runs each command, by name; graphprune.cli sets it as the subparser's default "handler"
-HANDLERS: dict[str, Callable[[argparse.Namespace, Status], int]] = {
-    "analyze": _cmd_analyze, "prune": _cmd_prune, "finetune": _cmd_finetune, "sensitivity": _cmd_sensitivity,
-    "report": _cmd_report, "export": _cmd_export,
-}
-

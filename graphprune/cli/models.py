@@ -29,7 +29,7 @@ import itertools
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from . import sources
@@ -60,6 +60,7 @@ class ModelSpec:
     name: str
     path: Optional[str] = None
     input_shape: Optional[tuple] = None  # recorded in the sidecar
+    options: dict = field(default_factory=dict)  # the builder's keyword arguments (--model-arg), recorded too
 
     @property
     def canonical(self) -> str:
@@ -141,8 +142,11 @@ def _check_file(path: str) -> None:
         raise UsageError(f"no such file: {path!r}")
 
 
-def _read_sidecar(path: str) -> tuple[str, Optional[tuple]]:
+def _read_sidecar(path: str) -> tuple[str, Optional[tuple], dict]:
     side = sidecar_path(path)
+    if not os.path.isfile(side) and _plain_weights(path):
+        raise UsageError(f"{path!r} looks like trained weights, not a model graphprune saved: give the architecture "
+                         f"as MODEL and the file as --weights, e.g. graphprune prune resnet50 --weights {path}")
     if not os.path.isfile(side):
         raise UsageError(
             f"{path!r} has no {os.path.basename(side)!r} beside it naming the model it was saved from "
@@ -159,7 +163,10 @@ def _read_sidecar(path: str) -> tuple[str, Optional[tuple]]:
     shape = data.get("input_shape")
     if shape is not None and not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
         raise UsageError(f"{side!r}: malformed input_shape {shape!r}")
-    return model, tuple(shape) if shape is not None else None
+    options = data.get("model_args", {})
+    if not isinstance(options, dict):
+        raise UsageError(f"{side!r}: malformed model_args {options!r}")
+    return model, tuple(shape) if shape is not None else None, options
 
 
 def parse_model(text: str) -> ModelSpec:
@@ -182,12 +189,12 @@ def parse_model(text: str) -> ModelSpec:
     if not _looks_like_path(text) and (text in _torchvision_names() or text.lower() in _cifar_names()):
         return _named(text, None, text)  # a model name wins over a file of that name; ./NAME for the file
     _check_file(text)
-    base, shape = _read_sidecar(text)
+    base, shape, options = _read_sidecar(text)
     base_source, base_name = _split_source(base)
     if base_source is None or (base_source != sources.HF and _looks_like_path(base_name)) or "=" in base_name:
         raise UsageError(f"{sidecar_path(text)!r}: 'model' must be SOURCE:NAME such as cifar:resnet20, got {base!r}")
     spec = _named(text, base_source, base_name)
-    spec.path, spec.input_shape = text, shape
+    spec.path, spec.input_shape, spec.options = text, shape, options
     return spec
 
 
@@ -201,6 +208,8 @@ def build_model(spec: ModelSpec, status=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # builder notices (init schemes, deprecations) are noise here
         if spec.source in sources.OPTIONAL:
+            if spec.options:
+                raise UsageError(f"--model-arg: {spec.source}: models are built from their own config, not with arguments")
             try:
                 model = sources.build(spec.source, spec.name)
             except ValueError as exc:
@@ -208,26 +217,61 @@ def build_model(spec: ModelSpec, status=None):
         elif spec.source == "timm":
             import timm
 
-            model = timm.create_model(spec.name, pretrained=False)
+            model = timm.create_model(spec.name, pretrained=False, **spec.options)
         elif spec.source == "cifar":
             from graphprune import models
 
-            model = models.get_model(spec.name)
+            model = models.get_model(spec.name, **spec.options)
         else:
             import torchvision
 
-            model = torchvision.models.get_model(spec.name, weights=None)
+            model = torchvision.models.get_model(spec.name, weights=None, **spec.options)
     if spec.path is not None:
         from graphprune.io.persist import load
 
         if status is not None:
             status(f"loading {spec.path} into {spec.canonical}...")
+        if _plain_weights(spec.path):
+            raise UsageError(f"{spec.path!r} holds trained weights, not a model graphprune saved: give them as "
+                             f"--weights, e.g. graphprune prune {spec.canonical} --weights {spec.path}")
         try:
             load(model, spec.path)
         except (ValueError, OSError) as exc:
             text = " ".join(str(exc).split())
             raise UsageError(f"cannot load {spec.path!r} into {spec.canonical}: {text}") from None
     return model.eval()
+
+
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def _plain_weights(path: str) -> bool:
+    """Whether ``path`` holds trained weights rather than a :func:`graphprune.save` file: a
+    ``torch.save`` suffix, or safetensors without graphprune's spec."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as handle:
+            return "graphprune.spec" not in (handle.metadata() or {})
+    except Exception:  # noqa: BLE001 - not safetensors: torch.save's suffixes say weights
+        return path.lower().endswith(_WEIGHT_SUFFIXES)
+
+
+def load_trained_weights(model, spec: ModelSpec, path: str, status=None) -> None:
+    """``--weights``: :func:`graphprune.io.weights.load_weights` of ``path`` into the fresh ``model``."""
+    from graphprune.io.weights import load_weights
+
+    if spec.path is not None:
+        raise UsageError(f"{spec.text} is a saved model with its own weights; --weights loads trained weights into "
+                         "a freshly built MODEL, such as resnet50 or timm:convnext_atto")
+    if status is not None:
+        status(f"loading the weights in {path} into {spec.canonical}...")
+    try:
+        load_weights(model, path)
+    except (ValueError, OSError) as exc:
+        hint = " Give the builder's options with --model-arg, e.g. --model-arg num_classes=10." \
+            if "differ in shape" in str(exc) and spec.source not in sources.OPTIONAL else ""
+        raise UsageError(f"--weights: {' '.join(str(exc).split())}{hint}") from None
 
 
 def default_input_shape(spec: ModelSpec) -> Optional[tuple]:
@@ -268,6 +312,8 @@ def save_model(model, path: str, spec: ModelSpec, inputs: Any, command: str) -> 
         "format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "model": spec.canonical, "input_shape": shape,
         "weights": os.path.basename(path), "written_by": f"graphprune {command}",
     }
+    if spec.options:
+        sidecar["model_args"] = spec.options
     side = sidecar_path(path)
     tmp = side + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
@@ -281,11 +327,12 @@ def python_builder(spec: ModelSpec) -> str:
     """The Python expression that builds ``spec``'s fresh model (for messages)."""
     if spec.source in sources.OPTIONAL:
         return sources.builder(spec.source, spec.name)
+    extra = "".join(f", {k}={v!r}" for k, v in spec.options.items())
     if spec.source == "timm":
-        return f"timm.create_model({spec.name!r}, pretrained=False)"
+        return f"timm.create_model({spec.name!r}, pretrained=False{extra})"
     if spec.source == "cifar":
-        return f"graphprune.models.get_model({spec.name!r})"
-    return f"torchvision.models.get_model({spec.name!r}, weights=None)"
+        return f"graphprune.models.get_model({spec.name!r}{extra})"
+    return f"torchvision.models.get_model({spec.name!r}, weights=None{extra})"
 
 
 def check_output_path(path: Optional[str], option: str = "--output") -> None:

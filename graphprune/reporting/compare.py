@@ -19,7 +19,7 @@ from graphprune.analysis.inputs import resolve_example_inputs
 from graphprune.api import analyze
 from graphprune.validation import check_model
 
-from .measure import count_flops, count_parameters, measure_latency
+from .measure import SPREAD_LIMIT, compare_latency, count_flops, count_parameters, measure_latency
 from .tables import text_table
 
 __all__ = ["report", "Comparison", "group_widths"]
@@ -48,6 +48,7 @@ class Comparison:
     flops: tuple
     latency: Optional[tuple] = None
     groups: list = field(default_factory=list)
+    latency_spread: Optional[tuple] = None  # interquartile range over the median, per model (interleaved rounds)
 
     def ratio(self, metric: str) -> Optional[float]:
         if metric not in ("parameters", "flops", "latency"):
@@ -67,6 +68,7 @@ class Comparison:
             pair = getattr(self, metric)
             out[metric] = None if pair is None else {"before": pair[0], "after": pair[1], "ratio": self.ratio(metric)}
         out["speedup"] = self.speedup
+        out["latency_spread"] = None if self.latency_spread is None else list(self.latency_spread)
         out["groups"] = [dict(row) for row in self.groups]
         return out
 
@@ -88,7 +90,11 @@ class Comparison:
         title = f"graphprune comparison of {self.model_name} (input: {self.input_description})"
         parts = [title, table]
         if self.speedup is not None:
-            parts.append(f"speed-up: {self.speedup:.2f}x")
+            spread = "" if self.latency_spread is None else f" (times spread ±{50 * max(self.latency_spread):.0f}%)"
+            parts.append(f"speed-up: {self.speedup:.2f}x{spread}")
+            if self.latency_spread is not None and max(self.latency_spread) > SPREAD_LIMIT:
+                parts.append("WARNING: the times spread too widely to trust this speed-up: the machine was busy; "
+                             "close other programs or time more rounds")
         if self.groups:
             group_lines = [
                 (str(r["group"]), r["root"], r["status"], str(r["before"]),
@@ -142,13 +148,16 @@ def report(
     warmup: int = 3,
     device: Union[str, torch.device, None] = None,
     groups: bool = True,
+    progress: bool = False,
 ) -> Comparison:
     """Compare ``model_before`` with its pruned ``model_after`` on ``example_inputs``.
 
     Parameters (:func:`~graphprune.count_parameters`), FLOPs
     (:func:`~graphprune.count_flops`, ``FlopCounterMode``) and, with ``latency=True``, the
-    median latency (:func:`~graphprune.measure_latency` with ``repeats``, ``warmup``,
-    ``device``) of both models. With ``groups=True`` the before model is analysed
+    median latency of both models: timed in ``repeats`` interleaved rounds after ``warmup``
+    (:func:`~graphprune.reporting.measure.compare_latency`, with a progress bar if
+    ``progress``; ``latency_spread`` says how far to trust it), or with ``device`` moved there
+    and timed one after the other (:func:`~graphprune.measure_latency`). With ``groups=True`` the before model is analysed
     (:func:`graphprune.analyze`) and every channel group is listed with its channel count
     before and after (:func:`group_widths`). ``example_inputs`` follows
     :func:`graphprune.analyze` (inferred when omitted). Neither model is modified.
@@ -161,8 +170,12 @@ def report(
     inputs, _ = resolve_example_inputs(model_before, example_inputs)
     parameters = (count_parameters(model_before), count_parameters(model_after))
     flops = (count_flops(model_before, inputs), count_flops(model_after, inputs))
-    timing = None
-    if latency:
+    timing = spread = None
+    if latency and device is None:  # on their devices: interleaved rounds, so that load falls on both alike
+        measured = compare_latency([model_before, model_after], inputs, rounds=max(repeats, 4), warmup=warmup,
+                                   progress=progress)
+        timing, spread = measured.medians, measured.spreads
+    elif latency:
         timing = tuple(
             measure_latency(m, inputs, repeats=repeats, warmup=warmup, device=device) for m in (model_before, model_after)
         )
@@ -176,4 +189,4 @@ def report(
                 "group": group.id, "root": group.root, "status": "prunable" if group.prunable else "blocked",
                 "before": group.size, "after": after, "kept": _ratio(after, group.size),
             })
-    return Comparison(type(model_before).__name__, describe_inputs(inputs), parameters, flops, timing, rows)
+    return Comparison(type(model_before).__name__, describe_inputs(inputs), parameters, flops, timing, rows, spread)

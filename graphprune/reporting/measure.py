@@ -1,5 +1,6 @@
 """Size and speed of a model: parameter count, FLOPs and latency, and the latency of a pruned
-model relative to its original (:func:`latency_ratio`, for budgets).
+model relative to its original (:func:`latency_ratio`, for budgets), and models timed side by
+side with the spread of their times (:func:`compare_latency`, for people).
 
 Budgets' latency is timed by :func:`latency_ratio`: the original and the pruned model run
 alternately on the example inputs, on the model's device, so that load on the machine
@@ -11,7 +12,9 @@ a tuple of positional inputs, or a dict of keyword inputs.
 """
 from __future__ import annotations
 
+import contextlib
 import time
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
@@ -24,7 +27,7 @@ from graphprune.tracer.devices import model_device, to_device
 from graphprune.tracer.state import eval_mode
 from graphprune.validation import check_model
 
-__all__ = ["count_flops", "count_parameters", "measure_latency", "latency_ratio", "latency_clock"]
+__all__ = ["count_flops", "count_parameters", "measure_latency", "latency_ratio", "latency_clock", "compare_latency", "Timing"]
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -157,3 +160,55 @@ def latency_ratio(reference: nn.Module, model: nn.Module, example_inputs: Any, *
             ref_times.append(_time_once(reference, example_inputs, clock))
             times.append(_time_once(model, example_inputs, clock))
     return float(reduce(times) / reduce(ref_times))
+
+
+@dataclass
+class Timing:
+    """Latencies of models timed in interleaved rounds (:func:`compare_latency`): per model the
+    median and the spread (interquartile range over the median) of its ``rounds`` times, in
+    seconds. ``trustworthy`` is False when a spread exceeds ``SPREAD_LIMIT``: the machine was
+    too busy for the figures to mean much."""
+
+    medians: tuple
+    spreads: tuple
+    rounds: int
+
+    @property
+    def trustworthy(self) -> bool:
+        return max(self.spreads) <= SPREAD_LIMIT
+
+    @property
+    def speedup(self) -> Optional[float]:
+        """First model's latency over the second's (> 1: the second is faster); None for one model."""
+        return self.medians[0] / self.medians[1] if len(self.medians) > 1 and self.medians[1] > 0 else None
+
+
+SPREAD_LIMIT = 0.10
+
+
+def compare_latency(models: list, example_inputs: Any, *, rounds: int = 30, warmup: int = 3,
+                    progress: bool = False) -> Timing:
+    """Time one forward pass of each of ``models`` (eval mode, no grad, on their device) once per
+    round, the models taking turns, after ``warmup`` untimed rounds: load on the machine then
+    falls on all alike. Wall clock, or the thread's CPU time for single-threaded CPU inference
+    (:func:`latency_clock`). A progress bar counts the rounds with ``progress``."""
+    from tqdm.auto import tqdm
+
+    for model in models:
+        check_model(model, allow_torchscript=True)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 4:
+        raise ValueError(f"rounds must be an integer of at least 4 (a spread needs quartiles), got {rounds!r}")
+    clock = latency_clock(example_inputs)
+    times = [[] for _ in models]
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(eval_mode(model))
+        for _ in range(warmup):
+            for model in models:
+                call_model(model, example_inputs)
+        for _ in tqdm(range(rounds), desc="timing", unit="round", disable=not progress, leave=False):
+            for model, mine in zip(models, times):
+                mine.append(_time_once(model, example_inputs, clock))
+    quartiles = [np.percentile(t, [25, 50, 75]) for t in times]
+    return Timing(tuple(float(q[1]) for q in quartiles), tuple(float((q[2] - q[0]) / q[1]) if q[1] > 0 else 0.0
+                                                              for q in quartiles), rounds)
