@@ -31,6 +31,7 @@ _PUBLIC = {
     **dict.fromkeys(("Group", "Member"), "graphprune.analysis.groups"),
     "InferredInputWarning": "graphprune.analysis.inputs",
     **dict.fromkeys(("load", "save"), "graphprune.io.persist"),
+    **dict.fromkeys(("save_pretrained", "from_pretrained"), "graphprune.io.pretrained"),
     "BudgetWarning": "graphprune.pruning.budget",
     "ConfigWarning": "graphprune.pruning.model_config",
     "PruneResult": "graphprune.pruning.run",
@@ -55,7 +56,7 @@ __all__ = [
     # analyse and prune
     "analyze", "prune", "prune_checkpoint", "CheckpointResult", "PruningSession", "Report", "Group", "Member", "PruneResult", "Recovery",
     # save, load, measure, compare
-    "save", "load", "count_parameters", "count_flops", "measure_latency", "report", "Comparison",
+    "save", "load", "save_pretrained", "from_pretrained", "count_parameters", "count_flops", "measure_latency", "report", "Comparison",
     # around pruning
     "finetune", "evaluate", "prune_schedule", "sensitivity", "SensitivityResult", "GroupRegularizer",
     # errors and warnings

@@ -160,8 +160,9 @@ class PruningSession:
                 update.apply(self.model)
             return
         warn_caller(f"model.config no longer describes the pruned {type(self.model).__name__}: {update.problem}; "
-                    "graphprune.save / load round-trip it, but save_pretrained would not reload it (prune with "
-                    "uniform=True, and keep sizes the config ties together whole)", ConfigWarning)
+                    "graphprune.save_pretrained / graphprune.from_pretrained round-trip it, model.save_pretrained "
+                    "would not (or prune with uniform=True and fit_config=True: only what the config can say)",
+                    ConfigWarning)
 
     def _culprits(self, plan: dict, failure: AuditError) -> dict:
         """``{group: why}`` for the groups of ``plan`` behind the audit's ``failure``: those it

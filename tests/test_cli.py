@@ -259,10 +259,10 @@ def test_a_hugging_face_checkpoint_directory_is_a_model(capsys, tmp_path):
 
     build("bert")[0].save_pretrained(tmp_path / "bert")
     code, out, err = run_cli(capsys, ["prune", f"hf:{tmp_path / 'bert'}", "--ratio", "0.3", "--quiet", "--output",
-                                      str(tmp_path / "pruned.safetensors")])
+                                      str(tmp_path / "pruned")])
     assert code == 0, err
-    assert "transformers.BertForSequenceClassification.from_pretrained" in " ".join(out.split())
-    code, out, err = run_cli(capsys, ["report", f"hf:{tmp_path / 'bert'}", str(tmp_path / "pruned.safetensors"),
+    assert f"graphprune.from_pretrained('{tmp_path / 'pruned'}') loads it" in " ".join(out.split())
+    code, out, err = run_cli(capsys, ["report", f"hf:{tmp_path / 'bert'}", f"hf:{tmp_path / 'pruned'}",
                                       "--no-latency", "--json", "--quiet"])
     assert code == 0, err
     assert json.loads(out)["input"] == "{input_ids: tensor(1, 16)}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import time
 from typing import Any, Optional
 
@@ -20,7 +21,8 @@ def cmd_prune(args: argparse.Namespace, status: Status) -> int:
         raise UsageError(str(exc)) from None
     if args.stream:
         return _prune_stream(args, options, status)
-    check_output_path(args.output)
+    hf_output = parse_model(args.model).source == "hf"
+    _check_directory(args.output) if hf_output else check_output_path(args.output)
     spec, model, inputs, description = load_with_inputs(args, status)
     params_before, flops_before = count_model(model, inputs, args.model, description, status)
     original = copy.deepcopy(model) if args.bench else None
@@ -31,10 +33,13 @@ def cmd_prune(args: argparse.Namespace, status: Status) -> int:
         seconds = time.perf_counter() - start
         params_after, flops_after = count_model(model, inputs, args.model, description, status)
         timing = _timed([original, model], inputs, args, status) if args.bench else None
-        paths = None
+        paths = saved = None
         if args.output:
             status(f"saving to {args.output}...")
-            paths = save_model(model, args.output, spec, inputs, "prune")
+            if hf_output:
+                saved = _save_pretrained(model, args.output)
+            else:
+                paths = save_model(model, args.output, spec, inputs, "prune")
     params, flops = (params_before, params_after), (flops_before, flops_after)
     if args.json:
         print_json({"model": args.model, "source": spec.canonical, "input": description, **_jsonable(options),
@@ -51,7 +56,24 @@ def cmd_prune(args: argparse.Namespace, status: Status) -> int:
         _say_spread(timing)
     if paths:
         print(saved_note(paths, spec))
+    if saved:
+        print(saved)
     return EXIT_OK
+
+
+def _check_directory(path: Optional[str]) -> None:
+    if path is not None and os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+        raise UsageError(f"--output {path!r} exists; an hf: model is saved as a new directory (graphprune.save_pretrained)")
+
+
+def _save_pretrained(model, path: str) -> str:
+    from graphprune.io.pretrained import save_pretrained
+
+    if save_pretrained(model, path) == "transformers":
+        return (f"saved to {path}/ (save_pretrained: its config describes the pruned model): "
+                f"transformers.{type(model).__name__}.from_pretrained({path!r}) or graphprune.from_pretrained loads it")
+    return (f"saved to {path}/ (its config cannot describe the pruned sizes, so graphprune's weights file holds them): "
+            f"graphprune.from_pretrained({path!r}) loads it; --fit-config --uniform keep to what the config can say")
 
 
 def cmd_bench(args: argparse.Namespace, status: Status) -> int:

@@ -44,7 +44,9 @@ def build(source: str, name: str):
     """The model ``source:name``: a checkpoint with its weights, or a YOLO config's model (random weights)."""
     library = _library(source)
     if source == HF:
-        return getattr(library, _hf_class(name)).from_pretrained(name)
+        from graphprune.io.pretrained import from_pretrained
+
+        return from_pretrained(name)  # a plain checkpoint, or one graphprune.save_pretrained wrote
     try:
         return library.YOLO(name, verbose=False).model
     except (FileNotFoundError, OSError) as exc:
@@ -54,7 +56,7 @@ def build(source: str, name: str):
 def builder(source: str, name: str) -> str:
     """The Python expression that builds ``source:name`` (for messages)."""
     if source == HF:
-        return f"transformers.{_hf_class(name)}.from_pretrained({name!r})"
+        return f"graphprune.from_pretrained({name!r})"
     return f"ultralytics.YOLO({name!r}).model"
 
 

@@ -1,0 +1,98 @@
+"""A pruned Hugging Face model saved and reloaded in one call, whatever was pruned.
+
+:func:`save_pretrained` writes a directory. Where ``model.config`` describes the pruned
+model (``prune(..., uniform=True)`` of what the config can say, or ``fit_config=True``), it is
+``model.save_pretrained``'s own: ``transformers`` loads it. Where no config can (layers pruned
+unequally, a head width the config ties to others), it holds the config of the model as built,
+a ``"graphprune"`` entry in it naming the weights file, and that file, written by
+:func:`graphprune.save` (the pruned sizes and the weights). :func:`from_pretrained` loads
+either kind: a plain Hugging Face directory through its class's ``from_pretrained``, the other
+by building the model from its config and :func:`graphprune.load`-ing the file into it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Union
+
+from torch import nn
+
+from graphprune.validation import check_model
+
+WEIGHTS = "graphprune.safetensors"
+_KEY = "graphprune"
+_CARRIED = ("generation_config.json",)
+
+
+def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike]) -> str:
+    """Write the Hugging Face ``model`` (pruned or not) to ``directory`` so that
+    :func:`from_pretrained` rebuilds it; returns ``"transformers"`` when ``model.config``
+    describes it (``from_pretrained`` of ``transformers`` loads the directory too), else
+    ``"graphprune"``. The directory is written beside its place and moved there complete."""
+    from graphprune.pruning.model_config import describe_pruned
+
+    check_model(model)
+    if not callable(getattr(model, "save_pretrained", None)) or not callable(getattr(model.config, "to_dict", None)):
+        raise TypeError(f"{type(model).__name__} is not a Hugging Face model (it has no save_pretrained and config); "
+                        "save it with graphprune.save")
+    update = describe_pruned(model)
+    described = update.problem is None and not update.fields
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory) and not (os.path.isdir(directory) and not os.listdir(directory)):
+        raise ValueError(f"{directory} exists; remove it or choose another directory")
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-", dir=os.path.dirname(directory))
+    try:
+        if described:
+            model.save_pretrained(staging)
+        else:
+            _save_with_spec(model, staging)
+        if os.path.isdir(directory):
+            os.rmdir(directory)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return "transformers" if described else "graphprune"
+
+
+def _save_with_spec(model: nn.Module, directory: str) -> None:
+    from .persist import save
+
+    save(model, os.path.join(directory, WEIGHTS))
+    config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]  # as save_pretrained records it
+    config[_KEY] = {"weights": WEIGHTS, "load_with": "graphprune.from_pretrained"}
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and callable(getattr(generation, "save_pretrained", None)):
+        generation.save_pretrained(directory)
+
+
+def from_pretrained(directory: Union[str, os.PathLike], **kwargs: Any) -> nn.Module:
+    """The model saved in ``directory`` by :func:`save_pretrained`, or any Hugging Face
+    checkpoint directory, built as the class its config names (``architectures``), in eval
+    mode. ``kwargs`` go to ``from_pretrained`` for a plain directory."""
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("from_pretrained loads Hugging Face models, which needs transformers (pip install transformers)") from None
+    directory = os.fspath(directory)
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{directory}: no config.json; save_pretrained writes one")
+    with open(path, encoding="utf-8") as handle:
+        entry = json.load(handle).get(_KEY)
+    config = transformers.AutoConfig.from_pretrained(directory)
+    names = [n for n in (getattr(config, "architectures", None) or []) if hasattr(transformers, n)]
+    model_class = getattr(transformers, names[0]) if names else transformers.AutoModel
+    if entry is None:
+        return model_class.from_pretrained(directory, **kwargs).eval()
+    from .persist import load
+
+    if hasattr(config, _KEY):
+        delattr(config, _KEY)
+    model = model_class.from_config(config) if model_class is transformers.AutoModel else model_class(config)
+    return load(model, os.path.join(directory, entry.get("weights", WEIGHTS))).eval()
