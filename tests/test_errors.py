@@ -217,3 +217,25 @@ def test_cli_rejected_input_shape_names_the_remedy(capsys):
     (line,) = stderr_lines(err)
     assert "does not accept a random tensor of shape (1, 2, 8, 8)" in line
     assert line.endswith("give an --input-shape that it accepts (N,C,H,W for images, N,L for token ids)")
+
+
+class _Untraceable(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.mean() > 0:  # control flow on a value: neither torch.fx nor torch.export (strict shapes) takes it whole
+            h = h.relu()
+        return self.b(h)[:, : int(h.abs().sum().item()) % 3 + 1]
+
+
+def test_a_model_that_cannot_be_traced_says_where_why_and_what_to_try():
+    with pytest.warns(UserWarning) as caught:
+        graphprune.prune(_Untraceable().eval(), 0.5, torch.randn(1, 3, 16, 16))
+    message = "\n".join(str(w.message) for w in caught)
+    assert "no prunable channel group" in message
+    assert "test_errors.py:" in message and "if h.mean() > 0:" in message  # the file, line and code
+    assert "TraceError: symbolically traced variables cannot be used as inputs to control flow" in message
+    assert "try: capture='export' or capture='fx'" in message and "leaf_modules=[...]" in message

@@ -55,7 +55,7 @@ def _trace_with_opaque_leaves(model: nn.Module, example_inputs: Any, leaf_module
             failing = type(model.get_submodule(exc.module_name))
             for name, module in model.named_modules():
                 if type(module) is failing and not any(name.startswith(o + ".") for o in opaque):
-                    opaque[name] = f"could not be traced ({exc.location})"
+                    opaque[name] = f"could not be traced ({exc.location}: {_cause(exc)})"
 
 
 def _child_inputs(model: nn.Module, example_inputs: Any) -> dict[str, list]:
@@ -144,7 +144,7 @@ def _trace(model: nn.Module, example_inputs: Any, leaf_modules: list, capture: s
 
 
 def _trace_children(model: nn.Module, example_inputs: Any, leaf_modules: list, root_error: TraceError) -> nx.DiGraph:
-    parts, opaque = [], {"": f"its forward could not be traced ({root_error.location})"}
+    parts, opaque = [], {"": f"its forward could not be traced ({root_error.location}: {_cause(root_error)})"}
     names = [x for x in leaf_modules if isinstance(x, str)]
     others = [x for x in leaf_modules if not isinstance(x, str)]
     for name, calls in _child_inputs(model, example_inputs).items():
@@ -159,10 +159,17 @@ def _trace_children(model: nn.Module, example_inputs: Any, leaf_modules: list, r
             # torch.fx only: torch.export, tried on the root already, fails slowly on children too
             graph = _trace(child, _as_inputs(child, *calls[0]), child_leaves, "fx")
         except Exception as exc:  # a child that cannot be captured stays opaque
-            opaque[name] = f"could not be traced ({type(exc).__name__})"
+            opaque[name] = f"could not be traced ({_cause(exc)})"
             continue
         opaque.update({f"{name}.{k}" if k else name: v for k, v in graph.graph["opaque"].items()})
         parts.append((name + "/", graph))
     if not parts:
         raise root_error
     return _merge(parts, model, opaque)
+
+
+def _cause(exc: BaseException) -> str:
+    """The exception behind a capture failure, in one short line: its type and first sentence."""
+    cause = exc.__cause__ or exc
+    text = " ".join(str(cause).split()).split(". ")[0]
+    return f"{type(cause).__name__}: {text[:160]}"

@@ -115,7 +115,12 @@ class Report:
         lines = [f"ERROR: no prunable channel group: prune() leaves {self.model_name} unchanged"]
         lines += [f"  blocked ({100 * min(share, 1.0):.0f}% of params): {_shorten(reason, 140)}"
                   for reason, share in self.top_reasons()]
-        lines += [f"  not traced: {name or '<root>'} {why}" for name, why in list(self.capture_failures().items())[:3]]
+        failures = list(self.capture_failures().items())
+        lines += [f"  not traced: {name or '<root>'} {why}" for name, why in failures[:3]]
+        if failures:
+            lines.append("  try: capture='export' or capture='fx' (the other front-end), leaf_modules=[...] naming a "
+                         "submodule that cannot be traced (its channels stay, the rest prunes), or example_inputs that "
+                         "take the code path the model runs in use")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
