@@ -47,6 +47,7 @@ _PUBLIC = {
     "prune_schedule": "graphprune.workflow.schedule",
     **dict.fromkeys(("SensitivityResult", "sensitivity"), "graphprune.workflow.sensitivity"),
     "GroupRegularizer": "graphprune.workflow.sparse",
+    **dict.fromkeys(("PruningHooks", "prune_optimizer_state"), "graphprune.workflow.callbacks"),
 }
 _SUBPACKAGES = ("criteria", "models", "data")
 
@@ -59,6 +60,7 @@ __all__ = [
     "save", "load", "save_pretrained", "from_pretrained", "count_parameters", "count_flops", "measure_latency", "report", "Comparison",
     # around pruning
     "finetune", "evaluate", "prune_schedule", "sensitivity", "SensitivityResult", "GroupRegularizer",
+    "PruningHooks", "prune_optimizer_state",
     # errors and warnings
     "PruningError", "TraceError", "InputError", "AnalysisError", "InferredInputWarning", "BudgetWarning", "ConfigWarning",
     # subpackages and example assets

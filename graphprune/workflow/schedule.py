@@ -22,7 +22,7 @@ __all__ = ["prune_schedule"]
 _RESERVED = ("ratio", "example_inputs", "criterion", "inplace", "return_result", "target_flops", "target_params",
              "target_latency")
 _SETTINGS = ("coefficient", "mode", "delta", "max_coefficient")  # GroupRegularizer's, the schedule sets the rest
-_ANALYSIS = ("prune_heads", "ignored_layers", "leaf_modules", "capture")
+ANALYSIS_OPTIONS = ("prune_heads", "ignored_layers", "leaf_modules", "capture")  # prune()'s options that analyze() takes
 
 
 def prune_schedule(
@@ -85,13 +85,13 @@ def prune_schedule(
         criterion = gdist.sync_criterion(criterion)
     history, previous = [], 0.0
     for step, target in enumerate(checked, start=1):
-        step_ratio = _step_ratio(target, previous)
+        step_ratio = ratio_between(target, previous)
         prune(model, step_ratio, example_inputs, criterion=criterion, inplace=True, **prune_kwargs)
         record = {"step": step, "ratio": target, "step_ratio": step_ratio, "parameters": count_parameters(model)}
         options = dict(finetune_kwargs)
         if settings is not None and step < len(checked):
-            next_ratio = _step_ratio(checked[step], target) if "delta" in settings else None
-            analysis = {key: prune_kwargs[key] for key in _ANALYSIS if key in prune_kwargs}
+            next_ratio = ratio_between(checked[step], target) if "delta" in settings else None
+            analysis = {key: prune_kwargs[key] for key in ANALYSIS_OPTIONS if key in prune_kwargs}
             options["regularizer"] = GroupRegularizer(model, example_inputs, target_ratio=next_ratio, **settings,
                                                       **analysis)
         record["finetune"] = finetune(model, train_loader, epochs=epochs_per_step, **options)
@@ -100,7 +100,7 @@ def prune_schedule(
     return history
 
 
-def _step_ratio(target: float, previous: float) -> float:
+def ratio_between(target: float, previous: float) -> float:
     """The ratio that takes a model pruned to ``previous`` to ``target`` (both cumulative)."""
     # +1e-9: 1 - 0.5 / 0.75 must floor like 1/3 does
     return min(1.0 - (1.0 - target) / (1.0 - previous) + 1e-9, 1.0 - 1e-9)
