@@ -12,7 +12,7 @@ from conftest import run_cli
 from safetensors.torch import save_file
 
 import graphprune
-from graphprune.cli.app import _build_parser as build_parser
+from graphprune.cli.app import build_parser
 from graphprune.cli.options import prune_options
 from graphprune.io.weights import load_weights
 

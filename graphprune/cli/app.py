@@ -227,7 +227,8 @@ class _Parents:
         )
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``graphprune`` command's parser: every subcommand and its options."""
     from graphprune import __version__
 
     parser = _Parser(
@@ -342,7 +343,7 @@ def _export_command(command: Callable, p: _Parents) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
-    parser = _build_parser()
+    parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version or a usage error (already printed)
