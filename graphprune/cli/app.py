@@ -272,7 +272,8 @@ def _prune_command(command: Callable, p: _Parents) -> None:
                        help="hf:DIR only: prune the checkpoint shard by shard without loading it (models larger than "
                             "memory; graphprune.prune_checkpoint). --output is then a new directory that "
                             "from_pretrained loads; groups its config cannot describe are left whole")
-    prune.add_argument("--output", "-o", metavar="FILE", help=_SAVE_HELP + " With --stream: the output directory.")
+    prune.add_argument("--output", "-o", metavar="FILE", help=_SAVE_HELP + ". For an hf: model, a new directory instead (graphprune.save_pretrained: "
+                                                      "transformers or graphprune.from_pretrained loads it).")
 
 
 def _bench_command(command: Callable, p: _Parents) -> None:
