@@ -56,7 +56,9 @@ def load_model(text: str, status: Status, role: str = "", options: Optional[dict
     except UsageError:
         raise
     except Exception as exc:
-        raise UsageError(f"cannot build {role}{spec.canonical}: {type(exc).__name__}: {one_line(exc)}") from exc
+        given = "".join(f" {k}={v!r}" for k, v in spec.options.items())
+        given = f" with --model-arg{given}" if given else ""
+        raise UsageError(f"cannot build {role}{spec.canonical}{given}: {type(exc).__name__}: {one_line(exc)}") from exc
 
 
 def load_with_inputs(args: argparse.Namespace, status: Status) -> tuple[ModelSpec, Any, Any, str]:
