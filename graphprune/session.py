@@ -165,9 +165,18 @@ class PruningSession:
                     ConfigWarning)
 
     def _culprits(self, plan: dict, failure: AuditError) -> dict:
-        """``{group: why}`` for the groups of ``plan`` behind the audit's ``failure``: those it
-        blames; among those it suspects, or else among all, those whose pruning fails alone
-        (bisection, :meth:`_failing`)."""
+        """``{group: why}`` for the groups of ``plan`` behind the audit's ``failure``: those that
+        rely on a size read at a line the failure passed through, or in the module where the
+        pruned model fails; else those it blames; among
+        those it suspects, or else among all, those whose pruning fails alone (bisection,
+        :meth:`_failing`)."""
+        at_site = {g: str(failure) for g in plan if any(a.site and a.site in failure.sites for a in g.assumptions)}
+        if at_site:  # the sizes they rely on were read at a line the failure passed through
+            return at_site
+        inside = {g: plan[g] for g in plan if failure.module is not None and any(
+            a.module == failure.module or a.module.startswith(failure.module + ".") for a in g.assumptions)}
+        if inside:  # relying on sizes read in the module that fails: those of them that fail alone
+            return self._failing(inside, str(failure))
         blamed = {g: str(failure) for g in plan if np.isin(g.units, failure.suspects).any()}
         if blamed and not failure.precise:
             return self._failing({g: plan[g] for g in blamed}, str(failure))

@@ -222,3 +222,39 @@ def test_the_garbage_collector_is_restored_after_analysis_and_after_a_failed_pru
         assert gc.isenabled() is enabled
     finally:
         (gc.enable if was else gc.disable)()
+
+
+class _TracedPathNotRun(nn.Module):
+    """torch.fx traces ``~mask`` on what the opaque encoder returns, but at run time the mask is
+    None: the traced graph fails on meta tensors exactly as it would on the real ones."""
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            if x.shape[-1] > 100:  # torch.fx cannot take this branch: the encoder becomes an opaque leaf
+                return self.conv(x), x > 0
+            return self.conv(x), None
+
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.head = self.Encoder(), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        features, mask = self.encoder(x)
+        return self.head(features) if mask is None else self.head(features) * (~mask).any()
+
+
+def test_a_traced_graph_that_fails_on_meta_as_it_would_on_values_is_not_run_on_values(monkeypatch):
+    from graphprune.tracer import graph as graph_module, record
+
+    runs = []
+    real_run = record.Recorder.run
+    monkeypatch.setattr(record.Recorder, "run", lambda self, *a: runs.append(type(self)) or real_run(self, *a))
+    calls = []
+    monkeypatch.setattr(graph_module, "input_error", lambda *a, **k: calls.append(1))
+    report = graphprune.analyze(_TracedPathNotRun().eval(), torch.randn(1, 3, 8, 8))
+    assert record.Recorder not in runs and not calls  # meta runs only; the whole model never ran for the check
+    assert report.session.analysis.front_end == "export" and report.prunable_groups

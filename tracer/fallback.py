@@ -27,7 +27,7 @@ from torch import nn
 
 from .export_capture import export_graph
 from .fx_capture import DEFAULT_LEAVES, LeafSpec, TraceError, capture, check_leaf_names
-from .graph import build_graph, call_model
+from .graph import build_graph, call_model, input_error
 from .state import attributes_kept
 
 _MAX_OPAQUE = 64
@@ -40,12 +40,14 @@ def check_capture(capture: Any) -> None:
         raise ValueError(f"capture must be 'fx', 'export' or 'auto', got {capture!r}")
 
 
-def _trace_with_opaque_leaves(model: nn.Module, example_inputs: Any, leaf_modules: list) -> nx.DiGraph:
-    """Trace and run, turning each failing submodule into a leaf (listed in ``graph.graph["opaque"]``)."""
+def _trace_with_opaque_leaves(model: nn.Module, example_inputs: Any, leaf_modules: list,
+                              check_inputs: bool = True) -> nx.DiGraph:
+    """Trace and run, turning each failing submodule into a leaf (listed in ``graph.graph["opaque"]``);
+    ``check_inputs`` goes to :func:`build_graph`."""
     opaque: dict[str, str] = {}
     while True:
         try:
-            graph = build_graph(model, capture(model, leaf_modules + list(opaque)), example_inputs)
+            graph = build_graph(model, capture(model, leaf_modules + list(opaque)), example_inputs, check_inputs)
             graph.graph.update(opaque=opaque, front_end="fx")
             return graph
         except TraceError as exc:
@@ -124,8 +126,8 @@ def _trace(model: nn.Module, example_inputs: Any, leaf_modules: list, capture: s
     if capture == "export":
         check_leaf_names(model, leaf_modules)
         return export_graph(model, example_inputs, leaf_modules)
-    try:
-        graph, fx_error = _trace_with_opaque_leaves(model, example_inputs, leaf_modules), None
+    try:  # with a fallback, whether the inputs are at fault is asked only once every front-end failed
+        graph, fx_error = _trace_with_opaque_leaves(model, example_inputs, leaf_modules, capture != "auto"), None
     except TraceError as exc:
         graph, fx_error = None, exc
     if capture == "auto" and (graph is None or graph.graph["opaque"]):  # torch.fx could not capture all of it
@@ -138,6 +140,10 @@ def _trace(model: nn.Module, example_inputs: Any, leaf_modules: list, capture: s
             pass  # keep what torch.fx found, or trace the children
     if graph is not None:
         return graph
+    if not getattr(fx_error, "inputs_checked", True):
+        rejected = input_error(model, example_inputs)
+        if rejected is not None:
+            raise rejected from rejected.__cause__
     if fx_error.module_name is not None or not dict(model.named_children()):
         raise fx_error
     return _trace_children(model, example_inputs, leaf_modules, fx_error)

@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from .fx_capture import TraceError
-from .record import Recorder, record_on_meta
+from .record import Recorder, fails_alike, record_on_meta
 
 
 class InputError(ValueError):
@@ -172,39 +172,52 @@ def input_error(model: nn.Module, example_inputs: Any, node: Optional[fx.Node] =
     return None
 
 
-def _explain_failure(model: nn.Module, example_inputs: Any, node: Optional[fx.Node], exc: Exception) -> NoReturn:
-    """Raise InputError if ``model`` itself rejects the inputs, else TraceError naming ``node``."""
-    rejected = input_error(model, example_inputs, node)
-    if rejected is not None:
-        raise rejected from rejected.__cause__
+def _explain_failure(model: nn.Module, example_inputs: Any, node: Optional[fx.Node], exc: Exception,
+                     check_inputs: bool = True) -> NoReturn:
+    """Raise InputError if ``model`` itself rejects the inputs, else TraceError naming ``node``.
+
+    Telling the two apart runs the whole model. Without ``check_inputs``, a failure outside any
+    submodule (which no opaque leaf can mend) skips that run and raises a TraceError with
+    ``inputs_checked=False``: the caller tries another front-end first, whose success shows
+    that the inputs were fine, and checks them only when every front-end failed."""
     module = (node.target if node.op == "call_module" else _scope(node)) if node is not None else None
+    if check_inputs or module:
+        rejected = input_error(model, example_inputs, node)
+        if rejected is not None:
+            raise rejected from rejected.__cause__
     where = f"node '{node.name}'" if node is not None else "unknown node"
-    raise TraceError(
+    error = TraceError(
         f"the traced graph of {type(model).__name__} fails at {where} where the model itself runs "
         f"({type(exc).__name__}: {exc}); mark the submodule involved with leaf_modules=[...]",
         module_name=module or None,
         location=where,
         node_name=node.name if node is not None else None,
-    ) from exc
+    )
+    error.inputs_checked = check_inputs or bool(module)
+    raise error from exc
 
 
-def build_graph(model: nn.Module, fx_graph: fx.Graph, example_inputs: Any) -> nx.DiGraph:
+def build_graph(model: nn.Module, fx_graph: fx.Graph, example_inputs: Any, check_inputs: bool = True) -> nx.DiGraph:
     """Run ``fx_graph`` (captured from ``model``) on ``example_inputs`` and return the annotated
-    networkx graph: on meta tensors where it can, else once on the real inputs (no grad).
+    networkx graph: on meta tensors where it can, else once on the real inputs (no grad). Where
+    that fails, see :func:`_explain_failure` (``check_inputs``).
 
     Node keys are fx node names; every node has ``part == ""`` (see :mod:`graphprune.tracer.fallback`).
     ``graph.graph["recorded_on_meta"]`` says whether the shapes came without the model's values.
     """
     args = positional_inputs(fx_graph, example_inputs)
-    recorder = record_on_meta(model, fx_graph, args)
+    failures: list = []
+    recorder = record_on_meta(model, fx_graph, args, failures)
     on_meta = recorder is not None
+    if not on_meta and not check_inputs and fails_alike(*failures[0]):  # not worth a run of the whole model
+        _explain_failure(model, example_inputs, failures[0][0], failures[0][1], check_inputs)
     if not on_meta:
         recorder = Recorder(model, fx_graph)
         try:
             with torch.no_grad():
                 recorder.run(*args)
         except Exception as exc:
-            _explain_failure(model, example_inputs, recorder.failed, exc)
+            _explain_failure(model, example_inputs, recorder.failed, exc, check_inputs)
 
     graph = nx.DiGraph(model=model, opaque={}, recorded_on_meta=on_meta)
     for index, node in enumerate(fx_graph.nodes):

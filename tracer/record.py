@@ -116,7 +116,7 @@ def _on_meta(args: tuple, kwargs: dict) -> bool:
     return all(v.device.type == "meta" for v in values if isinstance(v, torch.Tensor))
 
 
-def record_on_meta(model: nn.Module, graph: fx.Graph, args: tuple) -> Optional[Recorder]:
+def record_on_meta(model: nn.Module, graph: fx.Graph, args: tuple, failures: Optional[list] = None) -> Optional[Recorder]:
     """Run ``graph`` on meta stand-ins of ``model``'s tensors and of ``args``; None if it cannot.
 
     Code that needs actual values (``.item()``, data-dependent shapes such as ``nonzero``,
@@ -127,6 +127,23 @@ def record_on_meta(model: nn.Module, graph: fx.Graph, args: tuple) -> Optional[R
     try:
         with torch.no_grad():
             recorder.run(*tree_map_only(torch.Tensor, lambda t: t.to("meta"), args))
-    except Exception:
+    except Exception as exc:
+        if failures is not None:
+            failures.append((recorder.failed, exc))  # ``(node, exception)``
         return None
     return recorder
+
+
+def fails_alike(node: Optional[fx.Node], exc: BaseException) -> bool:
+    """Whether a run on the real inputs would fail as the meta run failed at ``node``: a Python
+    function or method given an argument of the wrong type (a TypeError or AttributeError: the
+    trace took a path the run does not, as ``~None``), with nothing in the error about the meta
+    device, its missing values or kernels. A module's failure may be its meta stand-in's."""
+    if node is None or node.op not in ("call_function", "call_method") or not isinstance(exc, (TypeError, AttributeError)):
+        return False
+    while exc is not None:
+        text = str(exc).lower()
+        if isinstance(exc, NotImplementedError) or "meta" in text or "data-dependent" in text or "device" in text:
+            return False
+        exc = exc.__cause__ or exc.__context__
+    return True

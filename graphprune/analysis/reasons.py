@@ -44,15 +44,19 @@ class Reason(str):
 class Assumption(str):
     """A size that only the shape audit can confirm follows the pruning (a number torch.export
     recorded): the message, with ``.site``, the source line that used the size ("" if
-    unknown). Groups whose assumptions share a site run the same code, so where one fails the
-    audit the session blocks the others with it rather than finding them one audit at a time."""
+    unknown), and ``.module``, the module whose forward used it. Groups whose assumptions share
+    a site run the same code, so where one fails the audit the session blocks the others with
+    it rather than finding them one audit at a time; a pruned model that fails inside a module
+    blames first the groups that rely on a size read there."""
 
     site: str
+    module: str
 
-    def __new__(cls, message: str, site: str) -> "Assumption":
+    def __new__(cls, message: str, site: str, module: str = "") -> "Assumption":
         assumption = super().__new__(cls, message)
         assumption.site = site
+        assumption.module = module
         return assumption
 
     def __reduce__(self):
-        return Assumption, (str(self), self.site)
+        return Assumption, (str(self), self.site, self.module)

@@ -23,10 +23,13 @@ class AuditError(RuntimeError):
     those at the failing node, or with ``precise=False`` all that reach the failing module
     (the groups to blame are among them)."""
 
-    def __init__(self, message: str, suspects: np.ndarray, precise: bool = True):
+    def __init__(self, message: str, suspects: np.ndarray, precise: bool = True, sites: frozenset = frozenset(),
+                 module: Optional[str] = None):
         super().__init__(message)
         self.suspects = suspects
         self.precise = precise
+        self.sites = sites  # ``file:line`` of every frame of the failure (see Assumption.site)
+        self.module = module  # the innermost module whose forward failed, when the pruned model no longer runs
 
 
 def _dims(labels: Any, value: Any) -> list:
@@ -101,8 +104,14 @@ def _retraced(model, example_inputs, leaf_modules, state: Propagation, roots: np
         raise AuditError(
             f"the pruned model no longer runs on the example inputs, which the model took before pruning "
             f"(at {where}: {exc.__cause__ or exc}); a rule or a size did not follow the pruning",
-            suspects, precise=module is None,
+            suspects, precise=module is None, sites=_failure_sites(exc), module=module,
         ) from exc
+
+
+def _failure_sites(exc: BaseException) -> frozenset:
+    """``file:line`` of every frame the error behind ``exc`` passed through."""
+    cause = exc.__cause__ or exc
+    return frozenset(f"{frame.f_code.co_filename}:{line}" for frame, line in traceback.walk_tb(cause.__traceback__))
 
 
 def _failing_module(model: nn.Module, exc: BaseException) -> Optional[str]:

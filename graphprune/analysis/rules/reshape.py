@@ -221,7 +221,7 @@ def assume_read_off_shape(state: Propagation, node: fx.Node, ids: np.ndarray, si
         return False
     state.assume(ids, Assumption(f"{node.name}: torch.export recorded the size {size} {where} as a number; it is "
                                  "taken to be read off a shape, which only the shape audit can confirm",
-                                 _source_line(node)))
+                                 _source_line(node), state.qualname(node) or ""))
     return True
 
 
