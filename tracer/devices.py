@@ -33,6 +33,14 @@ def to_device(value: Any, device: torch.device, non_blocking: bool = False) -> A
     return value
 
 
+def tensors_in(value: Any) -> list:
+    """Every tensor in a (nested) tuple / list / mapping of inputs (``torch.utils._pytree``'s
+    leaves): the one place inputs are flattened."""
+    from torch.utils._pytree import tree_leaves
+
+    return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
+
+
 def describe_value(value: Any, dtypes: bool = True) -> str:
     """A short description of (nested) inputs or a batch: ``tensor(2, 3, 8, 8) float32`` (without
     the dtype unless ``dtypes``), ``(…, …)`` for a tuple, ``[…]`` for a list, ``{key: …}``, else

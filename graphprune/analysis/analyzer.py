@@ -2,15 +2,14 @@
 into coupled groups (the report). Pruning it is :class:`graphprune.session.PruningSession`'s."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Union
+from typing import Any, Iterable, Union
 
 import numpy as np
-import torch
 from torch import nn
 
 from graphprune import tracer
 from graphprune.reporting.report import Report
-from graphprune.tracer.devices import describe_value
+from graphprune.tracer.devices import describe_value, tensors_in
 from graphprune.tracer.fallback import check_capture
 from graphprune.tracer.fx_capture import check_leaf_names
 from graphprune.validation import check_model
@@ -153,13 +152,6 @@ class AnalysisError(RuntimeError):
     model is unchanged; the cause is chained."""
 
 
-def _input_tensors(inputs: Any) -> list:
-    if isinstance(inputs, torch.Tensor):
-        return [inputs]
-    values = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, (tuple, list)) else []
-    return [t for v in values for t in _input_tensors(v)]
-
-
 def _check_devices(model: nn.Module, inputs: Any) -> None:
     """Inputs must live on the model's device. A model on the meta device is analysed by its
     shapes alone, but not one partly there: its forward would mix devices."""
@@ -168,7 +160,7 @@ def _check_devices(model: nn.Module, inputs: Any) -> None:
         raise ValueError(f"{type(model).__name__} has some tensors on the meta device and others on "
                          f"{', '.join(sorted(str(d) for d in devices if d.type != 'meta'))}; analyse it all on meta "
                          "(build it under torch.device('meta')) or materialise it first")
-    input_devices = {t.device for t in _input_tensors(inputs)}
+    input_devices = {t.device for t in tensors_in(inputs)}
     if len(devices) == 1 and input_devices and input_devices != devices:
         raise ValueError(
             f"example_inputs are on {', '.join(sorted(map(str, input_devices)))} but the model is on "

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from .models import (
     ModelSpec,
@@ -35,7 +35,6 @@ from .output import (
     human_number,
     one_line,
     print_json,
-    ratio_of,
     stdout_to_stderr,
     warnings_as_notes,
 )

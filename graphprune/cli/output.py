@@ -97,7 +97,8 @@ def stdout_to_stderr() -> contextlib.redirect_stdout:
 
 
 def format_table(rows: list) -> str:
-    """Rows of strings as aligned columns: the first left-aligned, the others right-aligned."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-                     for r in rows)
+    """``rows[0]`` as the header over the other rows, as the reports print tables
+    (:func:`graphprune.reporting.tables.text_table`): the first column left-aligned, the others right-aligned."""
+    from graphprune.reporting.tables import text_table
+
+    return text_table(rows[0], rows[1:], right=range(1, len(rows[0])))

@@ -22,7 +22,7 @@ from torch import nn
 from graphprune.reporting import measure
 from graphprune.validation import warn_caller
 
-from .planner import plan_removal
+from .planner import DEFAULT_MAX_RATIO, plan_removal
 
 logger = logging.getLogger("graphprune")
 
@@ -82,7 +82,7 @@ class _Search:
     def __init__(self, budget: Budget, session, scores: dict, goal: float, options):
         self.budget, self.session, self.scores, self.goal, self.options = budget, session, scores, goal, options
         self.noisy = budget.metric == "latency"
-        self.upper = options.max_ratio if options.max_ratio is not None else 0.9
+        self.upper = options.max_ratio if options.max_ratio is not None else DEFAULT_MAX_RATIO
         self.tol = options.tolerance * goal
         self.samples: dict = {}  # plan key -> measurements (fractions of the original)
         self.tried: dict = {}  # plan key -> (ratio, plan)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from graphprune.tracer import call_model
-from graphprune.tracer.devices import model_device, to_device
+from graphprune.tracer.devices import model_device, tensors_in, to_device
 from graphprune.tracer.state import eval_mode
 from graphprune.validation import check_model
 
@@ -101,18 +101,8 @@ def measure_latency(
             model.to(original_device)
 
 
-def _tensors(inputs: Any) -> list:
-    if isinstance(inputs, torch.Tensor):
-        return [inputs]
-    if isinstance(inputs, Mapping):
-        return [t for v in inputs.values() for t in _tensors(v)]
-    if isinstance(inputs, (tuple, list)):
-        return [t for v in inputs for t in _tensors(v)]
-    return []
-
-
 def _synchronize(inputs: Any) -> None:
-    for tensor in _tensors(inputs):
+    for tensor in tensors_in(inputs):
         if tensor.device.type == "cuda":
             torch.cuda.synchronize(tensor.device)
             return
@@ -125,7 +115,7 @@ def latency_clock(example_inputs: Any) -> str:
     is the latency the model would have on an idle machine and other processes do not
     disturb it; otherwise (several threads, accelerators) wall time is the only measure.
     """
-    on_cpu = all(t.device.type == "cpu" for t in _tensors(example_inputs))
+    on_cpu = all(t.device.type == "cpu" for t in tensors_in(example_inputs))
     return "cpu" if on_cpu and torch.get_num_threads() == 1 else "wall"
 
 
