@@ -12,7 +12,7 @@ from .criteria import Criterion, get_criterion
 from .pruning.options import check_options, check_ratio, check_target
 from .pruning.run import PruneResult, run_pruning
 from .recovery import Recovery, check_recovery
-from .reporting.report import Report
+from .analysis.report import Report
 from .session import PruningSession, session_of
 from .tracer.fallback import check_capture
 from .tracer.state import ModelTransaction, eval_mode, gc_paused

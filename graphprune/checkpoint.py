@@ -34,7 +34,7 @@ from .io.sharded import (
 from .pruning.model_config import config_buffers
 from .pruning.options import check_options, check_ratio, check_target
 from .pruning.run import PruneResult
-from .reporting.report import Report
+from .analysis.report import Report
 
 
 @dataclass

@@ -26,7 +26,7 @@ from .pruning.audit import AuditError, audit
 from .pruning.model_config import ConfigMismatch, ConfigWarning, builds_from_config, describe_pruned
 from .pruning.planner import repeated_groups
 from .pruning.surgery import ChannelSurgery, PruningError
-from .reporting.report import Report
+from .analysis.report import Report
 from .tracer.fallback import check_capture
 from .tracer.state import interrupts_deferred
 from .validation import warn_caller

@@ -62,6 +62,17 @@ def test_no_import_cycle():
     assert not cycles, cycles[:5]
 
 
+def test_the_pipeline_stages_never_reach_back_to_the_entry_points():
+    """tracer/, analysis/, criteria/, pruning/ and reporting/ feed the entry points (api,
+    session, workflow, cli), never the other way round: a measure or a report never analyses."""
+    stages = ("graphprune.tracer", "graphprune.analysis", "graphprune.criteria", "graphprune.pruning",
+              "graphprune.reporting")
+    entry_points = ("graphprune.api", "graphprune.session", "graphprune.workflow", "graphprune.cli")
+    back = {(name, target) for name, path in MODULES.items() if name.startswith(stages)
+            for target in _imported(name, path) if target.startswith(entry_points)}
+    assert not back, sorted(back)
+
+
 def test_no_attribute_shadows_a_submodule():
     shadowed = []
     for name, path in MODULES.items():

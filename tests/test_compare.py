@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import graphprune
-from graphprune.reporting.compare import Comparison, group_widths
+from graphprune.workflow.compare import Comparison, group_widths
 
 X = torch.randn(1, 3, 8, 8)
 

@@ -8,7 +8,7 @@ import numpy as np
 from torch import nn
 
 from graphprune import tracer
-from graphprune.reporting.report import Report
+from graphprune.analysis.report import Report
 from graphprune.tracer.devices import describe_value, tensors_in
 from graphprune.tracer.fallback import check_capture
 from graphprune.tracer.fx_capture import check_leaf_names

@@ -241,7 +241,7 @@ def cmd_sensitivity(args: argparse.Namespace, status: Status) -> int:
 
 
 def cmd_report(args: argparse.Namespace, status: Status) -> int:
-    from graphprune.reporting.compare import report
+    from graphprune.workflow.compare import report
 
     before_spec, before = load_model(args.before, status)
     after_spec, after = load_model(args.after, status)

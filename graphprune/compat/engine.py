@@ -42,7 +42,7 @@ from graphprune import criteria
 from graphprune.analysis.groups import Group, Member
 from graphprune.analysis.sizes import derived_sizes, size_problems
 from graphprune.pruning.planner import floor_count, lowest_channels
-from graphprune.reporting.report import Report
+from graphprune.analysis.report import Report
 from graphprune.tracer.state import ModelTransaction
 from graphprune.validation import check_fraction, check_model
 

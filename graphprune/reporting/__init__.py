@@ -1,3 +1,4 @@
-"""What people read: the analysis report (:mod:`.report`), before / after comparisons
-(:mod:`.compare`), size and speed measures (:mod:`.measure`) and pictures of the channel
-graph (:mod:`.visualize`)."""
+"""What people read that no analysis holds: size and speed measures (:mod:`.measure`),
+plain-text tables (:mod:`.tables`) and pictures of the channel graph (:mod:`.visualize`).
+The analysis report is :mod:`graphprune.analysis.report`; before / after comparisons,
+which analyse the model, are :mod:`graphprune.workflow.compare`."""

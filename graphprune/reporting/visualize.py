@@ -17,7 +17,7 @@ from typing import Any, Optional
 import networkx as nx
 import numpy as np
 
-from .report import Report
+from graphprune.analysis.report import Report
 
 __all__ = ["to_dot", "to_png", "channel_graph", "node_group"]
 

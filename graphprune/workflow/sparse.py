@@ -34,7 +34,7 @@ from graphprune.api import analyze
 from graphprune.criteria.group_norm import channel_sums, group_norms, norm_members
 from graphprune.pruning.options import check_ratio
 from graphprune.pruning.planner import RatioSpec, lowest_channels, removal_counts
-from graphprune.reporting.report import Report
+from graphprune.analysis.report import Report
 from graphprune.session import session_of
 from graphprune.validation import check_model, check_real
 

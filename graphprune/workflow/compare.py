@@ -19,8 +19,8 @@ from graphprune.analysis.inputs import resolve_example_inputs
 from graphprune.api import analyze
 from graphprune.validation import check_model
 
-from .measure import SPREAD_LIMIT, compare_latency, count_flops, count_parameters, measure_latency
-from .tables import text_table
+from graphprune.reporting.measure import SPREAD_LIMIT, compare_latency, count_flops, count_parameters, measure_latency
+from graphprune.reporting.tables import text_table
 
 __all__ = ["report", "Comparison", "group_widths"]
 

@@ -5,9 +5,9 @@ from typing import Any
 
 import networkx as nx
 
-from graphprune.analysis.groups import Group
+from .groups import Group
 
-from .tables import text_table
+from graphprune.reporting.tables import text_table
 
 
 def _shorten(text: str, width: int) -> str:
