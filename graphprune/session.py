@@ -15,6 +15,7 @@ from torch import nn
 from . import tracer
 from .analysis.analyzer import (
     Analysis,
+    AnalysisOptions,
     LayerRef,
     fingerprint,
     run_analysis,
@@ -29,7 +30,7 @@ from .pruning.surgery import ChannelSurgery, PruningError
 from .analysis.report import Report
 from .tracer.fallback import check_capture
 from .tracer.state import interrupts_deferred
-from .validation import warn_caller
+from .validation import check_model, warn_caller
 
 T = TypeVar("T")
 
@@ -46,7 +47,9 @@ class PruningSession:
 
     def __init__(self, model: nn.Module, example_inputs: Any = None, *, leaf_modules: Iterable[tracer.LeafSpec] = (),
                  ignored_layers: Iterable[LayerRef] = (), prune_heads: bool = False, capture: str = "auto"):
-        self.analysis: Analysis = run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads, capture)
+        check_model(model)
+        options = AnalysisOptions.checked(model, leaf_modules, ignored_layers, prune_heads, capture)
+        self.analysis: Analysis = run_analysis(model, example_inputs, options)
         self.surgery = ChannelSurgery(self.analysis.state, self.analysis.roots, self.analysis.groups)
         self.report.session = self
         for group in self.report.groups:
@@ -68,8 +71,7 @@ class PruningSession:
     def renewed(self) -> "PruningSession":
         """A session on the model as it is now (after pruning), with the same inputs and options."""
         a = self.analysis
-        return PruningSession(a.model, a.inputs, leaf_modules=a.leaf_modules, ignored_layers=a.ignored_layers,
-                              prune_heads=a.prune_heads, capture=a.capture)
+        return PruningSession(a.model, a.inputs, **a.options.as_kwargs())
 
     def apply(self, plan: Mapping[Group, Sequence[int]], *, verify: bool = True, strict: bool = False,
               on_commit: Optional[Callable[[], None]] = None, fit_config: bool = False) -> list:
@@ -228,7 +230,7 @@ class PruningSession:
 
     def _audit(self, removed: np.ndarray, filled: bool) -> None:
         a = self.analysis
-        audit(a.model, a.inputs, traced_leaves(a.leaf_modules), a.state, a.roots, removed, filled, capture=a.front_end)
+        audit(a.model, a.inputs, traced_leaves(a.options.leaf_modules), a.state, a.roots, removed, filled, capture=a.front_end)
 
 
 def _same_code(plan: dict, culprits: dict) -> dict:
@@ -260,8 +262,8 @@ def session_of(report: Any, model: nn.Module, example_inputs: Any, inplace: bool
         raise ValueError("a report prunes the analysed model itself; with inplace=False, deep-copy the model and analyze the copy")
     if not all(option is False or (isinstance(option, (tuple, list, set)) and not option) for option in analysis_options):
         raise ValueError("leaf_modules, ignored_layers and prune_heads were fixed by analyze(); pass them there, not with report")
-    if capture not in ("auto", session.analysis.capture):
-        raise ValueError(f"the report was made with capture={session.analysis.capture!r}, not {capture!r}; "
+    if capture not in ("auto", session.analysis.options.capture):
+        raise ValueError(f"the report was made with capture={session.analysis.options.capture!r}, not {capture!r}; "
                          "pass capture to analyze(), not with report")
     session.check_unchanged()
     if session.surgery.pruned:

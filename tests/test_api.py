@@ -353,3 +353,16 @@ def test_moved_modules_still_import_with_a_deprecation_warning():
     from graphprune.reporting import measure
 
     assert module is measure
+
+
+def test_the_analysis_options_are_checked_once_and_carried_to_every_renewed_analysis():
+    from graphprune.analysis.analyzer import AnalysisOptions
+
+    model = torchvision.models.resnet18().eval()
+    session = graphprune.PruningSession(model, torch.randn(1, 3, 32, 32), ignored_layers=["layer4"], capture="fx")
+    options = session.analysis.options
+    assert options == AnalysisOptions.checked(model, (), ["layer4"], False, "fx") and hash(options)
+    session.apply({session.report.prunable_groups[0]: [0, 1]})
+    assert session.renewed().analysis.options == options
+    with pytest.raises(ValueError, match="ignored_layers has entries that are not submodules of ResNet"):
+        AnalysisOptions.checked(model, ignored_layers=["nope"])

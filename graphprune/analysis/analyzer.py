@@ -2,6 +2,7 @@
 into coupled groups (the report). Pruning it is :class:`graphprune.session.PruningSession`'s."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable, Union
 
 import numpy as np
@@ -24,6 +25,37 @@ from .rules import has_module_rule
 from .unreached import block_unreached
 
 LayerRef = Union[str, nn.Module]
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """:func:`graphprune.analyze`'s options, checked once against the model
+    (:meth:`checked`): ``leaf_modules`` (names, classes, modules or predicates),
+    ``ignored_layers`` (module names), ``prune_heads`` and ``capture``. ``NAMES`` are the
+    keyword arguments they come from, which :func:`graphprune.prune` and the workflows share."""
+
+    leaf_modules: tuple = ()
+    ignored_layers: frozenset = frozenset()
+    prune_heads: bool = False
+    capture: str = "auto"
+
+    NAMES = ("leaf_modules", "ignored_layers", "prune_heads", "capture")
+
+    @classmethod
+    def checked(cls, model: nn.Module, leaf_modules: Iterable = (), ignored_layers: Iterable = (),
+                prune_heads: bool = False, capture: str = "auto") -> "AnalysisOptions":
+        """The options for ``model``; TypeError / ValueError with a precise message otherwise."""
+        if not isinstance(prune_heads, bool):
+            raise TypeError(f"prune_heads must be True or False, got {type(prune_heads).__name__}")
+        check_capture(capture)
+        check_leaf_names(model, leaf_modules)
+        ignored = _layer_names(model, ignored_layers, "ignored_layers")
+        return cls(tuple(leaf_modules), frozenset(ignored), prune_heads, capture)
+
+    def as_kwargs(self) -> dict:
+        """``{name: value}``, as :func:`graphprune.analyze` takes them."""
+        return {"leaf_modules": list(self.leaf_modules), "ignored_layers": sorted(self.ignored_layers),
+                "prune_heads": self.prune_heads, "capture": self.capture}
 
 
 def _layer_names(model: nn.Module, layers: Iterable[LayerRef], argument: str) -> set[str]:
@@ -91,23 +123,19 @@ class Analysis:
     """What one analysis found (``state``, ``roots``, ``groups``, ``report``) and what it was
     made from (``model``, the resolved ``inputs`` and the options)."""
 
-    def __init__(self, model: nn.Module, example_inputs: Any, description: str, leaf_modules, ignored: set[str], prune_heads: bool,
-                 capture: str = "auto"):
-        graph = tracer.trace(model, example_inputs, traced_leaves(leaf_modules), capture)
-        self.state = propagate(graph, prune_heads)
+    def __init__(self, model: nn.Module, example_inputs: Any, description: str, options: AnalysisOptions):
+        graph = tracer.trace(model, example_inputs, traced_leaves(options.leaf_modules), options.capture)
+        self.state = propagate(graph, options.prune_heads)
         block_unreached(self.state, example_inputs)
         self.roots = self.state.space.all_roots()
         self.groups = build_groups(self.state, self.roots)
-        _ignore(self.groups, ignored)
+        _ignore(self.groups, options.ignored_layers)
         _annotate_channels(self.state, self.roots, self.groups)
         self.model = model
         self.inputs = example_inputs  # as resolved: inferred when the caller gave none
-        self.leaf_modules = list(leaf_modules)
-        self.ignored_layers = ignored
-        self.prune_heads = prune_heads
-        self.capture = capture  # the front-end asked for
-        # the one that captured the model, which the audit captures the pruned model with
-        self.front_end = graph.graph["front_end"] if graph.graph["front_end"] in ("fx", "export") else capture
+        self.options = options
+        # the front-end that captured the model (of those options.capture allows), which the audit captures the pruned model with
+        self.front_end = graph.graph["front_end"] if graph.graph["front_end"] in ("fx", "export") else options.capture
         self.fingerprint = fingerprint(model)
         self.report = Report(type(model).__name__, self.groups, graph, description)
 
@@ -123,19 +151,14 @@ def fingerprint(model: nn.Module) -> tuple:
     return tuple(modules), tuple(tensors)
 
 
-def run_analysis(model, example_inputs, leaf_modules, ignored_layers, prune_heads=False, capture="auto") -> Analysis:
-    """Check the arguments and analyse ``model``; the resolved inputs are ``.inputs``."""
+def run_analysis(model: nn.Module, example_inputs: Any, options: AnalysisOptions) -> Analysis:
+    """Resolve the inputs and analyse ``model`` with the checked ``options``; the resolved inputs are ``.inputs``."""
     check_model(model)
-    if not isinstance(prune_heads, bool):
-        raise TypeError(f"prune_heads must be True or False, got {type(prune_heads).__name__}")
-    check_capture(capture)
-    check_leaf_names(model, leaf_modules)
-    ignored = _layer_names(model, ignored_layers, "ignored_layers")
     inputs, inferred = resolve_example_inputs(model, example_inputs)
     _check_devices(model, inputs)
     description = "inferred " + describe_inputs(inputs) if inferred else describe_inputs(inputs)
     try:
-        return Analysis(model, inputs, description, leaf_modules, ignored, prune_heads, capture)
+        return Analysis(model, inputs, description, options)
     except tracer.InputError as exc:
         if inferred:
             raise ValueError(f"{exc} The inferred input was {describe_inputs(inputs)}; pass example_inputs.") from exc

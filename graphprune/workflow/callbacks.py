@@ -15,13 +15,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from graphprune.analysis.analyzer import AnalysisOptions
 from graphprune.api import analyze, prune
 from graphprune.criteria import get_criterion
 from graphprune.reporting.measure import count_parameters
 from graphprune.tracer.devices import model_device, to_device
 from graphprune.validation import check_fraction, check_model, warn_caller
 
-from .schedule import ANALYSIS_OPTIONS, ratio_between
+from .schedule import ratio_between
 from .sparse import GroupRegularizer, check_settings
 
 __all__ = ["prune_optimizer_state", "check_schedule", "PruningHooks", "HFPruningCallback", "LightningPruningCallback",
@@ -213,7 +214,7 @@ class PruningHooks:
         if not self.schedule and self.settings is None:
             raise ValueError("nothing to do: pass a schedule {epoch: cumulative ratio}, regularizer settings or both")
         self.prune_kwargs = _check_prune_kwargs(prune_kwargs)
-        self._analysis = {key: value for key, value in self.prune_kwargs.items() if key in ANALYSIS_OPTIONS}
+        self._analysis = {key: value for key, value in self.prune_kwargs.items() if key in AnalysisOptions.NAMES}
         if criterion is None:  # the regulariser's modes are the criteria of the norms they shrink
             criterion = "l1" if self.settings is None else self.settings.get("mode", "group_norm")
         get_criterion(criterion, self.prune_kwargs.get("calibration"))  # unknown names fail now, not epochs later
@@ -263,7 +264,7 @@ class PruningHooks:
         if self.model is None:
             raise RuntimeError("epoch_end() before start(): call start(model) when training starts")
         step_ratio = ratio_between(ratio, self._previous)
-        options = {key: value for key, value in self.prune_kwargs.items() if key not in ANALYSIS_OPTIONS}
+        options = {key: value for key, value in self.prune_kwargs.items() if key not in AnalysisOptions.NAMES}
         report = analyze(self.model, self._inputs(), **self._analysis)  # its session knows the kept positions
         prune(self.model, step_ratio, report=report, criterion=self.criterion, **options)
         kept = report.session.surgery.kept_positions()

@@ -8,6 +8,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from torch import nn
 
+from graphprune.analysis.analyzer import AnalysisOptions
 from graphprune.api import prune
 from graphprune.criteria import get_criterion
 from graphprune.reporting.measure import count_parameters
@@ -22,7 +23,6 @@ __all__ = ["prune_schedule"]
 _RESERVED = ("ratio", "example_inputs", "criterion", "inplace", "return_result", "target_flops", "target_params",
              "target_latency")
 _SETTINGS = ("coefficient", "mode", "delta", "max_coefficient")  # GroupRegularizer's, the schedule sets the rest
-ANALYSIS_OPTIONS = ("prune_heads", "ignored_layers", "leaf_modules", "capture")  # prune()'s options that analyze() takes
 
 
 def prune_schedule(
@@ -91,7 +91,7 @@ def prune_schedule(
         options = dict(finetune_kwargs)
         if settings is not None and step < len(checked):
             next_ratio = ratio_between(checked[step], target) if "delta" in settings else None
-            analysis = {key: prune_kwargs[key] for key in ANALYSIS_OPTIONS if key in prune_kwargs}
+            analysis = {key: prune_kwargs[key] for key in AnalysisOptions.NAMES if key in prune_kwargs}
             options["regularizer"] = GroupRegularizer(model, example_inputs, target_ratio=next_ratio, **settings,
                                                       **analysis)
         record["finetune"] = finetune(model, train_loader, epochs=epochs_per_step, **options)
