@@ -31,6 +31,7 @@ from .io.sharded import (
     weights_on_demand,
     write_shards,
 )
+from .io.pretrained import build_from_config
 from .pruning.model_config import config_buffers
 from .pruning.options import check_options, check_ratio, check_target
 from .pruning.run import PruneResult
@@ -126,8 +127,7 @@ def _loader(report: Report, checkpoint: ShardedCheckpoint, names: dict, read) ->
     there, else as the model's config computes it (a buffer not saved)."""
     model, source, computed = report.session.model, {}, []
     for aliases in names.values():
-        found = next((n for n in aliases if n in checkpoint.weight_map), None)
-        source.update(dict.fromkeys(aliases, found))
+        source.update(dict.fromkeys(aliases, _saved_name(aliases, checkpoint)))
 
     def load(name: str) -> torch.Tensor:
         if source.get(name) is not None:
@@ -141,6 +141,11 @@ def _loader(report: Report, checkpoint: ShardedCheckpoint, names: dict, read) ->
     return load
 
 
+def _saved_name(aliases: Iterable[str], checkpoint: ShardedCheckpoint) -> Optional[str]:
+    """The first of a tensor's names (the checkpoint's own come first) that the checkpoint holds; None if none."""
+    return next((name for name in aliases if name in checkpoint.weight_map), None)
+
+
 def _meta_model(directory: str) -> nn.Module:
     """The model the checkpoint's config describes, built on the meta device (no memory),
     as the class its config names (``architectures``), else ``AutoModel``."""
@@ -150,15 +155,10 @@ def _meta_model(directory: str) -> nn.Module:
         raise ValueError("prune_checkpoint reads Hugging Face checkpoints, which needs transformers "
                          "(pip install transformers)") from None
     config = transformers.AutoConfig.from_pretrained(directory)
-    names = [n for n in (getattr(config, "architectures", None) or []) if hasattr(transformers, n)]
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)  # as from_pretrained builds it
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    options = {"dtype": dtype} if isinstance(dtype, torch.dtype) else {}
     with torch.device("meta"):
-        if names:
-            model = getattr(transformers, names[0])._from_config(config, **options)
-        else:
-            model = transformers.AutoModel.from_config(config, **options)
+        model = build_from_config(transformers, config, **({"dtype": dtype} if isinstance(dtype, torch.dtype) else {}))
     return model.eval()
 
 
@@ -233,9 +233,9 @@ def _stream_scores(criterion: WeightCriterion, report: Report, checkpoint: Shard
     where, computed = {}, None
     table = {}
     for key, (tensor, dims) in wanted.items():
-        found = [n for n in names.get(key, ()) if n in checkpoint.weight_map]
-        if found:
-            where[found[0]] = key
+        saved = _saved_name(names.get(key, ()), checkpoint)
+        if saved is not None:
+            where[saved] = key
             continue
         computed = config_buffers(report.session.model) if computed is None else computed  # not saved: from the config
         value = next((computed[n] for n in names.get(key, ()) if n in computed), None)

@@ -16,12 +16,11 @@ import sys
 import textwrap
 from typing import Any, Callable, Optional, Sequence
 
-from graphprune.validation import check_fraction
 
 from . import commands, prune
 from .commands import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from .models import MODEL_HELP, UsageError
-from .options import add_prune_options
+from .options import add_prune_options, fraction
 from .output import Status, one_line
 
 _EPILOG = (
@@ -84,24 +83,13 @@ class _Parser(argparse.ArgumentParser):
 # ---------------------------------------------------------------- argument types
 
 
-def _fraction(text: str, name: str, low_open: bool) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-    try:
-        return check_fraction(value, name, low_open=low_open)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc).replace(f"got {value}", f"got {text.strip()}")) from None
-
-
 def _ratio_list(text: str) -> tuple:
     expected = "comma-separated numbers such as 0.1,0.3,0.5"
     try:
         [float(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"ratios must be {expected}, got {text!r}") from None
-    return tuple(sorted({_fraction(part, "every ratio", low_open=True) for part in text.split(",")}))
+    return tuple(sorted({fraction("every ratio", low_open=True)(part) for part in text.split(",")}))
 
 
 def _number(kind: type, low: float, open_low: bool = False) -> Callable[[str], Any]:

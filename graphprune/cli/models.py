@@ -248,12 +248,11 @@ _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 def _plain_weights(path: str) -> bool:
     """Whether ``path`` holds trained weights rather than a :func:`graphprune.save` file: a
     ``torch.save`` suffix, or safetensors without graphprune's spec."""
-    try:
-        from safetensors import safe_open
+    from graphprune.io.weights import is_graphprune_file
 
-        with safe_open(path, framework="pt") as handle:
-            return "graphprune.spec" not in (handle.metadata() or {})
-    except Exception:  # noqa: BLE001 - not safetensors: torch.save's suffixes say weights
+    try:
+        return not is_graphprune_file(path)
+    except ValueError:  # not safetensors: torch.save's suffixes say weights
         return path.lower().endswith(_WEIGHT_SUFFIXES)
 
 

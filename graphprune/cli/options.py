@@ -12,7 +12,8 @@ from typing import Any, Callable
 from graphprune.validation import check_fraction
 
 
-def _fraction(name: str, low_open: bool = False, high_open: bool = True) -> Callable[[str], float]:
+def fraction(name: str, low_open: bool = False, high_open: bool = True) -> Callable[[str], float]:
+    """An argparse type: a number in the interval from 0 to 1 (``check_fraction``'s), named ``name`` in its errors."""
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -28,13 +29,13 @@ def _fraction(name: str, low_open: bool = False, high_open: bool = True) -> Call
 def ratio(text: str):
     """``0.3``, or per layer ``GLOB=R,GLOB=R`` (``"layer4*=0.5,*=0.2"``)."""
     if "=" not in text:
-        return _fraction("ratio")(text)
+        return fraction("ratio")(text)
     mapping = {}
     for part in text.split(","):
         key, sep, value = part.partition("=")
         if not sep or not key.strip():
             raise argparse.ArgumentTypeError(f"per-layer ratios must be GLOB=R,GLOB=R such as 'layer4*=0.5,*=0.2', got {text!r}")
-        mapping[key.strip()] = _fraction(f"ratio of {key.strip()!r}")(value)
+        mapping[key.strip()] = fraction(f"ratio of {key.strip()!r}")(value)
     return mapping
 
 
@@ -60,9 +61,9 @@ def add_prune_options(prune: argparse.ArgumentParser) -> None:
     how_much.add_argument("--ratio", type=ratio, help="fraction of each group's channels to remove, in [0, 1); or per "
                           "layer, GLOB=R,GLOB=R (module names or globs; groups no key names stay whole)")
     for metric, what in (("flops", "FLOPs"), ("params", "parameters"), ("latency", "latency on this machine")):
-        how_much.add_argument(f"--target-{metric}", type=_fraction(f"target_{metric}", low_open=True, high_open=False),
+        how_much.add_argument(f"--target-{metric}", type=fraction(f"target_{metric}", low_open=True, high_open=False),
                               metavar="F", help=f"instead of --ratio: keep this fraction of the {what}")
-    how_much.add_argument("--tolerance", type=_fraction("tolerance", low_open=True), default=0.02, metavar="T",
+    how_much.add_argument("--tolerance", type=fraction("tolerance", low_open=True), default=0.02, metavar="T",
                           help="a budget is met within this relative tolerance (default: 0.02)")
     plan = prune.add_argument_group("how (graphprune.prune's planning options)")
     plan.add_argument("--uniform", action="store_true",
@@ -70,7 +71,7 @@ def add_prune_options(prune: argparse.ArgumentParser) -> None:
                            "so that a Hugging Face config can describe the result")
     plan.add_argument("--global-ranking", action="store_true",
                       help="rank channels across groups (scores normalised per group) instead of the same ratio in each")
-    plan.add_argument("--max-ratio", type=_fraction("max_ratio", low_open=True), metavar="R",
+    plan.add_argument("--max-ratio", type=fraction("max_ratio", low_open=True), metavar="R",
                       help="the largest fraction any group may lose (default: 0.9 with --global-ranking, else no limit)")
     plan.add_argument("--round-to", type=_positive_int("round_to"), metavar="N",
                       help="every pruned group keeps a multiple of N channels (8 suits GPUs)")

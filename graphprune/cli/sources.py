@@ -5,7 +5,6 @@ how to build it in Python, and make example inputs. Problems raise ValueError wi
 one-line message (the command line shows it as a usage error)."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Optional
 
@@ -30,14 +29,6 @@ def check(source: str, name: str) -> None:
     if source == YOLO and not name.lower().endswith(_YOLO_SUFFIXES):
         raise ValueError(f"yolo:{name}: give a model config such as yolov8n.yaml (random weights; a .pt would be "
                          "downloaded, which graphprune never does)")
-
-
-def _hf_class(directory: str) -> str:
-    """The transformers class the checkpoint's config names (``architectures``), else AutoModel."""
-    with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:
-        names = json.load(handle).get("architectures") or []
-    transformers = _library(HF)
-    return names[0] if names and hasattr(transformers, names[0]) else "AutoModel"
 
 
 def build(source: str, name: str):

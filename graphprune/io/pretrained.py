@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Union
 
 from torch import nn
 
 from graphprune.validation import check_model
+
+from .sharded import staged_directory
 
 WEIGHTS = "graphprune.safetensors"
 _KEY = "graphprune"
@@ -39,21 +39,11 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike]) -> str
                         "save it with graphprune.save")
     update = describe_pruned(model)
     described = update.problem is None and not update.fields
-    directory = os.path.abspath(os.fspath(directory))
-    if os.path.exists(directory) and not (os.path.isdir(directory) and not os.listdir(directory)):
-        raise ValueError(f"{directory} exists; remove it or choose another directory")
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-", dir=os.path.dirname(directory))
-    try:
+    with staged_directory(directory) as staging:
         if described:
             model.save_pretrained(staging)
         else:
             _save_with_spec(model, staging)
-        if os.path.isdir(directory):
-            os.rmdir(directory)
-        os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return "transformers" if described else "graphprune"
 
 
@@ -86,13 +76,27 @@ def from_pretrained(directory: Union[str, os.PathLike], **kwargs: Any) -> nn.Mod
     with open(path, encoding="utf-8") as handle:
         entry = json.load(handle).get(_KEY)
     config = transformers.AutoConfig.from_pretrained(directory)
-    names = [n for n in (getattr(config, "architectures", None) or []) if hasattr(transformers, n)]
-    model_class = getattr(transformers, names[0]) if names else transformers.AutoModel
+    model_class = config_model_class(transformers, config)
     if entry is None:
         return model_class.from_pretrained(directory, **kwargs).eval()
     from .persist import load
 
     if hasattr(config, _KEY):
         delattr(config, _KEY)
-    model = model_class.from_config(config) if model_class is transformers.AutoModel else model_class(config)
-    return load(model, os.path.join(directory, entry.get("weights", WEIGHTS))).eval()
+    return load(build_from_config(transformers, config), os.path.join(directory, entry.get("weights", WEIGHTS))).eval()
+
+
+def config_model_class(transformers: Any, config: Any) -> type:
+    """The transformers class a config names first (``architectures``) that ``transformers``
+    has, else ``AutoModel``."""
+    names = [n for n in (getattr(config, "architectures", None) or []) if hasattr(transformers, n)]
+    return getattr(transformers, names[0]) if names else transformers.AutoModel
+
+
+def build_from_config(transformers: Any, config: Any, **options: Any) -> nn.Module:
+    """A model of :func:`config_model_class` built from ``config`` (random weights); ``options``
+    (``dtype``) go to its constructor."""
+    model_class = config_model_class(transformers, config)
+    if model_class is transformers.AutoModel:
+        return model_class.from_config(config, **options)
+    return model_class._from_config(config, **options)

@@ -27,7 +27,7 @@ def load_weights(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"no such weights file: {path!r}")
-    if path.endswith(".safetensors") and _is_graphprune_file(path):
+    if path.endswith(".safetensors") and is_graphprune_file(path):
         from .persist import load
 
         return load(model, path)
@@ -39,7 +39,9 @@ def load_weights(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     return model
 
 
-def _is_graphprune_file(path: str) -> bool:
+def is_graphprune_file(path: str) -> bool:
+    """Whether the safetensors file ``path`` was written by :func:`graphprune.save` (it holds
+    graphprune's pruning spec); ValueError if it is no readable safetensors file."""
     from safetensors import safe_open
 
     try:

@@ -141,15 +141,25 @@ def latency_ratio(reference: nn.Module, model: nn.Module, example_inputs: Any, *
     """
     clock = clock or latency_clock(example_inputs)
     reduce = np.median if clock == "cpu" else np.min
+    ref_times, times = _interleaved_times([reference, model], example_inputs, max(repeats, 1), warmup, clock)
+    return float(reduce(times) / reduce(ref_times))
+
+
+def _interleaved_times(models: list, example_inputs: Any, rounds: int, warmup: int, clock: str,
+                       progress: bool = False) -> list:
+    """Per model, its ``rounds`` times of one forward pass (no grad), the models taking turns in
+    every round after ``warmup`` untimed rounds, so that load on the machine falls on all alike."""
+    from tqdm.auto import tqdm
+
+    times = [[] for _ in models]
     with torch.no_grad():
         for _ in range(warmup):
-            call_model(reference, example_inputs)
-            call_model(model, example_inputs)
-        ref_times, times = [], []
-        for _ in range(max(repeats, 1)):
-            ref_times.append(_time_once(reference, example_inputs, clock))
-            times.append(_time_once(model, example_inputs, clock))
-    return float(reduce(times) / reduce(ref_times))
+            for model in models:
+                call_model(model, example_inputs)
+        for _ in tqdm(range(rounds), desc="timing", unit="round", disable=not progress, leave=False):
+            for model, mine in zip(models, times):
+                mine.append(_time_once(model, example_inputs, clock))
+    return times
 
 
 @dataclass
@@ -182,23 +192,14 @@ def compare_latency(models: list, example_inputs: Any, *, rounds: int = 30, warm
     round, the models taking turns, after ``warmup`` untimed rounds: load on the machine then
     falls on all alike. Wall clock, or the thread's CPU time for single-threaded CPU inference
     (:func:`latency_clock`). A progress bar counts the rounds with ``progress``."""
-    from tqdm.auto import tqdm
-
     for model in models:
         check_model(model, allow_torchscript=True)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 4:
         raise ValueError(f"rounds must be an integer of at least 4 (a spread needs quartiles), got {rounds!r}")
-    clock = latency_clock(example_inputs)
-    times = [[] for _ in models]
-    with torch.no_grad(), contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
         for model in models:
             stack.enter_context(eval_mode(model))
-        for _ in range(warmup):
-            for model in models:
-                call_model(model, example_inputs)
-        for _ in tqdm(range(rounds), desc="timing", unit="round", disable=not progress, leave=False):
-            for model, mine in zip(models, times):
-                mine.append(_time_once(model, example_inputs, clock))
+        times = _interleaved_times(models, example_inputs, rounds, warmup, latency_clock(example_inputs), progress)
     quartiles = [np.percentile(t, [25, 50, 75]) for t in times]
     return Timing(tuple(float(q[1]) for q in quartiles), tuple(float((q[2] - q[0]) / q[1]) if q[1] > 0 else 0.0
                                                               for q in quartiles), rounds)
