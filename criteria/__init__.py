@@ -47,8 +47,27 @@ CRITERIA: dict = {
 
 
 def get_criterion(criterion: Union[str, Criterion], calibration: Optional[Iterable] = None) -> Criterion:
-    """A criterion instance from a name (case-insensitive) or an instance; a named criterion
-    that needs data is built on ``calibration`` (its batches) where given."""
+    """Build a criterion from its name, or pass an instance through.
+
+    Parameters
+    ----------
+    criterion : str or Criterion
+        A name of :data:`CRITERIA` (case-insensitive) or an instance, returned as it is.
+    calibration : iterable of batches, optional
+        The data a named criterion that needs it (``"taylor"``, ``"wanda"`` ...) is built on.
+
+    Returns
+    -------
+    Criterion
+        ``criterion`` itself, or a new instance of the named class.
+
+    Raises
+    ------
+    TypeError
+        ``criterion`` is neither a name nor a Criterion.
+    ValueError
+        The name is unknown, or names a criterion that needs data without ``calibration``.
+    """
     if isinstance(criterion, Criterion):
         return criterion
     if not isinstance(criterion, str):

@@ -229,9 +229,31 @@ class InputWeighted(ActivationCriterion, WeightCriterion):
 
 
 class Wanda(InputWeighted):
-    """Wanda per input channel (Sun et al., 2023): ``||W[:, j]||_1 * ||X_j||_2``, ``X_j`` the
-    consumer's input channel ``j`` over all calibration samples and positions; L1 where a
-    group has no consumer."""
+    """Wanda per input channel (Sun et al., 2023): ``||W[:, j]||_1 * ||X_j||_2``.
+
+    ``X_j`` is the consumer's input channel ``j`` over all calibration samples and
+    positions; L1 where a group has no consumer. The data pass is described in
+    :class:`ActivationCriterion`.
+
+    Parameters
+    ----------
+    data_loader : iterable
+        Calibration batches: the model's inputs, or ``(inputs, targets)`` pairs.
+    max_batches : int, optional
+        The most batches to run (at least 1); default all.
+    device : str or torch.device, optional
+        Where batches go; it must be the model's device (default: the model's).
+    progress : bool, default True
+        Show a progress bar over the batches.
+
+    Raises
+    ------
+    TypeError
+        ``data_loader`` is not an iterable of batches, or ``max_batches`` / ``device`` has
+        the wrong type.
+    ValueError
+        ``max_batches`` is below 1.
+    """
 
     name = "wanda"
     p = 1
@@ -241,9 +263,16 @@ class Wanda(InputWeighted):
 
 
 class Fluctuation(InputWeighted):
-    """FLAP's weighted input feature variance (An et al., AAAI 2024): ``Var(X_j) *
-    ||W[:, j]||_2^2``; a channel whose input hardly varies can be replaced by a bias. L2
-    where a group has no consumer."""
+    """FLAP's weighted input feature variance (An et al., AAAI 2024): ``Var(X_j) * ||W[:, j]||_2^2``.
+
+    A channel whose input hardly varies can be replaced by a bias. L2 where a group has no
+    consumer.
+
+    Parameters
+    ----------
+    data_loader, max_batches, device, progress
+        As in :class:`Wanda`.
+    """
 
     name = "flap"
     p = 2

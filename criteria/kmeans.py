@@ -92,7 +92,31 @@ def _check_k(value, where: str) -> None:
 
 
 class KMeansCriterion(Criterion):
-    """Base of the K-means family; subclasses define the within-cluster :meth:`importance`."""
+    """Base of the K-means family; subclasses define the within-cluster :meth:`importance`.
+
+    Parameters
+    ----------
+    k : int, None or mapping, default None
+        Clusters per group: an int, None (automatic) or ``{group id, name or glob: int or
+        None}`` (see the module docstring).
+    seed : int, default 0
+        KMeans' random state.
+    variance : float, default 0.8
+        The share of variance PCA keeps, in (0, 1]; 1 skips PCA.
+    k_range : (int, int), default (2, 10)
+        The automatic ``k`` searched, ``2 <= low <= high``.
+    n_init : int, default 10
+        KMeans' restarts.
+    threads : int or None, default 1
+        BLAS/OpenMP threads for PCA and KMeans (None: no limit).
+
+    Raises
+    ------
+    TypeError
+        ``k`` (or one of its keys or values) or ``seed`` has the wrong type.
+    ValueError
+        ``k`` is below 1, ``variance`` outside (0, 1] or not a number, or ``k_range`` invalid.
+    """
 
     def __init__(self, k: KSpec = None, *, seed: int = 0, variance: float = 0.8,
                  k_range: tuple = (2, 10), n_init: int = 10, threads: Optional[int] = 1):
@@ -182,7 +206,13 @@ class KMeansCriterion(Criterion):
 
 
 class KL1(KMeansCriterion):
-    """K-means clusters, L1 order within each cluster (see the module docstring)."""
+    """K-means clusters, L1 order within each cluster (see the module docstring).
+
+    Parameters
+    ----------
+    k, seed, variance, k_range, n_init, threads
+        As in :class:`KMeansCriterion`.
+    """
 
     name = "k_l1"
 
@@ -191,7 +221,13 @@ class KL1(KMeansCriterion):
 
 
 class KDistance(KMeansCriterion):
-    """K-means clusters; the filters closest to their cluster's centroid go first."""
+    """K-means clusters; the filters closest to their cluster's centroid go first.
+
+    Parameters
+    ----------
+    k, seed, variance, k_range, n_init, threads
+        As in :class:`KMeansCriterion`.
+    """
 
     name = "k_distance"
 
@@ -200,8 +236,15 @@ class KDistance(KMeansCriterion):
 
 
 class KTaylor(KMeansCriterion):
-    """K-means clusters, first-order Taylor order within each cluster; needs data like
-    :class:`~graphprune.criteria.Taylor` (same first four arguments)."""
+    """K-means clusters, first-order Taylor order within each cluster; needs data.
+
+    Parameters
+    ----------
+    data_loader, loss_fn, max_batches, device, progress
+        As in :class:`~graphprune.criteria.Taylor`.
+    k, seed, variance, k_range, n_init, threads
+        As in :class:`KMeansCriterion`.
+    """
 
     name = "k_taylor"
     requires_data = True

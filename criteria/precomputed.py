@@ -14,6 +14,16 @@ class Precomputed(Criterion):
     It reads no tensor, so it ranks the channels of a model on the meta device:
     :func:`graphprune.prune_checkpoint` prunes a meta model with the scores it computed from
     the checkpoint's weights. A group without scores raises ValueError when it is ranked.
+
+    Parameters
+    ----------
+    scores : mapping of int to array_like
+        ``{group id: scores}``, ``group.size`` values each (flattened, as float64).
+
+    Raises
+    ------
+    TypeError
+        ``scores`` is not a mapping.
     """
 
     name = "precomputed"

@@ -7,8 +7,21 @@ from .base import Criterion
 
 
 class Random(Criterion):
-    """Uniform random scores, reproducible: a group's scores depend only on ``seed``, the
-    group's id and its size, so repeated calls (budget searches) agree."""
+    """Uniform random scores, reproducible.
+
+    A group's scores depend only on ``seed``, the group's id and its size, so repeated calls
+    (budget searches) agree. It reads no tensor, so it prunes a model on the meta device.
+
+    Parameters
+    ----------
+    seed : int, default 0
+        A non-negative integer.
+
+    Raises
+    ------
+    ValueError
+        ``seed`` is not a non-negative integer (whatever its type).
+    """
 
     name = "random"
     reads_values = False

@@ -46,10 +46,21 @@ class GramStatistics(InputRecorder):
 
 
 class OBS(ActivationCriterion):
-    """Structured OBS: channels ranked by the order in which removing them one at a time,
-    each refit optimally, adds the least relative output error to the group's consumers
-    (Linear, or Conv1d/2d with one group and fewer than 4096 inputs; others are not read). ``ridge`` damps ``H``
-    by that fraction of its mean diagonal. Returns rank scores (removed first = lowest)."""
+    """Structured OBS: the error a least-squares refit cannot recover, per channel.
+
+    Channels are ranked by the order in which removing them one at a time, each refit
+    optimally, adds the least relative output error to the group's consumers (Linear, or
+    Conv1d/2d with one group and fewer than 4096 inputs; others are not read). ``ridge``
+    damps ``H`` by that fraction of its mean diagonal. Scores are ranks (removed first = lowest).
+    A group without such a consumer falls back to L1 (listed in ``fallback_groups``).
+
+    Parameters
+    ----------
+    data_loader, max_batches, device, progress
+        As in :class:`~graphprune.criteria.Wanda`.
+    ridge : float, default 1e-3
+        The damping of ``H``, as a fraction of its mean diagonal.
+    """
 
     name = "obs"
     statistics_type = GramStatistics

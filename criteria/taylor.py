@@ -99,12 +99,32 @@ class Taylor(Criterion):
     The activations measured for a group are those of :func:`activation_sites` (its norm
     layers' outputs when it has any); several sites are combined with
     :func:`~graphprune.criteria.base.combine`. A group with no such activation falls back to
-    :class:`~criteria.L1`; its id is listed in ``fallback_groups``.
+    :class:`~graphprune.criteria.L1`; its id is listed in ``fallback_groups``.
 
     On a model trained to (almost) zero loss on ``data_loader`` the cross-entropy gradient
     vanishes and the estimate degenerates to noise from the few samples still misfit; pass a
     loss whose gradient stays informative there, e.g. ``loss_fn=lambda out, y:
     F.cross_entropy(out, y, label_smoothing=0.1)`` (see ``benchmarks/criteria.py``).
+
+    Parameters
+    ----------
+    data_loader : iterable
+        ``(inputs, targets)`` batches; it is read in every :meth:`prepare`.
+    loss_fn : callable, optional
+        ``loss_fn(output, targets)`` returning a scalar tensor; default cross-entropy.
+    max_batches : int, optional
+        The most batches to read (at least 1); default all.
+    device : str or torch.device, optional
+        Where batches go; it must be the model's device (default: the model's).
+    progress : bool, default True
+        Show a progress bar over the batches.
+
+    Raises
+    ------
+    TypeError
+        ``data_loader`` is not iterable, ``loss_fn`` not callable, or ``max_batches`` not an int.
+    ValueError
+        ``max_batches`` is below 1.
     """
 
     name = "taylor"

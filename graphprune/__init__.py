@@ -47,7 +47,8 @@ _PUBLIC = {
     "prune_schedule": "graphprune.workflow.schedule",
     **dict.fromkeys(("SensitivityResult", "sensitivity"), "graphprune.workflow.sensitivity"),
     "GroupRegularizer": "graphprune.workflow.sparse",
-    **dict.fromkeys(("PruningHooks", "prune_optimizer_state"), "graphprune.workflow.callbacks"),
+    "PruningHooks": "graphprune.workflow.callbacks",
+    "prune_optimizer_state": "graphprune.workflow.optimizer_state",
 }
 _SUBPACKAGES = ("criteria", "models", "data")
 

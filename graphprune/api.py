@@ -1,4 +1,36 @@
-"""The public entry points: :func:`analyze` and :func:`prune`."""
+"""The public entry points: :func:`analyze` and :func:`prune`.
+
+What :func:`prune` does, in more detail than its docstring holds:
+
+* **How much goes, and how.** ``ratio`` (a float, or ``{module name or glob: ratio}``),
+  ``global_ranking`` with ``max_ratio``, ``round_to``, ``steps`` with a ``schedule``, or a
+  budget instead of a ratio (``target_flops``, ``target_params``, ``target_latency``, met
+  within ``tolerance``); ``uniform`` prunes a group repeated layer after layer alike in every
+  layer; :mod:`graphprune.pruning.options` describes each one. With ``verify=True`` (default)
+  the pruned model is traced again and every tensor must have the shape the analysis
+  predicts; groups that fail this audit are blocked (with the reason) and dropped from the plan.
+* **Configs.** A model built from a config (``model.config``, as Hugging Face's) gets the
+  config that describes the pruned model, and its attributes that only ``__init__`` reads
+  follow; where no config can (layers pruned unequally), a :class:`ConfigWarning` says why
+  (:mod:`graphprune.pruning.model_config`); with ``fit_config=True`` the groups it cannot
+  describe are blocked instead.
+* **The meta device.** A model on the meta device is pruned by its shapes, with a criterion
+  that reads no values (``"random"``, :class:`~graphprune.criteria.Precomputed`).
+* **Keeping what the model knew, without training.** ``calibration`` (a list or DataLoader of
+  input batches, a few hundred samples) with ``recover="lstsq"`` refits every layer whose
+  input lost channels so that it gives the original model's output again; ``"bias"`` only
+  folds the mean difference into the bias; a :class:`Recovery` sets the details
+  (:mod:`graphprune.recovery`). A criterion named by a string that needs data (``"wanda"``,
+  ``"flap"``) reads ``calibration`` too.
+* **A report.** ``report`` (from :func:`analyze` on this ``model``, unchanged since) skips the
+  analysis: the groups pruned are those of the report, with its options and inputs.
+* **A transaction.** Once the arguments are checked, any failure restores the model bit for
+  bit: a failure of the surgery is raised as :class:`PruningError`, any other error (the
+  capture, the analysis, the scoring) and a ``KeyboardInterrupt`` as they are. The one step
+  that cannot be undone is the final copy of the kept weights: a Ctrl-C arriving during it
+  is held until it ends, and the model is then the finished pruned model; an error inside
+  it raises a :class:`PruningError` whose ``restored`` is False (load the model again).
+"""
 from __future__ import annotations
 
 import copy
@@ -30,16 +62,47 @@ def analyze(
 ) -> Report:
     """Trace ``model`` and report every coupled channel group.
 
-    ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of keyword
-    inputs; when omitted a plausible input is built (see :func:`graphprune.analysis.inputs.infer_example_inputs`).
-    ``leaf_modules`` (names, classes or modules) are not traced into; their channels are
-    blocked unless a rule knows them. ``ignored_layers`` marks groups that touch those
-    modules as blocked. With ``prune_heads`` attention heads are whole channels (``num_heads``
-    shrinks); by default every head keeps the same width and ``head_dim`` shrinks.
-    ``capture`` chooses how the model is captured: ``"fx"`` (torch.fx), ``"export"``
-    (``torch.export``, for models torch.fx cannot trace) or ``"auto"`` (torch.fx where it
-    captures the whole model, else torch.export, else what torch.fx could capture). The model
-    is not modified. The report's ``session`` (a :class:`PruningSession`) prunes it.
+    The model is captured on ``example_inputs``, channel identity is propagated through the
+    graph and the channels that must go together are cut into groups, each prunable or
+    blocked with its reasons. The model is not modified (its training flags are restored).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model to analyse (not a TorchScript module).
+    example_inputs : tensor, tuple or dict, optional
+        A tensor, a tuple of positional inputs or a dict of keyword inputs, on the model's
+        device. When omitted a plausible input is built
+        (:func:`graphprune.analysis.inputs.infer_example_inputs`).
+    leaf_modules : iterable of names, classes, modules or predicates, default ()
+        Modules not traced into; their channels are blocked unless a rule knows them.
+    ignored_layers : iterable of module names or modules, default ()
+        Groups that touch these modules (or their submodules) are blocked.
+    prune_heads : bool, default False
+        Attention heads are whole channels (``num_heads`` shrinks); by default every head
+        keeps the same width and ``head_dim`` shrinks.
+    capture : {"auto", "fx", "export"}, default "auto"
+        ``"fx"`` (torch.fx), ``"export"`` (``torch.export``, for models torch.fx cannot
+        trace) or ``"auto"`` (torch.fx where it captures the whole model, else
+        torch.export, else what torch.fx could capture).
+
+    Returns
+    -------
+    Report
+        Every group; its ``session`` (a :class:`PruningSession`) prunes the model.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not an ``nn.Module`` (or is a TorchScript one), or an option has the
+        wrong type.
+    ValueError
+        An option names no submodule or front-end, the inputs are on another device than
+        the model, or the model rejects them (:class:`InputError`, a ``ValueError``).
+    TraceError
+        The model could not be captured.
+    AnalysisError
+        The analysis itself failed (a graphprune bug); the model is unchanged.
     """
     check_model(model)
     with eval_mode(model), gc_paused():
@@ -57,45 +120,45 @@ def prune(
     return_result: bool = False, report: Optional[Report] = None, capture: str = "auto", uniform: bool = False,
     calibration: Optional[Iterable] = None, recover: Union[str, Recovery, None] = None, fit_config: bool = False,
 ) -> Union[nn.Module, PruneResult]:
-    """Remove ``floor(ratio * n)`` channels from every prunable group of ``n`` channels.
+    """Remove the lowest-scoring channels from every prunable group of ``model``.
 
-    Channels are ranked by ``criterion`` (a name such as ``"l1"`` or a Criterion). With
-    ``inplace=False`` a deep copy is pruned and the original is left alone. With
-    ``verify=True`` (default) the pruned model is traced again and every tensor must have
-    the shape the analysis predicts; groups that fail this audit are blocked (with the
-    reason) and dropped from the plan. ``analyze``'s options (``leaf_modules``,
-    ``ignored_layers``, ``prune_heads``, ``capture``) apply. Returns the pruned model, or with
-    ``return_result=True`` a :class:`PruneResult` (the budget reached, FLOPs and
-    parameters before and after, one :class:`StepResult` per step).
+    Channels are ranked by ``criterion``; ``floor(ratio * n)`` go from each group of ``n``
+    channels, or a budget decides how many. The module docstring details each option.
 
-    How much goes, and how: ``ratio`` (a float, or ``{module name or glob: ratio}``),
-    ``global_ranking`` with ``max_ratio``, ``round_to``, ``steps`` with a ``schedule``, or a
-    budget instead of a ratio (``target_flops``, ``target_params``, ``target_latency``,
-    met within ``tolerance``); ``uniform`` prunes a group repeated layer after layer alike in
-    every layer; :mod:`graphprune.pruning.options` describes each one.
+    Parameters
+    ----------
+    model : nn.Module
+    ratio : float in [0, 1), {module name or glob: float} or None, default None
+        The share of each group's channels to remove; None when a ``target_*`` budget is given.
+    criterion : str or Criterion, default "l1"
+        A name (:data:`graphprune.criteria.CRITERIA`) or an instance.
+    global_ranking, max_ratio, round_to, steps, schedule, uniform, fit_config, verify
+        Planning options (:mod:`graphprune.pruning.options`); ``verify`` audits the shapes.
+    target_flops, target_params, target_latency, tolerance : float, optional
+        A budget instead of ``ratio``: the fraction of the original to keep, within ``tolerance``.
+    example_inputs, leaf_modules, ignored_layers, prune_heads, capture
+        As in :func:`analyze`.
+    inplace : bool, default True
+        With False a deep copy is pruned and ``model`` is left alone.
+    return_result : bool, default False
+        Return a :class:`PruneResult` (budget reached, FLOPs and parameters, steps).
+    report : Report, optional
+        :func:`analyze`'s report on this unchanged ``model``: the analysis is skipped.
+    calibration : iterable of input batches, optional
+    recover : {"lstsq", "bias"}, Recovery or None, default None
+        Refit the layers that lost inputs on ``calibration`` (:mod:`graphprune.recovery`).
 
-    A model built from a config (``model.config``, as Hugging Face's) gets the config that
-    describes the pruned model, and its attributes that only ``__init__`` reads follow; where
-    no config can (layers pruned unequally), a :class:`ConfigWarning` says why
-    (:mod:`graphprune.pruning.model_config`); with ``fit_config=True`` the groups it cannot
-    describe are blocked instead. A model on the meta device is pruned by its shapes, with a
-    criterion that reads no values (``"random"``, :class:`~graphprune.criteria.Precomputed`).
+    Returns
+    -------
+    nn.Module or PruneResult
+        The pruned model (``model`` itself unless ``inplace=False``), or its PruneResult.
 
-    Keeping what the model knew, without training: ``calibration`` (a list or DataLoader of
-    input batches, a few hundred samples) with ``recover="lstsq"`` refits every layer whose
-    input lost channels so that it gives the original model's output again; ``"bias"`` only
-    folds the mean difference into the bias; a :class:`Recovery` sets the details
-    (:mod:`graphprune.recovery`). A criterion named by a string that needs data (``"wanda"``,
-    ``"flap"``) reads ``calibration`` too.
-
-    ``report`` (from :func:`analyze` on this ``model``, unchanged since) skips the
-    analysis: the groups pruned are those of the report, with its options and inputs.
-
-    Pruning is a transaction: on any failure the model is restored bit for bit and
-    :class:`PruningError` raised; a ``KeyboardInterrupt`` (or any other ``BaseException``)
-    restores it too and is re-raised as it is. The one step that cannot be undone is the
-    final copy of the kept weights: a Ctrl-C arriving during it is held until it ends, and
-    the model is then the finished pruned model.
+    Raises
+    ------
+    TypeError, ValueError
+        An invalid argument (checked before the model is touched), or as :func:`analyze`.
+    PruningError
+        The surgery failed; the model was restored (see the module docstring).
     """
     check_model(model)
     ratio = check_ratio(model, ratio)

@@ -5,6 +5,14 @@ on the meta device and analyses it there (shapes decide the groups), reads the s
 to score every channel with a criterion that reads one tensor at a time
 (:class:`~graphprune.criteria.WeightCriterion`), plans and prunes the meta model (its config
 follows), then reads the shards again, writing each pruned shard, the index and the config.
+
+The output's config must describe the pruned model, so groups whose pruning it cannot say are
+left whole (``fit_config=True``; ``uniform=True`` prunes repeated layers alike, as a config
+with one size per kind of layer needs). Files other than the weights and the config
+(tokenizer, generation config) are copied. The output is written beside the destination and
+moved there when complete: a failure or Ctrl-C leaves nothing in the way of a rerun. A
+criterion that needs data (``"wanda"``, ``"flap"``) runs its ``calibration`` batches through
+the model on the CPU, each module's weights read from the checkpoint while it runs.
 """
 from __future__ import annotations
 
@@ -40,10 +48,12 @@ from .analysis.report import Report
 
 @dataclass
 class CheckpointResult:
-    """What :func:`prune_checkpoint` did: the output ``path``, the pruned ``model`` on the meta
-    device (its config is the one written), the analysis ``report`` (why a group was left
-    whole), the pruning ``result`` (parameters and FLOPs before and after) and the seconds
-    each stage took."""
+    """What :func:`prune_checkpoint` did.
+
+    The output ``path``, the pruned ``model`` on the meta device (its config is the one
+    written), the analysis ``report`` (why a group was left whole), the pruning ``result``
+    (parameters and FLOPs before and after) and the ``seconds`` each stage took.
+    """
 
     path: str
     model: nn.Module
@@ -59,23 +69,38 @@ def prune_checkpoint(
     round_to: Optional[int] = None, target_flops: Optional[float] = None, target_params: Optional[float] = None,
     tolerance: float = 0.02, example_inputs: Any = None, calibration: Optional[Iterable] = None, progress: bool = True,
 ) -> CheckpointResult:
-    """Prune the Hugging Face checkpoint in directory ``source`` into ``destination``, which
-    ``from_pretrained`` loads, holding one tensor of the source and one shard of the output
-    at a time.
+    """Prune the Hugging Face checkpoint in directory ``source`` into ``destination``.
 
-    The options are :func:`graphprune.prune`'s; ``criterion`` must read weights one tensor at
-    a time (``"l1"``, ``"l2"``, ``"bn_scale"``), or nothing (``"random"``), or weights and
-    their inputs (``"wanda"``, ``"flap"``, on ``calibration``: the batches run through the
-    model on the CPU with each module's weights read from the checkpoint while it runs). The
-    output's config must describe the pruned model, so groups whose pruning it cannot say are
-    left whole (``fit_config=True``; ``uniform=True`` prunes repeated layers alike, as a config
-    with one size per kind of layer needs). Files other than the weights and the config
-    (tokenizer, generation config) are copied. The output is written beside ``destination``
-    and moved there when complete: a failure or Ctrl-C leaves nothing in the way of a rerun.
-    ``destination`` must not exist, or be an empty directory.
+    One source tensor and one output shard are held at a time; the result is what
+    :func:`graphprune.prune` gives the model loaded whole with ``fit_config=True``, bit for bit
+    (see the module docstring). :func:`graphprune.from_pretrained` loads it.
 
-    The pruned weights are those :func:`graphprune.prune` gives the model loaded whole, with
-    the same options and ``fit_config=True``, bit for bit.
+    Parameters
+    ----------
+    source, destination : str or os.PathLike
+        A safetensors checkpoint directory, and the output directory (absent, or empty).
+    ratio, global_ranking, max_ratio, round_to, target_flops, target_params, tolerance
+        As in :func:`graphprune.prune`.
+    criterion : str or Criterion, default "l1"
+        One that reads a tensor at a time (``"l1"``, ``"l2"``, ``"bn_scale"``), none
+        (``"random"``), or weights and inputs (``"wanda"``, ``"flap"``, on ``calibration``).
+    uniform, prune_heads, ignored_layers, example_inputs
+        As in :func:`graphprune.prune`; ``example_inputs`` lie on the meta device (default: 1x16
+        token ids, or an image of the config's size).
+    calibration : iterable of input batches, optional
+        Run on the CPU, each module's weights read from the checkpoint while it runs.
+    progress : bool, default True
+        Show progress bars.
+
+    Returns
+    -------
+    CheckpointResult
+        The output path, the pruned meta model, the report, the PruneResult and the timings.
+
+    Raises
+    ------
+    TypeError, ValueError
+        An invalid option, or a checkpoint, destination or criterion that does not fit.
     """
     seconds, start = {}, time.perf_counter()
     checkpoint = ShardedCheckpoint(source)

@@ -23,7 +23,7 @@ from .analysis.analyzer import (
 )
 from .analysis.groups import Group
 from .analysis.reasons import BlockKind, Reason
-from .pruning.audit import AuditError, audit
+from .pruning.audit import AuditError, audit, run_failure
 from .pruning.model_config import ConfigMismatch, ConfigWarning, builds_from_config, describe_pruned
 from .pruning.planner import repeated_groups
 from .pruning.surgery import ChannelSurgery, PruningError
@@ -36,13 +36,20 @@ T = TypeVar("T")
 
 
 class PruningSession:
-    """One analysis of ``model`` on ``example_inputs`` (see :func:`graphprune.analyze` for the
-    options), and the means to prune it.
+    """One analysis of ``model`` on ``example_inputs``, and the means to prune it.
 
     ``report`` is the analysis report; each of its groups can prune itself
     (:meth:`Group.prune`) through this session. :meth:`apply` removes a plan's channels
     with the shape audit, :meth:`trial` measures a plan and always rolls it back, and
     :meth:`renewed` analyses the pruned model again with the same inputs and options.
+    Building one analyses the model, and raises what :func:`graphprune.analyze` raises.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model to analyse and prune.
+    example_inputs, leaf_modules, ignored_layers, prune_heads, capture
+        As in :func:`graphprune.analyze`.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any = None, *, leaf_modules: Iterable[tracer.LeafSpec] = (),
@@ -57,6 +64,7 @@ class PruningSession:
 
     @property
     def model(self) -> nn.Module:
+        """The model analysed (and pruned in place)."""
         return self.analysis.model
 
     @property
@@ -66,27 +74,57 @@ class PruningSession:
 
     @property
     def report(self) -> Report:
+        """The analysis report, whose groups belong to this session."""
         return self.analysis.report
 
     def renewed(self) -> "PruningSession":
-        """A session on the model as it is now (after pruning), with the same inputs and options."""
+        """Analyse the model again, as it is now (after pruning).
+
+        Returns
+        -------
+        PruningSession
+            A new session on the same model, with the same inputs and options.
+        """
         a = self.analysis
         return PruningSession(a.model, a.inputs, **a.options.as_kwargs())
 
     def apply(self, plan: Mapping[Group, Sequence[int]], *, verify: bool = True, strict: bool = False,
               on_commit: Optional[Callable[[], None]] = None, fit_config: bool = False) -> list:
-        """Remove ``plan[group]`` channels from each group, as one transaction (see
-        :meth:`ChannelSurgery.prune_groups`; ``on_commit`` is passed on).
+        """Remove ``plan[group]`` channels from each group, as one transaction.
 
         With ``verify`` the pruned model is audited. Groups whose pruning breaks it are found
         (those the audit blames, or else by bisecting the plan in trials), blocked with the
         reason (kind :attr:`BlockKind.AUDIT`), and the rest of the plan is applied without
-        them; with ``strict`` the model is restored and :class:`PruningError` raised instead.
-        The model ends unpruned only when every group fails. Without ``verify``, groups whose
-        sizes only the audit can confirm (``Group.assumptions``) are blocked, not pruned. With
-        ``fit_config`` the groups whose pruning ``model.config`` cannot describe are blocked
-        alike (kind :attr:`BlockKind.CONFIG`, see :meth:`_config_culprits`).
-        Returns the groups blocked.
+        them. The model ends unpruned only when every group fails. Without ``verify``, groups
+        whose sizes only the audit can confirm (``Group.assumptions``) are blocked, not pruned.
+
+        Parameters
+        ----------
+        plan : mapping of Group to sequence of int
+            The channels (``0 <= i < group.size``) to remove from each group of :attr:`report`.
+        verify : bool, default True
+            Audit the pruned model's shapes.
+        strict : bool, default False
+            Restore the model and raise :class:`PruningError` when a group fails, instead of
+            blocking it and pruning the rest.
+        on_commit : callable, optional
+            Called at the point of no return (see :meth:`ChannelSurgery.prune_groups`).
+        fit_config : bool, default False
+            Block the groups whose pruning ``model.config`` cannot describe (kind
+            :attr:`BlockKind.CONFIG`, see :meth:`_config_culprits`).
+
+        Returns
+        -------
+        list of Group
+            The groups blocked and left unpruned.
+
+        Raises
+        ------
+        TypeError, ValueError
+            Invalid channel indices (see :meth:`Group.prune`), a model changed since it was
+            analysed, or ``fit_config`` without a ``model.config``.
+        PruningError
+            The surgery failed (the model is restored), or a group failed with ``strict``.
         """
         self.check_unchanged()
         if fit_config and not builds_from_config(self.model):
@@ -175,31 +213,39 @@ class PruningSession:
         at_site = {g: str(failure) for g in plan if any(a.site and a.site in failure.sites for a in g.assumptions)}
         if at_site:  # the sizes they rely on were read at a line the failure passed through
             return at_site
+        runs_only = not failure.runs  # then a trial only asks whether the model runs
         inside = {g: plan[g] for g in plan if failure.module is not None and any(
             a.module == failure.module or a.module.startswith(failure.module + ".") for a in g.assumptions)}
         if inside:  # relying on sizes read in the module that fails: those of them that fail alone
-            return self._failing(inside, str(failure))
+            return self._failing(inside, str(failure), runs_only)
         blamed = {g: str(failure) for g in plan if np.isin(g.units, failure.suspects).any()}
         if blamed and not failure.precise:
-            return self._failing({g: plan[g] for g in blamed}, str(failure))
-        return blamed or self._failing(plan, str(failure))
+            return self._failing({g: plan[g] for g in blamed}, str(failure), runs_only)
+        return blamed or self._failing(plan, str(failure), runs_only)
 
-    def _failing(self, plan: dict, why: str) -> dict:
+    def _failing(self, plan: dict, why: str, runs_only: bool = False) -> dict:
         """The groups of ``plan`` (known to fail together, for ``why``) that fail on their own
-        or, when no part fails alone, the whole plan; each with the reason of its failure."""
+        or, when no part fails alone, the whole plan; each with the reason of its failure. With
+        ``runs_only`` (the pruned model did not run) a trial asks only whether it runs; where no
+        part fails so, the audit is asked instead."""
         if len(plan) == 1:
             return {group: why for group in plan}
         groups = list(plan)
         found = {}
         for half in (groups[: len(groups) // 2], groups[len(groups) // 2 :]):
             sub = {g: plan[g] for g in half}
-            failure = self._trial_failure(sub)
+            failure = self._trial_failure(sub, runs_only)
             if failure is not None:
-                found.update(self._failing(sub, failure))
+                found.update(self._failing(sub, failure, runs_only))
+        if not found and runs_only:  # a fake run may pass what the audit's capture did not
+            return self._failing(plan, why)
         return found or {group: why for group in plan}
 
-    def _trial_failure(self, plan: dict) -> Optional[str]:
-        """Why ``plan`` fails the audit in a trial (None if it passes); the model is put back."""
+    def _trial_failure(self, plan: dict, runs_only: bool = False) -> Optional[str]:
+        """Why ``plan`` fails the audit in a trial (None if it passes); the model is put back.
+        With ``runs_only``, why the pruned model no longer runs (:func:`run_failure`)."""
+        if runs_only:
+            return self.surgery.trial(plan, lambda removed: run_failure(self.model, self.inputs))
         try:
             self.trial(plan, lambda model: None, verify=True)
         except AuditError as exc:
@@ -207,8 +253,13 @@ class PruningSession:
         return None
 
     def check_unchanged(self) -> None:
-        """Raise ValueError if the model changed since this session analysed (or last pruned)
-        it: modules, parameters or buffers replaced, pruned elsewhere or moved."""
+        """Check that the model is as this session analysed (or last pruned) it.
+
+        Raises
+        ------
+        ValueError
+            Modules, parameters or buffers were replaced, pruned elsewhere or moved.
+        """
         if fingerprint(self.model) != self.analysis.fingerprint:
             raise ValueError(
                 f"{self.report.model_name} changed since it was analysed (modules, parameters or buffers were "
@@ -216,9 +267,31 @@ class PruningSession:
             )
 
     def trial(self, plan: Mapping[Group, Sequence[int]], measure: Callable[[nn.Module], T], *, verify: bool = False) -> T:
-        """``measure(model)`` on the model with ``plan`` applied; the model is then put back
-        as it was, whatever happens (KeyboardInterrupt included). With ``verify`` the pruned
-        model is audited first: an :class:`AuditError` says why it fails."""
+        """Measure the model with ``plan`` applied, then put it back as it was.
+
+        The model is restored whatever happens, ``KeyboardInterrupt`` included.
+
+        Parameters
+        ----------
+        plan : mapping of Group to sequence of int
+            The channels to remove from each group, as for :meth:`apply`.
+        measure : callable
+            ``measure(model)``, called on the pruned model.
+        verify : bool, default False
+            Audit the pruned model first.
+
+        Returns
+        -------
+        object
+            What ``measure`` returned.
+
+        Raises
+        ------
+        AuditError
+            With ``verify``, the pruned model fails the audit; the message says why.
+        ValueError
+            The model changed since it was analysed.
+        """
 
         def run(removed: np.ndarray) -> T:
             if verify:

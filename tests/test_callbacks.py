@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import graphprune
-from graphprune.workflow.callbacks import PruningHooks, check_schedule, prune_optimizer_state
+from graphprune.workflow.callbacks import PruningHooks, check_schedule
+from graphprune.workflow.optimizer_state import prune_optimizer_state
 
 
 def small_cnn(classes: int = 4) -> nn.Sequential:

@@ -294,13 +294,29 @@ class _WithState(nn.Module):
         return self.b(y), _State(y)
 
 
-def test_an_output_torch_export_cannot_flatten_is_left_out():
+def test_an_output_torch_export_cannot_flatten_is_left_out_in_one_capture(monkeypatch):
     import torch.utils._pytree as pytree
 
+    exports, export = [], torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: exports.append(1) or export(*a, **k))
     report = graphprune.analyze(_WithState().eval(), X)
     assert report.session.analysis.front_end == "export" and f"{__name__}._State" in str(report)
+    assert len(exports) == 1  # left out as the forward returns it, not after a failed capture
     assert group_of(report, "a.weight", 0).prunable  # the state's tensor is no output of fixed shape
     assert _State not in pytree.SUPPORTED_NODES  # its registration was taken back
     model = _WithState().eval()
     graphprune.prune(model, 0.5, X)
     assert model.a.out_channels == 4 and model(X)[1].tensor.shape[1] == 4
+
+
+def test_an_export_capture_is_audited_on_placeholders_before_any_value_is_copied(monkeypatch):
+    from graphprune.pruning import surgery
+
+    commits, commit = [], surgery._Transaction.commit
+    monkeypatch.setattr(surgery._Transaction, "commit", lambda self, release=True: commits.append(release) or commit(self, release))
+    model = _WithState().eval()
+    report = graphprune.analyze(model, X)
+    assert report.session.analysis.state.graph.graph["recorded_on_meta"]  # fake tensors: no value was read
+    graphprune.prune(model, 0.5, report=report)
+    assert commits == [True]  # the audit passed on the placeholders; the values were copied once, at the end
+    assert model.a.out_channels == 4

@@ -93,3 +93,17 @@ def test_grouped_query_heads_prune_with_their_key_value_head_and_generate_runs()
         warnings.simplefilter("ignore")
         tokens = model.generate(IDS[:1, :5], max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert tokens.shape == (1, 9)
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_head_groups_pass_the_oracle_where_other_attributes_share_their_sizes(fraction):
+    # 8 heads of head_dim 8, and 4 key/value heads in 6 layers: layer 4's layer_idx is 4 too.
+    # torch.export records each of those sizes as the number, so only the source statement
+    # tells which attribute (if any) holds it; a wrong guess resized head_dim or layer_idx.
+    options = dict(_DECODER, hidden_size=64, num_hidden_layers=6)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**options)).eval()
+    summary = dead_channel_oracle(model, {"input_ids": IDS}, assumed=True, prune_heads=True, fraction=fraction)
+    assert summary["groups_tested"] >= 6 and summary["params_after"] < summary["params_before"]
+    attention = model.model.layers[4].self_attn
+    assert (attention.head_dim, attention.layer_idx) == (8, 4)

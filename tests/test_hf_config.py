@@ -47,6 +47,18 @@ def test_a_uniform_plan_of_llama_heads_round_trips_through_save_pretrained(tmp_p
     assert tokens.shape == (1, 8)
 
 
+def test_the_fitting_config_is_among_the_first_rebuilt(monkeypatch):
+    # the values implied by sizes no other field moves are tried first (hidden and MLP widths);
+    # only fields whose sizes move together (heads and head_dim) are combined
+    model, inputs = build("llama")
+    rebuilt, rebuild = [], model_config._rebuild
+    monkeypatch.setattr(model_config, "_rebuild", lambda *a: rebuilt.append(a[2]) or rebuild(*a))
+    graphprune.prune(model, 0.25, inputs, prune_heads=True, uniform=True)
+    trials = [values for values in rebuilt if len(values) > 1]  # combinations, not the one-field probes
+    assert 1 <= len(trials) <= 8 and model.config.hidden_size == 72
+    assert {dict(trials[0])[k] for k in (("hidden_size", None), ("intermediate_size", None))} == {72, 96}
+
+
 @pytest.mark.parametrize("name, ratio", [("bert", {"*intermediate.dense": 0.3}), ("qwen2", {"*mlp.up_proj": 0.3})])
 def test_pruning_only_what_the_config_can_say_round_trips(name, ratio, tmp_path):
     model, inputs = build(name)

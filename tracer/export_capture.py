@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_map_only
 
 from .aten_ops import is_check, torch_call
 from .export_calls import flat_graph, kept_whole
-from .export_sizes import DataDependentSize, value_reader
+from .export_sizes import DataDependentSize, ValueReader
 from .fx_capture import DEFAULT_LEAVES, LeafSpec, TraceError
 from .graph import _resolve_attr, _scope, _target_name, call_args, input_error
 from .record import describe
@@ -57,7 +57,8 @@ def _quiet() -> Iterator[None]:
 
 
 def export_program(model: nn.Module, example_inputs: Any, whole: tuple = (), on_values: bool = True) -> tuple:
-    """``(torch.export.export(model, …, strict=False), names of output types left out)``, with
+    """``(torch.export.export(model, …, strict=False), names of output types left out, whether
+    a branch was decided on the values)``, with
     the call signatures of the modules named in ``whole`` recorded; InputError if the model
     itself rejects the inputs, else TraceError for any failure (what the export left on the
     model stays until the caller restores it, as :func:`graphprune.tracer.trace` does).
@@ -74,10 +75,11 @@ def export_program(model: nn.Module, example_inputs: Any, whole: tuple = (), on_
     decide, on_values = on_values, False
     while True:
         try:
-            with interrupts_deferred(), _quiet(), _leafless(left_out), torch.no_grad(), _real_values(on_values):
+            with interrupts_deferred(), _quiet(), _leafless(left_out), _left_out_when_returned(model, left_out), \
+                    torch.no_grad(), _real_values(on_values):
                 # export patches modules and global state
                 program = torch.export.export(model, args, kwargs, strict=False, preserve_module_call_signature=whole)
-                return program, [_type_name(t) for t in left_out]
+            return program, [_type_name(t) for t in left_out], on_values
         except Exception as exc:
             unknown = _unknown_output_type(exc)
             if unknown is not None and unknown not in left_out:
@@ -145,16 +147,44 @@ def _type_name(cls: type) -> str:
 
 @contextmanager
 def _leafless(types: list) -> Iterator[None]:
-    """While it runs, each class of ``types`` flattens to no tensors (and is left out of the
-    outputs); their registration is taken back afterwards."""
+    """While it runs, each class of ``types`` (and each added to it meanwhile) flattens to no
+    tensors (and is left out of the outputs); their registration is taken back afterwards."""
     for cls in types:
-        pytree.register_pytree_node(cls, lambda obj: ([], None), lambda children, context: None,
-                                    serialized_type_name=_type_name(cls))
+        _register_leafless(cls)
     try:
         yield
     finally:
         for cls in types:
             pytree._deregister_pytree_node(cls)
+
+
+def _register_leafless(cls: type) -> None:
+    pytree.register_pytree_node(cls, lambda obj: ([], None), lambda children, context: None,
+                                serialized_type_name=_type_name(cls))
+
+
+#: What torch.export can return (its own list is internal: aot_autograd's ``KNOWN_TYPES``).
+_RETURNABLE = (torch.Tensor, int, float, bool, str, type(None), torch.SymInt, torch.SymFloat, torch.SymBool,
+               torch.ScriptObject)
+
+
+@contextmanager
+def _left_out_when_returned(model: nn.Module, types: list) -> Iterator[None]:
+    """While it runs, an object of a type torch.export cannot return (see :data:`_RETURNABLE`)
+    in ``model``'s outputs is made to flatten to nothing as the forward returns it, and its type
+    added to ``types`` (inside :func:`_leafless`, which takes the registration back): the one
+    capture goes through instead of failing on it at the end."""
+    def leave_out(module: nn.Module, args: Any, output: Any) -> None:
+        for leaf in pytree.tree_leaves(output):
+            if not isinstance(leaf, _RETURNABLE) and type(leaf) not in types:
+                _register_leafless(type(leaf))
+                types.append(type(leaf))
+
+    handle = model.register_forward_hook(leave_out)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _rebuilt(program: "torch.export.ExportedProgram", whole: tuple) -> tuple:
@@ -231,9 +261,14 @@ def export_graph(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[L
     Of ``leaf_modules``, those :func:`kept_whole` names are one node each; ``on_values``: see
     :func:`export_program`."""
     whole = kept_whole(model, leaf_modules)
-    program, left_out = export_program(model, example_inputs, whole, on_values)
+    program, left_out, decided_on_values = export_program(model, example_inputs, whole, on_values)
     try:
-        return _annotated(model, program, left_out, whole, value_reader(program, example_inputs, _value))
+        values = ValueReader(program, example_inputs, _value)
+        graph = _annotated(model, program, left_out, whole, values)
+        # torch.export propagates fake tensors: the shapes came without the model's values, unless
+        # a branch or a size was decided on them
+        graph.graph["recorded_on_meta"] = not (decided_on_values or values.read_values)
+        return graph
     except TraceError:
         raise
     except Exception as exc:  # a graph this module cannot read: the capture failed, not the analysis
@@ -244,7 +279,7 @@ def export_graph(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[L
 def _annotated(model: nn.Module, program: "torch.export.ExportedProgram", left_out: list, whole: tuple,
                value_of: Callable[[fx.Node], Any]) -> nx.DiGraph:
     fx_graph, constants = _rebuilt(program, whole)
-    graph = nx.DiGraph(model=model, opaque={}, recorded_on_meta=False, front_end="export", left_out=left_out)
+    graph = nx.DiGraph(model=model, opaque={}, front_end="export", left_out=left_out)
     modules = dict(model.named_modules(remove_duplicate=False))
     for index, node in enumerate(fx_graph.nodes):
         attrs = dict(index=index, part="", op=node.op, target=node.target, target_name=_name_of(node),

@@ -43,19 +43,22 @@ def real_values(program: "torch.export.ExportedProgram", example_inputs: Any) ->
     return recorder.values
 
 
-def value_reader(program: "torch.export.ExportedProgram", example_inputs: Any, read: Callable[[fx.Node], Any]):
-    """``read`` (a node's value from its fake tensor), falling back, for a value with a size
-    that depends on the values, to a real run of the program (made once, at the first need)."""
-    found: list = []
+class ValueReader:
+    """A node's value from its fake tensor (``read``), falling back, for a value with a size
+    that depends on the values, to a real run of the program (made once, at the first need);
+    ``read_values`` says whether that run was made."""
 
-    def value(node: fx.Node) -> Any:
+    def __init__(self, program: "torch.export.ExportedProgram", example_inputs: Any, read: Callable[[fx.Node], Any]):
+        self._program, self._inputs, self._read = program, example_inputs, read
+        self._real: dict = {}
+        self.read_values = False
+
+    def __call__(self, node: fx.Node) -> Any:
         try:
-            return read(node)
+            return self._read(node)
         except DataDependentSize:
-            if not found:
-                found.append(real_values(program, example_inputs))
-            if node.name not in found[0]:
+            if not self.read_values:
+                self._real, self.read_values = real_values(self._program, self._inputs), True
+            if node.name not in self._real:
                 raise
-            return found[0][node.name]
-
-    return value
+            return self._real[node.name]

@@ -33,6 +33,7 @@ class Member:
 
     @property
     def name(self) -> str:
+        """The parameter's qualified name, ``"module.param"``."""
         return f"{self.module}.{self.param}" if self.module else self.param
 
 
@@ -53,10 +54,12 @@ class Group:
 
     @property
     def prunable(self) -> bool:
+        """Whether the group can be pruned: nothing blocks it and it has two channels or more."""
         return not self.blocked and self.size >= 2
 
     @property
     def exact(self) -> bool:
+        """Whether pruning it is exact (no note says it is approximate)."""
         return not self.notes
 
     @property
@@ -71,6 +74,7 @@ class Group:
 
     @property
     def status(self) -> str:
+        """``"prunable"`` (with the notes when approximate) or ``"blocked: "`` and the reasons."""
         if self.blocked:
             return "blocked: " + "; ".join(self.blocked)
         if self.size < 2:
@@ -78,21 +82,44 @@ class Group:
         return "prunable" if self.exact else "prunable (approximate: " + "; ".join(self.notes) + ")"
 
     def layers(self) -> list:
-        """Names of the modules with a member in this group, in graph order, without repeats."""
+        """List the modules with a member in this group (tied aliases included).
+
+        Returns
+        -------
+        list of str
+            Module names in graph order, without repeats.
+        """
         return list(dict.fromkeys(name for m in self.members for name in [m.module] + [a[0] for a in m.aliases]))
 
     def producer_layers(self) -> list:
-        """Names a per-layer option is matched against: the group's producer layers (role
-        ``"out"``) in graph order, else every layer with a member."""
+        """List the names a per-layer option (a ratio mapping's key) is matched against.
+
+        Returns
+        -------
+        list of str
+            The group's producer layers (role ``"out"``) in graph order, else :meth:`layers`.
+        """
         producers = list(dict.fromkeys(m.module for m in self.members if m.role == "out"))
         return producers or self.layers()
 
     def lookup(self, options: Mapping, default: Any = None) -> Any:
-        """The value of the first key of ``options`` that names this group.
+        """Look up the value of the first key of ``options`` that names this group.
 
-        Keys are group ids (``int``) or module names / ``fnmatch`` globs matched against
-        :meth:`producer_layers`. Precedence: the group's id, then an exact name, then the
-        first matching glob in the mapping's order; ``default`` when nothing matches.
+        Precedence: the group's id, then an exact name, then the first matching glob in the
+        mapping's order.
+
+        Parameters
+        ----------
+        options : mapping
+            Keys are group ids (``int``) or module names / ``fnmatch`` globs matched against
+            :meth:`producer_layers`.
+        default : object, default None
+            What to return when no key names the group.
+
+        Returns
+        -------
+        object
+            The value of the matching key, else ``default``.
         """
         if self.id in options and isinstance(self.id, int):
             return options[self.id]
@@ -106,17 +133,44 @@ class Group:
         return default
 
     def members_by_index_map(self) -> list:
-        """The first member with each distinct ``index_map`` array (members bound to the same
-        channel ids share one, so a per-map check need run only once per array)."""
+        """Pick the first member with each distinct ``index_map`` array.
+
+        Members bound to the same channel ids share one array, so a per-map check need run
+        only once per array.
+
+        Returns
+        -------
+        list of Member
+            One member per distinct array, in member order.
+        """
         first: dict[int, Member] = {}
         for m in self.members:
             first.setdefault(id(m.index_map), m)
         return list(first.values())
 
     def prune(self, indices: Sequence[int]) -> None:
-        """Remove the channels ``indices`` (0 <= i < size) from every member, as one
-        transaction, and audit the pruned model: if the audit fails, the model is restored,
-        the group is blocked with the reason and :class:`graphprune.PruningError` raised."""
+        """Remove channels from every member of this group, as one transaction.
+
+        The pruned model is audited: if the audit fails, the model is restored and the group
+        blocked with the reason.
+
+        Parameters
+        ----------
+        indices : sequence of int
+            The channels to remove, ``0 <= i < size``.
+
+        Raises
+        ------
+        RuntimeError
+            The group is not attached to a model (not from :func:`graphprune.analyze`).
+        TypeError
+            ``indices`` are not integers.
+        ValueError
+            The indices are out of range, repeated or take every channel (of the group or of
+            a member), the group is blocked or pruned already, or the model changed since.
+        PruningError
+            The pruning failed the audit or the surgery; the model was restored.
+        """
         if self._session is None:
             raise RuntimeError("this group is not attached to a model; take it from graphprune.analyze's report")
         self._session.apply({self: indices}, strict=True)

@@ -15,13 +15,24 @@ def _shorten(text: str, width: int) -> str:
 
 
 class Report:
-    """Result of :func:`graphprune.analyze`.
+    """Result of :func:`graphprune.analyze`: every coupled channel group of a model.
 
-    ``groups`` lists every coupled channel group; ``graph`` is the traced networkx graph,
-    whose nodes carry ``channels``: per tensor dim, ``(group id, index map)`` or None.
     ``str(report)`` is a table with one row per group. ``session`` is the
     :class:`~graphprune.session.PruningSession` that made it, which prunes the model
-    (``prune(..., report=report)`` and :meth:`Group.prune` use it).
+    (``prune(..., report=report)`` and :meth:`Group.prune` use it). Reports are made by the
+    analysis, not by hand.
+
+    Parameters
+    ----------
+    model_name : str
+        The class name of the model analysed.
+    groups : list of Group
+        Every coupled channel group, kept as ``groups``.
+    graph : networkx.DiGraph
+        The traced graph, kept as ``graph``; its nodes carry ``channels``: per tensor dim,
+        ``(group id, index map)`` or None.
+    input_description : str
+        The shapes of the example inputs (``"inferred ..."`` when they were inferred).
     """
 
     def __init__(self, model_name: str, groups: list[Group], graph: nx.DiGraph, input_description: str):
@@ -33,15 +44,23 @@ class Report:
 
     @property
     def prunable_groups(self) -> list[Group]:
+        """The groups that can be pruned, in id order."""
         return [g for g in self.groups if g.prunable]
 
     @property
     def blocked_groups(self) -> list[Group]:
+        """The groups that cannot be pruned (blocked, or a single channel), in id order."""
         return [g for g in self.groups if not g.prunable]
 
     def blocked_by_kind(self) -> dict:
-        """``{BlockKind: [groups]}``: the blocked groups by the kinds of their reasons (a group
-        blocked for several kinds of reason is listed under each)."""
+        """Sort the blocked groups by the kinds of their reasons.
+
+        Returns
+        -------
+        dict
+            ``{BlockKind: [groups]}``; a group blocked for several kinds of reason is listed
+            under each (a reason without a kind under None; a single channel is no reason).
+        """
         found: dict = {}
         for group in self.blocked_groups:
             for kind in dict.fromkeys(getattr(reason, "kind", None) for reason in group.blocked):
@@ -55,8 +74,19 @@ class Report:
         return "ok" if self.prunable_groups else "error"
 
     def top_reasons(self, count: int = 3) -> list[tuple[str, float]]:
-        """The ``count`` blocking reasons that hold back the largest share of the parameters,
-        ``(reason, share)``, largest first (a group's share counts for each of its reasons)."""
+        """Find the blocking reasons that hold back the largest share of the parameters.
+
+        Parameters
+        ----------
+        count : int, default 3
+            How many reasons to return at most.
+
+        Returns
+        -------
+        list of (str, float)
+            ``(reason, share of the parameters)``, largest first; a group's share counts for
+            each of its reasons.
+        """
         shares: dict = {}
         for group in self.blocked_groups:
             for reason in dict.fromkeys(group.blocked):
@@ -64,15 +94,40 @@ class Report:
         return sorted(shares.items(), key=lambda item: -item[1])[:count]
 
     def capture_failures(self) -> dict:
-        """``{module name: why}`` for every module the capture could not trace into ("" is the
-        root: its own forward), with the file and line where tracing failed."""
+        """List the modules the capture could not trace into.
+
+        Returns
+        -------
+        dict
+            ``{module name: why}``, with the file and line where tracing failed (``""`` is
+            the root: its own forward).
+        """
         return dict(self.graph.graph.get("opaque", {}))
 
     def group_of(self, layer: str) -> list[Group]:
-        """Groups with a member in module ``layer``."""
+        """Find the groups with a member in one module.
+
+        Parameters
+        ----------
+        layer : str
+            A module name, as ``model.named_modules()`` gives it.
+
+        Returns
+        -------
+        list of Group
+            The groups with a member (or a tied alias) in that module.
+        """
         return [g for g in self.groups if layer in g.layers()]
 
     def rows(self) -> list[dict[str, Any]]:
+        """Describe every group as a plain dict, as the table and the command line's JSON show it.
+
+        Returns
+        -------
+        list of dict
+            Per group: ``group``, ``root``, ``channels``, ``members``, ``layers``,
+            ``status``, ``blocked_kinds`` and ``param_share``.
+        """
         return [
             {
                 "group": g.id,
@@ -110,8 +165,13 @@ class Report:
         return "\n".join([title, *body])
 
     def unchanged_message(self) -> str:
-        """The error-level outcome of a report with no prunable group: what holds the model
-        back (its top blocking reasons, and where the capture failed)."""
+        """Say why ``prune`` would leave the model unchanged, for a report with no prunable group.
+
+        Returns
+        -------
+        str
+            An error line, the top blocking reasons, where the capture failed and what to try.
+        """
         lines = [f"ERROR: no prunable channel group: prune() leaves {self.model_name} unchanged"]
         lines += [f"  blocked ({100 * min(share, 1.0):.0f}% of params): {_shorten(reason, 140)}"
                   for reason, share in self.top_reasons()]

@@ -157,10 +157,25 @@ def _file_path(path: PathLike, verb: str) -> str:
 def save(model: nn.Module, path: PathLike) -> None:
     """Write ``model``'s weights and pruning spec to the safetensors file ``path``.
 
-    Missing parent directories are created. The file is written to a temporary name beside
-    ``path`` and renamed into place, so an interrupted save never leaves a half-written file
-    under ``path``. Load it with :func:`load` into a freshly built model of the same
-    architecture.
+    Missing parent directories are created; the file is written beside ``path`` and renamed
+    into place, so an interrupted save never leaves a half-written file. :func:`load` puts it
+    into a freshly built model of the same architecture.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The (pruned) model to save.
+    path : str or os.PathLike
+        The file to write (``.safetensors`` is the suggested suffix); replaced if it exists.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not an ``nn.Module``, or ``path`` not a path.
+    ValueError, IsADirectoryError
+        ``path`` is not a regular file (IsADirectoryError: a directory), or a tensor is not dense.
+    OSError
+        The file cannot be written.
     """
     check_model(model)
     st, _ = _safetensors()
@@ -329,12 +344,33 @@ def _plan(model: nn.Module, spec: dict, stored: dict, path: str) -> tuple[dict, 
 
 
 def load(model: nn.Module, path: PathLike) -> nn.Module:
-    """Make the freshly built, unpruned ``model`` the pruned model saved at ``path``; return it.
+    """Make the freshly built, unpruned ``model`` the pruned model saved at ``path``.
 
     Parameters and buffers are resized to the spec's shapes (keeping their Parameter objects,
     devices and dtypes), the saved values are copied in and the listed module attributes are
-    set. Raises :class:`ValueError` for a damaged file or one saved from another architecture;
-    the model is then left untouched. See the module docstring for the checks and the layout.
+    set. The module docstring lists the checks, all made before the model is touched.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A freshly built model of the saved architecture, materialised (not on meta).
+    path : str or os.PathLike
+        A file written by :func:`save`.
+
+    Returns
+    -------
+    nn.Module
+        ``model`` itself, now the saved pruned model.
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    ValueError
+        The file is damaged or was saved from another architecture, or ``model`` is on the
+        meta device; the model is left untouched.
+    TypeError, IsADirectoryError
+        As for :func:`save`.
     """
     check_model(model)
     check_materialised(model)

@@ -27,10 +27,32 @@ _CARRIED = ("generation_config.json",)
 
 
 def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike]) -> str:
-    """Write the Hugging Face ``model`` (pruned or not) to ``directory`` so that
-    :func:`from_pretrained` rebuilds it; returns ``"transformers"`` when ``model.config``
-    describes it (``from_pretrained`` of ``transformers`` loads the directory too), else
-    ``"graphprune"``. The directory is written beside its place and moved there complete."""
+    """Write the Hugging Face ``model`` (pruned or not) so that :func:`from_pretrained` rebuilds it.
+
+    Where ``model.config`` describes the model, this is ``model.save_pretrained``; else the
+    config of the model as built and a :func:`graphprune.save` file (see the module
+    docstring). The directory is written beside its place and moved there complete.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A Hugging Face model (with ``save_pretrained`` and ``config``).
+    directory : str or os.PathLike
+        The output directory, which must not exist or be empty.
+
+    Returns
+    -------
+    str
+        ``"transformers"`` when transformers' ``from_pretrained`` loads the directory too,
+        else ``"graphprune"``.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not a Hugging Face model.
+    ValueError
+        ``directory`` exists and is not an empty directory.
+    """
     from graphprune.pruning.model_config import describe_pruned
 
     check_model(model)
@@ -62,9 +84,29 @@ def _save_with_spec(model: nn.Module, directory: str) -> None:
 
 
 def from_pretrained(directory: Union[str, os.PathLike], **kwargs: Any) -> nn.Module:
-    """The model saved in ``directory`` by :func:`save_pretrained`, or any Hugging Face
-    checkpoint directory, built as the class its config names (``architectures``), in eval
-    mode. ``kwargs`` go to ``from_pretrained`` for a plain directory."""
+    """Load the model saved in ``directory`` by :func:`save_pretrained`, or any Hugging Face one.
+
+    The model is built as the class its config names (``architectures``, else ``AutoModel``).
+
+    Parameters
+    ----------
+    directory : str or os.PathLike
+        A directory with a ``config.json``.
+    **kwargs
+        Passed to the class's ``from_pretrained`` for a plain Hugging Face directory;
+        ignored for one holding a graphprune weights file.
+
+    Returns
+    -------
+    nn.Module
+        The model, in eval mode.
+
+    Raises
+    ------
+    ValueError
+        transformers is not installed, ``directory`` has no ``config.json``, or the weights
+        file does not fit (as :func:`graphprune.load`).
+    """
     try:
         import transformers
     except ImportError:

@@ -7,15 +7,17 @@ import traceback
 from typing import Any, Iterable, Optional
 
 import numpy as np
+import torch
 from torch import nn
 
 from graphprune import tracer
 from graphprune.analysis.channels import per_array
 from graphprune.analysis.propagation import Propagation, iter_arrays
 from graphprune.analysis.reasons import BlockKind
-from graphprune.tracer import TensorSpec
+from graphprune.tracer import TensorSpec, call_model
+from graphprune.tracer.state import attributes_kept
 
-from .surgery import ValuesNeeded
+from .surgery import ValuesNeeded, placeholders_alike
 
 
 class AuditError(RuntimeError):
@@ -24,10 +26,11 @@ class AuditError(RuntimeError):
     (the groups to blame are among them)."""
 
     def __init__(self, message: str, suspects: np.ndarray, precise: bool = True, sites: frozenset = frozenset(),
-                 module: Optional[str] = None):
+                 module: Optional[str] = None, runs: bool = True):
         super().__init__(message)
         self.suspects = suspects
         self.precise = precise
+        self.runs = runs  # whether the pruned model still ran (else no shape was compared)
         self.sites = sites  # ``file:line`` of every frame of the failure (see Assumption.site)
         self.module = module  # the innermost module whose forward failed, when the pruned model no longer runs
 
@@ -69,8 +72,9 @@ def audit(
     """Raise :class:`AuditError` unless every node of the re-traced ``model`` has the predicted shape.
 
     With ``filled=False`` the model's tensors hold placeholders of their new shapes: the audit
-    then only judges a model whose shapes can be found without values (on meta tensors) and
-    raises :class:`ValuesNeeded` for any other. ``capture`` is the front-end the analysis
+    then only judges a model whose shapes can be found without values (on meta or fake tensors)
+    and raises :class:`ValuesNeeded` for any other, and for a failure on placeholders that
+    alias their positions (off the CPU, see :func:`~.surgery.placeholders_alike`). ``capture`` is the front-end the analysis
     asked for (see :func:`graphprune.tracer.trace`), so the pruned model is captured alike.
     """
     if not filled and not state.graph.graph["recorded_on_meta"]:
@@ -93,7 +97,7 @@ def _retraced(model, example_inputs, leaf_modules, state: Propagation, roots: np
     try:
         return tracer.trace(model, example_inputs, leaf_modules, capture)
     except Exception as exc:
-        if not filled:
+        if not filled and not all(placeholders_alike(t.device) for t in model.parameters()):
             raise ValuesNeeded(f"tracing on placeholders failed: {type(exc).__name__}: {exc}") from exc
         if not isinstance(exc, (tracer.InputError, tracer.TraceError)):
             raise
@@ -102,10 +106,27 @@ def _retraced(model, example_inputs, leaf_modules, state: Propagation, roots: np
         where = f"node '{node}'" if node is not None else f"module '{module}'" if module is not None else "an unknown place"
         suspects = _inputs_of(state, roots, node, removed) if module is None else _inputs_of_module(state, roots, module, removed)
         raise AuditError(
-            f"the pruned model no longer runs on the example inputs, which the model took before pruning "
-            f"(at {where}: {exc.__cause__ or exc}); a rule or a size did not follow the pruning",
-            suspects, precise=module is None, sites=_failure_sites(exc), module=module,
+            _no_longer_runs(where, exc.__cause__ or exc), suspects, precise=module is None, sites=_failure_sites(exc), module=module, runs=False,
         ) from exc
+
+
+def run_failure(model: nn.Module, example_inputs: Any) -> Optional[str]:
+    """Why the pruned ``model`` no longer runs on the example inputs, None if it runs: one
+    forward, far cheaper than the audit's capture (a forward on fake tensors, which would need
+    no values, costs more than one on a small model's values). Whatever it leaves on the
+    model's modules is taken back."""
+    with attributes_kept(model), torch.no_grad():
+        try:
+            call_model(model, example_inputs)
+        except Exception as exc:  # noqa: BLE001 - the answer
+            module = _failing_module(model, exc)
+            return _no_longer_runs(f"module '{module}'" if module is not None else "an unknown place", exc)
+    return None
+
+
+def _no_longer_runs(where: str, error: BaseException) -> str:
+    return (f"the pruned model no longer runs on the example inputs, which the model took before pruning "
+            f"(at {where}: {error}); a rule or a size did not follow the pruning")
 
 
 def _failure_sites(exc: BaseException) -> frozenset:
@@ -116,13 +137,14 @@ def _failure_sites(exc: BaseException) -> frozenset:
 
 def _failing_module(model: nn.Module, exc: BaseException) -> Optional[str]:
     """The qualified name of the innermost module of ``model`` whose forward was running where
-    the error behind ``exc`` was raised (read off the traceback's frames), or None."""
-    names = {id(m): name for name, m in model.named_modules()}
+    the error behind ``exc`` was raised (read off the traceback's frames), or None. A module is
+    known by its attribute dict: torch.export calls each through a proxy that shares it."""
+    names = {id(vars(m)): name for name, m in model.named_modules()}
     cause, found = exc.__cause__ or exc, None
     for frame, _ in traceback.walk_tb(cause.__traceback__):
-        owner = frame.f_locals.get("self")
-        if id(owner) in names and frame.f_code.co_name == "forward":
-            found = names[id(owner)]
+        owner = id(getattr(frame.f_locals.get("self"), "__dict__", None))
+        if owner in names and frame.f_code.co_name == "forward":
+            found = names[owner]
     return found
 
 

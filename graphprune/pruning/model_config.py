@@ -19,6 +19,7 @@ and hidden width); it is left as it was and :func:`describe_pruned` says why.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 import warnings
@@ -238,14 +239,22 @@ def _varied(config: Any, values: dict) -> Any:
 
 
 def _candidates(model_class: type, config: Any, base: dict, pruned: dict) -> dict:
-    """``{(field, index): values}``: the values each size field of ``config`` may take, its own first."""
-    candidates = {}
+    """``{(field, index): values}``: the values each size field of ``config`` may take, those
+    implied by the most sizes that no other field moves first (on a tie its own value first),
+    so that the combination that fits is among the first rebuilt."""
+    moves = {}
     for key, value in _size_fields(config).items():
         rebuilt = _rebuild(model_class, config, {key: 2 * value})[1]
         moved = {} if rebuilt is None else _Sizes.of(rebuilt).merged()
-        implied = {_implied(value, 2 * value, base[k], moved[k], pruned[k])
-                   for k in base.keys() & moved.keys() & pruned.keys() if moved[k] != base[k]}
-        candidates[key] = [value, *sorted(v for v in implied - {None, value})]
+        moves[key] = value, {k: moved[k] for k in base.keys() & moved.keys() & pruned.keys() if moved[k] != base[k]}
+    movers = collections.Counter(k for _, changed in moves.values() for k in changed)
+    candidates = {}
+    for key, (value, changed) in moves.items():
+        implied = {k: _implied(value, 2 * value, base[k], size, pruned[k]) for k, size in changed.items()}
+        alone = [k for k in changed if movers[k] == 1]  # sizes only this field moves
+        votes = collections.Counter(value if pruned[k] == base[k] else implied[k] for k in alone)
+        values = [value, *sorted(set(implied.values()) - {None, value})]
+        candidates[key] = sorted(values, key=lambda v: -votes[v])  # stable: its own value first on a tie
     return candidates
 
 

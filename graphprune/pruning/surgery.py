@@ -39,11 +39,16 @@ def _selection_shape(data: torch.Tensor, index: dict) -> list:
     return [index[d].numel() if d in index else size for d, size in enumerate(data.shape)]
 
 
-def _empty_selection(data: torch.Tensor, index: dict) -> torch.Tensor:
+def _uninitialised(data: torch.Tensor, index: dict) -> torch.Tensor:
     """Uninitialised storage for ``data`` restricted to ``index``, in the layout of ``data``
     (contiguous, or channels-last where ``data`` is)."""
     layout = dense_layout(data) or torch.contiguous_format
     return torch.empty(_selection_shape(data, index), dtype=data.dtype, device=data.device, memory_format=layout)
+
+
+def _empty_selection(data: torch.Tensor, index: dict) -> torch.Tensor:
+    """The storage the kept values of ``data`` are copied into (:func:`_uninitialised`)."""
+    return _uninitialised(data, index)
 
 
 def _select_into(out: torch.Tensor, data: torch.Tensor, index: dict) -> None:
@@ -78,8 +83,19 @@ def _reuses_freed_memory(device: torch.device) -> bool:
 
 
 def _placeholder(data: torch.Tensor, index: dict) -> torch.Tensor:
-    """A tensor of the selection's shape that owns no memory (zeros, every position aliased)."""
+    """A tensor of the selection's shape whose values are not set: where fresh memory costs
+    nothing until written (:func:`placeholders_alike`), uninitialised storage laid out as the kept
+    values will be; elsewhere a zero that every position aliases, which owns no memory."""
+    if placeholders_alike(data.device):
+        return _uninitialised(data, index)
     return torch.zeros((), dtype=data.dtype, device=data.device).expand(_selection_shape(data, index))
+
+
+def placeholders_alike(device: torch.device) -> bool:
+    """Whether the placeholders on ``device`` are laid out as the kept values will be (the CPU's
+    pages and the meta device cost nothing until written), so that a model that cannot be traced
+    on them fails on its shapes, not on positions that alias one another."""
+    return device.type in ("cpu", "meta")
 
 
 class _Transaction:
@@ -238,7 +254,7 @@ class ChannelSurgery:
 
         ``verify(removed, filled)`` runs inside the transaction, with the removed flag of every
         root id, once every tensor and size attribute has its new value: first with
-        ``filled=False``, while the tensors hold zero placeholders of their new shapes (the
+        ``filled=False``, while the tensors hold placeholders (values unset) of their new shapes (the
         kept values are copied in only after it passed, each original freed as soon as it is
         copied, so pruning needs little memory beyond the model). If it needs the values it
         raises :class:`ValuesNeeded`; it is then called again with ``filled=True`` after a
@@ -282,7 +298,7 @@ class ChannelSurgery:
 
     def trial(self, plan: Mapping[Group, Sequence[int]], measure: Callable[[np.ndarray], T], *, values: bool = True) -> T:
         """``measure(removed)`` while the model has ``plan`` applied, values included unless
-        ``values=False`` (then the tensors hold zero placeholders of their new shapes; the
+        ``values=False`` (then the tensors hold placeholders (values unset) of their new shapes; the
         removed flag of every root id, as for ``verify`` above); then everything is rolled
         back, whatever happens. The groups are not marked as pruned."""
         removed = self._removed_after(self._validate(plan))

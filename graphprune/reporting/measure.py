@@ -31,18 +31,51 @@ __all__ = ["count_flops", "count_parameters", "measure_latency", "latency_ratio"
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of scalar parameters in ``model``; a parameter shared by several modules counts once."""
+    """Count the scalar parameters of ``model``; one shared by several modules counts once.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any module, TorchScript included.
+
+    Returns
+    -------
+    int
+        The number of parameter elements.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not an ``nn.Module``.
+    """
     check_model(model, allow_torchscript=True)
     return sum(p.numel() for p in model.parameters())
 
 
 def count_flops(model: nn.Module, example_inputs: Any) -> int:
-    """FLOPs of one forward pass on ``example_inputs``, counted by ``torch.utils.flop_counter``.
+    """Count the FLOPs of one forward pass on ``example_inputs``.
 
     The count follows :class:`~torch.utils.flop_counter.FlopCounterMode`: a multiply-add
     is 2 FLOPs, and only the operators it knows (matmuls, convolutions, attention) are
     counted; element-wise ops, normalisation and pooling are free. The model runs in eval
     mode under ``torch.no_grad()``; every submodule's training flag is restored.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any module, TorchScript included.
+    example_inputs : tensor, tuple or dict
+        A tensor, a tuple of positional inputs or a dict of keyword inputs.
+
+    Returns
+    -------
+    int
+        The FLOPs counted.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not an ``nn.Module``.
     """
     check_model(model, allow_torchscript=True)
     with eval_mode(model), torch.no_grad():
@@ -61,15 +94,40 @@ def measure_latency(
     device: Optional[Union[str, torch.device]] = None,
     num_threads: Optional[int] = None,
 ) -> float:
-    """Median wall time in seconds of one forward pass, timed with ``torch.utils.benchmark.Timer``.
+    """Time one forward pass of ``model`` with ``torch.utils.benchmark.Timer``.
 
     ``warmup`` untimed calls come first, then ``repeats`` timed calls of one forward pass
     each. The timer synchronises CUDA itself, so the result is the real latency on any
-    device. ``device=None`` runs where the model's parameters are; otherwise the model
-    is moved to ``device`` for the measurement and moved back afterwards. Inputs are
-    moved to the device of the run. ``num_threads`` (default: ``torch.get_num_threads()``)
-    is the CPU thread count during timing. The model runs in eval mode under
+    device. Inputs are moved to the device of the run. The model runs in eval mode under
     ``torch.no_grad()``; every submodule's training flag is restored.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any module, TorchScript included.
+    example_inputs : tensor, tuple or dict
+        A tensor, a tuple of positional inputs or a dict of keyword inputs.
+    repeats : int, default 20
+        Timed calls (at least 1).
+    warmup : int, default 3
+        Untimed calls before them (at least 0).
+    device : str or torch.device, optional
+        Where to run; the model is moved there and back afterwards. By default, where the
+        model's parameters are.
+    num_threads : int, optional
+        CPU threads during timing (default: ``torch.get_num_threads()``).
+
+    Returns
+    -------
+    float
+        The median wall time of one forward pass, in seconds.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not an ``nn.Module``.
+    ValueError
+        ``repeats`` or ``warmup`` is not an integer in range.
     """
     check_model(model, allow_torchscript=True)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:

@@ -11,8 +11,6 @@ import inspect
 import numbers
 from typing import Any, Mapping, Optional, Sequence
 
-import numpy as np
-import torch
 from torch import nn
 
 from graphprune.analysis.analyzer import AnalysisOptions
@@ -22,102 +20,16 @@ from graphprune.reporting.measure import count_parameters
 from graphprune.tracer.devices import model_device, to_device
 from graphprune.validation import check_fraction, check_model, warn_caller
 
+from .optimizer_state import prune_optimizer_state
 from .schedule import ratio_between
 from .sparse import GroupRegularizer, check_settings
 
-__all__ = ["prune_optimizer_state", "check_schedule", "PruningHooks", "HFPruningCallback", "LightningPruningCallback",
+__all__ = ["check_schedule", "PruningHooks", "HFPruningCallback", "LightningPruningCallback",
            "lightning_callback_class"]
 
 _RESERVED = ("ratio", "example_inputs", "criterion", "inplace", "return_result", "report", "steps", "target_flops",
              "target_params", "target_latency")
 _SETTINGS = ("coefficient", "mode", "delta", "max_coefficient", "target_ratio")
-
-
-# ----- the optimizer's state
-def prune_optimizer_state(optimizer: Any, model: nn.Module, kept: Mapping, *, reset_unknown: bool = False) -> int:
-    """Slice ``optimizer``'s state to the positions ``kept`` by a pruning of ``model``; returns
-    how many state tensors were sliced.
-
-    ``kept``: ``{(module name, attribute): {dim: kept positions}}`` of the tensors before that
-    pruning, as ``report.session.surgery.kept_positions()`` gives after ``graphprune.prune(model,
-    ..., report=report)``. The surgery keeps the Parameter objects (it replaces ``param.data``);
-    each state tensor of a pruned parameter shaped as it was (``exp_avg``, ``momentum_buffer``
-    ...) becomes its kept positions. Scalars (Adam's ``step``) and states already shaped like
-    their parameter stay (a second call does nothing). Any other state tensor (Adafactor's
-    factored ones) raises ValueError before anything changes, or with ``reset_unknown=True``
-    drops that parameter's state, which the optimizer starts afresh at its next step.
-    """
-    check_model(model)
-    if not isinstance(getattr(optimizer, "state", None), Mapping) or not isinstance(
-            getattr(optimizer, "param_groups", None), list):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer (with .state and .param_groups), "
-                        f"got {type(optimizer).__name__}")
-    if not isinstance(reset_unknown, bool):
-        raise TypeError(f"reset_unknown must be True or False, got {type(reset_unknown).__name__}")
-    plan, resets = _state_plan(optimizer, _pruned_parameters(model, kept), reset_unknown)
-    for parameter, key, dims in plan:
-        value = optimizer.state[parameter][key]
-        for dim, index in dims.items():
-            value = value.index_select(dim, index.to(value.device))
-        optimizer.state[parameter][key] = value.contiguous()
-    for parameter in resets:
-        del optimizer.state[parameter]
-    return len(plan)
-
-
-def _state_plan(optimizer: Any, pruned: list, reset_unknown: bool) -> tuple:
-    """``([(parameter, state key, dims) to slice], [parameters whose state to drop])``."""
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    plan, resets = [], {}
-    for parameter, name, dims in pruned:
-        if id(parameter) not in held or parameter not in optimizer.state:
-            continue
-        for key, value in optimizer.state[parameter].items():
-            if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape == parameter.shape:
-                continue
-            if _fits(value, parameter, dims):
-                plan.append((parameter, key, dims))
-            elif value.numel() != 1:  # a 1-element state is a scalar too
-                if not reset_unknown:
-                    raise ValueError(
-                        f"optimizer state {key!r} of {name} has shape {tuple(value.shape)}, neither the parameter's "
-                        f"shape before pruning nor a scalar (the parameter is now {tuple(parameter.shape)}; a factored "
-                        "state such as Adafactor's?); pass reset_unknown=True to drop that parameter's state")
-                resets[id(parameter)] = parameter
-    return [entry for entry in plan if id(entry[0]) not in resets], list(resets.values())
-
-
-def _pruned_parameters(model: nn.Module, kept: Mapping) -> list:
-    """``(parameter, name, {dim: positions as an int64 tensor})`` of every parameter ``kept``
-    names, once each (a tied parameter under each of its owners is one parameter)."""
-    if not isinstance(kept, Mapping):
-        raise TypeError(f"kept must be a mapping {{(module name, attribute): {{dim: positions}}}}, "
-                        f"got {type(kept).__name__}")
-    found: dict = {}
-    for key, dims in kept.items():
-        if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key)):
-            raise TypeError(f"kept's keys must be (module name, attribute) pairs of strings, got {key!r}")
-        try:
-            module = model.get_submodule(key[0])
-        except AttributeError:
-            module = None
-        if module is not None and key[1] in module._buffers:
-            continue
-        parameter = None if module is None else module._parameters.get(key[1])
-        if parameter is None:
-            raise ValueError(f"kept names {'.'.join(filter(None, key))}, which is no parameter or buffer of "
-                             f"{type(model).__name__}; pass the model that was pruned")
-        index = {int(d): torch.as_tensor(np.asarray(p, dtype=np.int64)) for d, p in dims.items()}
-        found.setdefault(id(parameter), (parameter, ".".join(filter(None, key)), index))
-    return list(found.values())
-
-
-def _fits(value: torch.Tensor, parameter: nn.Parameter, dims: dict) -> bool:
-    """Whether ``value`` is shaped like ``parameter`` was before the pruning that kept ``dims``."""
-    return value.dim() == parameter.dim() and all(
-        value.shape[dim] == size if dim not in dims
-        else dims[dim].numel() == size and int(dims[dim].max()) < value.shape[dim]
-        for dim, size in enumerate(parameter.shape))
 
 
 # ----- checking the options
@@ -187,23 +99,41 @@ def _check_prune_kwargs(prune_kwargs: Any) -> dict:
 
 # ----- the core, independent of any trainer
 class PruningHooks:
-    """The work of both callbacks, for any training loop: :meth:`start` when training starts,
-    :meth:`epoch_start` / :meth:`epoch_end` around each epoch, :meth:`before_optimizer_step`
-    between ``loss.backward()`` and ``optimizer.step()``.
+    """The work of both callbacks, for any training loop.
 
-    ``schedule`` (:func:`check_schedule`): ``{2: 0.3, 4: 0.5}`` removes 30% of each group's
-    original channels at the end of epoch 2 (counted from 1) and goes on to 50% after epoch 4:
+    Call :meth:`start` when training starts, :meth:`epoch_start` / :meth:`epoch_end` around
+    each epoch and :meth:`before_optimizer_step` between ``loss.backward()`` and
+    ``optimizer.step()``. At a scheduled epoch's end the model is pruned with
     ``graphprune.prune(model, 1 - (1 - r_i) / (1 - r_{i-1}), criterion=..., **prune_kwargs)`` on
-    a fresh analysis with ``example_inputs``, then :func:`prune_optimizer_state` on every
-    optimizer (a state no slice fits is reset, with a warning). ``criterion`` defaults to the
-    norm the regulariser shrinks (``"group_norm"``, ``"bn_scale"``), else ``"l1"``.
+    a fresh analysis, then :func:`prune_optimizer_state` runs on every optimizer (a state no
+    slice fits is reset, with a warning). ``history`` holds one dict per pruning (``epoch``,
+    ``ratio``, ``step_ratio``, ``parameters``, ``optimizer_states``).
 
-    ``regularizer``: :class:`~graphprune.workflow.sparse.GroupRegularizer` settings (``coefficient``,
-    ``mode``, ``delta``, ``max_coefficient``; ``target_ratio`` only without a schedule, else the
-    next pruning's ratio), built when training starts (with ``prune_kwargs``' analysis options)
-    and after each pruning but the last, as :func:`graphprune.prune_schedule` does; a growing
-    one is updated as each epoch starts. ``module`` (a dotted name): prune that submodule only.
-    ``history``: one dict per pruning (``epoch``, ``ratio``, ``step_ratio``, ``parameters``).
+    Parameters
+    ----------
+    example_inputs : tensor, tuple or dict, optional
+        As in :func:`graphprune.analyze`; moved to the model's device.
+    schedule : {epoch: cumulative ratio}, optional
+        ``{2: 0.3, 4: 0.5}`` removes 30% of each group's original channels at the end of
+        epoch 2 (counted from 1) and goes on to 50% after epoch 4 (:func:`check_schedule`).
+    regularizer : mapping, optional
+        :class:`~graphprune.workflow.sparse.GroupRegularizer` settings (``coefficient``,
+        ``mode``, ``delta``, ``max_coefficient``; ``target_ratio`` only without a schedule,
+        else the next pruning's ratio), built when training starts and after each pruning
+        but the last, as :func:`graphprune.prune_schedule` does; a growing one is updated
+        as each epoch starts.
+    criterion : str or Criterion, optional
+        Default: the norm the regulariser shrinks (``"group_norm"``, ``"bn_scale"``), else ``"l1"``.
+    prune_kwargs : mapping, optional
+        More :func:`graphprune.prune` options (analysis options included); not the ratio,
+        inputs, criterion, ``inplace``, ``report``, ``steps``, budgets or ``return_result``.
+    module : str, optional
+        The dotted name of the submodule to prune (and regularise); by default the whole model.
+
+    Raises
+    ------
+    TypeError, ValueError
+        An invalid option, or neither a schedule nor regulariser settings.
     """
 
     def __init__(self, example_inputs: Any = None, *, schedule: Optional[Mapping[int, float]] = None,
@@ -235,7 +165,18 @@ class PruningHooks:
         return {epoch: ratio for epoch, ratio in self.schedule.items() if epoch not in done}
 
     def start(self, model: nn.Module) -> None:
-        """Training starts on ``model`` (on its device): build the regulariser."""
+        """Training starts on ``model`` (on its device): build the regulariser.
+
+        Parameters
+        ----------
+        model : nn.Module
+            The model trained (``module`` is taken from it).
+
+        Raises
+        ------
+        ValueError
+            ``module`` names no submodule of ``model``.
+        """
         check_model(model)
         if self.module:
             try:
@@ -256,8 +197,27 @@ class PruningHooks:
             self.regularizer.step()
 
     def epoch_end(self, epoch: int, optimizers: Sequence[Any] = ()) -> Optional[dict]:
-        """Epoch ``epoch`` (counted from 1) is over: prune if the schedule says so, slice the
-        state of ``optimizers`` and rebuild the regulariser; returns the history record or None."""
+        """An epoch is over: prune if the schedule says so.
+
+        The optimizers' state is then sliced and the regulariser rebuilt.
+
+        Parameters
+        ----------
+        epoch : int
+            The epoch that ended, counted from 1.
+        optimizers : sequence of torch.optim.Optimizer, default ()
+            Their state is sliced to the kept channels (None entries are skipped).
+
+        Returns
+        -------
+        dict or None
+            The pruning's history record, or None when nothing was scheduled for ``epoch``.
+
+        Raises
+        ------
+        RuntimeError
+            Called before :meth:`start`.
+        """
         ratio = self.pending.get(epoch)
         if ratio is None:
             return None
@@ -277,7 +237,13 @@ class PruningHooks:
         return record
 
     def end(self, epochs: Optional[int] = None) -> None:
-        """Training is over (after ``epochs``): warn about scheduled prunings it never reached."""
+        """Training is over: warn about scheduled prunings it never reached.
+
+        Parameters
+        ----------
+        epochs : int, optional
+            How many epochs training ran, for the warning.
+        """
         if self.pending:
             ran = f" (training ran {epochs} epochs)" if epochs is not None else ""
             warn_caller(f"the model was not pruned at epochs {sorted(self.pending)} of the schedule{ran}")

@@ -51,6 +51,22 @@ class Comparison:
     latency_spread: Optional[tuple] = None  # interquartile range over the median, per model (interleaved rounds)
 
     def ratio(self, metric: str) -> Optional[float]:
+        """Give after / before for one metric.
+
+        Parameters
+        ----------
+        metric : {"parameters", "flops", "latency"}
+
+        Returns
+        -------
+        float or None
+            None when the metric was not measured or its value before is 0.
+
+        Raises
+        ------
+        ValueError
+            ``metric`` is none of the three.
+        """
         if metric not in ("parameters", "flops", "latency"):
             raise ValueError(f"metric must be 'parameters', 'flops' or 'latency', got {metric!r}")
         pair = getattr(self, metric)
@@ -63,6 +79,14 @@ class Comparison:
         return None if not ratio else 1.0 / ratio
 
     def to_dict(self) -> dict:
+        """Convert the comparison to plain data.
+
+        Returns
+        -------
+        dict
+            ``model``, ``input``, ``parameters`` / ``flops`` / ``latency`` (each ``{before,
+            after, ratio}`` or None), ``speedup``, ``latency_spread`` and ``groups``.
+        """
         out = {"model": self.model_name, "input": self.input_description}
         for metric in ("parameters", "flops", "latency"):
             pair = getattr(self, metric)
@@ -73,6 +97,18 @@ class Comparison:
         return out
 
     def to_json(self, indent: Optional[int] = 2) -> str:
+        """Serialise :meth:`to_dict` as JSON.
+
+        Parameters
+        ----------
+        indent : int or None, default 2
+            As for :func:`json.dumps`.
+
+        Returns
+        -------
+        str
+            The JSON text.
+        """
         return json.dumps(self.to_dict(), indent=indent)
 
     def __str__(self) -> str:
@@ -152,15 +188,41 @@ def report(
 ) -> Comparison:
     """Compare ``model_before`` with its pruned ``model_after`` on ``example_inputs``.
 
-    Parameters (:func:`~graphprune.count_parameters`), FLOPs
-    (:func:`~graphprune.count_flops`, ``FlopCounterMode``) and, with ``latency=True``, the
-    median latency of both models: timed in ``repeats`` interleaved rounds after ``warmup``
-    (:func:`~graphprune.reporting.measure.compare_latency`, with a progress bar if
-    ``progress``; ``latency_spread`` says how far to trust it), or with ``device`` moved there
-    and timed one after the other (:func:`~graphprune.measure_latency`). With ``groups=True`` the before model is analysed
-    (:func:`graphprune.analyze`) and every channel group is listed with its channel count
-    before and after (:func:`group_widths`). ``example_inputs`` follows
-    :func:`graphprune.analyze` (inferred when omitted). Neither model is modified.
+    Parameters (:func:`~graphprune.count_parameters`), FLOPs (:func:`~graphprune.count_flops`)
+    and, with ``latency=True``, the median latency of both models. Neither model is modified.
+
+    Parameters
+    ----------
+    model_before, model_after : nn.Module
+        The original and the pruned model (``model_after`` may be TorchScript, and
+        ``model_before`` too with ``groups=False``).
+    example_inputs : tensor, tuple or dict, optional
+        As in :func:`graphprune.analyze` (inferred from ``model_before`` when omitted).
+    latency : bool, default True
+        Time both models.
+    repeats, warmup : int, default 20 and 3
+        Timed rounds (at least 4 are run without ``device``) and untimed ones before them.
+    device : str or torch.device, optional
+        Move each model there and time them one after the other
+        (:func:`~graphprune.measure_latency`); by default they are timed on their devices in
+        interleaved rounds (:func:`~graphprune.reporting.measure.compare_latency`), and
+        ``latency_spread`` says how far to trust it.
+    groups : bool, default True
+        Analyse ``model_before``; list each group's channels before and after (:func:`group_widths`).
+    progress : bool, default False
+        Show a progress bar over the interleaved rounds.
+
+    Returns
+    -------
+    Comparison
+        Parameters, FLOPs and latency before and after, and the groups' widths.
+
+    Raises
+    ------
+    TypeError
+        A model is not an ``nn.Module``, or ``latency`` / ``groups`` is not a bool.
+    ValueError
+        ``example_inputs`` cannot be inferred, or as :func:`~graphprune.measure_latency`.
     """
     check_model(model_before, "model_before", allow_torchscript=groups is not True)  # analysed only with groups
     check_model(model_after, "model_after", allow_torchscript=True)  # only measured

@@ -52,12 +52,37 @@ def sharded(loader: Any) -> bool:
 
 
 def evaluate(model: nn.Module, loader: Iterable, *, device: Device = None, distributed: Optional[bool] = None) -> float:
-    """Top-1 accuracy (in [0, 1]) of ``model`` over ``loader``'s ``(inputs, targets)`` batches.
+    """Compute the top-1 accuracy of ``model`` over ``loader``'s ``(inputs, targets)`` batches.
 
-    Runs in eval mode under ``torch.no_grad()``; training flags are restored. ``distributed``
-    (default: when ``loader`` draws from a ``DistributedSampler``) sums the counts over all
-    ranks, so a sharded test set gives the global accuracy on every rank; every rank must
-    then call it. An unsharded loader needs no communication (it may run on one rank only).
+    Runs in eval mode under ``torch.no_grad()``; training flags are restored. The model is
+    not moved: every batch is sent to ``device``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any module, TorchScript included.
+    loader : iterable with a len()
+        ``(inputs, targets)`` batches; targets are class indices, or one-hot or soft
+        targets of the outputs' shape.
+    device : str or torch.device, optional
+        Where batches go (default: the model's device; the current CUDA device under NCCL).
+    distributed : bool, optional
+        Sum the counts over all ranks, so that a sharded test set gives the global accuracy
+        on every rank (every rank must then call it). By default, when ``loader`` draws
+        from a ``DistributedSampler`` and ``torch.distributed`` is initialised.
+
+    Returns
+    -------
+    float
+        The share of samples whose top prediction is the target, in [0, 1].
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not an ``nn.Module``, ``loader`` is not an iterable with a len(), or
+        ``device`` is not a device.
+    ValueError
+        ``loader`` yields no batches or samples, or targets of the wrong shape.
     """
     check_model(model, allow_torchscript=True)
     check_loader(loader, "loader")

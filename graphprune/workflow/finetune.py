@@ -10,6 +10,49 @@ test accuracy (:mod:`.evaluation`), group-level sparse training (a
 :class:`~torch.nn.parallel.DistributedDataParallel` when ``torch.distributed`` is initialised
 (run the same script under ``torchrun``).
 Iterative pruning (prune, fine-tune, repeat) lives in :mod:`.schedule`.
+
+What :func:`finetune` does, in detail:
+
+**Optimisation.** SGD with ``momentum`` and ``weight_decay`` (on every parameter). The
+learning rate is stepped every iteration: ``LinearLR`` warm-up from ``lr / (w + 1)`` to
+``lr`` over the first ``w = round(warmup_epochs * len(train_loader))`` iterations, then
+``CosineAnnealingLR`` to 0 at the end of the last epoch (both chained by ``SequentialLR``;
+``warmup_epochs=0`` means cosine only). ``warmup_epochs`` may be fractional and must be
+smaller than ``epochs``.
+
+**Loss.** Cross-entropy on ``train_loader``'s ``(inputs, targets)`` batches (``targets``
+class indices). With ``mixup`` / ``cutmix`` > 0 (the Beta distribution's ``alpha``; both:
+one of the two at random per batch, ``v2.RandomChoice``) the batch is mixed by
+``torchvision.transforms.v2.MixUp`` / ``CutMix`` and the loss uses the mixed soft
+targets; inputs must then be image tensors ``(N, C, H, W)``, and ``num_classes``
+defaults to the width of the model's output. With a ``teacher`` (e.g. the unpruned
+model; kept in eval mode, never updated, moved to the training device) the loss is
+``alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * CE`` with
+``T = temperature`` (:func:`distillation_loss`); the teacher sees the same (mixed) inputs.
+
+**Sparse training.** With a ``regularizer`` (a :class:`~graphprune.workflow.sparse.GroupRegularizer`
+built on ``model``), its ``step()`` adds the penalty's gradient after every
+``loss.backward()`` (under DDP, to the averaged gradients), and a growing one's
+``update()`` runs at the start of every epoch. Prune afterwards with
+``criterion="group_norm"`` (``"bn_scale"`` after ``mode="bn_scale"``).
+
+**Devices.** ``device`` (default: the model's device; the current CUDA device under NCCL)
+is where the model is moved and every batch is sent.
+
+**Distributed.** When ``torch.distributed`` is initialised with several ranks the model is
+wrapped in ``DistributedDataParallel`` (gradients averaged, so the ranks stay identical),
+``train_loader.sampler.set_epoch(epoch)`` is called when it has one (a
+``DistributedSampler``; without one every rank trains on the same batches and a warning
+says so), BatchNorm running statistics are averaged over ranks after every epoch, and
+the reported loss and accuracy are global. Every rank must call ``finetune`` with
+loaders of the same length.
+
+The history holds, per epoch: ``epoch`` (1-based), ``loss`` (mean training loss, without
+the penalty), ``lr`` (the rate of the epoch's last iteration), ``accuracy`` (top-1 on
+``eval_loader`` after the epoch, see :func:`evaluate`; None without one), ``seconds``, and
+with a ``regularizer`` its ``penalty`` after the epoch. A ``tqdm`` bar shows
+progress on rank 0 when ``progress`` is true. The model's training flags are restored
+at the end, and its gradients cleared.
 """
 from __future__ import annotations
 
@@ -44,46 +87,57 @@ def finetune(
 ) -> list:
     """Fine-tune ``model`` in place and return its history, one dict per epoch.
 
-    **Optimisation.** SGD with ``momentum`` and ``weight_decay`` (on every parameter). The
-    learning rate is stepped every iteration: ``LinearLR`` warm-up from ``lr / (w + 1)`` to
-    ``lr`` over the first ``w = round(warmup_epochs * len(train_loader))`` iterations, then
-    ``CosineAnnealingLR`` to 0 at the end of the last epoch (both chained by ``SequentialLR``;
-    ``warmup_epochs=0`` means cosine only). ``warmup_epochs`` may be fractional and must be
-    smaller than ``epochs``.
+    SGD with momentum under a per-iteration schedule (linear warm-up, then cosine decay to
+    0), on cross-entropy, optionally mixed (MixUp / CutMix), distilled from a teacher or
+    sparsity-regularised; distributed under ``torch.distributed``. The module docstring
+    details each part. Training flags are restored at the end and gradients cleared.
 
-    **Loss.** Cross-entropy on ``train_loader``'s ``(inputs, targets)`` batches (``targets``
-    class indices). With ``mixup`` / ``cutmix`` > 0 (the Beta distribution's ``alpha``; both:
-    one of the two at random per batch, ``v2.RandomChoice``) the batch is mixed by
-    ``torchvision.transforms.v2.MixUp`` / ``CutMix`` and the loss uses the mixed soft
-    targets; inputs must then be image tensors ``(N, C, H, W)``, and ``num_classes``
-    defaults to the width of the model's output. With a ``teacher`` (e.g. the unpruned
-    model; kept in eval mode, never updated, moved to the training device) the loss is
-    ``alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * CE`` with
-    ``T = temperature`` (:func:`distillation_loss`); the teacher sees the same (mixed) inputs.
+    Parameters
+    ----------
+    model : nn.Module
+        The model to train, moved to ``device``.
+    train_loader : iterable with a len()
+        ``(inputs, targets)`` batches, targets class indices.
+    epochs : int
+        Epochs to train (at least 1).
+    lr : float, default 0.01
+        Peak learning rate (> 0).
+    momentum, weight_decay : float, default 0.9 and 5e-4
+        SGD's, on every parameter; ``momentum`` in [0, 1), ``weight_decay`` >= 0.
+    warmup_epochs : float, default 1
+        Linear warm-up length, fractional allowed, smaller than ``epochs``; 0: cosine only.
+    teacher : nn.Module, optional
+        A separate model to distil from (e.g. the unpruned one); kept in eval mode.
+    temperature, alpha : float, default 4.0 and 0.5
+        The loss is ``alpha * T^2 * KL(teacher || student at T) + (1 - alpha) * CE``.
+    mixup, cutmix : float, default 0.0
+        The Beta distribution's ``alpha`` of MixUp / CutMix (0: off); inputs must then be
+        ``(N, C, H, W)`` tensors.
+    num_classes : int, optional
+        For MixUp / CutMix (at least 2); default: the width of the model's output.
+    eval_loader : iterable with a len(), optional
+        Top-1 accuracy after every epoch (:func:`~graphprune.evaluate`).
+    device : str or torch.device, optional
+        Default: the model's device; the current CUDA device under NCCL.
+    progress : bool, default True
+        Show a ``tqdm`` bar on rank 0.
+    regularizer : GroupRegularizer, optional
+        Built on ``model``: its ``step()`` runs after every ``loss.backward()``, a growing
+        one's ``update()`` at the start of every epoch.
 
-    **Sparse training.** With a ``regularizer`` (a :class:`~graphprune.workflow.sparse.GroupRegularizer`
-    built on ``model``), its ``step()`` adds the penalty's gradient after every
-    ``loss.backward()`` (under DDP, to the averaged gradients), and a growing one's
-    ``update()`` runs at the start of every epoch. Prune afterwards with
-    ``criterion="group_norm"`` (``"bn_scale"`` after ``mode="bn_scale"``).
+    Returns
+    -------
+    list of dict
+        Per epoch: ``epoch`` (from 1), ``loss`` (mean, without the penalty), ``lr`` (of its
+        last iteration), ``accuracy`` (None without ``eval_loader``), ``seconds``, and with
+        a ``regularizer`` its ``penalty``.
 
-    **Devices.** ``device`` (default: the model's device; the current CUDA device under NCCL)
-    is where the model is moved and every batch is sent.
-
-    **Distributed.** When ``torch.distributed`` is initialised with several ranks the model is
-    wrapped in ``DistributedDataParallel`` (gradients averaged, so the ranks stay identical),
-    ``train_loader.sampler.set_epoch(epoch)`` is called when it has one (a
-    ``DistributedSampler``; without one every rank trains on the same batches and a warning
-    says so), BatchNorm running statistics are averaged over ranks after every epoch, and
-    the reported loss and accuracy are global. Every rank must call ``finetune`` with
-    loaders of the same length.
-
-    The history holds, per epoch: ``epoch`` (1-based), ``loss`` (mean training loss, without
-    the penalty), ``lr`` (the rate of the epoch's last iteration), ``accuracy`` (top-1 on
-    ``eval_loader`` after the epoch, see :func:`evaluate`; None without one), ``seconds``, and
-    with a ``regularizer`` its ``penalty`` after the epoch. A ``tqdm`` bar shows
-    progress on rank 0 when ``progress`` is true. The model's training flags are restored
-    at the end, and its gradients cleared.
+    Raises
+    ------
+    TypeError, ValueError
+        An invalid option, or a model without trainable parameters.
+    FloatingPointError
+        The training loss became NaN or infinite.
     """
     settings = _Settings.checked(model, train_loader, epochs=epochs, lr=lr, momentum=momentum,
                                  weight_decay=weight_decay, warmup_epochs=warmup_epochs, teacher=teacher,

@@ -1,6 +1,29 @@
 """Iterative pruning: :func:`prune_schedule` alternates :func:`graphprune.prune` and
 :func:`graphprune.finetune` over a list of cumulative ratios, e.g. ``ratios=[0.2, 0.35, 0.5]``,
 optionally with group-level sparse training (:mod:`.sparse`) between the pruning steps.
+
+``ratios`` are *cumulative* fractions of each group's original channels, strictly
+increasing in (0, 1): ``[0.2, 0.35, 0.5]`` removes 20% of every group, fine-tunes, goes
+on to 35% of the original width, fine-tunes, and ends at 50%. Step ``i`` calls
+``graphprune.prune(model, 1 - (1 - r_i) / (1 - r_{i-1}), example_inputs, criterion=...,
+**prune_kwargs)`` on the current model (re-analysed and re-scored each step), then
+``finetune(model, train_loader, epochs=epochs_per_step, **finetune_kwargs)``. Each step
+floors its channel counts, so a group may end a channel or so wider than
+``floor(r * n)`` would give. ``criterion`` is a name or a Criterion (data-driven ones are
+prepared again every step); under ``torch.distributed`` it is wrapped in
+:func:`graphprune.workflow.distributed.sync_criterion` so that every rank removes the same channels.
+``prune_kwargs`` may not set ``ratio``, ``example_inputs``, ``criterion``, ``inplace``,
+budgets or ``return_result``.
+
+``regularizer`` adds group-level sparse training: the settings (``coefficient``, ``mode``,
+``delta``, ``max_coefficient``) of a :class:`~graphprune.workflow.sparse.GroupRegularizer`,
+not an instance, because every pruning step changes the groups. After each step but the
+last, a fresh regulariser is built on the pruned model (with ``example_inputs`` and
+``prune_kwargs``' analysis options) and passed to that step's fine-tune, so that it
+prepares the next step; the last fine-tune, after which nothing is pruned, runs without.
+With ``delta`` (or ``max_coefficient``) it is a growing regulariser whose ``target_ratio``
+is the next step's ratio. Pair it with ``criterion="group_norm"`` (or ``"bn_scale"`` for
+``mode="bn_scale"``).
 """
 from __future__ import annotations
 
@@ -37,33 +60,40 @@ def prune_schedule(
     regularizer: Optional[Mapping[str, Any]] = None,
     **finetune_kwargs: Any,
 ) -> list:
-    """Iterative pruning: for each entry of ``ratios``, prune then fine-tune; the model is pruned in place.
+    """Prune then fine-tune ``model`` in place, once per entry of ``ratios``.
 
-    ``ratios`` are *cumulative* fractions of each group's original channels, strictly
-    increasing in (0, 1): ``[0.2, 0.35, 0.5]`` removes 20% of every group, fine-tunes, goes
-    on to 35% of the original width, fine-tunes, and ends at 50%. Step ``i`` calls
-    ``graphprune.prune(model, 1 - (1 - r_i) / (1 - r_{i-1}), example_inputs, criterion=...,
-    **prune_kwargs)`` on the current model (re-analysed and re-scored each step), then
-    ``finetune(model, train_loader, epochs=epochs_per_step, **finetune_kwargs)``. Each step
-    floors its channel counts, so a group may end a channel or so wider than
-    ``floor(r * n)`` would give. ``criterion`` is a name or a Criterion (data-driven ones are
-    prepared again every step); under ``torch.distributed`` it is wrapped in
-    :func:`graphprune.workflow.distributed.sync_criterion` so that every rank removes the same channels.
-    ``prune_kwargs`` may not set ``ratio``, ``criterion``, ``inplace``, budgets or
-    ``return_result``.
+    Step ``i`` prunes the model (analysed and scored again) from ``r_{i-1}`` to ``r_i`` of each
+    group's original channels, then fine-tunes it; the module docstring details both.
 
-    ``regularizer`` adds group-level sparse training: the settings (``coefficient``, ``mode``,
-    ``delta``, ``max_coefficient``) of a :class:`~graphprune.workflow.sparse.GroupRegularizer`,
-    not an instance, because every pruning step changes the groups. After each step but the
-    last, a fresh regulariser is built on the pruned model (with ``example_inputs`` and
-    ``prune_kwargs``' analysis options) and passed to that step's fine-tune, so that it
-    prepares the next step; the last fine-tune, after which nothing is pruned, runs without.
-    With ``delta`` (or ``max_coefficient``) it is a growing regulariser whose ``target_ratio``
-    is the next step's ratio. Pair it with ``criterion="group_norm"`` (or ``"bn_scale"`` for
-    ``mode="bn_scale"``).
+    Parameters
+    ----------
+    model : nn.Module
+    example_inputs, criterion
+        As in :func:`graphprune.prune`; under ``torch.distributed`` the criterion is synced.
+    train_loader : iterable with a len()
+        Fine-tuning batches, as in :func:`graphprune.finetune`.
+    ratios : sequence of float
+        Cumulative fractions of each group's original channels, strictly increasing in (0, 1).
+    epochs_per_step : int
+        Fine-tuning epochs after each pruning (at least 1).
+    prune_kwargs : mapping, optional
+        More :func:`graphprune.prune` options; not ``ratio``, ``example_inputs``,
+        ``criterion``, ``inplace``, budgets or ``return_result``.
+    regularizer : mapping, optional
+        Settings of a :class:`GroupRegularizer` for the fine-tunes between pruning steps.
+    **finetune_kwargs
+        More :func:`graphprune.finetune` options (not ``epochs``).
 
-    Returns one dict per step: ``step`` (1-based), ``ratio`` (cumulative), ``step_ratio``
-    (passed to prune), ``parameters`` (after pruning) and ``finetune`` (its history).
+    Returns
+    -------
+    list of dict
+        Per step: ``step`` (from 1), ``ratio`` (cumulative), ``step_ratio`` (passed to
+        prune), ``parameters`` (after pruning) and ``finetune`` (its history).
+
+    Raises
+    ------
+    TypeError, ValueError
+        An invalid argument, checked before anything is pruned; or as prune and finetune.
     """
     check_model(model)
     if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Sequence) or not ratios:

@@ -86,18 +86,45 @@ class SensitivityResult:
         return list(dict.fromkeys(row["group"] for row in self.table))
 
     def rows_of(self, group: int) -> list:
+        """Select the rows of one group.
+
+        Parameters
+        ----------
+        group : int
+            A group id.
+
+        Returns
+        -------
+        list of dict
+            Its rows of :attr:`table`, one per ratio.
+        """
         return [row for row in self.table if row["group"] == group]
 
     def ratios_for(self, max_drop: float, *, conservative: bool = False) -> dict:
-        """``{module name: ratio}`` for :func:`graphprune.prune`: for every measured group, the
-        largest ratio whose drop is at most ``max_drop`` (0.0 when none is).
+        """Turn the measurements into a per-layer ratio mapping for :func:`graphprune.prune`.
 
-        With ``conservative=True`` the search stops at the first ratio (in increasing order)
-        that exceeds ``max_drop``, so that noise at one large ratio cannot allow it. Keys are
-        :func:`group_keys` names, so each group gets exactly its own ratio when the mapping is
-        passed to ``prune`` for the model that was measured (same architecture, unpruned);
-        groups without such a name are left out. Example: ``prune(model,
-        result.ratios_for(0.01), x, criterion=<the same criterion>)``.
+        Keys are :func:`group_keys` names, so each group gets exactly its own ratio when the
+        mapping is passed to ``prune`` for the model that was measured (same architecture,
+        unpruned), e.g. ``prune(model, result.ratios_for(0.01), x, criterion=<the same>)``.
+
+        Parameters
+        ----------
+        max_drop : float
+            The largest drop allowed (in ``eval_fn``'s units).
+        conservative : bool, default False
+            Stop at the first ratio (in increasing order) whose drop exceeds ``max_drop``, so
+            that noise at one large ratio cannot allow it.
+
+        Returns
+        -------
+        dict
+            ``{module name: ratio}``: for every measured group with a key, the largest ratio
+            whose drop is at most ``max_drop`` (0.0 when none is).
+
+        Raises
+        ------
+        TypeError
+            ``max_drop`` is not a real number (NaN included).
         """
         if isinstance(max_drop, bool) or not isinstance(max_drop, numbers.Real) or math.isnan(max_drop):
             raise TypeError(f"max_drop must be a real number, got {max_drop!r}")
@@ -132,9 +159,33 @@ class SensitivityResult:
         return title + "\n" + text_table(header, lines, right=[i for i in range(len(header)) if i != 1])
 
     def plot(self, path: str, *, metric: str = "metric", title: Optional[str] = None, dpi: int = 120) -> str:
-        """Write a PNG with one curve per group: ``metric`` (``"metric"`` or ``"drop"``) against
-        the ratio, the baseline as a dashed line. Uses matplotlib's Agg canvas (no display
-        needed, the global backend is left alone). Returns ``path``."""
+        """Write a PNG with one curve per group against the ratio, the baseline dashed.
+
+        Uses matplotlib's Agg canvas (no display needed, the global backend is left alone).
+
+        Parameters
+        ----------
+        path : str
+            The image file to write.
+        metric : {"metric", "drop"}, default "metric"
+            What the curves show: ``eval_fn``'s value or its drop.
+        title : str, optional
+            The plot's title (default: the model, "per group" and the criterion).
+        dpi : int, default 120
+            The image's resolution.
+
+        Returns
+        -------
+        str
+            ``path``.
+
+        Raises
+        ------
+        ValueError
+            ``metric`` is neither name.
+        ImportError
+            matplotlib is not installed.
+        """
         if metric not in ("metric", "drop"):
             raise ValueError(f"metric must be 'metric' or 'drop', got {metric!r}")
         try:
@@ -168,6 +219,13 @@ class SensitivityResult:
         return path
 
     def to_dict(self) -> dict:
+        """Convert the result to plain data (tuples become lists).
+
+        Returns
+        -------
+        dict
+            ``model``, ``criterion``, ``baseline``, ``ratios`` and ``table``.
+        """
         table = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in row.items()} for row in self.table]
         return {"model": self.model_name, "criterion": self.criterion, "baseline": self.baseline,
                 "ratios": list(self.ratios), "table": table}
@@ -234,17 +292,45 @@ def sensitivity(
 ) -> SensitivityResult:
     """Prune each prunable group alone at each ratio and evaluate the model so pruned.
 
-    ``eval_fn(model) -> float`` scores a model (higher is better, e.g. accuracy); it is
-    called once on ``model`` for the baseline and once per (group, ratio) on ``model`` with
-    that group pruned, in a trial that puts the model back afterwards, whatever happens
-    (``eval_fn`` must not change the model itself). Channels are ranked once by
-    ``criterion`` (a name or a Criterion; data-driven ones are prepared once), and the
-    channels that ``graphprune.prune`` would remove from the group at that ratio
+    Each pruning runs in a trial that puts the model back afterwards, whatever happens.
+    Channels are ranked once by ``criterion``, and the channels that ``graphprune.prune``
+    would remove from the group at that ratio
     (:func:`~graphprune.pruning.planner.plan_removal`, sparing each member's best channel)
-    are removed, with the same shape audit as ``prune`` (``verify``). A ratio too small to
-    remove any channel records the baseline without evaluating. ``groups`` limits the run
-    to some groups: ids, :class:`Group` s or module names / globs matched against their
-    producer layers.
+    are removed, with the same shape audit as ``prune``. A ratio too small to remove any
+    channel records the baseline without evaluating.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model to measure; it is put back after every trial.
+    example_inputs, leaf_modules
+        As in :func:`graphprune.analyze`.
+    eval_fn : callable
+        ``eval_fn(model) -> float``, higher is better (e.g. accuracy); called once for the
+        baseline and once per (group, ratio). It must not change the model itself.
+    ratios : sequence of float, default (0.1, 0.3, 0.5, 0.7)
+        The ratios to try, each in (0, 1); sorted, repeats dropped.
+    groups : iterable of int, str or Group, optional
+        Only these groups: ids, :class:`Group` s or module names / globs matched against
+        their producer layers. By default every prunable group.
+    criterion : str or Criterion, default "l1"
+        A name or an instance (one that needs data cannot be named; pass an instance,
+        prepared once).
+    progress : bool, default True
+        Show a progress bar.
+    verify : bool, default True
+        Audit each pruned model's shapes; a row the audit rejects has no metric.
+
+    Returns
+    -------
+    SensitivityResult
+        The baseline and one row per group and ratio.
+
+    Raises
+    ------
+    TypeError, ValueError
+        An invalid argument, a group that is not prunable or not found, an ``eval_fn``
+        that returns no real number, or as :func:`graphprune.analyze`.
     """
     check_model(model)
     if not callable(eval_fn):

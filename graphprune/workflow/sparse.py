@@ -140,6 +140,30 @@ class GroupRegularizer:
 
     The regulariser holds the model's parameters (it never copies them): moving the model to
     another device is fine, but after pruning build a new one (its groups are gone).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model, or a ``DistributedDataParallel`` / ``DataParallel`` wrapping it.
+    example_inputs, prune_heads, ignored_layers, leaf_modules, capture
+        As in :func:`graphprune.analyze`; with ``report``, leave the options out.
+    coefficient : float, default 1e-4
+        Every channel's starting coefficient (>= 0).
+    mode : {"group_norm", "bn_scale"}, default "group_norm"
+        The norm penalised (see above).
+    target_ratio : float or {module name or glob: float}, optional
+        Makes it a growing regulariser: the ratio :meth:`update` ranks channels for.
+    delta, max_coefficient : float, optional
+        Growing only: the raise per :meth:`update` (default ``coefficient``, > 0) and the
+        cap (default ``coefficient + 100 * delta``, at least ``coefficient``).
+    report : Report, optional
+        :func:`graphprune.analyze`'s report on this very model, unchanged since.
+
+    Raises
+    ------
+    TypeError, ValueError
+        An invalid setting (``delta`` or ``max_coefficient`` without ``target_ratio``
+        included), a report of another or a changed model, or as :func:`graphprune.analyze`.
     """
 
     def __init__(
@@ -182,6 +206,7 @@ class GroupRegularizer:
 
     @property
     def mode(self) -> str:
+        """The norm penalised: ``"group_norm"`` or ``"bn_scale"``."""
         return self.settings.mode
 
     @property
@@ -195,28 +220,58 @@ class GroupRegularizer:
         return [term.group for term in self._terms]
 
     def parameters(self) -> list:
-        """Every parameter the penalty reads, once each, in group order."""
+        """List every parameter the penalty reads.
+
+        Returns
+        -------
+        list of nn.Parameter
+            Each once, in group order.
+        """
         return list({id(e.parameter): e.parameter for term in self._terms for e in term.entries}.values())
 
     def check(self) -> None:
-        """Raise ValueError if a penalised parameter no longer has the shape the analysis saw
-        (the model was pruned since): then build a new regulariser."""
+        """Check that every penalised parameter still has the shape the analysis saw.
+
+        Raises
+        ------
+        ValueError
+            The model was pruned since: build a new regulariser.
+        """
         for term in self._terms:
             term.checked()
 
     def coefficients(self) -> dict:
-        """``{group id: coefficient per channel}`` (float64 copies)."""
+        """Copy the current coefficients.
+
+        Returns
+        -------
+        dict
+            ``{group id: coefficient per channel}``, float64 numpy copies.
+        """
         return {term.group.id: term.coefficients.cpu().numpy().copy() for term in self._terms}
 
     def channel_norms(self) -> dict:
-        """``{group id: norm per channel}`` as penalised now (float64): the group L2 norm, or
-        with ``"bn_scale"`` the L1 norm of the scales."""
+        """Compute the per-channel norms as penalised now.
+
+        Returns
+        -------
+        dict
+            ``{group id: norm per channel}`` (float64 numpy): the group L2 norm, or with
+            ``"bn_scale"`` the L1 norm of the scales.
+        """
         with torch.no_grad():
             return {term.group.id: self._norms(term).double().cpu().numpy() for term in self._terms}
 
     # ----- the penalty
     def penalty(self) -> torch.Tensor:
-        """The penalty, differentiable with respect to the model's parameters (a 0-d tensor, at least float32)."""
+        """Compute the penalty, to add to the loss.
+
+        Returns
+        -------
+        torch.Tensor
+            A 0-d tensor, differentiable with respect to the model's parameters; zero when
+            no group is penalised.
+        """
         total = None
         for term in self._terms:
             norms = self._norms(term)
@@ -226,9 +281,11 @@ class GroupRegularizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Add the gradient of :meth:`penalty` to every penalised parameter's ``.grad`` (call it
-        after ``loss.backward()`` and before ``optimizer.step()``). A parameter without a
-        gradient gets the penalty's alone; frozen ones (``requires_grad=False``) are skipped."""
+        """Add the gradient of :meth:`penalty` to every penalised parameter's ``.grad``.
+
+        Call it after ``loss.backward()`` and before ``optimizer.step()``. A parameter without
+        a gradient gets the penalty's alone; frozen ones (``requires_grad=False``) are skipped.
+        """
         updates = []
         for term in self._terms:
             norms = self._norms(term)
@@ -252,11 +309,23 @@ class GroupRegularizer:
     # ----- growing regularisation
     @torch.no_grad()
     def update(self) -> dict:
-        """Raise by ``delta`` (up to ``max_coefficient``) the coefficient of the channels that
-        pruning at ``target_ratio`` would remove now, ranked by :meth:`channel_norms` with the
-        planner (:func:`~graphprune.pruning.planner.removal_counts` and
+        """Raise the coefficients of the channels that pruning at ``target_ratio`` would remove now.
+
+        Channels are ranked by :meth:`channel_norms` with the planner
+        (:func:`~graphprune.pruning.planner.removal_counts` and
         :func:`~graphprune.pruning.planner.lowest_channels`, so every member keeps its best
-        channel). Returns ``{group id: the channels raised}``."""
+        channel); each chosen coefficient grows by ``delta``, up to ``max_coefficient``.
+
+        Returns
+        -------
+        dict
+            ``{group id: the channels raised}``.
+
+        Raises
+        ------
+        RuntimeError
+            The regulariser is not a growing one (no ``target_ratio``).
+        """
         if not self.growing:
             raise RuntimeError("update() is growing regularisation, which needs target_ratio; build the "
                                "GroupRegularizer with target_ratio=... (and delta=...)")

@@ -9,7 +9,6 @@ shape as an assumption the shape audit checks. Any other literal blocks the dim.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Optional
 
 import numpy as np
@@ -22,6 +21,7 @@ from graphprune.tracer import TensorSpec
 from ..propagation import Propagation, SizeConstraint
 from ..reasons import Assumption, BlockKind, Reason
 from ..sizes import attributes_of_value, head_attributes
+from ..source import names_in_statement, source_line
 
 NEW_DIMENSION = Reason(BlockKind.NOT_A_CHANNEL, "reshape")  # a dimension a reshape creates, which carries no channel
 
@@ -198,7 +198,8 @@ def literal_size(state: Propagation, node: fx.Node, ids: np.ndarray, size: int, 
                  attribute: Optional[str] = None) -> None:
     """A literal size on a dim carrying ids: follow it if it is the value of ``attribute`` on
     the calling module (a head count or width, see :data:`HEAD_ATTRIBUTES`), or without one,
-    the one int attribute of that value there (updated by surgery); otherwise block the dim.
+    the one int attribute that may hold it there (:func:`attributes_holding`; updated by
+    surgery); otherwise block the dim.
     Under torch.export, which records every size as a number, such a size is taken to be read
     off a shape, as an assumption that the shape audit checks (see ``Group.assumptions``)."""
     scope = state.qualname(node)
@@ -206,11 +207,22 @@ def literal_size(state: Propagation, node: fx.Node, ids: np.ndarray, size: int, 
     if attribute is not None:
         matches = [attribute] if vars(module).get(attribute) == size else []
     else:
-        matches = attributes_of_value(module, size)
+        matches = attributes_holding(state, node, size)
     if len(matches) == 1 and carries_ids(state, ids):
         state.attr(scope, matches[0], ids, lambda _, kept: kept)
     elif not assume_read_off_shape(state, node, ids, size, where):
         state.block(ids, Reason(BlockKind.FIXED_SIZE, f"{node.name} has a fixed size {size} {where}"))
+
+
+def attributes_holding(state: Propagation, node: fx.Node, size: int, exclude: tuple = ()) -> list:
+    """The int attributes (but ``exclude``) of the module calling ``node`` that may hold its
+    literal ``size`` of a pruned dim: those of that value, and where the node's source is
+    known only those its statement names (:func:`~graphprune.analysis.source.names_in_statement`:
+    a Llama layer's ``layer_idx`` 4 is not its 4 key/value heads)."""
+    module = state.module(state.qualname(node))
+    names = attributes_of_value(module, size, exclude)
+    named = names_in_statement(node) if names else None
+    return names if named is None else [name for name in names if name in named]
 
 
 def assume_read_off_shape(state: Propagation, node: fx.Node, ids: np.ndarray, size: int, where: str) -> bool:
@@ -221,14 +233,8 @@ def assume_read_off_shape(state: Propagation, node: fx.Node, ids: np.ndarray, si
         return False
     state.assume(ids, Assumption(f"{node.name}: torch.export recorded the size {size} {where} as a number; it is "
                                  "taken to be read off a shape, which only the shape audit can confirm",
-                                 _source_line(node), state.qualname(node) or ""))
+                                 source_line(node), state.qualname(node) or ""))
     return True
-
-
-def _source_line(node: fx.Node) -> str:
-    """``file:line`` of the innermost frame of the node's recorded stack trace, or ""."""
-    frames = re.findall(r'File "([^"]+)", line (\d+)', node.meta.get("stack_trace") or "")
-    return ":".join(frames[-1]) if frames else ""
 
 
 def shape_args(node: fx.Node, first: int) -> list:

@@ -17,11 +17,12 @@ from graphprune.tracer import TensorSpec
 
 from ..propagation import Propagation
 from ..reasons import BlockKind, Reason
-from ..sizes import attributes_of_value, read_after_init
+from ..sizes import read_after_init
 from .indexing import advanced_getitem
 from .reshape import (
     arg,
     assume_read_off_shape,
+    attributes_holding,
     carries_ids,
     follow_sizes,
     fresh_dims,
@@ -204,7 +205,7 @@ def _follows(state: Propagation, node: fx.Node, ids: np.ndarray, size, parts: in
         return _divisor_read_off(state, size, ids) == parts
     if type(size) is not int:
         return False
-    names = _split_attributes(state.module(state.qualname(node)), size)
+    names = _split_attributes(state, node, size)
     if len(names) == 1:
         state.attr(state.qualname(node), names[0], ids[:size], lambda _, kept: kept)
         return True
@@ -227,20 +228,20 @@ def _tie_parts(state: Propagation, ids: np.ndarray, parts: int) -> None:
         state.unify(blocks[0], blocks[k])
 
 
-def _split_attributes(module, size: int, exclude: tuple = ()) -> list:
-    """The int attributes of ``module`` that may hold a split size ``size``: where several
-    have that value, those its code reads outside ``__init__`` (a split size is read there)."""
-    names = attributes_of_value(module, size, exclude)
-    return names if len(names) < 2 else read_after_init(module, names)
+def _split_attributes(state: Propagation, node: fx.Node, size: int, exclude: tuple = ()) -> list:
+    """The int attributes of the module calling ``node`` that may hold a split size ``size``
+    (:func:`attributes_holding`): where several do, those its code reads outside ``__init__``
+    (a split size is read there)."""
+    names = attributes_holding(state, node, size, exclude)
+    return names if len(names) < 2 else read_after_init(state.module(state.qualname(node)), names)
 
 
 def _attributes_of(state: Propagation, node: fx.Node, sizes) -> Optional[list]:
     """The calling module's int attribute holding each size (each the only one of its value),
     all different; None when any size is not such an attribute."""
-    module = state.module(state.qualname(node))
     names = []
     for size in sizes:
-        matches = _split_attributes(module, size, exclude=tuple(names)) if isinstance(size, int) else []
+        matches = _split_attributes(state, node, size, exclude=tuple(names)) if isinstance(size, int) else []
         if len(matches) != 1:
             return None
         names.append(matches[0])
@@ -377,7 +378,7 @@ def _bounds_follow(state: Propagation, node: fx.Node, ids: np.ndarray, bounds) -
         if type(bound) is not int or not last < bound < ids.size:
             return False
         last = bound
-        found = _split_attributes(state.module(scope), bound, exclude=tuple(names))
+        found = _split_attributes(state, node, bound, exclude=tuple(names))
         if len(found) == 1:
             names.append(found[0])
             state.attr(scope, found[0], ids[:bound], lambda _, kept: kept)
