@@ -34,6 +34,8 @@ from typing import Mapping, Optional, Union
 
 import numpy as np
 
+from graphprune.validation import check_int, check_real
+
 from .base import Criterion, channel_matrix, producer_members
 from .magnitude import L1
 from .taylor import Taylor
@@ -113,9 +115,11 @@ class KMeansCriterion(Criterion):
     Raises
     ------
     TypeError
-        ``k`` (or one of its keys or values) or ``seed`` has the wrong type.
+        ``k`` (or one of its keys or values), ``seed``, ``variance``, ``n_init`` or ``threads``
+        has the wrong type.
     ValueError
-        ``k`` is below 1, ``variance`` outside (0, 1] or not a number, or ``k_range`` invalid.
+        ``k`` or ``n_init`` is below 1, ``seed`` below 0, ``variance`` outside (0, 1], or
+        ``k_range`` invalid.
     """
 
     def __init__(self, k: KSpec = None, *, seed: int = 0, variance: float = 0.8,
@@ -127,20 +131,17 @@ class KMeansCriterion(Criterion):
                 _check_k(value, f"k[{key!r}]")
         else:
             _check_k(k, "k")
-        if not isinstance(variance, numbers.Real) or not 0.0 < float(variance) <= 1.0:
-            raise ValueError(f"variance must lie in (0, 1], got {variance!r}")
+        variance = check_real(variance, "variance", low=0.0, high=1.0, low_open=True)
         if (not isinstance(k_range, (tuple, list)) or len(k_range) != 2
                 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in k_range)
                 or not 2 <= k_range[0] <= k_range[1]):
             raise ValueError(f"k_range must be (low, high) integers with 2 <= low <= high, got {k_range!r}")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
         self.k = dict(k) if isinstance(k, Mapping) else k
-        self.seed = int(seed)
-        self.variance = float(variance) if variance < 1 else None
+        self.seed = check_int(seed, "seed", 0)
+        self.variance = variance if variance < 1 else None
         self.k_range = (int(k_range[0]), int(k_range[1]))
-        self.n_init = int(n_init)
-        self.threads = threads
+        self.n_init = check_int(n_init, "n_init", 1)
+        self.threads = None if threads is None else check_int(threads, "threads", 1)
         self.chosen_k: dict = {}
 
     def __repr__(self) -> str:

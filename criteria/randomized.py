@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from graphprune.validation import check_int
+
 from .base import Criterion
 
 
@@ -20,16 +22,16 @@ class Random(Criterion):
     Raises
     ------
     ValueError
-        ``seed`` is not a non-negative integer (whatever its type).
+        ``seed`` is negative.
+    TypeError
+        ``seed`` is not an integer.
     """
 
     name = "random"
     reads_values = False
 
     def __init__(self, seed: int = 0):
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self.seed = int(seed)
+        self.seed = check_int(seed, "seed", 0)
 
     def scores(self, group) -> np.ndarray:
         return np.random.default_rng([self.seed, int(group.id), int(group.size)]).random(group.size)

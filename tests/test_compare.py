@@ -86,3 +86,7 @@ def test_report_validates():
         graphprune.report(model, "pruned", X)
     with pytest.raises(TypeError, match="latency must be True or False"):
         graphprune.report(model, model, X, latency="no")
+    with pytest.raises(TypeError, match="repeats must be an integer"):
+        graphprune.report(model, model, X, repeats="20")
+    with pytest.raises(ValueError, match="warmup must be at least 0"):
+        graphprune.report(model, model, X, warmup=-1)

@@ -138,6 +138,8 @@ def test_random_is_seeded_and_reproducible():
     assert criteria.Random().seed == 0
     with pytest.raises(ValueError, match="seed"):
         criteria.Random(seed=-1)
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        criteria.Random(seed=1.5)
 
 
 # ----- Taylor
@@ -304,6 +306,12 @@ def test_k_per_layer_name():
         criteria.KL1(k=0)
     with pytest.raises(ValueError, match="k_range"):
         criteria.KL1(k_range=(1, 4))
+    with pytest.raises(ValueError, match="n_init must be at least 1"):
+        criteria.KL1(n_init=0)
+    with pytest.raises(TypeError, match="variance must be a real number"):
+        criteria.KL1(variance="0.5")
+    with pytest.raises(TypeError, match="threads must be an integer"):
+        criteria.KL1(threads=1.5)
 
 
 @pytest.mark.parametrize("make", [

@@ -239,3 +239,11 @@ def test_a_model_that_cannot_be_traced_says_where_why_and_what_to_try():
     assert "test_errors.py:" in message and "if h.mean() > 0:" in message  # the file, line and code
     assert "TraceError: symbolically traced variables cannot be used as inputs to control flow" in message
     assert "try: capture='export' or capture='fx'" in message and "leaf_modules=[...]" in message
+
+
+def test_measure_latency_checks_its_counts():
+    model = nn.Linear(4, 2)
+    with pytest.raises(TypeError, match="repeats must be an integer"):
+        graphprune.measure_latency(model, torch.randn(1, 4), repeats=2.5)
+    with pytest.raises(ValueError, match="warmup must be at least 0"):
+        graphprune.measure_latency(model, torch.randn(1, 4), warmup=-1)

@@ -72,6 +72,9 @@ def test_mistakes_are_precise(tmp_path):
         graphprune.save_pretrained(build("bert")[0], tmp_path / "taken")
     with pytest.raises(ValueError, match="no config.json"):
         graphprune.from_pretrained(tmp_path / "taken")
+    assert graphprune.save_pretrained(pruned("bert")[0], tmp_path / "saved") == "graphprune"
+    with pytest.raises(ValueError, match="torch_dtype would be ignored"):
+        graphprune.from_pretrained(tmp_path / "saved", torch_dtype=torch.float16)
 
 
 def test_the_warning_for_a_config_that_cannot_say_it_names_the_way_to_save(tmp_path):

@@ -93,8 +93,8 @@ def from_pretrained(directory: Union[str, os.PathLike], **kwargs: Any) -> nn.Mod
     directory : str or os.PathLike
         A directory with a ``config.json``.
     **kwargs
-        Passed to the class's ``from_pretrained`` for a plain Hugging Face directory;
-        ignored for one holding a graphprune weights file.
+        Passed to the class's ``from_pretrained`` for a plain Hugging Face directory; refused
+        for one holding a graphprune weights file, which has no use for them.
 
     Returns
     -------
@@ -104,8 +104,9 @@ def from_pretrained(directory: Union[str, os.PathLike], **kwargs: Any) -> nn.Mod
     Raises
     ------
     ValueError
-        transformers is not installed, ``directory`` has no ``config.json``, or the weights
-        file does not fit (as :func:`graphprune.load`).
+        transformers is not installed, ``directory`` has no ``config.json``, the weights
+        file does not fit (as :func:`graphprune.load`), or keyword arguments are given for a
+        graphprune weights file.
     """
     try:
         import transformers
@@ -121,6 +122,9 @@ def from_pretrained(directory: Union[str, os.PathLike], **kwargs: Any) -> nn.Mod
     model_class = config_model_class(transformers, config)
     if entry is None:
         return model_class.from_pretrained(directory, **kwargs).eval()
+    if kwargs:
+        raise ValueError(f"{directory} holds a graphprune weights file, which loads as saved: "
+                         f"{', '.join(sorted(kwargs))} would be ignored (move or cast the model after loading)")
     from .persist import load
 
     if hasattr(config, _KEY):

@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from graphprune.tracer import call_model
 from graphprune.tracer.devices import model_device, tensors_in, to_device
 from graphprune.tracer.state import eval_mode
-from graphprune.validation import check_model
+from graphprune.validation import check_int, check_model
 
 __all__ = ["count_flops", "count_parameters", "measure_latency", "latency_ratio", "latency_clock", "compare_latency", "Timing"]
 
@@ -125,15 +125,12 @@ def measure_latency(
     Raises
     ------
     TypeError
-        ``model`` is not an ``nn.Module``.
+        ``model`` is not an ``nn.Module``, or ``repeats`` or ``warmup`` not an integer.
     ValueError
-        ``repeats`` or ``warmup`` is not an integer in range.
+        ``repeats`` is below 1 or ``warmup`` below 0.
     """
     check_model(model, allow_torchscript=True)
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
+    repeats, warmup = check_int(repeats, "repeats", 1), check_int(warmup, "warmup", 0)
     # imported here, not at the top: importing it logs a CUDA_HOME notice on CPU-only machines
     from torch.utils import benchmark
 

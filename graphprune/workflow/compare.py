@@ -17,7 +17,7 @@ from torch import nn
 from graphprune.analysis.analyzer import describe_inputs
 from graphprune.analysis.inputs import resolve_example_inputs
 from graphprune.api import analyze
-from graphprune.validation import check_model
+from graphprune.validation import check_int, check_model
 
 from graphprune.reporting.measure import SPREAD_LIMIT, compare_latency, count_flops, count_parameters, measure_latency
 from graphprune.reporting.tables import text_table
@@ -220,15 +220,17 @@ def report(
     Raises
     ------
     TypeError
-        A model is not an ``nn.Module``, or ``latency`` / ``groups`` is not a bool.
+        A model is not an ``nn.Module``, ``latency`` / ``groups`` is not a bool, or
+        ``repeats`` / ``warmup`` not an integer.
     ValueError
-        ``example_inputs`` cannot be inferred, or as :func:`~graphprune.measure_latency`.
+        ``example_inputs`` cannot be inferred, ``repeats`` is below 1 or ``warmup`` below 0.
     """
     check_model(model_before, "model_before", allow_torchscript=groups is not True)  # analysed only with groups
     check_model(model_after, "model_after", allow_torchscript=True)  # only measured
     for name, flag in (("latency", latency), ("groups", groups)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")
+    repeats, warmup = check_int(repeats, "repeats", 1), check_int(warmup, "warmup", 0)
     inputs, _ = resolve_example_inputs(model_before, example_inputs)
     parameters = (count_parameters(model_before), count_parameters(model_after))
     flops = (count_flops(model_before, inputs), count_flops(model_after, inputs))
