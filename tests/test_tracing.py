@@ -258,3 +258,33 @@ def test_a_traced_graph_that_fails_on_meta_as_it_would_on_values_is_not_run_on_v
     report = graphprune.analyze(_TracedPathNotRun().eval(), torch.randn(1, 3, 8, 8))
     assert record.Recorder not in runs and not calls  # meta runs only; the whole model never ran for the check
     assert report.session.analysis.front_end == "export" and report.prunable_groups
+
+
+class _BranchOnValues(nn.Module):
+    """A detector's shape: traceable children, and a root that branches on the values, which
+    neither torch.fx nor torch.export (without deciding on the values) can capture."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1))
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        features = self.backbone(x)
+        if features.mean() > 100:  # on the values
+            features = features * 2
+        return self.head(features)
+
+
+def test_a_failed_export_with_a_fallback_left_runs_no_input_check_of_its_own(monkeypatch):
+    from graphprune.tracer import export_capture, fallback
+
+    calls = []
+    monkeypatch.setattr(export_capture, "input_error", lambda *a, **k: calls.append("export"))
+    monkeypatch.setattr(fallback, "input_error", lambda *a, **k: calls.append("fallback"))
+    report = graphprune.analyze(_BranchOnValues().eval(), torch.randn(1, 3, 8, 8))
+    assert report.session.analysis.front_end == "fx" and "backbone" in {g.root.split(".")[0] for g in report.prunable_groups}
+    assert "export" not in calls  # the failed export runs no whole model to ask whether the inputs were at fault
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="Pass example_inputs that the model accepts"):
+        graphprune.analyze(_BranchOnValues().eval(), torch.randn(1, 5, 8, 8))

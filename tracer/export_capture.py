@@ -56,11 +56,13 @@ def _quiet() -> Iterator[None]:
         logging.disable(previous)
 
 
-def export_program(model: nn.Module, example_inputs: Any, whole: tuple = (), on_values: bool = True) -> tuple:
+def export_program(model: nn.Module, example_inputs: Any, whole: tuple = (), on_values: bool = True,
+                   check_inputs: bool = True) -> tuple:
     """``(torch.export.export(model, …, strict=False), names of output types left out, whether
     a branch was decided on the values)``, with
     the call signatures of the modules named in ``whole`` recorded; InputError if the model
-    itself rejects the inputs, else TraceError for any failure (what the export left on the
+    itself rejects the inputs (asked, by a run, only with ``check_inputs``: a caller with
+    another front-end to try asks once all failed), else TraceError for any failure (what the export left on the
     model stays until the caller restores it, as :func:`graphprune.tracer.trace` does).
     Exported without grad, so that a ``torch.no_grad()`` block adds no scope. With
     ``on_values``, a branch on the values (a data-dependent guard) in torch.nn's own code is
@@ -89,7 +91,7 @@ def export_program(model: nn.Module, example_inputs: Any, whole: tuple = (), on_
                     and _in_torch_layers(exc):
                 on_values = True  # decide such branches on the example's values, as a run would
                 continue
-            rejected = input_error(model, example_inputs)
+            rejected = input_error(model, example_inputs) if check_inputs else None
             if rejected is not None:
                 raise rejected from exc
             first = (str(exc).strip().splitlines() or [""])[0]
@@ -255,13 +257,13 @@ def _name_of(node: fx.Node) -> str:
 
 
 def export_graph(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[LeafSpec] = DEFAULT_LEAVES,
-                 on_values: bool = True) -> nx.DiGraph:
+                 on_values: bool = True, check_inputs: bool = True) -> nx.DiGraph:
     """Capture ``model`` with torch.export and return the annotated networkx graph (the same
     node attributes as :func:`graphprune.tracer.build_graph`; ``front_end`` is ``"export"``).
-    Of ``leaf_modules``, those :func:`kept_whole` names are one node each; ``on_values``: see
-    :func:`export_program`."""
+    Of ``leaf_modules``, those :func:`kept_whole` names are one node each; ``on_values`` and
+    ``check_inputs``: see :func:`export_program`."""
     whole = kept_whole(model, leaf_modules)
-    program, left_out, decided_on_values = export_program(model, example_inputs, whole, on_values)
+    program, left_out, decided_on_values = export_program(model, example_inputs, whole, on_values, check_inputs)
     try:
         values = ValueReader(program, example_inputs, _value)
         graph = _annotated(model, program, left_out, whole, values)

@@ -27,7 +27,7 @@ from torch import nn
 
 from .export_capture import export_graph
 from .fx_capture import DEFAULT_LEAVES, LeafSpec, TraceError, capture, check_leaf_names
-from .graph import build_graph, call_model, input_error
+from .graph import build_graph, call_model, input_error, rejection
 from .state import attributes_kept
 
 _MAX_OPAQUE = 64
@@ -61,7 +61,8 @@ def _trace_with_opaque_leaves(model: nn.Module, example_inputs: Any, leaf_module
 
 
 def _child_inputs(model: nn.Module, example_inputs: Any) -> dict[str, list]:
-    """The (args, kwargs) every direct child was called with during one forward pass."""
+    """The (args, kwargs) every direct child was called with during one forward pass; an
+    InputError if the model does not run on ``example_inputs``."""
     calls: dict[str, list] = {}
     handles = []
     for name, child in model.named_children():
@@ -71,6 +72,8 @@ def _child_inputs(model: nn.Module, example_inputs: Any) -> dict[str, list]:
     try:
         with torch.no_grad():
             call_model(model, example_inputs)
+    except Exception as exc:  # the one run of the whole model: the inputs are at fault
+        raise rejection(model, example_inputs, exc) from exc
     finally:
         for handle in handles:
             handle.remove()
@@ -130,21 +133,22 @@ def _trace(model: nn.Module, example_inputs: Any, leaf_modules: list, capture: s
         graph, fx_error = _trace_with_opaque_leaves(model, example_inputs, leaf_modules, capture != "auto"), None
     except TraceError as exc:
         graph, fx_error = None, exc
-    if capture == "auto" and (graph is None or graph.graph["opaque"]):  # torch.fx could not capture all of it
+    exported = capture == "auto" and (graph is None or graph.graph["opaque"])  # torch.fx could not capture all
+    if exported:
         try:
             # where torch.fx could not take the root (a detector), a branch on the values fails the
             # capture, and the children are traced: deciding it on the values costs a capture of
             # every op of the whole model, in every audit
-            return export_graph(model, example_inputs, leaf_modules, on_values=graph is not None)
+            return export_graph(model, example_inputs, leaf_modules, on_values=graph is not None, check_inputs=False)
         except TraceError:
-            pass  # keep what torch.fx found, or trace the children
+            pass  # keep what torch.fx found, or trace the children, whose run checks the inputs
     if graph is not None:
         return graph
-    if not getattr(fx_error, "inputs_checked", True):
-        rejected = input_error(model, example_inputs)
-        if rejected is not None:
-            raise rejected from rejected.__cause__
     if fx_error.module_name is not None or not dict(model.named_children()):
+        if exported or not getattr(fx_error, "inputs_checked", True):
+            rejected = input_error(model, example_inputs)
+            if rejected is not None:
+                raise rejected from rejected.__cause__
         raise fx_error
     return _trace_children(model, example_inputs, leaf_modules, fx_error)
 

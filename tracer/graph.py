@@ -158,18 +158,23 @@ def input_error(model: nn.Module, example_inputs: Any, node: Optional[fx.Node] =
         with torch.no_grad():
             call_model(model, example_inputs)
     except Exception as model_exc:
-        on_meta = any(t.is_meta for t in model.parameters())
-        advice = (" Its forward reads values, which a model on the meta device does not hold: analyse it materialised."
-                  if on_meta else " Pass example_inputs that the model accepts.")
-        error = InputError(
-            f"{type(model).__name__} raised {type(model_exc).__name__} on the example inputs: "
-            f"{str(model_exc).rstrip('.')}.{advice}"
-            + _container_hint(model, example_inputs),
-            node_name=node.name if node is not None else None,
-        )
-        error.__cause__ = model_exc
-        return error
+        return rejection(model, example_inputs, model_exc, node)
     return None
+
+
+def rejection(model: nn.Module, example_inputs: Any, model_exc: Exception, node: Optional[fx.Node] = None) -> InputError:
+    """The InputError saying that ``model`` raised ``model_exc`` when run on ``example_inputs``."""
+    on_meta = any(t.is_meta for t in model.parameters())
+    advice = (" Its forward reads values, which a model on the meta device does not hold: analyse it materialised."
+              if on_meta else " Pass example_inputs that the model accepts.")
+    error = InputError(
+        f"{type(model).__name__} raised {type(model_exc).__name__} on the example inputs: "
+        f"{str(model_exc).rstrip('.')}.{advice}"
+        + _container_hint(model, example_inputs),
+        node_name=node.name if node is not None else None,
+    )
+    error.__cause__ = model_exc
+    return error
 
 
 def _explain_failure(model: nn.Module, example_inputs: Any, node: Optional[fx.Node], exc: Exception,
