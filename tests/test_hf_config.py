@@ -70,11 +70,15 @@ def test_pruning_only_what_the_config_can_say_round_trips(name, ratio, tmp_path)
     assert torch.equal(logits(reloaded(model, tmp_path), inputs), logits(model, inputs))
 
 
-def test_a_config_that_cannot_describe_the_model_is_left_alone_with_a_warning(tmp_path):
+def test_a_config_that_cannot_describe_the_model_is_left_alone_with_a_warning(tmp_path, monkeypatch):
     model, inputs = build("llama")
     fields = int_fields(model.config)
-    with pytest.warns(graphprune.ConfigWarning, match="no longer describes the pruned LlamaForCausalLM: with "):
+    rebuilt, rebuild = [], model_config._rebuild
+    monkeypatch.setattr(model_config, "_rebuild", lambda *a: rebuilt.append(a[2]) or rebuild(*a))
+    with pytest.warns(graphprune.ConfigWarning, match="no longer describes the pruned LlamaForCausalLM: "
+                                                      r"intermediate_size would have to be \d+ and \d+ at once"):
         graphprune.prune(model, 0.3, inputs, prune_heads=True, global_ranking=True)  # layers pruned unequally
+    assert not [values for values in rebuilt if len(values) > 1]  # seen from the one-field probes: no combination tried
     assert int_fields(model.config) == fields
     produced = logits(model, inputs)
     graphprune.save(model, tmp_path / "m.safetensors")
@@ -160,3 +164,24 @@ def test_any_config_object_follows_and_an_unsaved_buffer_computed_from_it_is_che
     with pytest.warns(graphprune.ConfigWarning, match="scale, computed from the config and not saved"):
         graphprune.prune(model, 0.25, x)
     assert model.config.inner == 32 and model.up.out_features == 24
+
+
+class _TinyWithFixedLayer(_Tiny):
+    """A width the model's code fixes, which no field of its config sets."""
+
+    def __init__(self, config: _TinyConfig):
+        super().__init__(config)
+        self.extra, self.out = torch.nn.Linear(8, 6), torch.nn.Linear(6, 8)
+
+    def forward(self, x):
+        return super().forward(x) + self.out(torch.relu(self.extra(x)))
+
+
+def test_a_size_no_field_sets_is_named_without_rebuilding_any_combination(monkeypatch):
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
+    model = _TinyWithFixedLayer(_TinyConfig()).eval()
+    rebuilt, rebuild = [], model_config._rebuild
+    monkeypatch.setattr(model_config, "_rebuild", lambda *a: rebuilt.append(a[2]) or rebuild(*a))
+    with pytest.warns(graphprune.ConfigWarning, match=r"extra.bias has 3 along dim 0, which no field of the config sets"):
+        graphprune.prune(model, 0.5, x)
+    assert len(rebuilt) == 2 and model.extra.out_features == 3  # the config as it is, and inner doubled

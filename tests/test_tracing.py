@@ -288,3 +288,27 @@ def test_a_failed_export_with_a_fallback_left_runs_no_input_check_of_its_own(mon
     monkeypatch.undo()
     with pytest.raises(ValueError, match="Pass example_inputs that the model accepts"):
         graphprune.analyze(_BranchOnValues().eval(), torch.randn(1, 5, 8, 8))
+
+
+class _InstallsHooks(nn.Module):
+    """Registers a forward hook on its child on its first call and keeps it, as transformers'
+    output capturing does: the analysis takes the hook back out of the module's hook dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        if not self.a._forward_hooks:
+            self.a.register_forward_hook(lambda module, args, output: None)
+        return self.b(self.a(x).relu())
+
+
+def test_a_hook_the_forward_installs_is_taken_back_leaving_the_hook_dict_whole():
+    model, x = _InstallsHooks().eval(), torch.randn(1, 3, 4, 4)
+    graphprune.analyze(model, x)
+    assert not model.a._forward_hooks  # taken back
+    model(x)  # installs it again, into the dict the analysis restored
+    assert len(dict(model.a._forward_hooks)) == 1  # an order that lost track of its dict would raise KeyError
+    graphprune.prune(model, 0.5, x)  # the hook now on the model blocks a's channels; nothing breaks
+    assert len(dict(model.a._forward_hooks)) == 1

@@ -17,6 +17,7 @@ import gc
 import signal
 import threading
 from contextlib import contextmanager
+from collections import OrderedDict
 from typing import Iterator, Optional
 
 import torch
@@ -65,6 +66,11 @@ def _restore_contents(value, saved) -> None:
         return
     if isinstance(value, list):
         list.__setitem__(value, slice(None), saved)
+        return
+    if isinstance(value, OrderedDict):  # dict's own methods would skip its order (a module's hook dicts)
+        OrderedDict.clear(value)
+        for key, item in saved.items():
+            OrderedDict.__setitem__(value, key, item)
         return
     kind = set if isinstance(value, set) else dict
     target = value if isinstance(value, (dict, set)) else vars(value)

@@ -238,24 +238,33 @@ def _varied(config: Any, values: dict) -> Any:
     return varied
 
 
-def _candidates(model_class: type, config: Any, base: dict, pruned: dict) -> dict:
-    """``{(field, index): values}``: the values each size field of ``config`` may take, those
-    implied by the most sizes that no other field moves first (on a tie its own value first),
-    so that the combination that fits is among the first rebuilt."""
+def _candidates(model_class: type, config: Any, base: dict, pruned: dict) -> tuple:
+    """``({(field, index): values}, why no values fit or None)``: the values each size field of
+    ``config`` may take, those implied by the most sizes that no other field moves first (on a
+    tie its own value first), so that the combination that fits is among the first rebuilt.
+    No values fit where a tensor's size changed that no field moves, or where the tensor sizes
+    only one field moves ask for different values of it (layers pruned unequally)."""
     moves = {}
     for key, value in _size_fields(config).items():
         rebuilt = _rebuild(model_class, config, {key: 2 * value})[1]
         moved = {} if rebuilt is None else _Sizes.of(rebuilt).merged()
         moves[key] = value, {k: moved[k] for k in base.keys() & moved.keys() & pruned.keys() if moved[k] != base[k]}
     movers = collections.Counter(k for _, changed in moves.values() for k in changed)
+    dims = [k for k in base.keys() & pruned.keys() if isinstance(k[1], int)]  # tensor sizes, which must all agree
+    unmoved = sorted((k for k in dims if pruned[k] != base[k] and not movers[k]), key=str)
+    if unmoved:
+        return {}, f"{unmoved[0][0]} has {pruned[unmoved[0]]} along dim {unmoved[0][1]}, which no field of the config sets"
     candidates = {}
     for key, (value, changed) in moves.items():
         implied = {k: _implied(value, 2 * value, base[k], size, pruned[k]) for k, size in changed.items()}
         alone = [k for k in changed if movers[k] == 1]  # sizes only this field moves
         votes = collections.Counter(value if pruned[k] == base[k] else implied[k] for k in alone)
+        asked = sorted({value if pruned[k] == base[k] else implied[k] for k in alone if isinstance(k[1], int)} - {None})
+        if len(asked) > 1:
+            return {}, f"{key[0]} would have to be {asked[0]} and {asked[1]} at once (the sizes it sets differ)"
         values = [value, *sorted(set(implied.values()) - {None, value})]
         candidates[key] = sorted(values, key=lambda v: -votes[v])  # stable: its own value first on a tie
-    return candidates
+    return candidates, None
 
 
 def _mismatches(model: nn.Module, pruned: _Sizes, rebuilt: nn.Module, base_attributes: dict) -> tuple:
@@ -287,7 +296,9 @@ def describe_pruned(model: nn.Module) -> ConfigUpdate:
     if original is None:
         return ConfigUpdate(problem=f"{model_class.__name__} cannot be rebuilt from its config on the meta device")
     base, pruned = _Sizes.of(original), _Sizes.of(model)
-    candidates = _candidates(model_class, config, base.merged(), pruned.merged())
+    candidates, unfit = _candidates(model_class, config, base.merged(), pruned.merged())
+    if unfit is not None:
+        return ConfigUpdate(problem=unfit)
     choices = [[(name, v) for v in values] for name, values in candidates.items() if len(values) > 1]
     closest = None
     for combination in itertools.islice(itertools.product(*choices), _MAX_TRIALS):
