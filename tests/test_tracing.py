@@ -312,3 +312,38 @@ def test_a_hook_the_forward_installs_is_taken_back_leaving_the_hook_dict_whole()
     assert len(dict(model.a._forward_hooks)) == 1  # an order that lost track of its dict would raise KeyError
     graphprune.prune(model, 0.5, x)  # the hook now on the model blocks a's channels; nothing breaks
     assert len(dict(model.a._forward_hooks)) == 1
+
+
+class _NestedBranches(nn.Module):
+    """A detector's nesting: the root and one of its children branch on the values, so the
+    child's own children are traced apart too."""
+
+    class Inner(nn.Module):
+        calls = 0
+
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(8, 6, 1), nn.ReLU(), nn.Conv2d(6, 8, 1))
+            self.b = nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            type(self).calls += type(x) is torch.Tensor  # a run, not a trace
+            y = self.a(x)
+            return self.b(y) if y.mean() < 100 else y  # on the values
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 1), nn.ReLU(), nn.Conv2d(6, 8, 1))
+        self.inner, self.head = self.Inner(), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.inner(self.stem(x))
+        return self.head(y) if y.mean() < 100 else y
+
+
+def test_nested_untraceable_modules_are_traced_from_one_run_of_the_model():
+    model = _NestedBranches().eval()
+    _NestedBranches.Inner.calls = 0
+    report = graphprune.analyze(model, torch.randn(1, 3, 4, 4))
+    assert _NestedBranches.Inner.calls == 1  # the model's one run recorded the inner module's children too
+    assert {g.root for g in report.prunable_groups} == {"inner.a.0", "stem.0"}  # within the traced parts

@@ -19,7 +19,7 @@ branch on the values in the model's own code is never decided (the module stays 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import networkx as nx
 import torch
@@ -60,15 +60,16 @@ def _trace_with_opaque_leaves(model: nn.Module, example_inputs: Any, leaf_module
                     opaque[name] = f"could not be traced ({exc.location}: {_cause(exc)})"
 
 
-def _child_inputs(model: nn.Module, example_inputs: Any) -> dict[str, list]:
-    """The (args, kwargs) every direct child was called with during one forward pass; an
-    InputError if the model does not run on ``example_inputs``."""
+def _child_inputs(model: nn.Module, example_inputs: Any, within: Iterable[str] = ()) -> dict[str, list]:
+    """The (args, kwargs) every direct child, and every module named in ``within``, was called
+    with during one forward pass, by qualified name; an InputError if the model does not run on
+    ``example_inputs``."""
     calls: dict[str, list] = {}
     handles = []
-    for name, child in model.named_children():
+    for name in [*dict(model.named_children()), *within]:
         def record(module, args, kwargs, name=name):
             calls.setdefault(name, []).append((args, kwargs))
-        handles.append(child.register_forward_pre_hook(record, with_kwargs=True))
+        handles.append(model.get_submodule(name).register_forward_pre_hook(record, with_kwargs=True))
     try:
         with torch.no_grad():
             call_model(model, example_inputs)
@@ -78,6 +79,34 @@ def _child_inputs(model: nn.Module, example_inputs: Any) -> dict[str, list]:
         for handle in handles:
             handle.remove()
     return calls
+
+
+def _grandchildren_needed(model: nn.Module, leaf_modules: list, prefix: str = "") -> list:
+    """The qualified names of the modules below the children of ``model`` whose inputs tracing
+    the children will need: the children of every child whose own forward torch.fx cannot
+    trace (found without running anything), and so on down. Recorded in the one run of the
+    model, they spare each such child a run of its own."""
+    found = []
+    for name, child in model.named_children():
+        leaves = _leaves_below(leaf_modules, name)
+        if name in leaf_modules or not dict(child.named_children()):
+            continue
+        try:
+            capture(child, leaves)
+        except TraceError as exc:
+            if exc.module_name is None:  # its own forward: its children are traced apart
+                found += [f"{prefix}{name}.{n}" for n in dict(child.named_children())]
+                found += _grandchildren_needed(child, leaves, f"{prefix}{name}.")
+        except Exception:  # noqa: BLE001 - its trace will tell; no run is spared
+            continue
+    return found
+
+
+def _leaves_below(leaf_modules: list, name: str) -> list:
+    """``leaf_modules`` as seen from the child ``name``: the names under it, relative, and every
+    class, instance or predicate."""
+    return [x for x in leaf_modules if not isinstance(x, str)] + \
+        [n[len(name) + 1 :] for n in leaf_modules if isinstance(n, str) and n.startswith(name + ".")]
 
 
 def _as_inputs(child: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -125,7 +154,8 @@ def trace(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[LeafSpec
         return _trace(model, example_inputs, list(leaf_modules), capture)
 
 
-def _trace(model: nn.Module, example_inputs: Any, leaf_modules: list, capture: str) -> nx.DiGraph:
+def _trace(model: nn.Module, example_inputs: Any, leaf_modules: list, capture: str,
+           recorded: Optional[dict] = None) -> nx.DiGraph:
     if capture == "export":
         check_leaf_names(model, leaf_modules)
         return export_graph(model, example_inputs, leaf_modules)
@@ -150,24 +180,28 @@ def _trace(model: nn.Module, example_inputs: Any, leaf_modules: list, capture: s
             if rejected is not None:
                 raise rejected from rejected.__cause__
         raise fx_error
-    return _trace_children(model, example_inputs, leaf_modules, fx_error)
+    return _trace_children(model, example_inputs, leaf_modules, fx_error, recorded)
 
 
-def _trace_children(model: nn.Module, example_inputs: Any, leaf_modules: list, root_error: TraceError) -> nx.DiGraph:
+def _trace_children(model: nn.Module, example_inputs: Any, leaf_modules: list, root_error: TraceError,
+                    recorded: Optional[dict] = None) -> nx.DiGraph:
+    """Trace each child of ``model`` apart, on the inputs it was called with: ``recorded`` (by
+    qualified name, from the run of an ancestor) or one run of ``model``, which also records
+    those :func:`_grandchildren_needed` names."""
     parts, opaque = [], {"": f"its forward could not be traced ({root_error.location}: {_cause(root_error)})"}
-    names = [x for x in leaf_modules if isinstance(x, str)]
-    others = [x for x in leaf_modules if not isinstance(x, str)]
-    for name, calls in _child_inputs(model, example_inputs).items():
+    if not recorded:
+        recorded = _child_inputs(model, example_inputs, _grandchildren_needed(model, leaf_modules))
+    for name, calls in [(k, v) for k, v in recorded.items() if "." not in k]:  # the children, in the order called
         child = model.get_submodule(name)
         if len(calls) > 1:
             opaque[name] = "called more than once by untraceable code"
             continue
-        child_leaves = others + [n[len(name) + 1 :] for n in names if n.startswith(name + ".")]
-        if name in names:
+        if name in leaf_modules:
             continue
+        below = {k[len(name) + 1 :]: v for k, v in recorded.items() if k.startswith(name + ".")}
         try:
             # torch.fx only: torch.export, tried on the root already, fails slowly on children too
-            graph = _trace(child, _as_inputs(child, *calls[0]), child_leaves, "fx")
+            graph = _trace(child, _as_inputs(child, *calls[0]), _leaves_below(leaf_modules, name), "fx", below)
         except Exception as exc:  # a child that cannot be captured stays opaque
             opaque[name] = f"could not be traced ({_cause(exc)})"
             continue
