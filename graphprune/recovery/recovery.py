@@ -48,18 +48,36 @@ _OWNER = "the calibration batches"  # in messages
 class Recovery:
     """How :func:`graphprune.prune` refits a pruned model on its ``calibration`` batches.
 
-    ``method``: ``"lstsq"`` (ridge least squares of every layer whose input lost channels;
-    bias compensation where the layer's output is not a product of its input rows, as in a
-    grouped convolution) or ``"bias"`` (bias compensation only: cheaper, and no new weights).
-    ``ridge`` is the damping, as a fraction of the mean input energy. By default one
-    calibration pass fits every layer to reconstruct its own output from the inputs it kept
-    (one-shot); ``sequential=True`` refits the layers one after another in forward order, one
-    pass each, on the inputs the model as refit so far gives, against the original model's
-    outputs (it corrects upstream error, at the cost of a pass per layer; on MiniLM it did not
-    beat one-shot: ``benchmarks/results/recovery.md``). ``max_batches`` caps the batches per
-    pass. After pruning, :attr:`layers` holds what happened to each layer: the method used,
-    the rows of calibration data, and the relative output error ``‖y - y_pruned‖² / ‖y‖²``
-    before and after the refit (and ``why`` where it fell back).
+    By default one calibration pass fits every layer whose input lost channels to reconstruct
+    its own output from the inputs it kept (one-shot). After pruning, :attr:`layers` holds what
+    happened to each layer: the method used, the rows of calibration data, and the relative
+    output error ``‖y - y_pruned‖² / ‖y‖²`` before and after the refit (and ``why`` where it
+    fell back).
+
+    Parameters
+    ----------
+    method : {"lstsq", "bias"}, default "lstsq"
+        ``"lstsq"``: ridge least squares of every such layer, with bias compensation where the
+        layer's output is not a product of its input rows (a grouped convolution); ``"bias"``:
+        bias compensation only (cheaper, and no new weights).
+    sequential : bool, default False
+        Refit the layers one after another in forward order, one pass each, on the inputs the
+        model as refit so far gives, against the original model's outputs: it corrects upstream
+        error at the cost of a pass per layer (on MiniLM it did not beat one-shot:
+        ``benchmarks/results/recovery.md``).
+    ridge : float, default 0.01
+        The damping, as a fraction of the mean input energy.
+    max_batches : int, optional
+        The most calibration batches per pass (at least 1); default all.
+    progress : bool, default True
+        Show a progress bar over the batches.
+
+    Raises
+    ------
+    ValueError
+        ``method`` is unknown, ``ridge`` is negative or not a number, or ``max_batches`` below 1.
+    TypeError
+        ``sequential`` or ``progress`` is not a bool, or ``max_batches`` not an integer.
     """
 
     def __init__(self, method: str = "lstsq", *, sequential: bool = False, ridge: float = 1e-2,
@@ -80,9 +98,24 @@ class Recovery:
                 f"max_batches={self.max_batches})")
 
     def run(self, reference: nn.Module, model: nn.Module, kept: dict, calibration: Any) -> dict:
-        """Refit ``model`` (pruned from ``reference``, keeping ``kept`` positions of each
-        tensor, as :meth:`ChannelSurgery.kept_positions` says) on ``calibration``; returns
-        and stores :attr:`layers`."""
+        """Refit the pruned ``model`` on ``calibration``.
+
+        Parameters
+        ----------
+        reference : nn.Module
+            The model before pruning (its outputs are the targets of a sequential refit).
+        model : nn.Module
+            The pruned model, refit in place.
+        kept : dict
+            The positions kept of each tensor, as :meth:`ChannelSurgery.kept_positions` gives them.
+        calibration : iterable
+            Calibration batches: the model's inputs, or ``(inputs, targets)`` pairs.
+
+        Returns
+        -------
+        dict
+            :attr:`layers`, which it also stores.
+        """
         layers, skipped = refit_layers(model, kept, self.method)
         self.layers = {name: {"method": "none", "why": why} for name, why in skipped.items()}
         if not layers:
