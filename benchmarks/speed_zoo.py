@@ -27,8 +27,6 @@ import argparse
 import importlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -167,27 +165,8 @@ def run_worker(sweep: str, name: str, timeout: float) -> dict:
         record, log = os.path.join(directory, "record.jsonl"), os.path.join(directory, "stderr.txt")
         command = [sys.executable, os.path.abspath(__file__), "--worker", sweep, "--models", name, "--record", record]
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-        start = time.perf_counter()
-        with open(log, "w") as err:
-            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env,
-                                    start_new_session=True)
-            try:
-                code = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                code = None
-        result = {"sweep": sweep, "model": name, "wall_s": time.perf_counter() - start, "failures": []}
-        if os.path.exists(record):
-            with open(record) as fh:
-                for text in fh:
-                    try:
-                        fields = json.loads(text)
-                    except json.JSONDecodeError:
-                        continue  # a line cut by the kill
-                    if "failure" in fields:
-                        result["failures"].append(fields.pop("failure"))
-                    result.update(fields)
+        found, code = bench("timm_zoo").run_recorded(command, env, timeout, record, log)
+        result = {"sweep": sweep, "model": name, **found}
         with open(log) as fh:
             tail = (fh.read().strip().splitlines() or [""])[-1]
     stage = result.get("stage", "start")
@@ -372,7 +351,7 @@ def slowest_into_speed_md(rows: list) -> None:
     results/speed.md, in place of the one an earlier run put there."""
     with open(SPEED) as fh:
         text = fh.read().split(SLOWEST)[0].rstrip("\n")
-    section = [SLOWEST, "", f"From [speed_zoo.md](speed_zoo.md) (`benchmarks/speed_zoo.py`: every model of the four "
+    section = [SLOWEST, "", "From [speed_zoo.md](speed_zoo.md) (`benchmarks/speed_zoo.py`: every model of the four "
                "sweeps, one thread, a fresh process each):", ""] + summary(rows)[2:]
     with open(SPEED, "w") as fh:
         fh.write(text + "\n\n" + "\n".join(section) + "\n")

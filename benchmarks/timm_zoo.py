@@ -336,6 +336,34 @@ def meta_parameters(name: str) -> Optional[int]:
         return None
 
 
+def run_recorded(command: list, env: dict, timeout: float, record: str, log: str) -> tuple:
+    """``(its records merged into one dict, exit code or None on timeout)`` of the worker
+    ``command``, run in a session of its own under ``timeout`` (killed with its children
+    after it), its output to ``log``; ``wall_s`` is the time it took."""
+    start = time.perf_counter()
+    with open(log, "w") as err:
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = None
+    result = {"failures": [], "wall_s": time.perf_counter() - start}
+    if os.path.exists(record):
+        with open(record) as fh:
+            for text in fh:
+                try:
+                    fields = json.loads(text)
+                except json.JSONDecodeError:
+                    continue  # a line cut by the kill
+                if "failure" in fields:
+                    result["failures"].append(fields.pop("failure"))
+                result.update(fields)
+    return result, code
+
+
 def run_worker(tool: str, name: str, args: argparse.Namespace, shape: Optional[list]) -> dict:
     """Run one worker under ``--timeout``; merge its records into one result dict."""
     with tempfile.TemporaryDirectory() as directory:
@@ -348,27 +376,7 @@ def run_worker(tool: str, name: str, args: argparse.Namespace, shape: Optional[l
         env = dict(os.environ, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, PYTHONWARNINGS="ignore")
         if tool == TP:
             env["TIMM_FUSED_ATTN"] = "0"  # as in Torch-Pruning's timm example: attention as explicit matmuls
-        start = time.perf_counter()
-        with open(log, "w") as err:
-            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env,
-                                    start_new_session=True)
-            try:
-                code = proc.wait(timeout=args.timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                code = None
-        result = {"failures": [], "wall_s": time.perf_counter() - start}
-        if os.path.exists(record):
-            with open(record) as fh:
-                for line in fh:
-                    try:
-                        fields = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut by the kill
-                    if "failure" in fields:
-                        result["failures"].append(fields.pop("failure"))
-                    result.update(fields)
+        result, code = run_recorded(command, env, args.timeout, record, log)
         with open(log) as fh:
             stderr = fh.read()
         if args.verbose:
