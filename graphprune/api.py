@@ -48,7 +48,7 @@ from .analysis.report import Report
 from .session import PruningSession, session_of
 from .tracer.fallback import check_capture
 from .tracer.state import ModelTransaction, eval_mode, gc_paused
-from .validation import check_model, warn_caller
+from .validation import check_bool, check_model, warn_caller
 
 
 def analyze(
@@ -165,9 +165,7 @@ def prune(
     target = check_target(ratio, {"flops": target_flops, "params": target_params, "latency": target_latency})
     options = check_options(ratio, global_ranking=global_ranking, max_ratio=max_ratio, round_to=round_to, steps=steps,
                             schedule=schedule, tolerance=tolerance, verify=verify, uniform=uniform, fit_config=fit_config)
-    for flag, name in ((return_result, "return_result"), (inplace, "inplace")):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")
+    check_bool(return_result, "return_result"), check_bool(inplace, "inplace")
     criterion = get_criterion(criterion, calibration)
     recovery = check_recovery(recover, calibration)
     _check_shapes_suffice(model, criterion, recovery, target, capture)

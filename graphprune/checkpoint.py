@@ -44,6 +44,7 @@ from .pruning.model_config import config_buffers
 from .pruning.options import check_options, check_ratio, check_target
 from .pruning.run import PruneResult
 from .analysis.report import Report
+from .validation import check_bool
 
 
 @dataclass
@@ -103,6 +104,7 @@ def prune_checkpoint(
         An invalid option, or a checkpoint, destination or criterion that does not fit.
     """
     seconds, start = {}, time.perf_counter()
+    check_bool(progress, "progress")
     checkpoint = ShardedCheckpoint(source)
     check_destination(os.path.abspath(os.fspath(destination)))
     criterion = _streaming_criterion(criterion, calibration)

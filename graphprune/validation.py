@@ -40,6 +40,13 @@ def check_materialised(model: nn.Module) -> None:
         )
 
 
+def check_bool(value: Any, name: str) -> bool:
+    """``value``, which must be True or False (not merely truthy)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    return value
+
+
 def check_int(value: Any, name: str, minimum: int) -> int:
     """``value`` as an int, which must be at least ``minimum`` (bools are rejected)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

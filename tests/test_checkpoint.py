@@ -231,6 +231,7 @@ def test_criteria_that_need_gradients_or_whole_weights_do_not_stream(source, tmp
     ({"ratio": None}, ValueError, "prune needs a ratio or a budget"),
     ({"ratio": 0.3, "round_to": 0}, ValueError, "round_to must be at least 1"),
     ({"ratio": 0.3, "uniform": "yes"}, TypeError, "uniform must be True or False"),
+    ({"ratio": 0.3, "progress": 1}, TypeError, "progress must be True or False"),
 ])
 def test_bad_options_are_refused_before_any_shard_is_read(source, tmp_path, monkeypatch, options, error, message):
     monkeypatch.setattr(sharded.ShardedCheckpoint, "tensors", lambda *a, **k: pytest.fail("a shard was read"))

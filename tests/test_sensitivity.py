@@ -152,6 +152,8 @@ def test_group_selection_and_validation():
         graphprune.sensitivity(net, X[:1], 3, progress=False)
     with pytest.raises(TypeError, match="eval_fn must return a real number"):
         graphprune.sensitivity(net, X[:1], lambda m: "good", progress=False)
+    with pytest.raises(TypeError, match="verify must be True or False"):
+        graphprune.sensitivity(net, X[:1], fidelity(net), verify="yes", progress=False)
 
 
 def test_small_ratio_removes_nothing_and_is_not_evaluated():

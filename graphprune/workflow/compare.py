@@ -17,7 +17,7 @@ from torch import nn
 from graphprune.analysis.analyzer import describe_inputs
 from graphprune.analysis.inputs import resolve_example_inputs
 from graphprune.api import analyze
-from graphprune.validation import check_int, check_model
+from graphprune.validation import check_bool, check_int, check_model
 
 from graphprune.reporting.measure import SPREAD_LIMIT, compare_latency, count_flops, count_parameters, measure_latency
 from graphprune.reporting.tables import text_table
@@ -227,9 +227,7 @@ def report(
     """
     check_model(model_before, "model_before", allow_torchscript=groups is not True)  # analysed only with groups
     check_model(model_after, "model_after", allow_torchscript=True)  # only measured
-    for name, flag in (("latency", latency), ("groups", groups)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")
+    check_bool(latency, "latency"), check_bool(groups, "groups")
     repeats, warmup = check_int(repeats, "repeats", 1), check_int(warmup, "warmup", 0)
     inputs, _ = resolve_example_inputs(model_before, example_inputs)
     parameters = (count_parameters(model_before), count_parameters(model_after))

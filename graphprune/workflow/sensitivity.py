@@ -30,7 +30,7 @@ from graphprune.pruning.planner import plan_removal, score_groups
 from graphprune.reporting.tables import text_table
 from graphprune.session import PruningSession
 from graphprune.tracer.state import eval_mode
-from graphprune.validation import check_fraction, check_model
+from graphprune.validation import check_bool, check_fraction, check_model
 
 __all__ = ["sensitivity", "SensitivityResult", "group_keys"]
 
@@ -337,8 +337,7 @@ def sensitivity(
         raise TypeError(f"eval_fn must be callable(model) -> float, got {type(eval_fn).__name__}")
     ratios = _check_ratios(ratios)
     criterion = get_criterion(criterion)
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be True or False, got {type(progress).__name__}")
+    check_bool(progress, "progress"), check_bool(verify, "verify")
     with eval_mode(model):
         session = PruningSession(model, example_inputs, leaf_modules=leaf_modules)
         selected = _select(session.report.groups, groups)
