@@ -237,7 +237,7 @@ class PruningSession:
             failure = self._trial_failure(sub, runs_only)
             if failure is not None:
                 found.update(self._failing(sub, failure, runs_only))
-        if not found and runs_only:  # a fake run may pass what the audit's capture did not
+        if not found and runs_only:  # no part keeps it from running, yet together they fail: ask the audit
             return self._failing(plan, why)
         return found or {group: why for group in plan}
 

@@ -88,14 +88,15 @@ def _grandchildren_needed(model: nn.Module, leaf_modules: list, prefix: str = ""
     model, they spare each such child a run of its own."""
     found = []
     for name, child in model.named_children():
-        leaves = _leaves_below(leaf_modules, name)
-        if name in leaf_modules or not dict(child.named_children()):
+        below = list(dict(child.named_children()))
+        if name in leaf_modules or not below:
             continue
+        leaves = _leaves_below(leaf_modules, name)
         try:
             capture(child, leaves)
         except TraceError as exc:
             if exc.module_name is None:  # its own forward: its children are traced apart
-                found += [f"{prefix}{name}.{n}" for n in dict(child.named_children())]
+                found += [f"{prefix}{name}.{n}" for n in below]
                 found += _grandchildren_needed(child, leaves, f"{prefix}{name}.")
         except Exception:  # noqa: BLE001 - its trace will tell; no run is spared
             continue

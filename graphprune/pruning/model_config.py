@@ -250,21 +250,28 @@ def _candidates(model_class: type, config: Any, base: dict, pruned: dict) -> tup
         moved = {} if rebuilt is None else _Sizes.of(rebuilt).merged()
         moves[key] = value, {k: moved[k] for k in base.keys() & moved.keys() & pruned.keys() if moved[k] != base[k]}
     movers = collections.Counter(k for _, changed in moves.values() for k in changed)
-    dims = [k for k in base.keys() & pruned.keys() if isinstance(k[1], int)]  # tensor sizes, which must all agree
-    unmoved = sorted((k for k in dims if pruned[k] != base[k] and not movers[k]), key=str)
+    unmoved = sorted((k for k in base.keys() & pruned.keys() if _is_dim(k) and pruned[k] != base[k] and not movers[k]),
+                     key=str)
     if unmoved:
         return {}, f"{unmoved[0][0]} has {pruned[unmoved[0]]} along dim {unmoved[0][1]}, which no field of the config sets"
     candidates = {}
     for key, (value, changed) in moves.items():
         implied = {k: _implied(value, 2 * value, base[k], size, pruned[k]) for k, size in changed.items()}
-        alone = [k for k in changed if movers[k] == 1]  # sizes only this field moves
-        votes = collections.Counter(value if pruned[k] == base[k] else implied[k] for k in alone)
-        asked = sorted({value if pruned[k] == base[k] else implied[k] for k in alone if isinstance(k[1], int)} - {None})
+        # the value each size only this field moves asks of it
+        asks = {k: value if pruned[k] == base[k] else implied[k] for k in changed if movers[k] == 1}
+        votes = collections.Counter(asks.values())
+        asked = sorted({v for k, v in asks.items() if _is_dim(k)} - {None})  # tensor sizes must all agree
         if len(asked) > 1:
             return {}, f"{key[0]} would have to be {asked[0]} and {asked[1]} at once (the sizes it sets differ)"
         values = [value, *sorted(set(implied.values()) - {None, value})]
         candidates[key] = sorted(values, key=lambda v: -votes[v])  # stable: its own value first on a tie
     return candidates, None
+
+
+def _is_dim(key: tuple) -> bool:
+    """Whether a key of :meth:`_Sizes.merged` is a tensor's dim (which every rebuilt model must
+    match), not a module's attribute."""
+    return isinstance(key[1], int)
 
 
 def _mismatches(model: nn.Module, pruned: _Sizes, rebuilt: nn.Module, base_attributes: dict) -> tuple:
