@@ -13,7 +13,7 @@ from graphprune.analysis.report import Report
 from graphprune.tracer.devices import describe_value, tensors_in
 from graphprune.tracer.fallback import check_capture
 from graphprune.tracer.fx_capture import check_leaf_names
-from graphprune.validation import check_model
+from graphprune.validation import check_bool, check_model
 
 from .channels import per_array
 from .groups import Group, build_groups
@@ -45,8 +45,7 @@ class AnalysisOptions:
     def checked(cls, model: nn.Module, leaf_modules: Iterable = (), ignored_layers: Iterable = (),
                 prune_heads: bool = False, capture: str = "auto") -> "AnalysisOptions":
         """The options for ``model``; TypeError / ValueError with a precise message otherwise."""
-        if not isinstance(prune_heads, bool):
-            raise TypeError(f"prune_heads must be True or False, got {type(prune_heads).__name__}")
+        check_bool(prune_heads, "prune_heads")
         check_capture(capture)
         check_leaf_names(model, leaf_modules)
         ignored = _layer_names(model, ignored_layers, "ignored_layers")

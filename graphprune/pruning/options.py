@@ -39,7 +39,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 from torch import nn
 
-from graphprune.validation import check_fraction, check_int
+from graphprune.validation import check_bool, check_fraction, check_int
 
 Schedule = Union[str, Callable[[int, int], float]]
 
@@ -104,8 +104,7 @@ def check_options(ratio: Any, *, global_ranking: Any, max_ratio: Any, round_to: 
     """The :class:`PlanOptions`, each checked (``ratio`` as :func:`check_ratio` returned it)."""
     for flag, name in ((global_ranking, "global_ranking"), (verify, "verify"), (uniform, "uniform"),
                        (fit_config, "fit_config")):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")
+        check_bool(flag, name)
     if global_ranking and isinstance(ratio, dict):
         raise ValueError("global_ranking needs a single float ratio, not a per-layer mapping")
     if max_ratio is not None:

@@ -28,6 +28,7 @@ from graphprune.tracer.devices import (
     check_max_batches,
     model_device,
 )
+from graphprune.validation import check_bool
 
 from .layers import (
     Layer,
@@ -86,9 +87,7 @@ class Recovery:
             raise ValueError(f"recovery method must be one of {list(METHODS)}, got {method!r}")
         if isinstance(ridge, bool) or not isinstance(ridge, numbers.Real) or not ridge >= 0:
             raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
-        for flag, name in ((sequential, "sequential"), (progress, "progress")):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")
+        check_bool(sequential, "sequential"), check_bool(progress, "progress")
         self.method, self.sequential, self.ridge = method, sequential, float(ridge)
         self.max_batches, self.progress = check_max_batches(max_batches), progress
         self.layers: dict = {}

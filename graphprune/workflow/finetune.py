@@ -69,7 +69,7 @@ from tqdm.auto import tqdm
 
 from graphprune.tracer.devices import LoaderBatch, describe_value
 from graphprune.tracer.state import eval_mode, training_flags_kept
-from graphprune.validation import check_int, check_model, check_real
+from graphprune.validation import check_bool, check_int, check_model, check_real
 
 from . import distributed as gdist
 from .evaluation import Device, accuracy, check_loader, resolve_device
@@ -200,8 +200,7 @@ class _Settings:
             check_loader(o["eval_loader"], "eval_loader")
         if o["regularizer"] is not None:
             _check_regularizer(o["regularizer"], model)
-        if not isinstance(o["progress"], bool):
-            raise TypeError(f"progress must be True or False, got {type(o['progress']).__name__}")
+        check_bool(o["progress"], "progress")
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError(f"{type(model).__name__} has no trainable parameter (requires_grad=True)")
         return cls(**o)

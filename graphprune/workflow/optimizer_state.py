@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphprune.validation import check_model
+from graphprune.validation import check_bool, check_model
 
 __all__ = ["prune_optimizer_state"]
 
@@ -55,8 +55,7 @@ def prune_optimizer_state(optimizer: Any, model: nn.Module, kept: Mapping, *, re
             getattr(optimizer, "param_groups", None), list):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer (with .state and .param_groups), "
                         f"got {type(optimizer).__name__}")
-    if not isinstance(reset_unknown, bool):
-        raise TypeError(f"reset_unknown must be True or False, got {type(reset_unknown).__name__}")
+    check_bool(reset_unknown, "reset_unknown")
     plan, resets = _state_plan(optimizer, _pruned_parameters(model, kept), reset_unknown)
     for parameter, key, dims in plan:
         value = optimizer.state[parameter][key]
